@@ -1,0 +1,47 @@
+"""The ``astromer`` command.
+
+Each command group lives in its own module under ``astromer.commands`` and exposes
+``register(subparsers)``; the module is imported only when the command line names it, so ``astromer
+--help`` stays fast and a broken optional part never breaks the others.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module under astromer.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "weights": ("weights", "import official TensorFlow weights, inspect checkpoints"),
+    "ingest": ("ingest", "turn raw survey photometry into the lake (Dask)"),
+    "lake": ("lake", "query the lake with DuckDB, build windows, find similar curves"),
+    "models": ("models", "list and inspect registered models"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="astromer", description="Astromer light-curve platform")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(f"astromer.commands.{module_name}")
+        module.register(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(only=name if name else "__none__")
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
