@@ -1,0 +1,548 @@
+"""The paper's downstream protocol: samples-per-class folds, the ``skip`` classifier, baselines, plots.
+
+Everything here works on plain numpy arrays so it can be tested on small synthetic data; the jobs
+(``jobs/classify.py``, ``tune/sweep.py``) only read the lake, load models and wire these stages.
+
+Stages of one evaluation:
+
+1. ``make_folds``: per fold, one shared test set (up to ``test_per_class`` objects per class, or about
+   half of a smaller class) and, for each samples-per-class scenario, a training set (sampled with
+   replacement when the class is short) and a validation set for early stopping. Folds are built on
+   *objects*, so the curves of one object in several bands never sit on both sides.
+2. ``train_skip_classifier`` on cached per-layer means ``[N, n_layers + 1, D]`` (the encoder is frozen,
+   so the skip head's inputs are fixed: computing them once makes the protocol cheap).
+3. ``scores`` / ``summarise`` / ``markdown_table``: macro F1, precision, recall, accuracy, mean ± std.
+4. Baselines: ``lightcurve_features`` + ``train_random_forest``; the same skip head on a randomly
+   initialised encoder is just another set of cached per-layer means.
+5. Figures (PNG, matplotlib Agg): confusion matrix, learned gammas, t-SNE map, attention over a curve.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------
+# 1. folds
+
+
+@dataclass
+class ProtocolConfig:
+    """The paper's protocol: 20/100/500 samples per class, 3 folds, one shared test set per fold."""
+
+    samples_per_class: tuple[int, ...] = (20, 100, 500)
+    n_folds: int = 3
+    test_per_class: int = 1000
+    val_fraction: float = 0.25  # validation objects per scenario, relative to its samples per class
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProtocolConfig:
+        known = {f.name for f in fields(cls)}
+        out = {k: v for k, v in data.items() if k in known}
+        if "samples_per_class" in out:
+            out["samples_per_class"] = tuple(int(n) for n in out["samples_per_class"])
+        return cls(**out)
+
+
+@dataclass
+class Fold:
+    """Row indices (into the labelled set) of one fold and one samples-per-class scenario.
+
+    ``train`` may repeat rows (sampling with replacement for short classes); ``val`` and ``test`` do not.
+    """
+
+    fold: int
+    samples_per_class: int
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def _objects_by_class(object_ids: np.ndarray, labels: np.ndarray) -> tuple[dict, dict]:
+    """object id -> row indices, and class -> sorted object ids; an object with two labels is an error."""
+    rows: dict[str, list[int]] = {}
+    label_of: dict[str, object] = {}
+    for i, (obj, lab) in enumerate(zip(object_ids.tolist(), labels.tolist())):
+        if obj in label_of and label_of[obj] != lab:
+            raise ValueError(f"object {obj!r} has two labels: {label_of[obj]!r} and {lab!r} (row {i})")
+        label_of[obj] = lab
+        rows.setdefault(obj, []).append(i)
+    by_class: dict[object, list[str]] = {}
+    for obj, lab in label_of.items():
+        by_class.setdefault(lab, []).append(obj)
+    return rows, {c: sorted(objs) for c, objs in sorted(by_class.items(), key=lambda kv: str(kv[0]))}
+
+
+def make_folds(object_ids: Sequence[str], labels: Sequence, config: ProtocolConfig = ProtocolConfig()
+               ) -> list[Fold]:
+    """Build every (fold, scenario) split of the protocol.
+
+    Per fold and class (objects shuffled with the fold's seed): the first objects form the training
+    pool (shared by all scenarios, so the 20-sample training set is inside the 100-sample one), the
+    next ones the test set. A class with fewer than ``2 * (largest scenario + its validation)`` objects
+    gives half of its objects to the pool and the rest to the test set; training then samples the
+    pool with replacement. Every class needs at least 3 objects (train, validation, test).
+    """
+    object_ids = np.asarray(object_ids).astype(str)
+    labels = np.asarray(labels)
+    if len(object_ids) != len(labels):
+        raise ValueError(f"{len(object_ids)} object ids but {len(labels)} labels")
+    rows, by_class = _objects_by_class(object_ids, labels)
+    n_max = max(config.samples_per_class)
+    n_val_max = max(1, math.ceil(config.val_fraction * n_max))
+    for cls, objs in by_class.items():
+        if len(objs) < 3:
+            raise ValueError(f"class {cls!r} has {len(objs)} objects; the protocol needs at least 3 "
+                             "(filter rare classes out of the dataset)")
+
+    def rows_of(objs) -> np.ndarray:
+        return np.array([r for o in objs for r in rows[o]], dtype=np.int64)
+
+    folds: list[Fold] = []
+    for f in range(config.n_folds):
+        rng = np.random.default_rng([config.seed, f])
+        pools: dict = {}
+        test_objs: list[str] = []
+        for cls, objs in by_class.items():
+            order = [objs[i] for i in rng.permutation(len(objs))]
+            pool_size = min(n_max + n_val_max, len(order) // 2)
+            pools[cls] = order[:pool_size]
+            test_objs += order[pool_size:pool_size + config.test_per_class]
+        test = rows_of(test_objs)
+        for n in config.samples_per_class:
+            train_objs: list[str] = []
+            val_objs: list[str] = []
+            for pool in pools.values():
+                # a fixed head of the pool is for validation, the rest for training: disjoint objects,
+                # and the scenarios stay nested (the 20-sample set is the start of the 100-sample set)
+                n_val_pool = min(n_val_max, max(1, len(pool) // 5))
+                val_objs += pool[:min(n_val_pool, max(1, math.ceil(config.val_fraction * n)))]
+                train_pool = pool[n_val_pool:] if len(pool) > n_val_pool else pool[:1]
+                if len(train_pool) >= n:
+                    train_objs += train_pool[:n]
+                else:  # short class: every pool object once, the rest drawn with replacement
+                    extra = rng.choice(len(train_pool), size=n - len(train_pool), replace=True)
+                    train_objs += train_pool + [train_pool[i] for i in extra]
+            if set(train_objs) & set(val_objs):  # only possible for a 2-object pool; keep val clean
+                val_objs = [o for o in val_objs if o not in set(train_objs)]
+            folds.append(Fold(fold=f, samples_per_class=n, train=rows_of(train_objs),
+                              val=rows_of(val_objs), test=test))
+    return folds
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the skip classifier on cached per-layer means
+
+
+@dataclass
+class ClassifierConfig:
+    """Training settings of the skip head (defaults: the official ``skip`` classifier)."""
+
+    hidden: tuple[int, ...] = (1024, 512, 256)
+    dropout: float = 0.0
+    lr: float = 1e-3
+    batch_size: int = 256
+    max_epochs: int = 500
+    patience: int = 40  # epochs without a better validation loss before stopping
+    gamma_init: str = "uniform"  # "uniform" (softmax = 1/K each), "last" (favour the last block), "random"
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ClassifierConfig:
+        known = {f.name for f in fields(cls)}
+        out = {k: v for k, v in data.items() if k in known}
+        if "hidden" in out:
+            out["hidden"] = tuple(int(h) for h in out["hidden"])
+        return cls(**out)
+
+
+class LayerWeights(nn.Module):
+    """Softmax-normalised trainable weights gamma over the input embedding and every block."""
+
+    def __init__(self, n_layers: int, init: str = "uniform"):
+        super().__init__()
+        if init == "uniform":
+            gamma = torch.full((n_layers,), 1.0 / n_layers)
+        elif init == "last":
+            gamma = torch.zeros(n_layers)
+            gamma[-1] = 2.0
+        elif init == "random":
+            gamma = torch.randn(n_layers) * 0.5
+        else:
+            raise ValueError(f"gamma_init must be uniform, last or random, not {init!r}")
+        self.gamma = nn.Parameter(gamma)
+
+    def forward(self, layer_means: torch.Tensor) -> torch.Tensor:
+        # layer_means: [B, K, D] -> [B, D]; like the official code, weighted then averaged over layers
+        w = torch.softmax(self.gamma, dim=0)  # [K]
+        return (layer_means * w[None, :, None]).mean(dim=1)
+
+
+class SkipHead(nn.Module):
+    """The paper's ``skip`` classifier on top of per-layer means of a frozen encoder.
+
+    gamma-weighted average over layers, Dense 1024-512-256 with ReLU, LayerNorm, Dense to the classes.
+    """
+
+    def __init__(self, n_layers: int, d_model: int, n_classes: int, hidden=(1024, 512, 256),
+                 dropout: float = 0.0, gamma_init: str = "uniform"):
+        super().__init__()
+        self.layer_weights = LayerWeights(n_layers, gamma_init)
+        blocks: list[nn.Module] = []
+        width = d_model
+        for h in hidden:
+            blocks += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                blocks.append(nn.Dropout(dropout))
+            width = h
+        self.mlp = nn.Sequential(*blocks)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, n_classes)
+
+    def pooled(self, layer_means: torch.Tensor) -> torch.Tensor:
+        return self.layer_weights(layer_means)  # [B, D]
+
+    def forward(self, layer_means: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.mlp(self.pooled(layer_means))))  # [B, n_classes]
+
+    def gammas(self) -> np.ndarray:
+        return torch.softmax(self.layer_weights.gamma.detach(), 0).cpu().numpy()
+
+
+@dataclass
+class TrainedClassifier:
+    head: SkipHead
+    history: list[dict] = field(default_factory=list)  # per epoch: train_loss, val_loss
+    best_epoch: int = 0
+
+    @torch.no_grad()
+    def predict_proba(self, layer_means: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        self.head.eval()
+        out = []
+        for i in range(0, len(layer_means), batch_size):
+            x = torch.as_tensor(layer_means[i:i + batch_size], dtype=torch.float32)
+            out.append(torch.softmax(self.head(x), -1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.head.out.out_features), np.float32)
+
+    def predict(self, layer_means: np.ndarray) -> np.ndarray:
+        return self.predict_proba(layer_means).argmax(-1)
+
+    @torch.no_grad()
+    def pooled(self, layer_means: np.ndarray) -> np.ndarray:
+        return self.head.pooled(torch.as_tensor(layer_means, dtype=torch.float32)).numpy()
+
+
+def _as_layers(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x[:, None, :] if x.ndim == 2 else x  # [N, D] -> [N, 1, D]
+
+
+def train_skip_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                          n_classes: int, config: ClassifierConfig = ClassifierConfig(),
+                          on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainedClassifier:
+    """Cross-entropy, Adam, early stopping on validation loss; the best epoch's weights are kept.
+
+    ``x_*`` are per-layer means ``[N, K, D]`` (or ``[N, D]``); ``on_epoch(epoch, metrics)`` may return
+    True to stop (Ray Tune reports through it).
+    """
+    x_train, x_val = _as_layers(x_train), _as_layers(x_val)
+    if len(x_train) == 0:
+        raise ValueError("empty training set")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    head = SkipHead(x_train.shape[1], x_train.shape[2], n_classes, config.hidden, config.dropout,
+                    config.gamma_init)
+    opt = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    xt, yt = torch.as_tensor(x_train), torch.as_tensor(np.asarray(y_train), dtype=torch.long)
+    xv, yv = torch.as_tensor(x_val), torch.as_tensor(np.asarray(y_val), dtype=torch.long)
+    has_val = len(xv) > 0
+    best, best_state, best_epoch, waited = math.inf, None, 0, 0
+    history: list[dict] = []
+    for epoch in range(config.max_epochs):
+        head.train()
+        order = rng.permutation(len(xt))
+        total = 0.0
+        for i in range(0, len(order), config.batch_size):
+            idx = torch.as_tensor(order[i:i + config.batch_size])
+            loss = loss_fn(head(xt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        head.eval()
+        with torch.no_grad():
+            val_logits = head(xv) if has_val else None
+            val_loss = loss_fn(val_logits, yv).item() if has_val else total / len(xt)
+            val_acc = (val_logits.argmax(-1) == yv).float().mean().item() if has_val else float("nan")
+        if not math.isfinite(val_loss):
+            raise FloatingPointError(f"validation loss is {val_loss} at epoch {epoch}")
+        metrics = {"train_loss": total / len(xt), "val_loss": val_loss, "val_accuracy": val_acc}
+        history.append(metrics)
+        if val_loss < best - 1e-6:
+            best, best_epoch, waited = val_loss, epoch, 0
+            best_state = copy.deepcopy(head.state_dict())
+        else:
+            waited += 1
+        if on_epoch is not None and on_epoch(epoch, metrics):
+            break
+        if waited >= config.patience:
+            break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    head.eval()
+    return TrainedClassifier(head=head, history=history, best_epoch=best_epoch)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. scores and the table
+
+
+METRICS = ("f1", "precision", "recall", "accuracy")
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Macro F1, precision and recall over all classes of the set, and accuracy."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    labels = list(range(n_classes))
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro",
+                                                 zero_division=0)
+    return {"f1": float(f), "precision": float(p), "recall": float(r),
+            "accuracy": float(accuracy_score(y_true, y_pred))}
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Group per-fold results by (method, samples_per_class): mean and standard deviation (ddof 0)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["method"], r["samples_per_class"]), []).append(r)
+    out = []
+    for (method, spc), rs in groups.items():
+        row = {"method": method, "samples_per_class": spc, "n_folds": len(rs)}
+        for m in METRICS:
+            vals = np.array([r[m] for r in rs], dtype=float)
+            row[f"{m}_mean"], row[f"{m}_std"] = float(vals.mean()), float(vals.std())
+        out.append(row)
+    return out
+
+
+def markdown_table(summary: list[dict], title: str | None = None) -> str:
+    """One row per (method, samples per class): macro F1, precision, recall, accuracy as mean ± std."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| method | samples per class | folds | macro F1 | macro precision | macro recall | accuracy |",
+              "| --- | ---: | ---: | --- | --- | --- | --- |"]
+    for row in summary:
+        cells = [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in METRICS]
+        lines.append(f"| {row['method']} | {row['samples_per_class']} | {row['n_folds']} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the classical baseline: light-curve features + random forest
+
+
+def _feature_extractor():
+    import light_curve as lc
+
+    return lc.Extractor(
+        lc.Amplitude(), lc.AndersonDarlingNormal(), lc.BeyondNStd(1.0), lc.Cusum(), lc.Eta(), lc.EtaE(),
+        lc.InterPercentileRange(0.25), lc.Kurtosis(), lc.LinearTrend(), lc.MaximumSlope(), lc.Mean(),
+        lc.MedianAbsoluteDeviation(), lc.MedianBufferRangePercentage(0.1), lc.PercentAmplitude(),
+        lc.PercentDifferenceMagnitudePercentile(0.1), lc.ReducedChi2(), lc.Skew(), lc.StandardDeviation(),
+        lc.StetsonK(), lc.WeightedMean(), lc.Duration(), lc.ObservationCount(),
+        lc.Periodogram(peaks=2, resolution=10.0, max_freq_factor=2.0, fast=True),
+    )
+
+
+def feature_names() -> list[str]:
+    return list(_feature_extractor().names)
+
+
+def lightcurve_features(curves: Sequence[tuple], min_obs: int = 10) -> np.ndarray:
+    """Classical features of the ``light-curve`` package, one row per curve (NaN where undefined).
+
+    ``curves``: (mjd, mag, err) arrays. Times are deduplicated and sorted; curves shorter than
+    ``min_obs`` (where the periodogram is meaningless) get NaN rows instead of failing the job.
+    """
+    ext = _feature_extractor()
+    out = np.full((len(curves), len(ext.names)), np.nan, dtype=np.float64)
+    for i, curve in enumerate(curves):
+        t, m = np.asarray(curve[0], np.float64), np.asarray(curve[1], np.float64)
+        e = np.asarray(curve[2], np.float64) if len(curve) > 2 and curve[2] is not None else np.full_like(m, 0.05)
+        ok = np.isfinite(t) & np.isfinite(m) & np.isfinite(e) & (e > 0)
+        t, m, e = t[ok], m[ok], e[ok]
+        t, first = np.unique(t, return_index=True)
+        m, e = m[first], e[first]
+        if len(t) < min_obs:
+            continue
+        try:
+            out[i] = ext(t, m, e, fill_value=np.nan)
+        except BaseException as exc:  # the Rust extension's panics derive from BaseException
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+    return out
+
+
+def train_random_forest(x_train: np.ndarray, y_train: np.ndarray, seed: int = 0, n_estimators: int = 300):
+    """RandomForest on features; NaN replaced by the training medians (kept on the model for predict)."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+
+    model = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True),
+                          RandomForestClassifier(n_estimators=n_estimators, random_state=seed, n_jobs=2))
+    model.fit(np.nan_to_num(x_train, nan=np.nan, posinf=np.nan, neginf=np.nan), y_train)
+    return model
+
+
+def predict_random_forest(model, x: np.ndarray) -> np.ndarray:
+    return model.predict(np.nan_to_num(x, nan=np.nan, posinf=np.nan, neginf=np.nan))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. figures (PNG, Agg backend)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str], path: str | Path,
+                   title: str = "") -> Path:
+    """Row-normalised confusion matrix with counts."""
+    from sklearn.metrics import confusion_matrix
+
+    plt = _pyplot()
+    n = len(class_names)
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(n)))
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j]:
+                ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_gammas(gammas: np.ndarray, path: str | Path, title: str = "", spread: np.ndarray | None = None) -> Path:
+    """The learned softmax layer weights: input embedding, then block 1..n."""
+    plt = _pyplot()
+    k = len(gammas)
+    names = ["input"] + [f"block {i}" for i in range(1, k)]
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * k + 2), 3.2))
+    ax.bar(range(k), gammas, yerr=spread, color="tab:blue", capsize=3)
+    ax.axhline(1.0 / k, color="grey", ls="--", lw=1, label="uniform")
+    ax.set_xticks(range(k), names, rotation=30)
+    ax.set_ylabel("softmax(gamma)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def embedding_map(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE coordinates of embeddings ``[N, D]`` (PCA to 50 dimensions first when D is larger)."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(x, dtype=np.float32)
+    if len(x) < 5:
+        raise ValueError(f"a t-SNE map needs at least 5 points, got {len(x)}")
+    if x.shape[1] > 50 and len(x) > 50:
+        x = PCA(n_components=50, random_state=seed).fit_transform(x)
+    perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+
+
+def plot_map(coords: np.ndarray, y: np.ndarray, class_names: Sequence[str], path: str | Path,
+             title: str = "") -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    cmap = plt.get_cmap("tab20" if len(class_names) > 10 else "tab10")
+    for c, name in enumerate(class_names):
+        sel = y == c
+        if sel.any():
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=6, alpha=0.7, color=cmap(c % cmap.N), label=name)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, markerscale=2, loc="best", ncol=1 + len(class_names) // 12)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_attention(panels: list[dict], path: str | Path, title: str = "") -> Path:
+    """One panel per class: the light curve coloured by the attention each observation receives.
+
+    ``panels``: dicts with ``name``, ``x`` (phase or time), ``mag``, ``attention`` (same length) and
+    ``xlabel``. Attention is the first block's weight received per observation (averaged over heads
+    and queries), which is what the paper's figures show over a folded curve.
+    """
+    plt = _pyplot()
+    n = max(1, len(panels))
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    for ax, p in zip(axes.ravel(), panels):
+        sc = ax.scatter(p["x"], p["mag"], c=p["attention"], s=8, cmap="viridis")
+        ax.invert_yaxis()
+        ax.set_xlabel(p.get("xlabel", "time"), fontsize=8)
+        ax.set_ylabel("magnitude", fontsize=8)
+        ax.set_title(p["name"], fontsize=9)
+        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="attention")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def fold_phase(mjd: np.ndarray, period: float | None) -> tuple[np.ndarray, str]:
+    """Phase in [0, 1) when a period is known, else days since the first observation."""
+    mjd = np.asarray(mjd, np.float64)
+    if period and np.isfinite(period) and period > 0:
+        return np.mod(mjd - mjd.min(), period) / period, "phase"
+    return mjd - mjd.min(), "days"
