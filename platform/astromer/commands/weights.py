@@ -1,0 +1,60 @@
+"""`astromer weights ...`: import official TensorFlow weights (no TensorFlow needed), inspect checkpoints."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="weights_command", metavar="SUBCOMMAND")
+
+    imp = sub.add_parser("import", help="official checkpoint (folder, .index, zip) or .npz -> model folder",
+                         description="Read official Astromer weights and write OUT_DIR/model.safetensors + "
+                                     "OUT_DIR/config.json.")
+    imp.add_argument("src", help="checkpoint folder, weights.index path, published zip (e.g. macho_a0.zip) "
+                                 "or an .npz of checkpoint tensors")
+    imp.add_argument("out_dir", help="output model folder")
+    imp.add_argument("--preset", default="astromer1", help="model layout of the checkpoint (default astromer1)")
+    imp.add_argument("--register", metavar="NAME", default=None,
+                     help="also register the folder in the MLflow model registry under NAME")
+    imp.set_defaults(func=_import)
+
+    ls = sub.add_parser("list", help="list the tensors (name, dtype, shape) of a checkpoint index")
+    ls.add_argument("src", help="checkpoint folder, weights.index path or zip")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.set_defaults(func=_list)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from astromer.weights import import_official
+
+    try:
+        model = import_official(args.src, args.out_dir, preset=args.preset)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"astromer weights import: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out_dir} ({args.preset}, {model.num_parameters():,} parameters)")
+    if args.register:
+        from astromer.registry import register_model_dir
+
+        version = register_model_dir(args.out_dir, args.register,
+                                     tags={"source": str(args.src), "preset": args.preset})
+        print(f"registered {args.register} version {version}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from astromer.weights import list_tf_checkpoint
+
+    try:
+        entries = list_tf_checkpoint(args.src)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"astromer weights list: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({k: {"dtype": d, "shape": list(s)} for k, (d, s) in entries.items()}, indent=1))
+    else:
+        for name, (dtype, shape) in entries.items():
+            print(f"{name}\t{dtype}\t{list(shape)}")
+    return 0
