@@ -1,0 +1,83 @@
+"""``astromer ingest --survey S --source URL --lake LAKE``: raw survey files -> the lake (Dask).
+
+Same as ``python ingest/run.py ...``. Exit status 0 when curves were ingested (bad inputs are
+quarantined and reported), 1 when every input was bad, 2 on a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from astromer import settings
+
+
+def parse_mapping(text: str | None) -> dict[str, str]:
+    """``object=oid,time=hjd,mag=m`` -> {"object": "oid", ...}."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"--columns item {item!r} is not NAME=COLUMN")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from astromer.surveys import READERS
+
+    parser.add_argument("--survey", required=True, choices=sorted(READERS), help="raw format of the source")
+    parser.add_argument("--source", required=True,
+                        help="fsspec URL: folder, file, glob, memory://, s3://, tar://...::file, synthetic://?n=..")
+    parser.add_argument("--lake", default=None, help="lake root (default: $ASTROMER_LAKE or ASTROMER_HOME/lake)")
+    parser.add_argument("--as", dest="out_survey", default=None,
+                        help="survey name in the lake (default: the --survey name)")
+    parser.add_argument("--columns", type=parse_mapping, default=None,
+                        help="csv/parquet column mapping: object=..,time=..,mag=..,err=..[,band=..,ra=..,dec=..]")
+    parser.add_argument("--band", default=None, help="csv/parquet: band when no band column is mapped")
+    parser.add_argument("--delimiter", default=None, help="csv: field delimiter (default ,)")
+    parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    parser.add_argument("--workers", type=int, default=None, help="local cluster: worker processes")
+    parser.add_argument("--threads", type=int, default=1, help="local cluster: threads per worker")
+    parser.add_argument("--in-process", action="store_true", help="local cluster: threads in this process")
+    parser.add_argument("--part-mb", type=int, default=None, help="target part size (Arrow MB)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from astromer.ingest import DEFAULT_PART_BYTES, run_ingest
+
+    options = {}
+    if args.columns:
+        options["columns"] = args.columns
+    if args.band:
+        options["band"] = args.band
+    if args.delimiter:
+        options["delimiter"] = args.delimiter
+    lake = args.lake or settings.default_lake()
+    try:
+        result = run_ingest(args.survey, args.source, lake, options=options, out_survey=args.out_survey,
+                            scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads,
+                            processes=False if args.in_process else None, progress=not args.no_progress,
+                            part_bytes=(args.part_mb << 20) if args.part_mb else DEFAULT_PART_BYTES,
+                            stream=sys.stdout)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result.exit_code:
+        print(f"error: no input of {args.source} could be ingested; see the quarantine report above",
+              file=sys.stderr)
+    return result.exit_code
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ingest/run.py", description=__doc__.splitlines()[0])
+    register(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,413 @@
+"""The ingest pipeline: raw survey files -> the lake, with Dask, in four resumable stages.
+
+    plan    list the inputs of a source, checksum them (on the workers), derive the ingest id
+            (a hash of survey, reader version, options and every input's key and sha256)
+    map     parse each input into a shard under ``_ingest/runs/<id>/shards/`` and write its marker;
+            inputs whose marker exists are skipped, so a killed run resumes where it stopped
+    reduce  compact the shards, band by band, into parts of about ``part_bytes``, streamed row group
+            by row group into ``_ingest/runs/<id>/staging/``
+    finish  verify the counts, publish every part with an atomic rename into
+            ``lightcurves/survey=<s>/band=<b>/``, write ``labels``, the manifest (inputs + sha256),
+            the quarantine report and the run record; print the summary table
+
+The same inputs give the same ingest id, the same files and the same rows, so re-running a finished
+ingest changes nothing (it is recognised from its run record and skipped). An ingest of a survey
+owns ``lightcurves/survey=<s>/`` and ``labels/survey=<s>/``: what a previous run left there and this
+one did not write is removed after publishing.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from astromer.lake import schema
+from astromer.lake.paths import LakePaths, validate_survey
+from astromer.lake.writers import ParquetPartWriter, publish, read_json, write_json, write_parquet
+from astromer.surveys import get_reader
+from astromer.surveys.base import ArchiveError, Batch, Input
+
+READER_VERSION = "1"
+ROW_GROUP_CURVES = 2048
+DEFAULT_PART_BYTES = 384 << 20   # Arrow bytes per part: about 128 MB of zstd Parquet
+
+log = logging.getLogger("astromer.ingest")
+
+
+@dataclass
+class IngestResult:
+    ingest_id: str
+    survey: str
+    lake: str
+    status: str                       # "done", "unchanged" or "failed"
+    inputs: int = 0
+    inputs_bytes: int = 0
+    curves: int = 0
+    observations: int = 0
+    labels: int = 0
+    quarantined_inputs: int = 0
+    quarantine: list = field(default_factory=list)   # (input, reason, detail)
+    bands: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.status in ("done", "unchanged") and self.curves > 0 else 1
+
+    def summary(self) -> str:
+        rate = self.observations / self.seconds if self.seconds else 0.0
+        mb_rate = self.inputs_bytes / self.seconds / 1e6 if self.seconds else 0.0
+        rows = [
+            ("survey", self.survey), ("lake", self.lake), ("ingest id", self.ingest_id),
+            ("status", self.status), ("inputs", f"{self.inputs:,} ({self.inputs_bytes / 1e6:,.1f} MB)"),
+            ("curves", f"{self.curves:,}"), ("observations", f"{self.observations:,}"),
+            ("labels", f"{self.labels:,}"),
+            ("bands", ", ".join(f"{b}: {n:,}" for b, n in sorted(self.bands.items())) or "-"),
+            ("quarantined inputs", f"{self.quarantined_inputs:,}"),
+        ]
+        reasons = Counter(r for _, r, _ in self.quarantine)
+        rows += [(f"  quarantine: {reason}", f"{count:,}") for reason, count in sorted(reasons.items())]
+        rows += [("time", f"{self.seconds:,.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                               self.stage_seconds.items()) + ")"),
+                 ("rate", f"{rate:,.0f} obs/s, {mb_rate:,.1f} MB/s")]
+        width = max(len(k) for k, _ in rows)
+        line = "-" * (width + 3 + max(len(str(v)) for _, v in rows))
+        body = "\n".join(f"{k:<{width}} | {v}" for k, v in rows)
+        return f"{line}\n{body}\n{line}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# tasks (run on Dask workers; plain functions of picklable arguments)
+
+
+def checksum_task(item: Input, reader_name: str) -> str:
+    reader = get_reader(reader_name)
+    if hasattr(reader, "checksum"):
+        return reader.checksum(item)
+    digest = hashlib.sha256()
+    with fsspec.open(item.url, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def map_task(reader_name: str, item: Input, index: int, sha256: str, context: dict, lake_url: str,
+             ingest_id: str) -> dict:
+    """Parse one input into a shard (+ labels) and write its marker last. Returns the marker."""
+    paths = LakePaths(lake_url)
+    fs = paths.fs
+    run = paths.run(ingest_id)
+    marker_path = f"{run}/map/{index:06d}.json"
+    if fs.exists(marker_path):
+        return read_json(fs, marker_path)
+    reader = get_reader(reader_name)
+    try:
+        batch = reader.read(item, context)
+    except ArchiveError as exc:
+        batch = Batch(quarantine=[(item.key, "truncated_archive", str(exc)[:500])])
+    except (FileNotFoundError, PermissionError, UnicodeDecodeError) as exc:
+        batch = Batch(quarantine=[(item.key, "unreadable", f"{type(exc).__name__}: {exc}"[:500])])
+    except Exception as exc:  # noqa: BLE001 - a reader bug must quarantine the input, not stop the job
+        batch = Batch(quarantine=[(item.key, "reader_error", f"{type(exc).__name__}: {exc}"[:500])])
+    whole_input_bad = any(q[0] == item.key and q[1] in ("truncated_archive", "unreadable", "reader_error")
+                          for q in batch.quarantine)
+    if batch.n_curves == 0 and not whole_input_bad:
+        batch.quarantine.append((item.key, "no_curves", "the input yielded no light curve"))
+    table = batch.to_table(source_sha256=sha256, ingest_id=ingest_id)
+    bands = {}
+    if table.num_rows:
+        band_col = np.asarray(table.column("band").to_pylist(), dtype=object)
+        n_obs = table.column("n_obs").to_numpy()
+        for band in sorted(set(band_col)):
+            sel = band_col == band
+            bands[band] = {"curves": int(sel.sum()), "observations": int(n_obs[sel].sum()),
+                           "nbytes": int(table.nbytes * sel.sum() / table.num_rows)}
+        write_parquet(fs, table, f"{run}/shards/{index:06d}.parquet", compression="lz4")
+    if batch.labels:
+        labels = pa.table({"object_id": [x[0] for x in batch.labels], "label_set": [x[1] for x in batch.labels],
+                           "label": [x[2] for x in batch.labels]}, schema=schema.LABELS)
+        write_parquet(fs, labels, f"{run}/shards/{index:06d}.labels.parquet")
+    marker = {
+        "index": index, "input": item.key, "url": item.url, "size": item.size, "sha256": sha256,
+        "curves": int(table.num_rows), "observations": int(table.column("n_obs").to_numpy().sum()),
+        "labels": len(batch.labels), "bands": bands,
+        "quarantine": [list(q) for q in batch.quarantine],
+        "status": "quarantined" if batch.n_curves == 0 else ("partial" if batch.quarantine else "ok"),
+    }
+    write_json(fs, marker, marker_path)
+    return marker
+
+
+def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[int], part: int) -> dict:
+    """Stream the ``band`` rows of some shards into one staged part file."""
+    paths = LakePaths(lake_url)
+    fs = paths.fs
+    run = paths.run(ingest_id)
+    out = f"{run}/staging/band={band}/{LakePaths.part_name(part)}"
+    if fs.exists(out):
+        meta = pq.read_metadata(fs.open(out, "rb"))
+        return {"band": band, "part": part, "curves": meta.num_rows, "path": out}
+    writer = ParquetPartWriter(fs, out, schema.LIGHTCURVES)
+    try:
+        for index in shard_indices:
+            with fs.open(f"{run}/shards/{index:06d}.parquet", "rb") as handle:
+                table = pq.read_table(handle)
+            mask = pc.equal(table.column("band"), band)
+            table = table.filter(mask).drop_columns(["band"])
+            writer.write(table, row_group_size=ROW_GROUP_CURVES)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"band": band, "part": part, "curves": writer.rows, "path": out}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the driver
+
+
+def ingest_id_of(survey: str, out_survey: str, options: dict, keys_and_shas: list[tuple[str, str]]) -> str:
+    spec = {"survey": survey, "as": out_survey, "reader_version": READER_VERSION, "options": options,
+            "inputs": keys_and_shas}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str | None = None, workers: int | None = None, threads_per_worker: int = 1,
+                processes: bool = True):
+    """A client of an existing scheduler, or of a local ``distributed`` cluster started here."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        client = Client(scheduler)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    n = workers or max(1, min(2, os.cpu_count() or 1))
+    cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=processes,
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = None, out_survey: str | None = None,
+               scheduler: str | None = None, client=None, workers: int | None = None,
+               threads_per_worker: int = 1, processes: bool | None = None, progress: bool = True,
+               part_bytes: int = DEFAULT_PART_BYTES, stream=None) -> IngestResult:
+    """Ingest ``source`` (an fsspec URL) of ``survey`` into ``lake``; see the module docstring."""
+    options = dict(options or {})
+    out_survey = validate_survey(out_survey or survey)
+    stream = stream or sys.stderr
+    in_memory = any(str(u).startswith("memory://") for u in (source, lake))
+    if processes is None:
+        processes = not in_memory   # memory:// lives in one process: use threads
+    if client is None:
+        with dask_client(scheduler, workers, threads_per_worker, processes) as own:
+            return _run(survey, source, lake, options, out_survey, own, progress, part_bytes, stream)
+    return _run(survey, source, lake, options, out_survey, client, progress, part_bytes, stream)
+
+
+def _progress(iterable, total, desc, enabled, stream):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, file=stream, unit="input", leave=False)
+
+
+def _run(survey, source, lake, options, out_survey, client, progress, part_bytes, stream) -> IngestResult:
+    from distributed import as_completed
+
+    started = time.perf_counter()
+    stages = {}
+    paths = LakePaths(lake)
+    fs = paths.fs
+    reader = get_reader(survey)
+
+    # plan ----------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    plan = reader.plan(source, options)
+    keys = [i.key for i in plan.inputs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the plan has duplicate input keys")
+    shas = client.gather(client.map(checksum_task, plan.inputs, reader_name=survey, pure=False)) \
+        if plan.inputs else []
+    ingest_id = ingest_id_of(survey, out_survey, options, list(zip(keys, shas)))
+    run = paths.run(ingest_id)
+    stages["plan"] = time.perf_counter() - t0
+    record_path = f"{run}/record.json"
+    if fs.exists(record_path):
+        record = read_json(fs, record_path)
+        if record.get("status") == "done" and _published_by(paths, out_survey) == ingest_id:
+            result = IngestResult(**{**record["result"], "status": "unchanged", "lake": lake,
+                                     "seconds": time.perf_counter() - started, "stage_seconds": stages})
+            print(result.summary(), file=stream)
+            return result
+
+    # map -----------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    context = client.scatter(plan.context, broadcast=True) if plan.context else {}
+    futures = [client.submit(map_task, survey, item, index, sha, context, lake, ingest_id, pure=False,
+                             key=f"map-{ingest_id}-{index}")
+               for index, (item, sha) in enumerate(zip(plan.inputs, shas))]
+    markers = [None] * len(futures)
+    position = {f.key: i for i, f in enumerate(futures)}
+    for future in _progress(as_completed(futures), len(futures), f"map {out_survey}", progress, stream):
+        markers[position[future.key]] = future.result()
+    stages["map"] = time.perf_counter() - t0
+
+    # reduce ----------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    groups = _group_parts(markers, part_bytes)
+    reduce_futures = [client.submit(reduce_task, lake, ingest_id, band, indices, part, pure=False,
+                                    key=f"reduce-{ingest_id}-{band}-{part}")
+                      for band, part, indices in groups]
+    parts = client.gather(reduce_futures)
+    stages["reduce"] = time.perf_counter() - t0
+
+    # finish ----------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    result = _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake)
+    stages["finish"] = time.perf_counter() - t0
+    result.seconds = time.perf_counter() - started
+    result.stage_seconds = stages
+    record = {"status": result.status, "result": {k: v for k, v in asdict(result).items()
+                                                  if k not in ("seconds", "stage_seconds", "lake")},
+              "source": source, "options": options, "seconds": result.seconds, "stages": stages,
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record["result"]["quarantine"] = [list(q) for q in result.quarantine]
+    write_json(fs, record, record_path)
+    for folder in ("shards", "staging"):
+        if fs.exists(f"{run}/{folder}"):
+            fs.rm(f"{run}/{folder}", recursive=True)
+    print(result.summary(), file=stream)
+    return result
+
+
+def _group_parts(markers: list[dict], part_bytes: int) -> list[tuple[str, int, list[int]]]:
+    """Consecutive shards per band, cut into parts of about ``part_bytes`` (Arrow bytes)."""
+    groups = []
+    bands = sorted({b for m in markers for b in m["bands"]})
+    for band in bands:
+        current, size, part = [], 0, 0
+        for m in markers:
+            info = m["bands"].get(band)
+            if not info:
+                continue
+            if current and size + info["nbytes"] > part_bytes:
+                groups.append((band, part, current))
+                current, size, part = [], 0, part + 1
+            current.append(m["index"])
+            size += info["nbytes"]
+        if current:
+            groups.append((band, part, current))
+    return groups
+
+
+def _published_by(paths: LakePaths, survey: str) -> str | None:
+    manifest = f"{paths.ingest(survey)}/manifest.parquet"
+    if not paths.fs.exists(manifest):
+        return None
+    with paths.fs.open(manifest, "rb") as handle:
+        ids = pq.read_table(handle, columns=["ingest_id"]).column("ingest_id").to_pylist()
+    return ids[0] if ids else None
+
+
+def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) -> IngestResult:
+    fs = paths.fs
+    run = paths.run(ingest_id)
+    expected = Counter()
+    for m in markers:
+        for band, info in m["bands"].items():
+            expected[band] += info["curves"]
+    staged = Counter()
+    for p in parts:
+        staged[p["band"]] += p["curves"]
+    if staged != expected:
+        raise RuntimeError(f"reduce lost rows: shards hold {dict(expected)}, parts {dict(staged)}")
+
+    quarantine = [tuple(q) for m in markers for q in m["quarantine"]]
+    curves = sum(m["curves"] for m in markers)
+    result = IngestResult(
+        ingest_id=ingest_id, survey=out_survey, lake=lake, status="done" if curves else "failed",
+        inputs=len(markers), inputs_bytes=sum(int(m["size"] or 0) for m in markers), curves=curves,
+        observations=sum(m["observations"] for m in markers), labels=0,
+        quarantined_inputs=sum(1 for m in markers if m["status"] == "quarantined"),
+        quarantine=quarantine, bands=dict(sorted(expected.items())))
+
+    # publish parts: each file appears complete under its final name, stale files go afterwards
+    published = set()
+    for p in sorted(parts, key=lambda p: (p["band"], p["part"])):
+        final = f"{paths.lightcurves(out_survey, p['band'])}/{LakePaths.part_name(p['part'])}"
+        fs.makedirs(os.path.dirname(final), exist_ok=True)
+        publish(fs, p["path"], final)
+        published.add(final)
+    if curves:
+        _remove_stale(fs, paths.lightcurves(out_survey), published)
+
+    # labels: one file per survey, first label per (object, label set) in input order
+    label_tables = []
+    for m in markers:
+        path = f"{run}/shards/{m['index']:06d}.labels.parquet"
+        if m["labels"] and fs.exists(path):
+            with fs.open(path, "rb") as handle:
+                label_tables.append(pq.read_table(handle))
+    labels_dir = paths.labels(out_survey)
+    if label_tables:
+        labels = pa.concat_tables(label_tables)
+        seen, keep = set(), []
+        for i, key in enumerate(zip(labels.column("object_id").to_pylist(), labels.column("label_set").to_pylist())):
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+        labels = labels.take(pa.array(keep, type=pa.int64()))
+        final = f"{labels_dir}/{LakePaths.part_name(0)}"
+        write_parquet(fs, labels, final)
+        result.labels = labels.num_rows
+        _remove_stale(fs, labels_dir, {final})
+    elif curves:
+        _remove_stale(fs, labels_dir, set())
+
+    # manifest and quarantine report
+    report_dir = paths.ingest(out_survey)
+    manifest = pa.table({
+        "input": [m["input"] for m in markers], "url": [m["url"] for m in markers],
+        "size": pa.array([int(m["size"] or 0) for m in markers], type=pa.int64()),
+        "sha256": [m["sha256"] for m in markers],
+        "curves": pa.array([m["curves"] for m in markers], type=pa.int64()),
+        "observations": pa.array([m["observations"] for m in markers], type=pa.int64()),
+        "status": [m["status"] for m in markers], "ingest_id": [ingest_id] * len(markers),
+    }, schema=schema.MANIFEST)
+    write_parquet(fs, manifest, f"{report_dir}/manifest.parquet")
+    write_parquet(fs, pa.table({"input": [q[0] for q in quarantine], "reason": [q[1] for q in quarantine],
+                                "detail": [q[2] for q in quarantine]}, schema=schema.QUARANTINE),
+                  f"{report_dir}/quarantine.parquet")
+    return result
+
+
+def _remove_stale(fs, folder: str, keep: set[str]) -> None:
+    if not fs.exists(folder):
+        return
+    keep = {fs._strip_protocol(k) for k in keep}
+    for path in fs.find(folder):
+        if fs._strip_protocol(path) not in keep and path.endswith(".parquet"):
+            fs.rm(path)

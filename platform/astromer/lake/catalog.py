@@ -1,0 +1,93 @@
+"""DuckDB over the lake: one connection with a view per table, and the small-job curve iterator."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import duckdb
+import numpy as np
+import pyarrow.dataset as ds
+
+from astromer.lake.cleaning import CleaningStats, clean_curve
+from astromer.lake.paths import LakePaths, validate_band, validate_survey
+
+_HIVE = "hive_partitioning = true, hive_types_autocast = false, union_by_name = true"
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _has_files(paths: LakePaths, pattern: str) -> bool:
+    return bool(paths.fs.glob(pattern))
+
+
+def connect(lake: str | LakePaths, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with views ``lightcurves``, ``labels``, ``embeddings`` (when present),
+    and ``ingest_manifest`` / ``ingest_quarantine`` over ``_ingest``. A view whose files do not
+    exist yet is created empty-safe: it is simply absent."""
+    paths = lake if isinstance(lake, LakePaths) else LakePaths(lake)
+    con = duckdb.connect(database)
+    if not paths.is_local:
+        con.register_filesystem(paths.fs)
+    views = {
+        "lightcurves": paths.lightcurves() + "/*/*/*.parquet",
+        "labels": paths.labels() + "/*/*.parquet",
+        "embeddings": paths.embeddings() + "/*/*/*/*.parquet",
+        "ingest_manifest": paths.ingest() + "/*/manifest.parquet",
+        "ingest_quarantine": paths.ingest() + "/*/quarantine.parquet",
+    }
+    for name, pattern in views.items():
+        if _has_files(paths, pattern):
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet("
+                        f"{_sql_string(paths.url_of(pattern))}, {_HIVE})")
+    return con
+
+
+def iter_curves(lake: str | LakePaths, surveys=None, bands=None, clean: bool = True, *, drop_noisy: bool = True,
+                columns=("object_id", "ra", "dec", "mjd", "mag", "err", "quality"), batch_size: int = 1024,
+                stats: CleaningStats | None = None, limit: int | None = None) -> Iterator[dict]:
+    """Yield one dict per curve (numpy arrays for mjd/mag/err/quality, plus survey and band).
+
+    With ``clean=True`` the paper's cleaning (:func:`astromer.lake.cleaning.clean_curve`) is applied:
+    unusable curves are skipped and the kept observations only are returned; ``stats`` counts it.
+    For small jobs; Ray Data jobs read ``LakePaths(lake).lightcurves()`` directly.
+    """
+    paths = lake if isinstance(lake, LakePaths) else LakePaths(lake)
+    root = paths.lightcurves()
+    if not paths.fs.exists(root):
+        return
+    dataset = ds.dataset(root, filesystem=paths.fs, format="parquet", partitioning="hive")
+    predicate = None
+    if surveys:
+        surveys = [validate_survey(s) for s in ([surveys] if isinstance(surveys, str) else surveys)]
+        predicate = ds.field("survey").isin(surveys)
+    if bands:
+        bands = [validate_band(b) for b in ([bands] if isinstance(bands, str) else bands)]
+        expr = ds.field("band").isin(bands)
+        predicate = expr if predicate is None else predicate & expr
+    wanted = list(dict.fromkeys([*columns, "mjd", "mag", "err", "quality", "survey", "band"]))
+    produced = 0
+    for batch in dataset.to_batches(columns=wanted, filter=predicate, batch_size=batch_size):
+        cols = {name: batch.column(name) for name in batch.schema.names}
+        for i in range(batch.num_rows):
+            curve = {}
+            for name, col in cols.items():
+                value = col[i]
+                if name in ("mjd", "mag", "err", "quality"):
+                    curve[name] = value.values.to_numpy(zero_copy_only=False)
+                else:
+                    curve[name] = value.as_py()
+            if clean:
+                result = clean_curve(curve["mjd"], curve["mag"], curve["err"], curve["quality"],
+                                     drop_noisy=drop_noisy)
+                if stats is not None:
+                    stats.add(curve["quality"], result)
+                if not result.usable:
+                    continue
+                for name in ("mjd", "mag", "err", "quality"):
+                    curve[name] = curve[name][result.keep]
+            curve["mjd"] = np.asarray(curve["mjd"], dtype=np.float64)
+            yield curve
+            produced += 1
+            if limit is not None and produced >= limit:
+                return

@@ -1,0 +1,131 @@
+"""The one place that turns lake names into paths, and the validation that names pass first.
+
+A lake root is a local folder or any fsspec URL (``s3://bucket/lake``, ``memory://lake``).
+Survey, band, object, window, model and version names are checked against a conservative pattern
+before they become part of a path: no separators, no ``..``, no control characters.
+
+    lightcurves/survey=<s>/band=<b>/part-<n>.parquet
+    labels/survey=<s>/part-<n>.parquet
+    windows/<name>.zarr
+    embeddings/model=<m>/version=<v>/survey=<s>/part-<n>.parquet
+    _ingest/survey=<s>/{manifest,quarantine}.parquet, _ingest/runs/<ingest_id>/...
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import fsspec
+from fsspec.core import url_to_fs
+
+_SURVEY = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_BAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# object ids are data, not paths, but they do reach file names (window back-references, exports),
+# so they follow the same rule with a few more punctuation characters that catalogues use
+_OBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+\-]{0,127}$")
+
+
+class InvalidName(ValueError):
+    """A survey/band/object/window name that must not become a path."""
+
+
+def _check(kind: str, value: str, pattern: re.Pattern) -> str:
+    if not isinstance(value, str) or not pattern.match(value) or ".." in value:
+        raise InvalidName(f"invalid {kind} name {value!r}: expected {pattern.pattern} without '..'")
+    return value
+
+
+def validate_survey(name: str) -> str:
+    return _check("survey", name, _SURVEY)
+
+
+def validate_band(name: str) -> str:
+    return _check("band", name, _BAND)
+
+
+def validate_name(name: str, kind: str = "name") -> str:
+    return _check(kind, name, _NAME)
+
+
+def validate_object_id(name: str) -> str:
+    return _check("object", name, _OBJECT)
+
+
+def is_valid_object_id(name: str) -> bool:
+    return isinstance(name, str) and bool(_OBJECT.match(name)) and ".." not in name
+
+
+@dataclass
+class LakePaths:
+    """Paths of one lake. ``fs`` is the fsspec filesystem and ``root`` the path inside it."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem = field(init=False, repr=False)
+    root: str = field(init=False)
+
+    def __post_init__(self):
+        self.url = str(self.url)
+        self.fs, root = url_to_fs(self.url)
+        self.root = root.rstrip("/") or "/"
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def url_of(self, path: str) -> str:
+        """A path inside ``fs`` back as a URL (what DuckDB and Ray are given)."""
+        if self.is_local:
+            return path
+        return self.fs.unstrip_protocol(path)
+
+    # tables ------------------------------------------------------------------------------------
+    def lightcurves(self, survey: str | None = None, band: str | None = None) -> str:
+        parts = ["lightcurves"]
+        if survey is not None:
+            parts.append(f"survey={validate_survey(survey)}")
+            if band is not None:
+                parts.append(f"band={validate_band(band)}")
+        return self.join(*parts)
+
+    def labels(self, survey: str | None = None) -> str:
+        parts = ["labels"]
+        if survey is not None:
+            parts.append(f"survey={validate_survey(survey)}")
+        return self.join(*parts)
+
+    def windows(self, name: str | None = None) -> str:
+        if name is None:
+            return self.join("windows")
+        return self.join("windows", f"{validate_name(name, 'window set')}.zarr")
+
+    def embeddings(self, model: str | None = None, version: str | None = None,
+                   survey: str | None = None) -> str:
+        parts = ["embeddings"]
+        if model is not None:
+            parts.append(f"model={validate_name(model, 'model')}")
+            if version is not None:
+                parts.append(f"version={validate_name(str(version), 'version')}")
+                if survey is not None:
+                    parts.append(f"survey={validate_survey(survey)}")
+        return self.join(*parts)
+
+    def ingest(self, survey: str | None = None) -> str:
+        if survey is None:
+            return self.join("_ingest")
+        return self.join("_ingest", f"survey={validate_survey(survey)}")
+
+    def run(self, ingest_id: str) -> str:
+        return self.join("_ingest", "runs", validate_name(ingest_id, "ingest id"))
+
+    @staticmethod
+    def part_name(index: int) -> str:
+        return f"part-{index:05d}.parquet"
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)

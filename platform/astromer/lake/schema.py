@@ -1,0 +1,172 @@
+"""Arrow schemas of the lake tables and the per-observation quality bit flags.
+
+``lightcurves`` (one row per single-band light curve; ``survey`` and ``band`` are hive partition
+columns taken from the folder names ``survey=<s>/band=<b>``, not stored in the files):
+
+================  ======================  ==========================================================
+column            type                    meaning
+================  ======================  ==========================================================
+object_id         string                  the survey's own identifier (``1.3444.614``, ``OGLE-LMC-CEP-0001``)
+ra, dec           float64, nullable       degrees (J2000) where the source gives them
+mjd               list<float64>           observation times, ascending (HJD-2450000 sources are shifted
+                                          by +49999.5 onto the MJD scale; no barycentric correction)
+mag               list<float32>           magnitude
+err               list<float32>           magnitude uncertainty
+n_obs             int32                   length of the lists
+quality           list<uint8>             bit flags of :class:`Quality`, one per observation
+source_file       string                  ``<input>`` or ``<input>::<archive member>``
+source_sha256     string                  sha256 of the input file (or of a simulator partition's spec)
+ingest_id         string                  the ingest run that wrote the row (deterministic from inputs)
+================  ======================  ==========================================================
+
+Every parseable observation is kept; the paper's cleaning is a filter over ``quality``
+(:mod:`astromer.lake.cleaning`), never a deletion.
+"""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import pyarrow as pa
+
+
+class Quality(enum.IntFlag):
+    """Per-observation flags (uint8). Zero means a clean observation."""
+
+    NONFINITE = 1          # time, magnitude or error is NaN/inf (or an empty CSV field)
+    ERR_NONPOSITIVE = 2    # err <= 0: the weighted loss divides by it
+    ERR_ABOVE_ONE = 4      # err > 1 mag: the paper drops these
+    DUPLICATE_TIME = 8     # same time as the previous observation of the curve (the first one stays clean)
+    MAG_PERCENTILE = 16    # magnitude outside the curve's [1st, 99th] percentile, computed over the
+                           # observations without any of the flags above
+    UNSORTED_SOURCE = 32   # the source listed this observation out of time order (informational only)
+
+
+#: flags that the paper's cleaning removes (UNSORTED_SOURCE is informational: the lake is sorted)
+CLEANING_MASK = int(Quality.NONFINITE | Quality.ERR_NONPOSITIVE | Quality.ERR_ABOVE_ONE
+                    | Quality.DUPLICATE_TIME | Quality.MAG_PERCENTILE)
+
+LIGHTCURVES = pa.schema([
+    pa.field("object_id", pa.string(), nullable=False),
+    pa.field("ra", pa.float64()),
+    pa.field("dec", pa.float64()),
+    pa.field("mjd", pa.list_(pa.float64()), nullable=False),
+    pa.field("mag", pa.list_(pa.float32()), nullable=False),
+    pa.field("err", pa.list_(pa.float32()), nullable=False),
+    pa.field("n_obs", pa.int32(), nullable=False),
+    pa.field("quality", pa.list_(pa.uint8()), nullable=False),
+    pa.field("source_file", pa.string()),
+    pa.field("source_sha256", pa.string()),
+    pa.field("ingest_id", pa.string()),
+])
+
+#: map-stage shards carry the band as a column; the published files carry it in the folder name
+SHARD = LIGHTCURVES.append(pa.field("band", pa.string(), nullable=False))
+
+#: labels/survey=<s>/part-<n>.parquet (survey from the folder name)
+LABELS = pa.schema([
+    pa.field("object_id", pa.string(), nullable=False),
+    pa.field("label_set", pa.string(), nullable=False),
+    pa.field("label", pa.string(), nullable=False),
+])
+
+#: _ingest/survey=<s>/quarantine.parquet
+QUARANTINE = pa.schema([
+    pa.field("input", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string()),
+])
+
+#: _ingest/survey=<s>/manifest.parquet
+MANIFEST = pa.schema([
+    pa.field("input", pa.string(), nullable=False),
+    pa.field("url", pa.string()),
+    pa.field("size", pa.int64()),
+    pa.field("sha256", pa.string()),
+    pa.field("curves", pa.int64()),
+    pa.field("observations", pa.int64()),
+    pa.field("status", pa.string()),
+    pa.field("ingest_id", pa.string()),
+])
+
+#: named quarantine reasons (the ``reason`` column); a row-level reason keeps the rest of its file
+QUARANTINE_REASONS = {
+    "empty": "the file or curve holds no observation",
+    "wrong_column_count": "a row has more or fewer fields than the format (row dropped)",
+    "non_numeric": "a numeric field holds text (row dropped)",
+    "non_utf8": "a row holds bytes that are not UTF-8 (row dropped)",
+    "bad_header": "a header line could not be read (the file name is used instead)",
+    "invalid_object_id": "the object name is empty, too long or holds path separators/control characters",
+    "invalid_band": "the band name is not a plain short token",
+    "truncated_archive": "the archive ends early or is corrupt (whole input quarantined)",
+    "unreadable": "the input could not be opened or decoded",
+    "no_curves": "the input yielded no light curve",
+    "missing_column": "a mapped column is absent from the file",
+    "reader_error": "an unexpected error in the reader (type and message in detail)",
+}
+
+
+def quality_flags(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray,
+                  offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sort every curve by time and compute its quality flags, vectorised over a whole shard.
+
+    ``mjd``, ``mag``, ``err`` are the concatenated observations of all curves; curve ``i`` is
+    ``[offsets[i], offsets[i+1])``. Returns sorted (mjd, mag, err) and the uint8 flags.
+    """
+    n = len(mjd)
+    lengths = np.diff(offsets)
+    curve = np.repeat(np.arange(len(lengths)), lengths)
+    flags = np.zeros(n, dtype=np.uint8)
+    if n == 0:
+        return mjd, mag, err, flags
+
+    # sort by time inside each curve; only curves that need it pay for the sort
+    step = np.diff(mjd)
+    same_curve = curve[1:] == curve[:-1]
+    backwards = same_curve & (step < 0)
+    if backwards.any():
+        bad_curves = np.unique(curve[1:][backwards])
+        for c in bad_curves:
+            lo, hi = offsets[c], offsets[c + 1]
+            order = np.argsort(mjd[lo:hi], kind="stable")
+            moved = order != np.arange(hi - lo)
+            mjd[lo:hi], mag[lo:hi], err[lo:hi] = mjd[lo:hi][order], mag[lo:hi][order], err[lo:hi][order]
+            flags[lo:hi][moved] |= np.uint8(Quality.UNSORTED_SOURCE)
+        step = np.diff(mjd)
+
+    finite = np.isfinite(mjd) & np.isfinite(mag) & np.isfinite(err)
+    flags[~finite] |= np.uint8(Quality.NONFINITE)
+    with np.errstate(invalid="ignore"):
+        flags[err <= 0] |= np.uint8(Quality.ERR_NONPOSITIVE)
+        flags[err > 1] |= np.uint8(Quality.ERR_ABOVE_ONE)
+    dup = np.zeros(n, dtype=bool)
+    dup[1:] = same_curve & (step == 0)
+    flags[dup] |= np.uint8(Quality.DUPLICATE_TIME)
+
+    # per-curve 1st/99th magnitude percentiles (numpy's linear interpolation) over the clean rows
+    good = flags == 0
+    key_mag = np.where(good, mag, np.inf)
+    order = np.lexsort((key_mag, curve))
+    sorted_mag = key_mag[order]
+    n_good = np.bincount(curve[good], minlength=len(lengths))
+    starts = offsets[:-1]
+    has = n_good > 0
+    lo_q = _segment_percentile(sorted_mag, starts, n_good, 0.01)
+    hi_q = _segment_percentile(sorted_mag, starts, n_good, 0.99)
+    lo_obs = np.repeat(np.where(has, lo_q, -np.inf), lengths)
+    hi_obs = np.repeat(np.where(has, hi_q, np.inf), lengths)
+    outside = good & ((mag < lo_obs) | (mag > hi_obs))
+    flags[outside] |= np.uint8(Quality.MAG_PERCENTILE)
+    return mjd, mag, err, flags
+
+
+def _segment_percentile(sorted_values, starts, counts, q):
+    pos = (np.maximum(counts, 1) - 1) * q
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, np.maximum(counts, 1) - 1)
+    frac = pos - lo
+    n = len(sorted_values)
+    a = sorted_values[np.minimum(starts + lo, n - 1)]
+    b = sorted_values[np.minimum(starts + hi, n - 1)]
+    with np.errstate(invalid="ignore"):
+        return a + (b - a) * frac

@@ -1,0 +1,69 @@
+"""ASAS (Richards et al. 2012 training set): ``asas_training_set.tar.gz`` holding
+``asas_training_set/<id>.dat`` header-less CSV ``t,mag,err`` (t = HJD-2450000, V band), and
+``asas_training_set_classes.dat`` (``filename,class``) beside it: the ``class`` labels.
+"""
+from __future__ import annotations
+
+import csv
+import io
+
+from astromer.surveys.base import (
+    HJD2450000_TO_MJD,
+    Batch,
+    Input,
+    Plan,
+    basename,
+    full_url,
+    is_archive,
+    iter_members,
+    list_files,
+    parse_bodies,
+    read_bytes,
+    relative_key,
+)
+
+LABEL_SET = "class"
+
+
+def parse_classes(text: str) -> dict[str, str]:
+    rows = csv.reader(io.StringIO(text))
+    out = {}
+    for row in rows:
+        if len(row) >= 2 and row[0] != "filename":
+            out[row[0].strip()] = row[1].strip()
+    return out
+
+
+class AsasReader:
+    name = "asas"
+    patterns = ("*.tar", "*.tar.gz", "*.tgz", "*.tar.bz2", "*.tar.xz")
+
+    def plan(self, source: str, options: dict) -> Plan:
+        fs, infos = list_files(source, self.patterns)
+        root = fs._strip_protocol(source)
+        class_files = list_files(source, ("*classes*",))[1]
+        if not class_files and not fs.isdir(root):
+            class_files = list_files(full_url(fs, root.rsplit("/", 1)[0]), ("*classes*",))[1]
+        classes = {}
+        for info in class_files:
+            classes.update(parse_classes(read_bytes(full_url(fs, info["name"])).decode("utf-8", "replace")))
+        inputs = [Input(key=relative_key(root, i["name"]), url=full_url(fs, i["name"]), size=i.get("size") or 0)
+                  for i in infos]
+        return Plan(inputs=inputs, context={"classes": classes}, label_sets=(LABEL_SET,))
+
+    def read(self, item: Input, context: dict) -> Batch:
+        batch = Batch()
+        if is_archive(item.url):
+            members = [(f"{item.key}::{name}", name, data) for name, data in iter_members(item.url)
+                       if basename(name).lower().endswith(".dat")]
+        else:
+            members = [(item.key, item.key, read_bytes(item.url))]
+        classes = context.get("classes", {})
+        arrays = parse_bodies([m[2] for m in members], [m[0] for m in members], 3, delimiter=b",",
+                              quarantine=batch.quarantine)
+        for (source_file, name, _), rows in zip(members, arrays):
+            object_id = basename(name).rsplit(".dat", 1)[0]
+            if batch.add_curve(object_id, "V", rows[:, 0] + HJD2450000_TO_MJD, rows[:, 1], rows[:, 2],
+                               source_file=source_file) and object_id in classes:
+                batch.labels.append((object_id, LABEL_SET, classes[object_id]))
+        return batch

@@ -1,0 +1,347 @@
+"""What every survey reader shares: the unit of work, the accumulator of parsed curves, the fast
+numeric text parser and the conversion to an Arrow table of the ``lightcurves`` schema.
+
+A reader is a small class with two methods:
+
+- ``plan(source, options) -> Plan``: list the inputs (one map task each) and read the small
+  side files that belong to the whole source (OGLE's ``ident.dat``, ASAS's classes, Stripe 82's
+  periods) into ``Plan.context``;
+- ``read(item, context) -> Batch``: parse one input into curves, labels and quarantine rows.
+
+Readers never raise on bad data: a bad row, curve or file becomes a quarantine row with one of the
+named reasons of :data:`astromer.lake.schema.QUARANTINE_REASONS`.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import warnings
+import zlib
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from astromer.lake import schema
+from astromer.lake.paths import is_valid_object_id, validate_band
+
+#: HJD-2450000 (OGLE, ASAS) onto the MJD scale
+HJD2450000_TO_MJD = 49999.5
+
+
+@dataclass
+class Input:
+    """One map task: a file (or archive) of a source, or one partition of the simulator."""
+
+    key: str                  # stable, human-readable, unique within the plan (used in markers)
+    url: str                  # fsspec URL (or a synthetic:// spec)
+    size: int = 0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    inputs: list[Input]
+    context: dict = field(default_factory=dict)   # small side data shared by all map tasks
+    label_sets: tuple[str, ...] = ()
+
+
+@dataclass
+class Batch:
+    """Curves parsed from one input, concatenated (curve ``i`` is ``offsets[i]:offsets[i+1]``)."""
+
+    object_id: list = field(default_factory=list)
+    band: list = field(default_factory=list)
+    ra: list = field(default_factory=list)
+    dec: list = field(default_factory=list)
+    source_file: list = field(default_factory=list)
+    lengths: list = field(default_factory=list)
+    mjd: list = field(default_factory=list)      # list of float64 arrays
+    mag: list = field(default_factory=list)
+    err: list = field(default_factory=list)
+    labels: list = field(default_factory=list)   # (object_id, label_set, label)
+    quarantine: list = field(default_factory=list)  # (input, reason, detail)
+
+    def add_curve(self, object_id, band, mjd, mag, err, *, source_file, ra=None, dec=None) -> bool:
+        """Add one curve after validating its names; returns False (and quarantines) if rejected."""
+        if not is_valid_object_id(object_id):
+            self.quarantine.append((source_file, "invalid_object_id", repr(object_id)[:200]))
+            return False
+        try:
+            validate_band(band)
+        except ValueError:
+            self.quarantine.append((source_file, "invalid_band", repr(band)[:200]))
+            return False
+        if len(mjd) == 0:
+            self.quarantine.append((source_file, "empty", f"{object_id} band {band}: no observation"))
+            return False
+        self.object_id.append(object_id)
+        self.band.append(band)
+        self.ra.append(ra)
+        self.dec.append(dec)
+        self.source_file.append(source_file)
+        self.lengths.append(len(mjd))
+        self.mjd.append(np.asarray(mjd, dtype=np.float64))
+        self.mag.append(np.asarray(mag, dtype=np.float64))
+        self.err.append(np.asarray(err, dtype=np.float64))
+        return True
+
+    def add_block(self, object_ids, bands, lengths, mjd, mag, err, *, source_files, ras=None, decs=None):
+        """Add many already-validated curves whose observations are concatenated (fast path)."""
+        n = len(object_ids)
+        self.object_id.extend(object_ids)
+        self.band.extend(bands)
+        self.ra.extend(ras if ras is not None else [None] * n)
+        self.dec.extend(decs if decs is not None else [None] * n)
+        self.source_file.extend(source_files)
+        self.lengths.extend(lengths)
+        self.mjd.append(np.asarray(mjd, dtype=np.float64))
+        self.mag.append(np.asarray(mag, dtype=np.float64))
+        self.err.append(np.asarray(err, dtype=np.float64))
+
+    @property
+    def n_curves(self) -> int:
+        return len(self.object_id)
+
+    def to_table(self, *, source_sha256: str, ingest_id: str) -> pa.Table:
+        """The shard table (``schema.SHARD``): sorted by time, with quality flags."""
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        mjd, mag, err = _concat(self.mjd), _concat(self.mag), _concat(self.err)
+        mjd, mag, err, flags = schema.quality_flags(mjd, mag, err, offsets)
+        offs = pa.array(offsets.astype(np.int32) if offsets[-1] < 2**31 else offsets)
+
+        def lists(values, typ):
+            arr = pa.array(values, type=typ)
+            cls = pa.ListArray if offs.type == pa.int32() else pa.LargeListArray
+            out = cls.from_arrays(offs, arr)
+            return out if offs.type == pa.int32() else out.cast(pa.list_(typ))
+
+        n = len(lengths)
+        return pa.table({
+            "object_id": pa.array(self.object_id, type=pa.string()),
+            "ra": pa.array(self.ra, type=pa.float64()),
+            "dec": pa.array(self.dec, type=pa.float64()),
+            "mjd": lists(mjd, pa.float64()),
+            "mag": lists(mag.astype(np.float32), pa.float32()),
+            "err": lists(err.astype(np.float32), pa.float32()),
+            "n_obs": pa.array(lengths.astype(np.int32), type=pa.int32()),
+            "quality": lists(flags, pa.uint8()),
+            "source_file": pa.array(self.source_file, type=pa.string()),
+            "source_sha256": pa.array([source_sha256] * n, type=pa.string()),
+            "ingest_id": pa.array([ingest_id] * n, type=pa.string()),
+            "band": pa.array(self.band, type=pa.string()),
+        }, schema=schema.SHARD)
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.float64, copy=False) if parts else np.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# numeric text
+
+
+def split_header(data: bytes, comment: bytes = b"#") -> tuple[list[bytes], bytes]:
+    """Leading comment lines and the body after them."""
+    header = []
+    pos = 0
+    while data.startswith(comment, pos):
+        end = data.find(b"\n", pos)
+        if end < 0:
+            header.append(data[pos:])
+            return header, b""
+        header.append(data[pos:end].rstrip(b"\r"))
+        pos = end + 1
+    return header, data[pos:]
+
+
+def parse_numeric(body: bytes, ncols: int, *, delimiter: bytes | None = None, name: str = "",
+                  quarantine: list | None = None) -> np.ndarray:
+    """Parse a block of numeric rows into a float64 array ``[n, ncols]``.
+
+    The fast path parses the whole buffer at once (numpy's C parser) and checks that every line
+    gave exactly ``ncols`` values. Otherwise the rows are parsed one by one: bad rows are dropped
+    and reported in ``quarantine`` as ``(name, reason, "line N: ...")``, good rows are kept.
+    """
+    text = body if delimiter in (None, b" ") else body.replace(delimiter, b" ")
+    n_lines = text.count(b"\n") + (1 if text and not text.endswith(b"\n") else 0)
+    if n_lines and b"\n\n" not in text and b"#" not in text and not text.startswith(b"\n"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                values = np.fromstring(text, dtype=np.float64, sep=" ")
+            if values.size == n_lines * ncols:
+                # a line with one value too many and another one short would still add up:
+                # count fields per line cheaply through the separators
+                if _fields_per_line_ok(text, n_lines, ncols):
+                    return values.reshape(n_lines, ncols)
+        except (ValueError, DeprecationWarning):
+            pass
+    return _parse_rows(body, ncols, delimiter, name, quarantine)
+
+
+def _fields_per_line_ok(text: bytes, n_lines: int, ncols: int) -> bool:
+    if b"  " in text or b"\t" in text or b"\r" in text or text.startswith(b" ") or b"\n " in text \
+            or b" \n" in text:
+        return False  # irregular whitespace: let the row parser decide
+    return text.count(b" ") == n_lines * (ncols - 1)
+
+
+def _parse_rows(body: bytes, ncols: int, delimiter: bytes | None, name: str, quarantine: list | None):
+    rows = []
+    problems: dict[str, list[str]] = {}
+    for number, raw in enumerate(body.split(b"\n"), start=1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.setdefault("non_utf8", []).append(f"line {number}: {raw[:60]!r}")
+            continue
+        fields = line.split(delimiter) if delimiter not in (None, b" ") else line.split()
+        if len(fields) != ncols:
+            problems.setdefault("wrong_column_count", []).append(
+                f"line {number}: {len(fields)} fields, expected {ncols}: {raw[:60]!r}")
+            continue
+        try:
+            rows.append([float(f) for f in fields])
+        except ValueError:
+            problems.setdefault("non_numeric", []).append(f"line {number}: {raw[:60]!r}")
+    if quarantine is not None:
+        for reason, lines in problems.items():
+            shown = "; ".join(lines[:5]) + (f"; ... {len(lines) - 5} more" if len(lines) > 5 else "")
+            quarantine.append((name, reason, f"{len(lines)} row(s) dropped: {shown}"))
+    if not rows:
+        return np.zeros((0, ncols))
+    return np.asarray(rows, dtype=np.float64)
+
+
+def read_csv_columns(data: bytes, column_names: list[str], *, delimiter: str = ",",
+                     header: bool = False, types: dict | None = None) -> pa.Table:
+    """pyarrow's multithreaded CSV parser over a whole buffer (raises on any malformed row)."""
+    read = pacsv.ReadOptions(column_names=None if header else column_names,
+                             autogenerate_column_names=False, use_threads=True,
+                             block_size=1 << 24)
+    parse = pacsv.ParseOptions(delimiter=delimiter)
+    convert = pacsv.ConvertOptions(column_types=types or {})
+    return pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
+
+
+# ---------------------------------------------------------------------------------------------------
+# files and archives
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def is_archive(path: str) -> bool:
+    return path.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+class ArchiveError(Exception):
+    """A truncated or corrupt archive."""
+
+
+def iter_members(url: str, fs=None):
+    """Yield ``(member_name, bytes)`` of the regular files of a tar archive, streaming.
+
+    Raises :class:`ArchiveError` on a truncated or corrupt archive (after the complete members).
+    """
+    opener = fs.open(url, "rb") if fs is not None else fsspec.open(url, "rb").open()
+    with opener as handle:
+        try:
+            with tarfile.open(fileobj=handle, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    extracted = tar.extractfile(member)
+                    data = extracted.read() if extracted is not None else b""
+                    if len(data) != member.size:
+                        raise ArchiveError(f"member {member.name} is truncated")
+                    yield member.name, data
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            raise ArchiveError(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # lzma/bz2 raise their own types on corrupt streams
+            if type(exc).__module__ in ("_lzma", "_bz2", "lzma", "bz2", "gzip", "_compression"):
+                raise ArchiveError(f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+
+def read_bytes(url: str, fs=None) -> bytes:
+    """A whole (possibly compressed: .gz/.bz2/.xz by suffix) file."""
+    if fs is not None:
+        with fs.open(url, "rb", compression="infer") as handle:
+            return handle.read()
+    with fsspec.open(url, "rb", compression="infer") as handle:
+        return handle.read()
+
+
+def basename(path: str) -> str:
+    return os.path.basename(path.rstrip("/"))
+
+
+def list_files(source: str, patterns: tuple[str, ...]) -> tuple[fsspec.AbstractFileSystem, list[dict]]:
+    """Files of a source URL (a file, a folder searched recursively, or a glob) matching patterns."""
+    fs, path = fsspec.core.url_to_fs(source)
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path, detail=True)
+        infos = list(found.values()) if isinstance(found, dict) else [fs.info(p) for p in found]
+    elif fs.isdir(path):
+        infos = [info for info in fs.find(path, detail=True).values()]
+    elif fs.exists(path):
+        infos = [fs.info(path)]
+    else:
+        raise FileNotFoundError(f"source {source!r} does not exist")
+    import fnmatch
+    chosen = [i for i in infos if i.get("type", "file") == "file"
+              and any(fnmatch.fnmatch(basename(i["name"]).lower(), p) for p in patterns)]
+    chosen.sort(key=lambda i: i["name"])
+    return fs, chosen
+
+
+def full_url(fs, path: str) -> str:
+    protos = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "file" in protos:
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def relative_key(root: str, path: str) -> str:
+    root = root.rstrip("/")
+    if path.startswith(root + "/"):
+        return path[len(root) + 1:]
+    return basename(path)
+
+
+def parse_bodies(bodies: list[bytes], names: list[str], ncols: int, *, delimiter: bytes = b" ",
+                 quarantine: list | None = None) -> list[np.ndarray]:
+    """Parse many small numeric text bodies (archive members) as fast as one big file.
+
+    The bodies are joined into one buffer and parsed once by pyarrow's CSV reader; each body's
+    rows are then cut back out by its line count. Any irregularity (a bad row somewhere, empty
+    lines, several spaces) sends every body through :func:`parse_numeric` on its own instead, so
+    one bad member never costs the good ones beside it.
+    """
+    fixed = [b if b.endswith(b"\n") or not b else b + b"\n" for b in bodies]
+    counts = np.fromiter((b.count(b"\n") for b in fixed), dtype=np.int64, count=len(fixed))
+    total = int(counts.sum())
+    if total:
+        buffer = b"".join(fixed)
+        columns = [f"c{i}" for i in range(ncols)]
+        try:
+            table = read_csv_columns(buffer, columns, delimiter=delimiter.decode(),
+                                     types={c: pa.float64() for c in columns})
+            if table.num_rows == total and table.num_columns == ncols:
+                matrix = np.column_stack([table.column(c).to_numpy(zero_copy_only=False)
+                                          for c in columns]).astype(np.float64, copy=False)
+                bounds = np.concatenate([[0], np.cumsum(counts)])
+                return [matrix[bounds[i]:bounds[i + 1]] for i in range(len(fixed))]
+        except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError):
+            pass
+    return [parse_numeric(b, ncols, delimiter=delimiter, name=n, quarantine=quarantine)
+            for b, n in zip(bodies, names)]

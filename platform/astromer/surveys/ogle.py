@@ -1,0 +1,79 @@
+"""OGLE-IV (OCVS): ``phot_I.tar.gz`` holding ``I/<ID>.dat`` files of whitespace-separated
+``HJD-2450000 mag err`` rows, and ``ident.dat`` (id, pulsation mode(s), RA, Dec, field ids) beside it.
+
+The band is the folder name inside the archive (``I`` or ``V``). RA/Dec and the ``mode`` label come
+from ``ident.dat``; an object missing from it keeps null coordinates and no label.
+"""
+from __future__ import annotations
+
+from astromer.surveys.base import (
+    HJD2450000_TO_MJD,
+    Batch,
+    Input,
+    Plan,
+    basename,
+    full_url,
+    is_archive,
+    iter_members,
+    list_files,
+    parse_bodies,
+    read_bytes,
+    relative_key,
+)
+
+LABEL_SET = "mode"
+
+
+def parse_ident(text: str) -> dict[str, tuple[str, float, float]]:
+    """``ident.dat`` -> {id: (mode, ra_deg, dec_deg)}."""
+    out = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        try:
+            h, m, s = (float(x) for x in fields[2].split(":"))
+            sign = -1.0 if fields[3].startswith("-") else 1.0
+            d, am, asec = (float(x) for x in fields[3].lstrip("+-").split(":"))
+        except ValueError:
+            continue
+        out[fields[0]] = (fields[1], 15.0 * (h + m / 60 + s / 3600), sign * (d + am / 60 + asec / 3600))
+    return out
+
+
+class OgleReader:
+    name = "ogle"
+    patterns = ("*.tar", "*.tar.gz", "*.tgz", "*.tar.bz2", "*.tar.xz", "ogle-*.dat", "ogle-*.dat.gz")
+
+    def plan(self, source: str, options: dict) -> Plan:
+        fs, infos = list_files(source, self.patterns)
+        root = fs._strip_protocol(source)
+        ident_files = list_files(source, ("ident.dat",))[1]
+        if not ident_files and not fs.isdir(root):   # a single archive: look beside it
+            ident_files = list_files(full_url(fs, root.rsplit("/", 1)[0]), ("ident.dat",))[1]
+        ident = {}
+        for info in ident_files:
+            ident.update(parse_ident(read_bytes(full_url(fs, info["name"])).decode("utf-8", "replace")))
+        inputs = [Input(key=relative_key(root, i["name"]), url=full_url(fs, i["name"]), size=i.get("size") or 0)
+                  for i in infos]
+        return Plan(inputs=inputs, context={"ident": ident}, label_sets=(LABEL_SET,))
+
+    def read(self, item: Input, context: dict) -> Batch:
+        batch = Batch()
+        if is_archive(item.url):
+            members = [(f"{item.key}::{name}", name, data) for name, data in iter_members(item.url)
+                       if basename(name).lower().endswith(".dat")]
+        else:
+            members = [(item.key, item.key, read_bytes(item.url))]
+        ident = context.get("ident", {})
+        arrays = parse_bodies([m[2] for m in members], [m[0] for m in members], 3, delimiter=b" ",
+                              quarantine=batch.quarantine)
+        for (source_file, name, _), rows in zip(members, arrays):
+            object_id = basename(name).split(".dat")[0]
+            parts = name.replace("\\", "/").split("/")
+            band = parts[-2] if len(parts) >= 2 and parts[-2] in ("I", "V") else "I"
+            mode, ra, dec = ident.get(object_id, (None, None, None))
+            if batch.add_curve(object_id, band, rows[:, 0] + HJD2450000_TO_MJD, rows[:, 1], rows[:, 2],
+                               source_file=source_file, ra=ra, dec=dec) and mode:
+                batch.labels.append((object_id, LABEL_SET, mode))
+        return batch

@@ -1,0 +1,166 @@
+"""The four real survey samples ingest with their exact counts, and DuckDB returns them from the lake."""
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from astromer.ingest import dask_client, run_ingest
+from astromer.lake import LakePaths, Quality, connect
+from conftest import shared_path
+
+SOURCES = {
+    "macho": ("data", "macho_sample"),
+    "ogle": ("data", "ogle4_lmc_cepheids"),
+    "asas": ("data", "asas_richards2012"),
+    "sdss-stripe82": ("data", "sdss_stripe82_rrlyrae"),
+}
+
+
+@pytest.fixture(scope="module")
+def client():
+    with dask_client(workers=1, threads_per_worker=2, processes=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory, client):
+    """All four samples in one lake (OGLE's 2.58 million observations are ingested once here)."""
+    root = tmp_path_factory.mktemp("lake") / "lake"
+    results = {}
+    for survey, parts in SOURCES.items():
+        source = shared_path(*parts)
+        results[survey] = run_ingest(survey, str(source), str(root), client=client, progress=False)
+    return root, results
+
+
+def test_results_report_exact_counts(lake):
+    _, results = lake
+    assert (results["macho"].curves, results["macho"].observations) == (19, 15_118)
+    assert (results["ogle"].curves, results["ogle"].observations) == (4_647, 2_579_048)
+    assert (results["asas"].curves, results["asas"].observations, results["asas"].labels) == (810, 490_855, 810)
+    assert (results["sdss-stripe82"].curves, results["sdss-stripe82"].observations) == (483 * 5, 136_196)
+    assert all(r.exit_code == 0 and not r.quarantine for r in results.values())
+
+
+def test_duckdb_returns_the_counts(lake):
+    root, _ = lake
+    con = connect(str(root))
+    counts = dict((s, (c, o)) for s, c, o in con.execute(
+        "SELECT survey, count(*), sum(n_obs) FROM lightcurves GROUP BY survey").fetchall())
+    assert counts == {"macho": (19, 15_118), "ogle": (4_647, 2_579_048), "asas": (810, 490_855),
+                      "sdss-stripe82": (2_415, 136_196)}
+    # n_obs agrees with the lists, and every curve is in time order
+    bad = con.execute("SELECT count(*) FROM lightcurves WHERE len(mjd) <> n_obs OR len(mag) <> n_obs "
+                      "OR len(err) <> n_obs OR len(quality) <> n_obs OR mjd <> list_sort(mjd)").fetchone()[0]
+    assert bad == 0
+    bands = con.execute("SELECT band, count(DISTINCT object_id) FROM lightcurves "
+                        "WHERE survey = 'sdss-stripe82' GROUP BY band ORDER BY band").fetchall()
+    assert bands == [(b, 483) for b in "giruz"]
+    macho = con.execute("SELECT band, count(*) FROM lightcurves WHERE survey = 'macho' "
+                        "GROUP BY band ORDER BY band").fetchall()
+    assert macho == [("B", 9), ("R", 10)]
+    # lc_1.4418.1930 has R only
+    assert con.execute("SELECT list(band) FROM lightcurves WHERE object_id = '1.4418.1930'").fetchone()[0] == ["R"]
+
+
+def test_macho_errors_above_one_are_flagged_not_dropped(lake):
+    root, _ = lake
+    con = connect(str(root))
+    above, flagged = con.execute(
+        "SELECT count(*) FILTER (WHERE e > 1), count(*) FILTER (WHERE q & 4 <> 0) FROM ("
+        "SELECT unnest(err) AS e, unnest(quality) AS q FROM lightcurves WHERE survey = 'macho')").fetchone()
+    assert above == flagged == 73
+    assert int(Quality.ERR_ABOVE_ONE) == 4
+    # RA hours in the header become degrees; magnitudes are MACHO's negative instrumental ones
+    ra, dec, mag0 = con.execute("SELECT ra, dec, mag[1] FROM lightcurves WHERE object_id = '1.3444.614' "
+                                "AND band = 'B'").fetchone()
+    assert ra == pytest.approx(5.02878 * 15) and dec == pytest.approx(-69.171) and mag0 < 0
+
+
+def test_labels_and_coordinates(lake):
+    root, _ = lake
+    con = connect(str(root))
+    modes = dict(con.execute("SELECT label, count(*) FROM labels WHERE survey = 'ogle' AND label_set = 'mode' "
+                             "GROUP BY label").fetchall())
+    # ident.dat lists 4,704 stars (F 2,476, 1O 1,775); 4,647 of them have I-band photometry
+    ident = {line.split()[0]: line.split()[1] for line in
+             shared_path("data", "ogle4_lmc_cepheids", "ident.dat").read_text().splitlines() if line.strip()}
+    with tarfile.open(shared_path("data", "ogle4_lmc_cepheids", "phot_I.tar.gz")) as tar:
+        ids = [Path(m.name).stem for m in tar.getmembers() if m.isfile()]
+    assert modes == dict(Counter(ident[i] for i in ids)) and sum(modes.values()) == 4647
+    assert modes["F"] == 2429 and modes["1O"] == 1766
+    types = dict(con.execute("SELECT label, count(*) FROM labels WHERE survey = 'sdss-stripe82' "
+                             "GROUP BY label").fetchall())
+    assert types == {"ab": 379, "c": 104}
+    asas = dict(con.execute("SELECT label, count(*) FROM labels WHERE survey = 'asas' GROUP BY label").fetchall())
+    assert asas["Mira"] == 91 and asas["Classical_Cepheid"] == 89 and len(asas) == 28
+    # OGLE-LMC-CEP-0001 04:30:57.72 -69:03:37.4 ; first epoch 5262.50650 (HJD-2450000) -> 55262.0065
+    ra, dec, t0 = con.execute("SELECT ra, dec, mjd[1] FROM lightcurves WHERE object_id = 'OGLE-LMC-CEP-0001'").fetchone()
+    assert ra == pytest.approx(15 * (4 + 30 / 60 + 57.72 / 3600))
+    assert dec == pytest.approx(-(69 + 3 / 60 + 37.4 / 3600))
+    assert t0 == pytest.approx(5262.50650 + 49999.5)
+    # a class's curves joined with their labels
+    n = con.execute("SELECT count(*) FROM lightcurves l JOIN labels b USING (survey, object_id) "
+                    "WHERE b.label = 'c' AND l.band = 'r'").fetchone()[0]
+    assert n == 104
+
+
+def test_files_are_plain_hive_partitioned_zstd_parquet(lake):
+    root, _ = lake
+    paths = LakePaths(str(root))
+    files = sorted(Path(paths.lightcurves()).rglob("*"))
+    parquet = [f for f in files if f.is_file()]
+    assert parquet and all(f.name.startswith("part-") and f.suffix == ".parquet" for f in parquet)
+    meta = pq.ParquetFile(parquet[0]).metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    names = pq.read_schema(parquet[0]).names
+    assert names[:4] == ["object_id", "ra", "dec", "mjd"] and "survey" not in names and "band" not in names
+    manifest = pq.read_table(Path(paths.ingest("ogle")) / "manifest.parquet").to_pylist()
+    sha = hashlib.sha256(Path(shared_path("data", "ogle4_lmc_cepheids", "phot_I.tar.gz")).read_bytes()).hexdigest()
+    assert manifest[0]["sha256"] == sha and manifest[0]["curves"] == 4647
+
+
+def test_rerun_changes_nothing(lake, client):
+    root, results = lake
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(root).rglob("*.parquet")}
+    again = run_ingest("macho", str(shared_path("data", "macho_sample")), str(root), client=client, progress=False)
+    assert again.status == "unchanged" and again.ingest_id == results["macho"].ingest_id
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(root).rglob("*.parquet")}
+    assert after == before
+
+
+def test_same_inputs_give_identical_files_in_a_fresh_lake(lake, client, tmp_path):
+    root, _ = lake
+    fresh = tmp_path / "fresh"
+    run_ingest("sdss-stripe82", str(shared_path(*SOURCES["sdss-stripe82"])), str(fresh), client=client,
+               progress=False)
+    rel = "lightcurves/survey=sdss-stripe82"
+    a = {p.relative_to(root): p.read_bytes() for p in (Path(root) / rel).rglob("*.parquet")}
+    b = {p.relative_to(fresh): p.read_bytes() for p in (fresh / rel).rglob("*.parquet")}
+    assert a == b and len(a) == 5
+
+
+def test_query_command_prints_a_table(lake, capsys):
+    from astromer.cli import main
+
+    root, _ = lake
+    rc = main(["lake", "query", "--lake", str(root),
+               "SELECT survey, count(*) AS curves FROM lightcurves GROUP BY survey ORDER BY survey"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "ogle          | 4647" in out and "(4 rows)" in out
+    assert main(["lake", "query", "--lake", str(root), "SELEC nonsense"]) == 2
+
+
+def test_one_light_curve_unnested(lake):
+    root, _ = lake
+    con = connect(str(root))
+    rows = con.execute("SELECT unnest(mjd) AS mjd, unnest(mag) AS mag, unnest(err) AS err FROM lightcurves "
+                       "WHERE survey = 'macho' AND object_id = '2.4907.2086' AND band = 'R'").fetchall()
+    times = np.array([r[0] for r in rows])
+    assert len(rows) == 45 and np.all(np.diff(times) > 0)   # the file has 45 rows after 3 header lines
