@@ -1,0 +1,221 @@
+"""What pretrain.py and finetune.py share: flags generated from TrainConfig, Ray start-up, the MLflow run
+that a re-run with the same run name continues, the TorchTrainer, and registering the final model."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+from astromer import registry, settings
+from astromer.train import TrainConfig, worker_loop
+
+log = logging.getLogger("astromer.jobs")
+
+# flag aliases that read better on a command line
+ALIASES = {"surveys": ["--survey"], "bands": ["--band"], "labels": ["--label"]}
+
+
+def build_parser(description: str, defaults: dict | None = None) -> argparse.ArgumentParser:
+    """One flag per TrainConfig field (``--max-steps``, ``--surveys ogle asas``, ``--use-gpu/--no-use-gpu``),
+    plus ``--config FILE`` (JSON or YAML) whose values the flags override."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra tag for the MLflow run and the registered version (repeatable)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name == "tags":
+            continue
+        hint = str(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, *ALIASES.get(f.name, [])]
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS}
+        if hint == "<class 'bool'>":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif "list" in hint:
+            parser.add_argument(*names, nargs="+", **kwargs)
+        elif "int" in hint:
+            parser.add_argument(*names, type=int, **kwargs)
+        elif "float" in hint:
+            parser.add_argument(*names, type=float, **kwargs)
+        else:
+            parser.add_argument(*names, **kwargs)
+    if defaults:
+        parser.set_defaults(**defaults)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {k: v for k, v in vars(args).items() if k not in ("config", "tag")}
+    base = {}
+    if args.config:
+        from astromer.train import read_settings_file
+
+        base = read_settings_file(args.config)
+    config = TrainConfig.from_dict({**base, **values})
+    for item in args.tag:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--tag {item!r}: expected KEY=VALUE")
+        config.tags[key] = value
+    return config
+
+
+def complete(config: TrainConfig, prefix: str = "pretrain") -> TrainConfig:
+    """Fill the settings that depend on the environment: lake, corpus, run name, storage, tracking, the
+    schedule length (from the lake's Parquet metadata: no data is read)."""
+    config.lake = config.lake or settings.default_lake()
+    if not config.corpus:
+        config.corpus = Path(str(config.lake).rstrip("/")).name or "lake"
+        if config.surveys:
+            config.corpus = "-".join(sorted(config.surveys))
+    config.run_name = config.run_name or f"{prefix}-{config.corpus}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config.storage_path = config.storage_path or str(settings.ray_results_dir())
+    config.tracking_uri = config.tracking_uri or settings.tracking_uri()
+    if config.total_steps is None:
+        n_train = count_curves(config) * (1 - config.val_fraction - config.test_fraction)
+        per_epoch = max(1, int(n_train // (config.batch_size * config.num_workers)))
+        config.total_steps = min(config.max_steps or 10**12, per_epoch * config.epochs)
+    return config
+
+
+def count_curves(config: TrainConfig) -> int:
+    """Number of light curves in the selection, from Parquet footers."""
+    import pyarrow.parquet as pq
+    from astromer.data import partition_paths
+    from astromer.lake.paths import LakePaths
+
+    paths = LakePaths(str(config.lake))
+    total = 0
+    for folder in partition_paths(str(config.lake), config.surveys, config.bands):
+        for name in paths.fs.find(folder):
+            if name.endswith(".parquet"):
+                with paths.fs.open(name, "rb") as fh:
+                    total += pq.ParquetFile(fh).metadata.num_rows
+    return total
+
+
+def init_ray(config: TrainConfig) -> None:
+    """Connect to $RAY_ADDRESS (set by ``ray job submit``) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def start_mlflow_run(config: TrainConfig, params: dict | None = None) -> str:
+    """Create the MLflow run, or find the one of the same name (a resumed job continues its run)."""
+    from mlflow.tracking import MlflowClient
+
+    registry.setup_tracking(config.tracking_uri)
+    client = MlflowClient()
+    run_id = registry.find_run(config.experiment, config.run_name)
+    flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in (params or config.to_dict()).items()
+            if k not in ("mlflow_run_id", "tracking_uri", "pid_dir")}
+    if run_id is None:
+        run = client.create_run(registry.experiment_id(config.experiment), run_name=config.run_name,
+                                tags={**{f"astromer.{k}": str(v) for k, v in config.tags.items()},
+                                      "astromer.corpus": str(config.corpus)})
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for lo in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[lo:lo + 100])
+    else:
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "astromer.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        log.warning("continuing MLflow run %s (%s)", config.run_name, run_id)
+    return run_id
+
+
+def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict:
+    """Train with Ray (TorchTrainer over the lake's datasets), then log and register the final model from the
+    driver. Returns a summary dict (also printed as JSON by the jobs)."""
+    import ray.train
+    from astromer.data import make_datasets
+    from mlflow.tracking import MlflowClient
+    from ray.train.torch import TorchTrainer
+
+    init_ray(config)
+    config.mlflow_run_id = start_mlflow_run(config)
+    datasets = make_datasets(config.data_spec())
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=config.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                               resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=config.run_name, storage_path=config.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    client = MlflowClient()
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        client.set_tag(config.mlflow_run_id, "astromer.error", _root_message(exc)[:5000])
+        client.set_terminated(config.mlflow_run_id, status="FAILED")
+        raise
+    summary = finish_run(config, result, register_tags or {})
+    client.set_terminated(config.mlflow_run_id, status="FINISHED")
+    return summary
+
+
+def _root_message(exc: BaseException) -> str:
+    """The innermost error message (Ray wraps worker errors several times)."""
+    seen = exc
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    return f"{type(seen).__name__}: {seen}" if seen is not exc else f"{type(exc).__name__}: {exc}"
+
+
+def finish_run(config: TrainConfig, result, register_tags: dict) -> dict:
+    """Log the final checkpoint's model into the run and register it (candidate; production if better)."""
+    import mlflow
+
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    name = config.register_as or registry.pretrained_name(str(config.corpus))
+    tags = {"run_name": config.run_name, "corpus": config.corpus, "preset": config.preset,
+            "surveys": ",".join(config.surveys or []) or "all", "bands": ",".join(config.bands or []) or "all",
+            "step": int(metrics.get("step", 0)), **config.tags, **register_tags}
+    with result.checkpoint.as_directory() as folder:
+        with mlflow.start_run(run_id=config.mlflow_run_id):
+            version = registry.register_model_dir(
+                folder, name, tags=tags,
+                metrics={"val_rmse": metrics["val_rmse"]} if "val_rmse" in metrics else None)
+    summary = {"run_name": config.run_name, "mlflow_run_id": config.mlflow_run_id, "registered": name,
+               "version": version, "production": registry.production_version(name),
+               "checkpoint": result.checkpoint.path, **metrics}
+    return summary
+
+
+def main(description: str, prefix: str, defaults: dict | None = None, prepare=None, argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser(description, defaults).parse_args(argv)
+    config = config_from_args(args)
+    register_tags = {}
+    if prepare is not None:
+        register_tags = prepare(config) or {}
+    complete(config, prefix)
+    log.info("settings: %s", json.dumps(config.to_dict(), sort_keys=True))
+    try:
+        summary = run_training(config, register_tags)
+    except Exception as exc:   # one readable line at the end of a long Ray traceback
+        print(f"error: {_root_message(exc)}", file=sys.stderr)
+        raise
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

@@ -1,0 +1,292 @@
+"""Ray Data pipelines for pretraining: lake ``lightcurves`` -> cleaned curves -> windows -> masked batches.
+
+Stages, each a ``map_batches`` over Arrow/numpy batches, so the data set streams and is never held whole:
+
+    read     ray.data.read_parquet over the survey/band partition folders of the lake
+    split    train / val / test by a hash of (survey, band, object_id): deterministic and disjoint
+    clean    the paper's cleaning (astromer.lake.cleaning.clean_curve) as a reader-side filter
+    window   train: a fresh random window per curve per pass, fresh probe selection (new entropy each pass)
+             val/test: a window and selection seeded by the curve's hash, identical on every pass
+    batch    columns times, mags_in, target, errs (float32 [L]); padding, hidden, probed (bool [L])
+
+Workers pull their share through ``ray.train.get_dataset_shard(...).iter_torch_batches``.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from astromer.config import MaskConfig
+from astromer.windows import probe, random_window
+
+READ_COLUMNS = ["object_id", "mjd", "mag", "err", "quality"]
+BATCH_COLUMNS = ("times", "mags_in", "target", "errs", "padding", "hidden", "probed")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DataSpec:
+    """What to read and how to cut it (the data part of a TrainConfig)."""
+
+    lake: str
+    surveys: list[str] | None = None      # None = every survey in the lake
+    bands: list[str] | None = None        # None = every band
+    window_length: int = 200
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0                         # seeds the fixed validation/test windows and the split
+    clean: bool = True
+    drop_noisy: bool = True               # the paper's noise criteria (off for catalogued variable stars)
+    min_observations: int = 10            # shorter curves carry too little to reconstruct
+    label_set: str | None = None          # finetuning: keep only curves with a label in this set
+    labels: list[str] | None = None       # ... and (optionally) only these labels
+    data_cpus: float = 0.5                # CPUs reserved per data task (leave room for the trainers)
+
+    def __post_init__(self):
+        if isinstance(self.mask, dict):
+            self.mask = MaskConfig(**self.mask)
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(f"val_fraction={self.val_fraction} and test_fraction={self.test_fraction} must be "
+                             "fractions that leave some training curves")
+
+
+# --------------------------------------------------------------------------- split
+
+def curve_hash(survey: str, band: str, object_id: str, seed: int = 0) -> int:
+    """A stable 64-bit hash of one light curve's identity (independent of Python's hash seed)."""
+    key = f"{seed}\x1f{survey}\x1f{band}\x1f{object_id}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
+def split_of(survey: str, band: str, object_id: str, *, val_fraction: float, test_fraction: float,
+             seed: int = 0) -> str:
+    """'train', 'val' or 'test' for one curve. The split is by *object* (all bands of an object land in the
+    same split), so no object seen in training is ever in the test set."""
+    u = curve_hash(survey, "", object_id, seed) / 2.0**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+# --------------------------------------------------------------------------- read
+
+def partition_paths(lake: str, surveys: list[str] | None = None, bands: list[str] | None = None) -> list[str]:
+    """The existing ``lightcurves/survey=S/band=B`` folders for the selection (names validated)."""
+    from astromer.lake.paths import LakePaths
+
+    paths = LakePaths(lake)
+    root = paths.lightcurves()
+    if not paths.fs.exists(root):
+        raise FileNotFoundError(f"{lake}: no lightcurves table (expected {root})")
+    wanted_surveys = set(surveys) if surveys else None
+    wanted_bands = set(bands) if bands else None
+    out = []
+    for survey_dir in sorted(paths.fs.ls(root, detail=False)):
+        name = survey_dir.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("survey="):
+            continue
+        survey = name.split("=", 1)[1]
+        if wanted_surveys is not None and survey not in wanted_surveys:
+            continue
+        for band_dir in sorted(paths.fs.ls(survey_dir, detail=False)):
+            bname = band_dir.rstrip("/").rsplit("/", 1)[-1]
+            if not bname.startswith("band="):
+                continue
+            if wanted_bands is not None and bname.split("=", 1)[1] not in wanted_bands:
+                continue
+            out.append(paths.url_of(paths.lightcurves(survey, bname.split("=", 1)[1])))
+    if not out:
+        raise FileNotFoundError(f"{lake}: no lightcurves for surveys={surveys} bands={bands} "
+                                f"(found under {root}: {sorted(paths.fs.ls(root, detail=False))})")
+    return out
+
+
+def read_lightcurves(spec: DataSpec):
+    """A lazy Ray Dataset of the selected curves with columns object_id, mjd, mag, err, quality, survey, band."""
+    import ray.data
+
+    from astromer.lake.paths import LakePaths
+
+    base = LakePaths(spec.lake)
+    ds = ray.data.read_parquet(
+        partition_paths(spec.lake, spec.surveys, spec.bands),
+        partitioning=ray.data.datasource.Partitioning("hive", base_dir=base.url_of(base.lightcurves())),
+        num_cpus=spec.data_cpus,
+    ).select_columns(READ_COLUMNS + ["survey", "band"])
+    if spec.label_set:
+        ds = _join_labels(ds, spec)
+    return ds
+
+
+def _join_labels(ds, spec: DataSpec):
+    """Keep curves that have a label in ``spec.label_set`` (and among ``spec.labels`` when given); adds a
+    ``label`` column. The label table is small (one string per object), so it travels with the task."""
+    import pyarrow.parquet as pq
+
+    from astromer.lake.paths import LakePaths
+
+    paths = LakePaths(spec.lake)
+    table = pq.read_table(paths.url_of(paths.labels()), filesystem=None if paths.is_local else paths.fs)
+    frame = table.to_pandas()
+    frame = frame[frame["label_set"] == spec.label_set]
+    if spec.surveys:
+        frame = frame[frame["survey"].isin(spec.surveys)]
+    if spec.labels:
+        frame = frame[frame["label"].isin(spec.labels)]
+    if frame.empty:
+        raise ValueError(f"{spec.lake}: no labels in label set {spec.label_set!r} for surveys={spec.surveys} "
+                         f"labels={spec.labels}")
+    lookup = {(s, o): lab for s, o, lab in zip(frame["survey"], frame["object_id"], frame["label"])}
+
+    def attach(batch: dict) -> dict:
+        labels = np.array([lookup.get((s, o)) for s, o in zip(batch["survey"], batch["object_id"])],
+                          dtype=object)
+        keep = np.array([lab is not None for lab in labels], bool)
+        out = {k: v[keep] for k, v in batch.items()}
+        out["label"] = labels[keep].astype(str)
+        return out
+
+    return ds.map_batches(attach, batch_format="numpy", num_cpus=spec.data_cpus)
+
+
+# --------------------------------------------------------------------------- clean + window
+
+def _clean_rows(batch: dict, spec: DataSpec, rows) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(row, mjd, mag, err) of each usable curve among ``rows`` of a batch, with the paper's cleaning."""
+    if spec.clean:
+        from astromer.lake.cleaning import clean_curve
+    for i in rows:
+        mjd = np.asarray(batch["mjd"][i], np.float64)
+        mag = np.asarray(batch["mag"][i], np.float32)
+        err = np.asarray(batch["err"][i], np.float32)
+        if spec.clean:
+            quality = batch["quality"][i]
+            result = clean_curve(mjd, mag, err, None if quality is None else np.asarray(quality, np.uint8),
+                                 drop_noisy=spec.drop_noisy)
+            if not result.usable:
+                continue
+            mjd, mag, err = mjd[result.keep], mag[result.keep], err[result.keep]
+        else:
+            ok = np.isfinite(mjd) & np.isfinite(mag) & np.isfinite(err)
+            mjd, mag, err = mjd[ok], mag[ok], err[ok]
+        if len(mjd) < spec.min_observations:
+            continue
+        yield i, mjd, mag, err
+
+
+def make_windows(batch: dict, spec: DataSpec, split: str, fixed: bool) -> dict:
+    """Curves of one split -> one window each with its probe selection.
+
+    ``fixed=False`` (training): new entropy on every call, so every pass over the data (every epoch) draws
+    new windows and new selections. ``fixed=True`` (validation, test): each curve's generator is seeded by
+    its hash, so every pass sees the same windows and selections.
+    """
+    length = spec.window_length
+    rng = np.random.default_rng()
+    in_split = [i for i in range(len(batch["object_id"]))
+                if split_of(batch["survey"][i], batch["band"][i], batch["object_id"][i],
+                            val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,
+                            seed=spec.seed) == split]
+    rows, times, mags, errs, padding, seeds = [], [], [], [], [], []
+    for i, mjd, mag, err in _clean_rows(batch, spec, in_split):
+        if fixed:
+            seed = curve_hash(batch["survey"][i], batch["band"][i], batch["object_id"][i], spec.seed + 1)
+            curve_rng = np.random.default_rng(seed)
+            seeds.append(seed)
+        else:
+            curve_rng = rng
+        w = random_window(mjd, mag, err, length=length, rng=curve_rng)
+        rows.append(i)
+        times.append(w.times[0])
+        mags.append(w.mags[0])
+        errs.append(w.errs[0])
+        padding.append(w.padding[0])
+    n = len(rows)
+    if n == 0:
+        return _empty_batch(length, with_label="label" in batch)
+    times, mags, errs, padding = (np.stack(a) for a in (times, mags, errs, padding))
+    if fixed:
+        # one seeded generator per window keeps each window's selection independent of batch composition
+        parts = [probe(mags[k:k + 1], padding[k:k + 1], rng=np.random.default_rng(seeds[k] ^ 0x5EED),
+                       config=spec.mask) for k in range(n)]
+        mags_in = np.concatenate([p.mags_in for p in parts])
+        hidden = np.concatenate([p.hidden for p in parts])
+        probed = np.concatenate([p.probed for p in parts])
+    else:
+        p = probe(mags, padding, rng=rng, config=spec.mask)
+        mags_in, hidden, probed = p.mags_in, p.hidden, p.probed
+    out = {"times": times, "mags_in": mags_in, "target": mags, "errs": errs, "padding": padding,
+           "hidden": hidden, "probed": probed,
+           "object_id": np.asarray([batch["object_id"][i] for i in rows]).astype(str)}
+    if "label" in batch:
+        out["label"] = np.asarray([batch["label"][i] for i in rows]).astype(str)
+    return out
+
+
+def _empty_batch(length: int, with_label: bool = False) -> dict:
+    f = np.zeros((0, length), np.float32)
+    b = np.zeros((0, length), bool)
+    out = {"times": f, "mags_in": f, "target": f, "errs": f, "padding": b, "hidden": b, "probed": b,
+           "object_id": np.zeros(0, dtype=str)}
+    if with_label:
+        out["label"] = np.zeros(0, dtype=str)
+    return out
+
+
+def window_dataset(spec: DataSpec, split: str, source=None):
+    """Lazy Ray Dataset of masked windows of ``split`` ('train': fresh each pass; 'val'/'test': fixed)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+    source = read_lightcurves(spec) if source is None else source
+    return source.map_batches(make_windows, fn_kwargs={"spec": spec, "split": split, "fixed": split != "train"},
+                              batch_format="numpy", batch_size=256, num_cpus=spec.data_cpus)
+
+
+def make_datasets(spec: DataSpec) -> dict:
+    """{'train', 'val', 'test'} lazy datasets over one read of the lake."""
+    source = read_lightcurves(spec)
+    return {split: window_dataset(spec, split, source) for split in SPLITS}
+
+
+TORCH_COLUMNS = list(BATCH_COLUMNS)
+
+
+def iter_batches(dataset_or_shard, batch_size: int, *, drop_last: bool = False, device="cpu",
+                 prefetch_batches: int = 2):
+    """Torch batches (dict of tensors, the BATCH_COLUMNS) from a Dataset or a worker's DataIterator."""
+    return dataset_or_shard.iter_torch_batches(
+        batch_size=batch_size, drop_last=drop_last, device=device, prefetch_batches=prefetch_batches,
+        collate_fn=_collate)
+
+
+def _collate(batch: dict):
+    import torch
+
+    return {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in TORCH_COLUMNS}
+
+
+def numpy_windows(curves, spec: DataSpec, rng: np.random.Generator) -> dict:
+    """In-process version of the training windows for a small list of curves (mjd, mag, err): what
+    ``fit_windows`` and the benchmark's in-memory ceiling use. No Ray, no cleaning."""
+    length = spec.window_length
+    times, mags, errs, padding = [], [], [], []
+    for curve in curves:
+        mjd, mag = curve[0], curve[1]
+        err = curve[2] if len(curve) > 2 and curve[2] is not None else np.zeros(len(mjd), np.float32)
+        w = random_window(np.asarray(mjd, np.float64), np.asarray(mag, np.float32), np.asarray(err, np.float32),
+                          length=length, rng=rng)
+        times.append(w.times[0])
+        mags.append(w.mags[0])
+        errs.append(w.errs[0])
+        padding.append(w.padding[0])
+    times, mags, errs, padding = (np.stack(a) for a in (times, mags, errs, padding))
+    p = probe(mags, padding, rng=rng, config=spec.mask)
+    return {"times": times, "mags_in": p.mags_in, "target": mags, "errs": errs, "padding": padding,
+            "hidden": p.hidden, "probed": p.probed}

@@ -1,0 +1,672 @@
+"""Masked-reconstruction training: settings, the step, checkpoints, metrics and plots.
+
+Two drivers share these pieces:
+
+* ``worker_loop`` is what every Ray Train worker runs (``jobs/pretrain.py`` and ``jobs/finetune.py`` pass
+  it to ``TorchTrainer``): batches from ``get_dataset_shard``, DDP, checkpoints at a step interval,
+  restart from ``ray.train.get_checkpoint()``, MLflow logging on rank 0.
+* ``fit_windows`` is a plain in-process loop over a small list of curves (per-fold finetuning).
+
+A checkpoint folder holds ``model.safetensors`` + ``config.json`` (astromer.weights), ``trainer_state.pt``
+(optimiser, scheduler and RNG state; read with ``torch.load(weights_only=True)``) and ``state.json``
+(step, epoch, early-stopping state, MLflow run id).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from astromer.config import PRESETS, MaskConfig, ModelConfig
+from astromer.losses import probed_rmse, r2, weighted_rmse
+
+log = logging.getLogger("astromer.train")
+
+STATE_FILE = "state.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: training stops, naming the step and batch; no checkpoint is written."""
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass
+class TrainConfig:
+    """Every setting of a pretraining or finetuning run (flags and --config files map onto these names)."""
+
+    # data
+    lake: str | None = None                 # default: astromer.settings.default_lake()
+    surveys: list[str] | None = None
+    bands: list[str] | None = None
+    corpus: str | None = None               # registered as astromer2-<corpus>; default: the lake folder name
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    clean: bool = True
+    drop_noisy: bool = True                 # the paper's noise criteria; off for catalogued variable stars
+    min_observations: int = 10
+    label_set: str | None = None            # finetuning: labelled curves only
+    labels: list[str] | None = None
+    # model
+    preset: str = "astromer2"
+    window_length: int | None = None        # default: the preset's
+    dropout: float | None = None            # default: the preset's
+    init_from: str | None = None            # models:/NAME@ALIAS or a model folder (finetuning)
+    # task
+    probed: float = 0.5
+    same: float = 0.2
+    random: float = 0.2
+    loss: str = "plain"                     # "plain" | "weighted" (uncertainty-weighted RMSE)
+    # optimisation
+    optimizer: str = "adam"                 # "adam" | "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"                # "cosine" (linear warm-up, cosine decay) | "constant" (warm-up only)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float | None = 1.0
+    batch_size: int = 64                    # per worker
+    epochs: int = 10
+    max_steps: int | None = None
+    total_steps: int | None = None          # schedule length; filled in by the job from the lake size
+    patience: int = 5                       # evaluations without improvement before stopping
+    val_every: int | None = None            # evaluate every N steps (default: at each epoch end)
+    # execution
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    data_cpus: float = 0.5
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    # tracking
+    run_name: str | None = None
+    storage_path: str | None = None         # default: ASTROMER_HOME/ray_results
+    experiment: str = "astromer-pretrain"
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None        # set by the job (resume finds the run by run_name)
+    register_as: str | None = None          # default: astromer2-<corpus>
+    tags: dict[str, str] = field(default_factory=dict)
+    pid_dir: str | None = None              # workers write rank<N>.pid here (operations and fault tests)
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset {self.preset!r}: expected one of {sorted(PRESETS)}")
+        checks = {"loss": ("plain", "weighted"), "optimizer": ("adam", "adamw"),
+                  "schedule": ("cosine", "constant")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+        for name in ("batch_size", "epochs", "checkpoint_every", "num_workers", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr}: expected a positive learning rate")
+        MaskConfig(self.probed, self.same, self.random)   # validates the fractions
+
+    # ---- derived ----
+    @property
+    def mask(self) -> MaskConfig:
+        return MaskConfig(self.probed, self.same, self.random)
+
+    def model_config(self) -> ModelConfig:
+        base = PRESETS[self.preset]().to_dict()
+        if self.window_length is not None:
+            base["window_length"] = int(self.window_length)
+        if self.dropout is not None:
+            base["dropout"] = float(self.dropout)
+        return ModelConfig.from_dict(base)
+
+    def data_spec(self):
+        from astromer.data import DataSpec
+
+        return DataSpec(lake=str(self.lake), surveys=self.surveys, bands=self.bands,
+                        window_length=self._window_length(), mask=self.mask, val_fraction=self.val_fraction,
+                        test_fraction=self.test_fraction, seed=self.seed, clean=self.clean,
+                        drop_noisy=self.drop_noisy,
+                        min_observations=self.min_observations, label_set=self.label_set,
+                        labels=self.labels, data_cpus=self.data_cpus)
+
+    def _window_length(self) -> int:
+        if self.init_from:
+            return int(self.window_length or _init_config(self.init_from).window_length)
+        return self.model_config().window_length
+
+    # ---- round-trip ----
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        """Settings from a JSON or YAML file, then ``overrides`` (flags given on the command line)."""
+        return cls.from_dict({**read_settings_file(path), **overrides})
+
+
+def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of setting names to values")
+    return data
+
+
+def _init_config(init_from: str) -> ModelConfig:
+    from astromer.registry import resolve_model_dir
+
+    return ModelConfig.from_json(resolve_model_dir(init_from) / "config.json")
+
+
+# --------------------------------------------------------------------------- model, optimiser, schedule
+
+def build_model(config: TrainConfig):
+    """A fresh model of the preset, or the model at ``config.init_from`` (registry URI or folder)."""
+    from astromer.model import Astromer
+
+    if config.init_from:
+        from astromer.registry import resolve_model_dir
+        from astromer.weights import load_model_dir
+
+        model = load_model_dir(resolve_model_dir(config.init_from))
+        if config.dropout is not None:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = float(config.dropout)
+        return model
+    return Astromer(config.model_config())
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig):
+    """(optimiser, LambdaLR scheduler): linear warm-up, then cosine decay to ``min_lr_ratio`` over
+    ``total_steps`` (or constant)."""
+    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    total = config.total_steps or config.max_steps
+    warmup = max(0, int(config.warmup_steps))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant" or not total or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- the step
+
+def compute_loss(pred, batch: dict, config: TrainConfig):
+    if config.loss == "weighted":
+        return weighted_rmse(pred, batch["target"], batch["probed"], batch["errs"])
+    return probed_rmse(pred, batch["target"], batch["probed"])
+
+
+def _all_ranks_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (one tiny all-reduce), so all ranks stop together."""
+    ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            ok = ok.to(loss.device)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
+def train_step(model, batch: dict, optimizer, scheduler, config: TrainConfig, *, step: int, epoch: int = 0,
+               batch_index: int = 0) -> dict[str, float]:
+    """One optimisation step on a masked batch. ``step`` is the number this step will have once done.
+    Raises NonFiniteLossError (before any update) when the loss is NaN or infinite on any rank."""
+    model.train()
+    pred = model(batch["times"], batch["mags_in"], batch["padding"], batch["hidden"])
+    loss = compute_loss(pred, batch, config)
+    if not _all_ranks_finite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at step {step} (epoch {epoch}, batch {batch_index}); "
+            "stopping without writing a checkpoint")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    with torch.no_grad():
+        pred = pred.detach().float()
+        rmse = probed_rmse(pred, batch["target"], batch["probed"])
+        score = r2(pred, batch["target"], batch["probed"])
+    return {"loss": float(loss.item()), "rmse": float(rmse), "r2": float(score),
+            "lr": float(scheduler.get_last_lr()[0])}
+
+
+class ProbedScore:
+    """Accumulates probed RMSE (the loss's order: per-window mean, mean over windows, root), R2 over all
+    probed values, and the predict-the-window-mean baseline over many batches."""
+
+    def __init__(self):
+        self.windows = 0
+        self.sum_window_mse = 0.0
+        self.sum_window_base = 0.0
+        self.ss_res = 0.0
+        self.sum_y = 0.0
+        self.sum_y2 = 0.0
+        self.n = 0
+
+    def add(self, pred: torch.Tensor, batch: dict) -> None:
+        pred = pred.detach().double().cpu()
+        target = batch["target"].double().cpu()
+        probed = batch["probed"].cpu()
+        visible = ~batch["padding"].cpu() & ~probed
+        w = probed.double()
+        counts = w.sum(1)
+        has = counts > 0
+        # baseline: each probed magnitude predicted by the mean of the window's visible (unprobed) magnitudes
+        v = visible.double()
+        mean_visible = (target * v).sum(1) / v.sum(1).clamp_min(1)
+        self.sum_window_mse += float((((pred - target) ** 2 * w).sum(1) / counts.clamp_min(1))[has].sum())
+        self.sum_window_base += float((((mean_visible[:, None] - target) ** 2 * w).sum(1)
+                                       / counts.clamp_min(1))[has].sum())
+        self.windows += int(has.sum())
+        self.ss_res += float(((pred - target) ** 2 * w).sum())
+        self.sum_y += float((target * w).sum())
+        self.sum_y2 += float((target ** 2 * w).sum())
+        self.n += int(w.sum())
+
+    def result(self, prefix: str) -> dict[str, float]:
+        if not self.windows:
+            return {}
+        mean_y = self.sum_y / self.n
+        ss_tot = self.sum_y2 - self.n * mean_y ** 2
+        return {f"{prefix}_rmse": math.sqrt(self.sum_window_mse / self.windows),
+                f"{prefix}_r2": 1.0 - self.ss_res / ss_tot if ss_tot > 0 else float("nan"),
+                f"{prefix}_baseline_rmse": math.sqrt(self.sum_window_base / self.windows),
+                f"{prefix}_windows": float(self.windows)}
+
+
+@torch.no_grad()
+def evaluate(model, batches, prefix: str = "val", max_batches: int | None = None) -> dict[str, float]:
+    """Probed RMSE, R2 and the window-mean baseline of ``model`` over ``batches`` (dicts of tensors)."""
+    model.eval()
+    score = ProbedScore()
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        score.add(model(batch["times"], batch["mags_in"], batch["padding"], batch["hidden"]), batch)
+    return score.result(prefix)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    best_val: float | None = None
+    evals_since_best: int = 0
+    resumed_from: int | None = None
+    mlflow_run_id: str | None = None
+    finished: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, state: TrainState) -> Path:
+    """Write a complete checkpoint into ``folder`` (model as safetensors, the rest as tensors + JSON)."""
+    from astromer.weights import save_model
+
+    folder = Path(folder)
+    save_model(_unwrap(model), folder, metadata={"step": state.step})
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, folder / TRAINER_STATE_FILE)
+    (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    return folder
+
+
+def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=None,
+                    device: torch.device | str = "cpu") -> TrainState:
+    """Restore model (safetensors), optimiser/scheduler/RNG (weights_only) and the train state."""
+    from safetensors.torch import load_file
+
+    from astromer.weights import MODEL_FILE
+
+    folder = Path(folder)
+    _unwrap(model).load_state_dict(load_file(str(folder / MODEL_FILE), device=str(device)))
+    extra = torch.load(folder / TRAINER_STATE_FILE, map_location=device, weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(extra["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"].cpu())
+    return TrainState(**json.loads((folder / STATE_FILE).read_text()))
+
+
+# --------------------------------------------------------------------------- plots
+
+def learning_curve_png(history: dict[str, list[tuple[int, float]]], path: str | os.PathLike,
+                       title: str = "learning curve") -> Path:
+    """Plot metric histories {name: [(step, value), ...]} against step (log y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in sorted(history.items()):
+        if points:
+            steps, values = zip(*sorted(points))
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, ms=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("probed RMSE (mag)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+@torch.no_grad()
+def reconstruction_png(model, batch: dict, path: str | os.PathLike, n: int = 4) -> Path:
+    """A few validation windows: visible observations, probed true values and their reconstruction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    pred = model(batch["times"], batch["mags_in"], batch["padding"], batch["hidden"]).float().cpu().numpy()
+    n = min(n, pred.shape[0])
+    fig, axes = plt.subplots(n, 1, figsize=(8, 2.2 * n), squeeze=False)
+    for k in range(n):
+        ax = axes[k, 0]
+        real = ~batch["padding"][k].cpu().numpy()
+        probed = batch["probed"][k].cpu().numpy() & real
+        t = batch["times"][k].cpu().numpy()
+        y = batch["target"][k].cpu().numpy()
+        ax.scatter(t[real & ~probed], y[real & ~probed], s=6, c="0.6", label="visible")
+        ax.scatter(t[probed], y[probed], s=10, c="tab:blue", label="probed (true)")
+        ax.scatter(t[probed], pred[k][probed], s=10, c="tab:red", marker="x", label="reconstructed")
+        ax.invert_yaxis()
+        ax.set_ylabel("mag - mean")
+        if k == 0:
+            ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("days from window centre")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- MLflow on rank 0
+
+class RunTracker:
+    """MLflow logging from rank 0 (every call is a no-op on other ranks or without a run id)."""
+
+    def __init__(self, config: TrainConfig, rank: int):
+        self.active = rank == 0 and bool(config.mlflow_run_id)
+        self.run_id = config.mlflow_run_id
+        self.client = None
+        if self.active:
+            from mlflow.tracking import MlflowClient
+
+            from astromer.registry import setup_tracking
+
+            setup_tracking(config.tracking_uri)
+            self.client = MlflowClient()
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in values.items()
+                 if v is not None and math.isfinite(float(v))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.active:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def history(self, *names: str) -> dict[str, list[tuple[int, float]]]:
+        if not self.active:
+            return {}
+        return {n: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, n)] for n in names}
+
+
+# --------------------------------------------------------------------------- the Ray Train worker
+
+def worker_loop(config_dict: dict) -> None:
+    """The body of ``train_loop_per_worker``: resume, train with periodic checkpoints and validation,
+    stop early or at ``max_steps``/``epochs``, then evaluate val + test and report the final model."""
+    import ray.train
+    import ray.train.torch
+
+    from astromer.data import iter_batches
+
+    config = TrainConfig.from_dict(config_dict)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.pid_dir:
+        Path(config.pid_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.pid_dir) / f"rank{rank}.pid").write_text(str(os.getpid()))
+    torch.manual_seed(config.seed * 1000 + rank)
+    device = ray.train.torch.get_device()
+
+    model = build_model(config).to(device)
+    if config.compile:
+        model.compile_encoder()
+    optimizer, scheduler = make_optimizer(model, config)
+    state = TrainState(mlflow_run_id=config.mlflow_run_id)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder, model, optimizer, scheduler, device)
+        state.resumed_from = state.step
+        torch.manual_seed(config.seed * 1000 + rank + 7919 * state.step)
+        log.warning("rank %d resumed from checkpoint at step %d (epoch %d)", rank, state.step, state.epoch)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    tracker = RunTracker(config, rank)
+    if state.resumed_from is not None:
+        tracker.metrics({"resumed_from_step": state.resumed_from}, state.step)
+    loop = _Loop(config, ddp_model, model, optimizer, scheduler, state, tracker, rank, world, device)
+    loop.run(ray.train.get_dataset_shard("train"),
+             lambda: iter_batches(ray.train.get_dataset_shard("val"), config.batch_size, device=device))
+    loop.finish(lambda: iter_batches(ray.train.get_dataset_shard("val"), config.batch_size, device=device),
+                lambda: iter_batches(ray.train.get_dataset_shard("test"), config.batch_size, device=device))
+
+
+class _Loop:
+    """The epoch/step bookkeeping of ``worker_loop`` (kept apart so the loop reads top to bottom)."""
+
+    def __init__(self, config, ddp_model, model, optimizer, scheduler, state, tracker, rank, world, device):
+        self.config, self.ddp_model, self.model = config, ddp_model, model
+        self.optimizer, self.scheduler, self.state = optimizer, scheduler, state
+        self.tracker, self.rank, self.world, self.device = tracker, rank, world, device
+        self.max_steps = config.max_steps or 10**12
+
+    def done(self) -> bool:
+        return self.state.step >= self.max_steps or self.state.epoch >= self.config.epochs or self.state.finished
+
+    def run(self, train_shard, val_batches) -> None:
+        from astromer.data import iter_batches
+
+        config, state = self.config, self.state
+        window_t0, window_steps, windows = time.perf_counter(), 0, 0
+        while not self.done():
+            for batch_index, batch in enumerate(iter_batches(train_shard, config.batch_size, drop_last=True,
+                                                             device=self.device)):
+                metrics = train_step(self.ddp_model, batch, self.optimizer, self.scheduler, config,
+                                     step=state.step + 1, epoch=state.epoch, batch_index=batch_index)
+                state.step += 1
+                window_steps += 1
+                windows += batch["times"].shape[0] * self.world
+                if state.step % config.log_every == 0:
+                    elapsed = time.perf_counter() - window_t0
+                    metrics["windows_per_s"] = windows / max(elapsed, 1e-9)
+                    self.tracker.metrics({f"train_{k}": v for k, v in metrics.items()}, state.step)
+                    log.info("step %d epoch %d loss %.4f rmse %.4f r2 %.3f %.0f windows/s", state.step,
+                             state.epoch, metrics["loss"], metrics["rmse"], metrics["r2"], metrics["windows_per_s"])
+                    window_t0, window_steps, windows = time.perf_counter(), 0, 0
+                if config.val_every and state.step % config.val_every == 0:
+                    self.validate(val_batches)
+                if state.step % config.checkpoint_every == 0:
+                    self.report_checkpoint()
+                if self.state.finished or state.step >= self.max_steps:
+                    break
+            else:
+                state.epoch += 1
+                if not config.val_every:
+                    self.validate(val_batches)
+                self.tracker.metrics({"epoch": state.epoch}, state.step)
+
+    def validate(self, val_batches) -> None:
+        """Rank 0 scores the fixed validation windows; every rank learns whether to stop early."""
+        stop = 0.0
+        if self.rank == 0:
+            result = evaluate(self.model, val_batches(), "val")
+            self.tracker.metrics(result, self.state.step)
+            val = result.get("val_rmse")
+            if val is not None:
+                log.info("step %d val_rmse %.4f (baseline %.4f)", self.state.step, val, result["val_baseline_rmse"])
+                if self.state.best_val is None or val < self.state.best_val:
+                    self.state.best_val, self.state.evals_since_best = val, 0
+                else:
+                    self.state.evals_since_best += 1
+                stop = float(self.state.evals_since_best >= self.config.patience)
+        if self.world > 1:
+            flag = torch.tensor([stop], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.broadcast(flag, src=0)
+            stop = float(flag.item())
+        if stop:
+            log.warning("early stopping at step %d: no improvement in %d evaluations", self.state.step,
+                        self.config.patience)
+            self.state.finished = True
+
+    def report_checkpoint(self, metrics: dict[str, float] | None = None) -> None:
+        import ray.train
+
+        metrics = {"step": self.state.step, "epoch": self.state.epoch, **(metrics or {})}
+        if self.rank == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                                 checkpoint_dir_name=f"step-{self.state.step:08d}")
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+    def finish(self, val_batches, test_batches) -> None:
+        """Final scores on the validation and test splits, plots, and the final checkpoint."""
+        results: dict[str, float] = {}
+        if self.rank == 0:
+            results.update(evaluate(self.model, val_batches(), "val"))
+            results.update(evaluate(self.model, test_batches(), "test"))
+            self.tracker.metrics({f"final_{k}": v for k, v in results.items()}, self.state.step)
+            self._plots(val_batches)
+            log.info("finished at step %d: %s", self.state.step, json.dumps(results))
+        self.state.finished = True
+        self.state.metrics = results
+        self.report_checkpoint({k: v for k, v in results.items()})
+
+    def _plots(self, val_batches) -> None:
+        if not self.tracker.active:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            history = self.tracker.history("train_loss", "train_rmse", "val_rmse", "val_baseline_rmse")
+            self.tracker.artifact(learning_curve_png(history, Path(tmp) / "learning_curve.png"), "plots")
+            first = next(iter(val_batches()), None)
+            if first is not None:
+                self.tracker.artifact(reconstruction_png(self.model, first, Path(tmp) / "reconstruction.png"),
+                                      "plots")
+
+
+# --------------------------------------------------------------------------- in-process finetuning
+
+def fit_windows(model, curves, config: TrainConfig | dict | None = None, *, val_curves=None,
+                rng: np.random.Generator | None = None, device: str | torch.device = "cpu") -> dict[str, list]:
+    """Masked-reconstruction training of ``model`` in place on a small list of curves ``(mjd, mag[, err])``
+    (no Ray): each epoch draws a fresh random window and probe per curve. ``config`` fields used: lr,
+    optimizer, weight_decay, batch_size, epochs, max_steps, loss, probed/same/random, warmup_steps,
+    schedule, grad_clip, patience (with ``val_curves``: fixed validation windows). Returns the history
+    {"loss": [...per step], "val_rmse": [...per epoch]}."""
+    from astromer.data import DataSpec, numpy_windows
+
+    if config is None:
+        config = TrainConfig(warmup_steps=0, schedule="constant", lr=1e-4, batch_size=32, epochs=5)
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    curves = list(curves)
+    if not curves:
+        raise ValueError("fit_windows: no curves to train on")
+    rng = rng or np.random.default_rng(config.seed)
+    spec = DataSpec(lake="", window_length=model.config.window_length, mask=config.mask)
+    model.to(device)
+    optimizer, scheduler = make_optimizer(model, config)
+    val_batch = None
+    if val_curves:
+        val_batch = _to_tensors(numpy_windows(list(val_curves), spec, np.random.default_rng(config.seed + 1)),
+                                device)
+    history: dict[str, list] = {"loss": [], "val_rmse": []}
+    best, best_state, waited, step = None, None, 0, 0
+    for epoch in range(config.epochs):
+        order = rng.permutation(len(curves))
+        for batch_index, lo in enumerate(range(0, len(order), config.batch_size)):
+            chosen = [curves[i] for i in order[lo:lo + config.batch_size]]
+            batch = _to_tensors(numpy_windows(chosen, spec, rng), device)
+            step += 1
+            metrics = train_step(model, batch, optimizer, scheduler, config, step=step, epoch=epoch,
+                                 batch_index=batch_index)
+            history["loss"].append(metrics["loss"])
+            if config.max_steps and step >= config.max_steps:
+                break
+        if val_batch is not None:
+            val = evaluate(model, [val_batch], "val")["val_rmse"]
+            history["val_rmse"].append(val)
+            if best is None or val < best:
+                best, waited = val, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                waited += 1
+                if waited >= config.patience:
+                    break
+        if config.max_steps and step >= config.max_steps:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return history
+
+
+def _to_tensors(batch: dict, device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v).to(device) for k, v in batch.items()}

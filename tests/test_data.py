@@ -1,0 +1,148 @@
+"""The Ray Data pretraining pipeline on a small real lake: split, cleaning, windows and probe selection."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from astromer.config import MaskConfig
+from astromer.data import DataSpec, make_datasets, partition_paths, split_of
+from astromer.lake.paths import LakePaths
+from astromer.lake.schema import LABELS, LIGHTCURVES, quality_flags
+from astromer.windows import probe_counts
+
+LENGTH = 64   # the tiny preset's window
+
+
+def write_lake(root: Path, n_curves: int = 120, *, survey: str = "synthetic", band: str = "V", seed: int = 0,
+               n_obs=(40, 160), amplitude=(0.03, 0.12), scale: float = 1.0, labels: bool = False) -> Path:
+    """A lake partition of periodic curves in the lake schema (quality flags computed as the ingest does).
+    ``scale`` multiplies the variability (a huge scale makes the loss overflow: the NaN test)."""
+    rng = np.random.default_rng(seed)
+    rows = {name: [] for name in LIGHTCURVES.names}
+    classes = []
+    for i in range(n_curves):
+        n = int(rng.integers(*n_obs))
+        mjd = np.sort(rng.uniform(50000, 51500, n))
+        period = rng.uniform(0.3, 30)
+        amp = rng.uniform(*amplitude)
+        err = rng.uniform(0.005, 0.03, n)
+        mag = 15 + scale * amp * np.sin(2 * np.pi * mjd / period + rng.uniform(0, 6.3)) + rng.normal(0, err)
+        mjd, mag, err, quality = quality_flags(mjd, mag, err, np.array([0, n]))
+        for name, value in (("object_id", f"SYN-{seed}-{i:05d}"), ("ra", 10.0), ("dec", -5.0), ("mjd", mjd),
+                            ("mag", mag.astype(np.float32)), ("err", err.astype(np.float32)), ("n_obs", n),
+                            ("quality", quality), ("source_file", "memory"), ("source_sha256", "0" * 64),
+                            ("ingest_id", "test")):
+            rows[name].append(value)
+        classes.append("short" if period < 5 else "long")
+    paths = LakePaths(str(root))
+    folder = Path(paths.lightcurves(survey, band))
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows, schema=LIGHTCURVES), folder / f"part-{seed:05d}.parquet", row_group_size=50)
+    if labels:
+        label_dir = Path(paths.labels(survey))
+        label_dir.mkdir(parents=True, exist_ok=True)
+        table = pa.table({"object_id": rows["object_id"], "label_set": ["class"] * n_curves, "label": classes},
+                         schema=LABELS)
+        pq.write_table(table, label_dir / f"part-{seed:05d}.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_lake(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lake")
+    write_lake(root, 150, band="V", seed=0)
+    write_lake(root, 30, band="B", seed=1)
+    return root
+
+
+def test_split_is_deterministic_disjoint_and_by_object():
+    ids = [f"OBJ-{i}" for i in range(4000)]
+    splits = [split_of("s", "V", o, val_fraction=0.1, test_fraction=0.2) for o in ids]
+    assert splits == [split_of("s", "V", o, val_fraction=0.1, test_fraction=0.2) for o in ids]
+    # all bands of an object share a split, so no test object is ever trained on
+    assert splits == [split_of("s", "B", o, val_fraction=0.1, test_fraction=0.2) for o in ids]
+    counts = {s: splits.count(s) / len(ids) for s in ("train", "val", "test")}
+    assert abs(counts["test"] - 0.2) < 0.03 and abs(counts["val"] - 0.1) < 0.03
+    # a different seed gives a different split
+    other = [split_of("s", "V", o, val_fraction=0.1, test_fraction=0.2, seed=1) for o in ids]
+    assert other != splits
+
+
+def test_partition_selection(small_lake):
+    assert [Path(p).name for p in partition_paths(str(small_lake))] == ["band=B", "band=V"]
+    assert [Path(p).name for p in partition_paths(str(small_lake), bands=["V"])] == ["band=V"]
+    with pytest.raises(FileNotFoundError, match="no lightcurves for surveys"):
+        partition_paths(str(small_lake), surveys=["ogle"])
+    with pytest.raises(ValueError, match="invalid survey"):
+        LakePaths(str(small_lake)).lightcurves("../x")
+
+
+def _collect(ds) -> dict[str, np.ndarray]:
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_windows_masks_fresh_per_epoch_and_fixed_validation(ray_local, small_lake):
+    mask = MaskConfig()
+    spec = DataSpec(lake=str(small_lake), bands=["V"], window_length=LENGTH, mask=mask, val_fraction=0.2,
+                    test_fraction=0.2, data_cpus=0.25)
+    datasets = make_datasets(spec)
+    epoch1, epoch2 = _collect(datasets["train"]), _collect(datasets["train"])
+    val1, val2 = _collect(datasets["val"]), _collect(datasets["val"])
+    test = _collect(datasets["test"])
+
+    ids = {name: set(batch["object_id"]) for name, batch in (("train", epoch1), ("val", val1), ("test", test))}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    assert len(ids["train"]) + len(ids["val"]) + len(ids["test"]) == 150 - _rejected(small_lake)
+    assert all(i.startswith("SYN-0-") for s in ids.values() for i in s)        # band V only
+
+    for batch in (epoch1, val1, test):
+        real = ~batch["padding"]
+        n_valid = real.sum(1)
+        assert batch["times"].shape[1] == LENGTH and n_valid.min() >= 10
+        n_probed, n_same, n_random = probe_counts(n_valid, mask)
+        np.testing.assert_array_equal(batch["probed"].sum(1), n_probed)
+        np.testing.assert_array_equal(batch["hidden"].sum(1), n_probed - n_same - n_random)
+        assert not (batch["probed"] & batch["padding"]).any()
+        assert not (batch["hidden"] & ~batch["probed"]).any()
+        # centred windows: mean of real magnitudes and times is 0; padding is 0
+        mean_mag = (batch["target"] * real).sum(1) / n_valid
+        np.testing.assert_allclose(mean_mag, 0, atol=1e-4)
+        assert (batch["target"][batch["padding"]] == 0).all() and (batch["times"][batch["padding"]] == 0).all()
+        # the model sees the true value except on probed observations
+        assert np.array_equal(batch["mags_in"][~batch["probed"]], batch["target"][~batch["probed"]])
+        changed = (batch["mags_in"] != batch["target"]) & batch["probed"] & ~batch["hidden"]
+        assert changed.sum() > 0                                                # some random replacements
+
+    def by_object(batch):
+        return {o: k for k, o in enumerate(batch["object_id"])}
+
+    # training windows and selections are drawn anew on every pass over the data ...
+    i1, i2 = by_object(epoch1), by_object(epoch2)
+    assert set(i1) == set(i2)
+    long_curves = [o for o in i1 if epoch1["padding"][i1[o]].sum() == 0]          # curves longer than a window
+    moved = [o for o in long_curves if not np.array_equal(epoch1["times"][i1[o]], epoch2["times"][i2[o]])]
+    assert len(moved) > 0.8 * len(long_curves)
+    reselected = [o for o in i1 if not np.array_equal(epoch1["probed"][i1[o]], epoch2["probed"][i2[o]])]
+    assert len(reselected) > 0.9 * len(i1)
+    # ... while validation windows and masks are identical on every pass
+    v1, v2 = by_object(val1), by_object(val2)
+    assert set(v1) == set(v2)
+    for o in v1:
+        for column in ("times", "target", "mags_in", "probed", "hidden"):
+            np.testing.assert_array_equal(val1[column][v1[o]], val2[column][v2[o]])
+
+
+def _rejected(root: Path) -> int:
+    """Curves of band V that the cleaning or the minimum length rejects (computed directly)."""
+    from astromer.lake.cleaning import clean_curve
+
+    table = pq.read_table(Path(LakePaths(str(root)).lightcurves("synthetic", "V")))
+    rejected = 0
+    for mjd, mag, err, quality in zip(*(table[c].to_pylist() for c in ("mjd", "mag", "err", "quality"))):
+        result = clean_curve(np.array(mjd), np.array(mag), np.array(err), np.array(quality, np.uint8))
+        rejected += (not result.usable) or result.keep.sum() < 10
+    return rejected
