@@ -64,10 +64,10 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu"):
             raise FileNotFoundError(f"{folder}: missing {name} (a model folder holds {MODEL_FILE} + {CONFIG_FILE})")
     model = Astromer(ModelConfig.from_json(folder / CONFIG_FILE))
     state = load_file(str(folder / MODEL_FILE), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{folder / MODEL_FILE}: does not match its config: missing {missing}, "
-                         f"unexpected {unexpected}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{folder / MODEL_FILE}: does not match {folder / CONFIG_FILE}: {exc}") from None
     model.eval()
     return model.to(device)
 
@@ -424,7 +424,9 @@ def _to_torch(tf_name: str, array: np.ndarray) -> torch.Tensor:
 
 def state_dict_from_tf(tensors: dict[str, np.ndarray], config: ModelConfig, strict: bool = True
                        ) -> dict[str, torch.Tensor]:
-    """Map official tensors onto the state_dict of ``Astromer(config)``; checks every name and shape."""
+    """Map official tensors onto the state_dict of ``Astromer(config)``; checks every name and shape.
+    Every mapped tensor must be present; with ``strict`` no other weight may be left unused (optimizer
+    slots excepted). Astromer 2 classifier checkpoints hold extra head tensors, so import them non-strict."""
     from astromer.model import Astromer
 
     mapping = tf_name_map(config)
@@ -432,9 +434,7 @@ def state_dict_from_tf(tensors: dict[str, np.ndarray], config: ModelConfig, stri
     state = {}
     for tf_name, sd_name in mapping.items():
         if tf_name not in tensors:
-            if strict:
-                raise KeyError(f"checkpoint has no {tf_name} (needed for {sd_name})")
-            continue
+            raise KeyError(f"checkpoint has no {tf_name} (needed for {sd_name} of preset {config.name})")
         tensor = _to_torch(tf_name, tensors[tf_name])
         if tuple(tensor.shape) != tuple(expected[sd_name].shape):
             raise ValueError(f"{tf_name}: shape {tuple(tensors[tf_name].shape)} does not fit {sd_name} "

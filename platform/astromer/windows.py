@@ -42,6 +42,9 @@ class Windows:
         return int(self.times.shape[1])
 
     def take(self, rows) -> Windows:
+        """A subset of the windows (an int, slice, index array or bool mask; always keeps [W, L])."""
+        if isinstance(rows, (int, np.integer)):
+            rows = [rows]
         return Windows(*(getattr(self, name)[rows] for name in _FIELDS))
 
     @staticmethod

@@ -1,0 +1,143 @@
+"""Model folders (safetensors + JSON) and the TensorFlow-free checkpoint reader and import command."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import astromer
+from astromer.cli import main as cli
+from astromer.config import ModelConfig
+from astromer.model import Astromer
+from astromer.weights import (
+    crc32c,
+    import_official,
+    list_tf_checkpoint,
+    load_model_dir,
+    read_tf_checkpoint,
+    save_model,
+)
+from conftest import shared_path
+
+ZIP = ("reference", "astromer1_macho", "macho_a0.zip")
+NPZ = ("reference", "astromer1_macho", "astromer1_macho_weights.npz")
+
+
+@pytest.fixture(scope="module")
+def checkpoint_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    with zipfile.ZipFile(shared_path(*ZIP)) as zf:
+        for name in ("macho/weights.index", "macho/weights.data-00000-of-00001", "macho/checkpoint"):
+            (out / name.split("/")[1]).write_bytes(zf.read(name))
+    return out
+
+
+def reference_tensors():
+    with np.load(shared_path(*NPZ)) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def test_crc32c_known_vectors():
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"") == 0
+
+
+@pytest.mark.parametrize("form", ["folder", "index", "prefix", "zip"])
+def test_reader_accepts_folder_index_prefix_and_zip(checkpoint_folder, form):
+    src = {"folder": checkpoint_folder, "index": checkpoint_folder / "weights.index",
+           "prefix": checkpoint_folder / "weights", "zip": shared_path(*ZIP)}[form]
+    tensors = read_tf_checkpoint(src)
+    ref = reference_tensors()
+    assert sorted(tensors) == sorted(ref)
+    assert all(tensors[k].tobytes() == ref[k].tobytes() for k in ref)
+    listed = list_tf_checkpoint(src)
+    assert listed["_CHECKPOINTABLE_OBJECT_GRAPH"][0] == "string"
+    assert listed["layer_with_weights-1/reg_layer/kernel/.ATTRIBUTES/VARIABLE_VALUE"] == ("float32", (256, 1))
+
+
+def test_corrupt_data_and_index_are_detected(checkpoint_folder, tmp_path):
+    for name in ("weights.index", "weights.data-00000-of-00001"):
+        (tmp_path / name).write_bytes((checkpoint_folder / name).read_bytes())
+    data = bytearray((tmp_path / "weights.data-00000-of-00001").read_bytes())
+    data[1000] ^= 0x01
+    (tmp_path / "weights.data-00000-of-00001").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="crc32c mismatch"):
+        read_tf_checkpoint(tmp_path)
+    index = bytearray((checkpoint_folder / "weights.index").read_bytes())
+    index[100] ^= 0x01
+    (tmp_path / "weights.index").write_bytes(bytes(index))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        list_tf_checkpoint(tmp_path)
+    (tmp_path / "weights.index").write_bytes(bytes(index[:-10]))
+    with pytest.raises(ValueError, match="not a TensorFlow checkpoint index"):
+        list_tf_checkpoint(tmp_path)
+    (tmp_path / "weights.index").write_bytes((checkpoint_folder / "weights.index").read_bytes())
+    (tmp_path / "weights.data-00000-of-00001").unlink()
+    with pytest.raises(FileNotFoundError, match="data shard missing"):
+        read_tf_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        read_tf_checkpoint(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no \\*.index"):
+        read_tf_checkpoint(tmp_path / "empty")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = Astromer(ModelConfig.tiny()).eval()
+    with torch.no_grad():
+        model.encoder.embedding.mask_token.fill_(0.25)
+    save_model(model, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = astromer.load_model(tmp_path / "m")
+    assert loaded.config == model.config and not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    # A folder whose config does not match its tensors is refused, naming the file.
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["d_ff"] = 16
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model.safetensors: does not match"):
+        load_model_dir(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+        astromer.load_model(tmp_path / "m")
+
+
+def test_import_from_npz_equals_import_from_zip(tmp_path):
+    a = import_official(shared_path(*ZIP), tmp_path / "zip")
+    b = import_official(shared_path(*NPZ), tmp_path / "npz")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    # The kernel transpose: torch weight [out, in] = TF kernel [in, out].T
+    ref = reference_tensors()
+    key = "layer_with_weights-0/enc_layers/1/mha/wq/kernel/.ATTRIBUTES/VARIABLE_VALUE"
+    assert np.array_equal(a.encoder.blocks[1].attention.wq.weight.detach().numpy(), ref[key].T)
+    with pytest.raises(ValueError, match="unknown preset"):
+        import_official(shared_path(*NPZ), tmp_path / "x", preset="astromer3")
+    with pytest.raises(KeyError, match="checkpoint has no layer_with_weights-0/kernel"):
+        import_official(shared_path(*NPZ), tmp_path / "x", preset="astromer2")
+    bad = reference_tensors()
+    bad["layer_with_weights-1/reg_layer/kernel/.ATTRIBUTES/VARIABLE_VALUE"] = np.zeros((128, 1), np.float32)
+    np.savez(tmp_path / "bad.npz", **bad)
+    with pytest.raises(ValueError, match="does not fit head.out.weight"):
+        import_official(tmp_path / "bad.npz", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_import_list_and_register(tmp_path, mlflow_sqlite, capsys):
+    out = tmp_path / "macho"
+    assert cli(["weights", "import", str(shared_path(*ZIP)), str(out), "--register", "astromer1-macho"]) == 0
+    printed = capsys.readouterr().out
+    assert "661,505 parameters" in printed and "registered astromer1-macho version 1" in printed
+    model = astromer.load_model("models:/astromer1-macho@candidate")
+    assert model.num_parameters() == 661_505 and model.config.window_rule == "astromer1"
+    assert cli(["weights", "list", str(shared_path("reference", "astromer2_classifier_index", "weights.index")),
+                "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["layer_with_weights-2/gamma/.ATTRIBUTES/VARIABLE_VALUE"]["shape"] == [7]
+    assert cli(["weights", "import", str(tmp_path / "missing.zip"), str(tmp_path / "x")]) == 1
+    assert "missing.zip" in capsys.readouterr().err
