@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from astromer.losses import error_weights, probed_rmse, r2, weighted_rmse
 
 

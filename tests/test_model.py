@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from astromer.config import PRESETS, MaskConfig, ModelConfig, WindowConfig
 from astromer.model import Astromer, SkipClassifier
 from astromer.windows import curves_windows, probe

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import tarfile
 
+import astromer
 import numpy as np
 import pytest
 import torch
-
-import astromer
 from astromer.config import ModelConfig
 from astromer.model import Astromer
 from astromer.weights import import_official, list_tf_checkpoint, read_tf_checkpoint, tf_name_map

@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 import zipfile
 
+import astromer
 import numpy as np
 import pytest
 import torch
-
-import astromer
 from astromer.cli import main as cli
 from astromer.config import ModelConfig
 from astromer.model import Astromer

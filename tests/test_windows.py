@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from astromer.config import MaskConfig
 from astromer.windows import (
     curve_windows,
