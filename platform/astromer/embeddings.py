@@ -1,0 +1,509 @@
+"""Embeddings at survey scale, and similarity search over them with DuckDB.
+
+The embed job is four stages:
+
+* plan: resolve the model (registered name + version, or a folder), list the survey's bands;
+* map: per band, Ray Data reads ``lightcurves/survey=<s>/band=<b>`` and an actor pool of
+  :class:`CurveEmbedder` (one model per actor, CPU or GPU) embeds every window of every curve;
+  the per-curve rows are written as Parquet into a staging folder outside ``embeddings/``;
+* reduce: the staging folder gets the new files plus the kept files of bands not re-embedded;
+* finish: the survey folder ``embeddings/model=<m>/version=<v>/survey=<s>/`` is swapped for the staged one,
+  so a re-run for the same model version replaces rows and never duplicates them, and readers never
+  see a half-written folder.
+
+Rows (one per single-band curve): ``object_id``, ``band``, ``n_obs`` (observations used after cleaning),
+``n_windows``, ``embedding`` (``FLOAT[D]``: the last block's mean over the real observations of all
+windows) and ``layer_means`` (``FLOAT[D][n_layers + 1]``: the input embedding and every block, the
+inputs of the ``skip`` classifier). A curve that cannot be embedded (no usable observation after
+cleaning) gets no row: it is listed with its reason in
+``embeddings/model=<m>/version=<v>/_reports/survey=<s>.json``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+READ_COLUMNS = ["object_id", "mjd", "mag", "err", "quality"]
+
+
+# ----------------------------------------------------------------------------------------------
+# schema and rows
+
+
+def embeddings_schema(d_model: int, n_layers_in: int) -> pa.Schema:
+    """Arrow schema of an embeddings file (fixed-size lists, so DuckDB sees ``FLOAT[D]`` after a cast)."""
+    vector = pa.list_(pa.float32(), d_model)
+    return pa.schema([
+        pa.field("object_id", pa.string(), nullable=False),
+        pa.field("band", pa.string(), nullable=False),
+        pa.field("n_obs", pa.int32(), nullable=False),
+        pa.field("n_windows", pa.int32(), nullable=False),
+        pa.field("embedding", vector),
+        pa.field("layer_means", pa.list_(vector, n_layers_in)),
+    ])
+
+
+def usable_curve(mjd, mag, err, quality=None, clean: bool = True) -> tuple[tuple | None, str | None]:
+    """The observations a model may see: the lake's cleaning as a filter (``clean``), then strictly
+    increasing finite times. Returns ((mjd, mag, err), None) or (None, reason)."""
+    mjd = np.asarray(mjd, np.float64)
+    mag = np.asarray(mag, np.float32)
+    err = np.asarray(err, np.float32) if err is not None else np.zeros_like(mag)
+    if clean and quality is not None:
+        from astromer.lake.cleaning import clean_curve
+
+        # observation-level cleaning only: the curve-level noise criteria are for pretraining corpora,
+        # and every variable star still deserves an embedding
+        keep = clean_curve(mjd, mag, err, quality, drop_noisy=False, min_obs=1).keep.copy()
+    else:
+        keep = np.ones(len(mjd), bool)
+    keep &= np.isfinite(mjd) & np.isfinite(mag)
+    mjd, mag, err = mjd[keep], mag[keep], err[keep]
+    if len(mjd) and (np.diff(mjd) <= 0).any():  # duplicates the cleaning did not flag: keep the first
+        order = np.argsort(mjd, kind="stable")
+        mjd, mag, err = mjd[order], mag[order], err[order]
+        first = np.concatenate([[True], np.diff(mjd) > 0])
+        mjd, mag, err = mjd[first], mag[first], err[first]
+    if len(mjd) == 0:
+        return None, "no usable observation after cleaning"
+    return (mjd, mag, err), None
+
+
+class CurveEmbedder:
+    """Ray Data callable class: loads the model once per actor, embeds a batch of curves.
+
+    Input batch (pyarrow): ``object_id, mjd, mag, err, quality``; output: rows of
+    :func:`embeddings_schema`. Curves that cannot be embedded are written, with their reason, as a small
+    Parquet file under ``skipped_dir`` (the job's staging folder) and get no output row.
+    """
+
+    def __init__(self, model_dir: str, band: str, skipped_dir: str, batch_size: int = 256, clean: bool = True,
+                 device: str | None = None, threads: int | None = None):
+        import torch
+
+        from astromer.weights import load_model_dir
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model_dir(model_dir).to(self.device).eval()
+        self.band, self.batch_size, self.clean = band, batch_size, clean
+        self.skipped_dir = skipped_dir
+        cfg = self.model.config
+        self.schema = embeddings_schema(cfg.d_model, cfg.n_layers + 1)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        table, skipped = embed_table(self.model, batch, self.band, self.schema, self.batch_size, self.clean)
+        if skipped.num_rows:
+            from astromer.lake.paths import LakePaths
+            from astromer.lake.writers import write_parquet
+
+            paths = LakePaths(self.skipped_dir)
+            write_parquet(paths.fs, skipped, paths.join(f"{uuid.uuid4().hex}.parquet"))
+        return table
+
+
+SKIPPED_SCHEMA = pa.schema([pa.field("object_id", pa.string()), pa.field("band", pa.string()),
+                            pa.field("reason", pa.string())])
+
+
+def embed_table(model, batch: pa.Table, band: str, schema: pa.Schema, batch_size: int = 256,
+                clean: bool = True) -> tuple[pa.Table, pa.Table]:
+    """Embed the curves of one Arrow batch (the body of the Ray map stage, usable without Ray).
+
+    Returns the embedded rows and the skipped curves (object_id, band, reason)."""
+    from astromer.windows import window_starts
+
+    cols = {name: batch.column(name).to_pylist() if name == "object_id" else batch.column(name)
+            for name in READ_COLUMNS if name in batch.schema.names}
+    n = batch.num_rows
+    curves, rows, reasons = [], [], [None] * n
+    n_obs = np.zeros(n, np.int32)
+    n_windows = np.zeros(n, np.int32)
+    for i in range(n):
+        quality = cols["quality"][i].values.to_numpy(zero_copy_only=False) if "quality" in cols else None
+        curve, reason = usable_curve(cols["mjd"][i].values.to_numpy(zero_copy_only=False),
+                                     cols["mag"][i].values.to_numpy(zero_copy_only=False),
+                                     cols["err"][i].values.to_numpy(zero_copy_only=False)
+                                     if "err" in cols else None, quality, clean)
+        if curve is None:
+            reasons[i] = reason
+            continue
+        curves.append(curve)
+        rows.append(i)
+        n_obs[i] = len(curve[0])
+        n_windows[i] = len(window_starts(len(curve[0]), model.config.window_length, model.config.window_rule))
+    d, k = model.config.d_model, model.config.n_layers + 1
+    layers = np.zeros((len(rows), k, d), np.float32)
+    if curves:
+        layers = model.embed(curves, batch_size=batch_size, all_layers=True).astype(np.float32)
+    # fixed-size lists without nulls (Parquet readers mishandle null fixed-size lists)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(layers.reshape(-1), pa.float32()), d)
+    layer_means = pa.FixedSizeListArray.from_arrays(vectors, k)
+    last = pa.FixedSizeListArray.from_arrays(pa.array(layers[:, -1].reshape(-1), pa.float32()), d)
+    ids = np.array(cols["object_id"], dtype=object)
+    table = pa.Table.from_arrays([
+        pa.array(ids[rows].tolist() if rows else [], pa.string()), pa.array([band] * len(rows), pa.string()),
+        pa.array(n_obs[rows]), pa.array(n_windows[rows]), last, layer_means,
+    ], schema=schema)
+    bad = [i for i in range(n) if reasons[i] is not None]
+    skipped = pa.Table.from_pylist([{"object_id": ids[i], "band": band, "reason": reasons[i]} for i in bad],
+                                   schema=SKIPPED_SCHEMA)
+    return table, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# the job
+
+
+@dataclass
+class ModelRef:
+    """What the embed job writes under: registered name + version, and the local folder of the files."""
+
+    name: str
+    version: str
+    model_dir: Path
+
+
+def resolve_model(model: str, name: str | None = None) -> ModelRef:
+    """``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` -> the registered name and version; a model folder
+    -> ``name`` (default: the folder's name) and version ``local-<sha256 of the weights, 12 hex>``."""
+    import hashlib
+
+    from astromer.lake.paths import validate_name
+    from astromer.registry import resolve_model_dir, resolve_version
+
+    if str(model).startswith("models:/"):
+        reg_name, version = resolve_version(model)
+        return ModelRef(reg_name, str(version), resolve_model_dir(model))
+    folder = resolve_model_dir(model)
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12]
+    return ModelRef(validate_name(name or folder.resolve().name, "model"), f"local-{digest}", folder)
+
+
+def survey_bands(lake: str, survey: str) -> list[str]:
+    """Bands present under ``lightcurves/survey=<s>/`` (from the partition folder names)."""
+    from astromer.lake.paths import LakePaths, validate_band
+
+    paths = LakePaths(lake)
+    base = paths.lightcurves(survey)
+    if not paths.fs.exists(base):
+        raise FileNotFoundError(f"no light curves for survey {survey!r} in lake {lake} ({base})")
+    bands = []
+    for entry in paths.fs.ls(base, detail=False):
+        leaf = posixpath.basename(entry.rstrip("/"))
+        if leaf.startswith("band="):
+            bands.append(validate_band(leaf[len("band="):]))
+    if not bands:
+        raise FileNotFoundError(f"survey {survey!r} in lake {lake} has no band=<b> partitions under {base}")
+    return sorted(bands)
+
+
+def _parquet_files(fs, folder: str) -> list[str]:
+    if not fs.exists(folder):
+        return []
+    return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
+
+
+def _band_of_file(path: str) -> str | None:
+    # files are named part-<band>-<n>.parquet
+    stem = posixpath.basename(path)[: -len(".parquet")]
+    if not stem.startswith("part-"):
+        return None
+    return stem[len("part-"):].rsplit("-", 1)[0]
+
+
+def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None = None, *,
+                 name: str | None = None, batch_size: int = 256, curves_per_batch: int = 128,
+                 actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
+                 clean: bool = True, detail_objects: Sequence[str] = ()) -> dict:
+    """Embed every curve of ``survey`` (all bands, or ``bands``) into the lake; returns a report dict."""
+    import ray
+
+    from astromer.lake.paths import LakePaths, validate_band, validate_survey
+    from astromer.lake.writers import write_json
+
+    started = time.perf_counter()
+    validate_survey(survey)
+    ref = resolve_model(model, name)
+    paths = LakePaths(lake)
+    fs = paths.fs
+    all_bands = survey_bands(lake, survey)
+    bands = [validate_band(b) for b in (bands or all_bands)]
+    missing = sorted(set(bands) - set(all_bands))
+    if missing:
+        raise FileNotFoundError(f"survey {survey!r} has no band(s) {missing} in lake {lake}; it has {all_bands}")
+    final = paths.embeddings(ref.name, ref.version, survey)
+    staging = paths.join("_embed", f"{ref.name}-{ref.version}-{survey}-{uuid.uuid4().hex[:12]}")
+    new_dir = posixpath.join(staging, "survey")
+    fs.makedirs(new_dir, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
+    report = {"model": ref.name, "version": ref.version, "survey": survey, "bands": {}}
+    try:
+        # map: one Ray Data pipeline per band, so every output file belongs to one band
+        for band in bands:
+            source = paths.url_of(paths.lightcurves(survey, band))
+            out = posixpath.join(staging, f"band={band}")
+            skipped_dir = posixpath.join(staging, f"skipped-{band}")
+            ds = ray.data.read_parquet(source, partitioning=None).select_columns(READ_COLUMNS)
+            ds = ds.map_batches(
+                CurveEmbedder, batch_size=curves_per_batch, batch_format="pyarrow",
+                fn_constructor_kwargs=dict(model_dir=str(ref.model_dir), band=band,
+                                           skipped_dir=paths.url_of(skipped_dir), batch_size=batch_size,
+                                           clean=clean, threads=max(1, int(cpus_per_actor)),
+                                           device="cuda" if gpus_per_actor > 0 else "cpu"),
+                concurrency=actors, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
+            ds.write_parquet(paths.url_of(out), min_rows_per_file=50_000)
+            files = _parquet_files(fs, out)
+            rows = windows = 0
+            for i, src in enumerate(files):
+                with fs.open(src, "rb") as handle:
+                    meta = pq.read_table(handle, columns=["n_windows"])
+                rows += meta.num_rows
+                windows += int(np.asarray(meta.column("n_windows")).sum())
+                fs.mv(src, posixpath.join(new_dir, f"part-{band}-{i:05d}.parquet"))
+            skipped = []
+            for src in _parquet_files(fs, skipped_dir):
+                with fs.open(src, "rb") as handle:
+                    skipped += pq.read_table(handle).to_pylist()
+            report["bands"][band] = {"rows": rows, "windows": windows, "files": len(files),
+                                     "skipped": sorted(skipped, key=lambda r: r["object_id"])}
+            log.info("embedded %s band %s: %d curves (%d skipped), %d windows", survey, band, rows,
+                     len(skipped), windows)
+        # reduce: keep the published files of bands this run did not touch
+        for old in _parquet_files(fs, final):
+            if _band_of_file(old) not in bands:
+                fs.copy(old, posixpath.join(new_dir, posixpath.basename(old)))
+        # finish: swap the survey folder (readers see the old or the new one, never a mixture)
+        fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        trash = posixpath.join(staging, "replaced")
+        if fs.exists(final):
+            fs.mv(final, trash, recursive=True)
+        fs.mv(new_dir, final, recursive=True)
+    finally:
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+    report["rows"] = sum(b["rows"] for b in report["bands"].values())
+    report["windows"] = sum(b["windows"] for b in report["bands"].values())
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    report["path"] = paths.url_of(final)
+    if detail_objects:
+        report["detail"] = write_detail(lake, ref, survey, list(detail_objects), clean=clean)
+    write_json(fs, report, posixpath.join(paths.embeddings(ref.name, ref.version), "_reports",
+                                          f"survey={survey}.json"))
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# per-observation detail (Zarr) for chosen objects
+
+
+def detail_path(lake: str, ref: ModelRef, survey: str) -> str:
+    from astromer.lake.paths import LakePaths
+
+    paths = LakePaths(lake)
+    return posixpath.join(paths.embeddings(ref.name, ref.version), "_detail", f"survey={survey}.zarr")
+
+
+def observation_detail(model, mjd, mag, err) -> dict[str, np.ndarray]:
+    """Per-observation embeddings (last block) and the attention weights of every block for one curve.
+
+    For overlapping windows (Astromer 1's rule) an observation takes its values from the first window
+    that holds it. ``attention``: [n_layers, W, H, L, L] (query, key); ``attention_received``: first
+    block, mean over heads and real queries of the weight each observation receives, [n_obs].
+    """
+    import torch
+
+    from astromer.windows import curve_windows
+
+    cfg = model.config
+    w = curve_windows(mjd, mag, err, length=cfg.window_length, rule=cfg.window_rule)
+    with torch.inference_mode():
+        h, maps = model.encode(torch.from_numpy(w.times), torch.from_numpy(w.mags),
+                               torch.from_numpy(w.padding), return_attention=True)
+    h = h.numpy()                                       # [W, L, D]
+    att = torch.stack(maps, 0).numpy()                  # [n_layers, W, H, L, L]
+    n = len(mjd)
+    emb = np.zeros((n, cfg.d_model), np.float32)
+    received = np.zeros(n, np.float32)
+    filled = np.zeros(n, bool)
+    real = ~w.padding                                   # [W, L]
+    first = att[0].mean(1)                              # [W, L, L] mean over heads
+    for k, start in enumerate(w.start):
+        m = int(w.n_valid[k])
+        idx = np.arange(start, start + m)
+        new = ~filled[idx]
+        emb[idx[new]] = h[k, :m][new]
+        recv = first[k][real[k]][:, :m].mean(0)         # weight received by each real key
+        received[idx[new]] = recv[new]
+        filled[idx] = True
+    return {"mjd": np.asarray(mjd, np.float64), "mag": np.asarray(mag, np.float32), "embedding": emb,
+            "attention": att.astype(np.float16), "attention_received": received,
+            "window_start": w.start.astype(np.int64), "n_valid": w.n_valid.astype(np.int32)}
+
+
+def write_detail(lake: str, ref: ModelRef, survey: str, object_ids: list[str], clean: bool = True) -> dict:
+    """Zarr group ``<object_id>/<band>/{mjd, mag, embedding, attention, ...}`` for the chosen objects,
+    written to a temporary folder and renamed into place."""
+    import pyarrow.dataset as pads
+    import zarr
+
+    from astromer.lake.paths import LakePaths, validate_object_id
+    from astromer.weights import load_model_dir
+
+    for oid in object_ids:
+        validate_object_id(oid)
+    paths = LakePaths(lake)
+    model = load_model_dir(ref.model_dir).eval()
+    dataset = pads.dataset(paths.lightcurves(survey), filesystem=paths.fs, format="parquet", partitioning="hive")
+    table = dataset.to_table(columns=READ_COLUMNS + ["band"], filter=pads.field("object_id").isin(object_ids))
+    if table.num_rows == 0:
+        raise LookupError(f"none of the objects {object_ids} is in survey {survey!r} of lake {lake}")
+    final = detail_path(lake, ref, survey)
+    if not paths.is_local:
+        raise NotImplementedError("per-observation detail is written to local lakes only")
+    tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+    root = zarr.open_group(tmp, mode="w")
+    root.attrs.update({"model": ref.name, "version": ref.version, "survey": survey,
+                       "window_rule": model.config.window_rule, "window_length": model.config.window_length})
+    written = []
+    for row in table.to_pylist():
+        curve, reason = usable_curve(row["mjd"], row["mag"], row["err"], row["quality"], clean)
+        if curve is None:
+            log.warning("detail: %s band %s skipped: %s", row["object_id"], row["band"], reason)
+            continue
+        detail = observation_detail(model, *curve)
+        group = root.require_group(row["object_id"]).require_group(str(row["band"]))
+        for key, value in detail.items():
+            group.create_array(key, data=value, overwrite=True)
+        written.append(f"{row['object_id']}/{row['band']}")
+    if os.path.exists(final):
+        os.rename(final, f"{tmp}.old")
+    os.rename(tmp, final)
+    if os.path.exists(f"{tmp}.old"):
+        import shutil
+
+        shutil.rmtree(f"{tmp}.old")
+    missing = sorted(set(object_ids) - {w.split("/")[0] for w in written})
+    return {"path": final, "curves": written, "missing": missing}
+
+
+# ----------------------------------------------------------------------------------------------
+# similarity search
+
+
+SIMILAR_SQL = """
+WITH query AS (
+    SELECT embedding::FLOAT[{dim}] AS q
+    FROM embeddings
+    WHERE model = $model AND CAST(version AS VARCHAR) = $version AND object_id = $object_id
+      AND embedding IS NOT NULL AND ($band IS NULL OR band = $band)
+    ORDER BY band
+    LIMIT 1
+)
+SELECT e.survey, e.object_id, e.band, array_cosine_similarity(e.embedding::FLOAT[{dim}], query.q) AS similarity
+FROM embeddings AS e, query
+WHERE e.model = $model AND CAST(e.version AS VARCHAR) = $version AND e.object_id <> $object_id
+  AND e.embedding IS NOT NULL
+ORDER BY similarity DESC
+LIMIT $k
+"""
+
+
+#: the README's example: the curves closest to one object (itself first), for a 256-d model;
+#: parameters: model, version, object_id, k
+README_SQL = """
+WITH q AS (
+    SELECT model, version, embedding::FLOAT[256] AS v
+    FROM embeddings
+    WHERE model = ? AND version = ? AND object_id = ? AND embedding IS NOT NULL
+    LIMIT 1
+)
+SELECT e.survey, e.object_id, e.band, array_cosine_similarity(e.embedding::FLOAT[256], q.v) AS similarity
+FROM embeddings AS e JOIN q USING (model, version)
+WHERE e.embedding IS NOT NULL
+ORDER BY similarity DESC
+LIMIT ?
+"""
+
+
+def embeddings_connection(lake: str):
+    """A DuckDB connection with the ``embeddings`` view (the lake's catalog when it provides one)."""
+    try:
+        from astromer.lake import connect
+    except ImportError:
+        connect = None
+    con = None
+    if connect is not None:
+        con = connect(lake)
+        views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+        if "embeddings" in views:
+            return con
+    import duckdb
+
+    from astromer.lake.paths import LakePaths
+
+    paths = LakePaths(lake)
+    base = paths.embeddings()
+    files = paths.fs.glob(posixpath.join(base, "model=*", "version=*", "survey=*", "*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"lake {lake} has no embeddings yet: run jobs/embed.py first")
+    con = con or duckdb.connect()
+    glob = paths.url_of(posixpath.join(base, "model=*", "version=*", "survey=*", "*.parquet"))
+    con.execute("CREATE OR REPLACE TEMP VIEW embeddings AS SELECT * FROM read_parquet(?, hive_partitioning = true,"
+                " hive_types_autocast = false)", [glob])
+    return con
+
+
+def model_versions(con) -> list[tuple[str, str]]:
+    rows = con.execute("SELECT DISTINCT model, CAST(version AS VARCHAR) FROM embeddings ORDER BY 1, 2").fetchall()
+    return [(str(m), str(v)) for m, v in rows]
+
+
+def similar(lake: str, object_id: str, k: int = 10, model: str | None = None, version: str | None = None,
+            band: str | None = None) -> list[dict]:
+    """The ``k`` curves most similar (cosine) to ``object_id``'s embedding, across all surveys embedded by
+    the same model version. Without ``model``/``version`` the only model in the lake (or the newest
+    version of ``model``) is used. Returns dicts: survey, object_id, band, similarity."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    con = embeddings_connection(lake)
+    available = model_versions(con)
+    if model is None:
+        names = sorted({m for m, _ in available})
+        if len(names) != 1:
+            raise ValueError(f"lake {lake} holds embeddings of several models {names}: choose one with model=")
+        model = names[0]
+    versions = [v for m, v in available if m == model]
+    if not versions:
+        raise LookupError(f"no embeddings of model {model!r} in lake {lake}; there are {available}")
+    if version is None:
+        version = max(versions, key=lambda v: (v.isdigit(), int(v) if v.isdigit() else 0, v))
+    elif str(version) not in versions:
+        raise LookupError(f"no embeddings of {model} version {version} in lake {lake}; versions: {versions}")
+    params = {"model": model, "version": str(version), "object_id": object_id, "band": band}
+    dim = con.execute("SELECT len(embedding) FROM embeddings WHERE model = $model AND CAST(version AS VARCHAR)"
+                      " = $version AND embedding IS NOT NULL LIMIT 1",
+                      {"model": model, "version": str(version)}).fetchone()[0]
+    found = con.execute("SELECT count(*) FROM embeddings WHERE model = $model AND CAST(version AS VARCHAR) = "
+                        "$version AND object_id = $object_id AND embedding IS NOT NULL",
+                        {"model": model, "version": str(version), "object_id": object_id}).fetchone()[0]
+    if not found:
+        raise LookupError(f"object {object_id!r} has no embedding from {model} version {version} in lake {lake}")
+    # the dimension is an integer from the data, the only thing formatted into the SQL; values are bound
+    rows = con.execute(SIMILAR_SQL.format(dim=int(dim)), {**params, "k": k}).fetchall()
+    return [{"survey": s, "object_id": o, "band": b, "similarity": float(sim)} for s, o, b, sim in rows]

@@ -1,0 +1,184 @@
+"""The embed job (real Ray Data on a small lake), the Parquet rows it writes, and DuckDB similarity search."""
+from __future__ import annotations
+
+import posixpath
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from astromer import embeddings as emb
+from astromer.config import ModelConfig
+from astromer.lake.paths import LakePaths
+from astromer.lake.schema import LIGHTCURVES, Quality
+from astromer.lake.writers import write_parquet
+from astromer.model import Astromer
+from astromer.weights import save_model
+
+SURVEY = "synthetic"
+
+
+def _curve(rng, n, period, amp, t0=50000.0):
+    t = t0 + np.sort(rng.choice(np.arange(0, 3000, 0.37), size=n, replace=False))
+    m = 15 + amp * np.sin(2 * np.pi * t / period) + rng.normal(0, 0.01, n)
+    return t, m.astype(np.float32), np.full(n, 0.02, np.float32)
+
+
+def _write_lake(root, rng, n_objects=10, bands=("g", "r")):
+    """A lake with one survey in two bands; ``twin-a`` and ``twin-b`` are the same curve up to tiny noise;
+    ``bad-0`` has every observation flagged (it must get a reason, not an embedding)."""
+    paths = LakePaths(str(root))
+    curves = {}
+    for band in bands:
+        rows = []
+        for i in range(n_objects):
+            n = int(rng.integers(30, 150))
+            curves[(f"obj-{i}", band)] = _curve(rng, n, period=rng.uniform(0.3, 50), amp=rng.uniform(0.05, 1))
+        t, m, e = _curve(rng, 90, period=3.3, amp=0.7)
+        curves[("twin-a", band)] = (t, m, e)
+        curves[("twin-b", band)] = (t, m + rng.normal(0, 1e-4, len(m)).astype(np.float32), e)
+        curves[("bad-0", band)] = _curve(rng, 20, 1.0, 0.1)
+        for (oid, b), (t, m, e) in curves.items():
+            if b != band:
+                continue
+            q = np.zeros(len(t), np.uint8)
+            if oid == "bad-0":
+                q[:] = Quality.ERR_ABOVE_ONE
+            rows.append({"object_id": oid, "ra": None, "dec": None, "mjd": t.tolist(), "mag": m.tolist(),
+                         "err": e.tolist(), "n_obs": len(t), "quality": q.tolist(), "source_file": "test",
+                         "source_sha256": "0" * 64, "ingest_id": "test"})
+        table = pa.Table.from_pylist(rows, schema=LIGHTCURVES)
+        # two files per band, so the job reads several blocks
+        half = table.num_rows // 2
+        base = paths.lightcurves(SURVEY, band)
+        write_parquet(paths.fs, table.slice(0, half), posixpath.join(base, paths.part_name(0)))
+        write_parquet(paths.fs, table.slice(half), posixpath.join(base, paths.part_name(1)))
+    return curves
+
+
+@pytest.fixture()
+def small_lake(tmp_path):
+    rng = np.random.default_rng(0)
+    lake = tmp_path / "lake"
+    curves = _write_lake(lake, rng)
+    import torch
+
+    torch.manual_seed(0)
+    model = Astromer(ModelConfig.tiny())
+    model_dir = save_model(model, tmp_path / "tiny-model")
+    return str(lake), str(model_dir), curves, model
+
+
+def _read_survey(lake, ref):
+    folder = LakePaths(lake).embeddings(ref["model"], ref["version"], SURVEY)
+    return pq.read_table(folder), sorted(p.name for p in __import__("pathlib").Path(folder).iterdir())
+
+
+def test_embed_job_writes_rows_replaces_on_rerun_and_writes_detail(ray_local, small_lake):
+    lake, model_dir, curves, model = small_lake
+    report = emb.embed_survey(lake, model_dir, SURVEY, name="tiny", curves_per_batch=5,
+                              detail_objects=["twin-a"])
+    assert len(curves) == 26 and report["rows"] == 24
+    for band in ("g", "r"):
+        (skipped,) = report["bands"][band]["skipped"]
+        assert skipped["object_id"] == "bad-0" and "no usable observation" in skipped["reason"]
+    table, files = _read_survey(lake, report)
+    assert table.num_rows == 24
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    assert table.schema.field("layer_means").type == pa.list_(pa.list_(pa.float32(), 32), 3)
+    assert all(f.startswith("part-g-") or f.startswith("part-r-") for f in files)
+    rows = {(r["object_id"], r["band"]): r for r in table.to_pylist()}
+    assert set(rows) == {key for key in curves if key[0] != "bad-0"}
+    # the stored vectors are the model's own per-curve embedding of the same curve
+    t, m, e = curves[("obj-3", "r")]
+    expected = model.embed([(t, m, e)], all_layers=True)[0]
+    got = rows[("obj-3", "r")]
+    assert got["n_obs"] == len(t) and got["n_windows"] == -(-len(t) // 64)
+    np.testing.assert_allclose(np.array(got["layer_means"]), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.array(got["embedding"]), expected[-1], rtol=1e-4, atol=1e-5)
+
+    # re-running the same model version replaces the rows; re-running one band keeps the other band
+    again = emb.embed_survey(lake, model_dir, SURVEY, name="tiny", curves_per_batch=7)
+    assert again["version"] == report["version"]
+    table2, files2 = _read_survey(lake, again)
+    assert table2.num_rows == 24 and files2 == files
+    only_g = emb.embed_survey(lake, model_dir, SURVEY, bands=["g"], name="tiny")
+    table3, _ = _read_survey(lake, only_g)
+    assert table3.num_rows == 24
+    assert sorted(table3.column("band").to_pylist()) == ["g"] * 12 + ["r"] * 12
+    assert not list(LakePaths(lake).fs.glob(posixpath.join(lake, "_embed", "*")))  # staging cleaned up
+
+    # per-observation detail for the chosen object, in Zarr
+    import zarr
+
+    group = zarr.open_group(report["detail"]["path"], mode="r")
+    n = len(curves[("twin-a", "g")][0])
+    assert group["twin-a/g/embedding"].shape == (n, 32)
+    assert group["twin-a/g/attention"].shape == (2, 2, 2, 64, 64)  # blocks, windows, heads, L, L
+    received = group["twin-a/g/attention_received"][:]
+    assert received.shape == (n,) and np.all(received > 0)
+
+    # and the catalog's view finds the planted twin
+    hits = emb.similar(lake, "twin-a", k=3)
+    assert hits[0]["object_id"] == "twin-b" and hits[0]["similarity"] > 0.999
+    assert all(h["object_id"] != "twin-a" for h in hits)
+
+
+def test_embed_job_rejects_unknown_survey_and_band(small_lake):
+    lake, model_dir, _, _ = small_lake
+    with pytest.raises(FileNotFoundError, match="no light curves for survey 'macho'"):
+        emb.embed_survey(lake, model_dir, "macho")
+    with pytest.raises(FileNotFoundError, match=r"no band\(s\) \['z'\]"):
+        emb.embed_survey(lake, model_dir, SURVEY, bands=["z"])
+
+
+def _write_embeddings(lake, model, version, survey, ids, vectors, band="V"):
+    paths = LakePaths(lake)
+    d = vectors.shape[1]
+    table = pa.table({
+        "object_id": pa.array(ids), "band": pa.array([band] * len(ids)),
+        "n_obs": pa.array(np.full(len(ids), 100, np.int32)), "n_windows": pa.array(np.ones(len(ids), np.int32)),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), d),
+    })
+    write_parquet(paths.fs, table, posixpath.join(paths.embeddings(model, version, survey), "part-V-00000.parquet"))
+
+
+def test_similar_finds_planted_neighbour_and_binds_parameters(tmp_path):
+    lake = str(tmp_path / "lake")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 16)).astype(np.float32)
+    x[123] = 3.0 * x[7] + rng.normal(0, 0.01, 16)  # same direction: cosine ~ 1, far in euclidean terms
+    ids = [f"o{i}" for i in range(500)]
+    _write_embeddings(lake, "m", "1", "asas", ids, x)
+    _write_embeddings(lake, "m", "2", "asas", ids, -x)  # another version must not leak into the answer
+    hits = emb.similar(lake, "o7", k=5, model="m", version="1")
+    assert [h["object_id"] for h in hits][0] == "o123"
+    assert len(hits) == 5 and hits[0]["similarity"] > 0.999
+    sims = [h["similarity"] for h in hits]
+    assert sims == sorted(sims, reverse=True)
+    # brute-force check of the whole top 5
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cos = unit @ unit[7]
+    cos[7] = -np.inf
+    assert [h["object_id"] for h in hits] == [ids[i] for i in np.argsort(-cos)[:5]]
+    # newest version by default; quotes in an object id are data, not SQL
+    assert emb.similar(lake, "o7", k=1, model="m")[0]["object_id"] == "o123"
+    with pytest.raises(LookupError, match="has no embedding"):
+        emb.similar(lake, "o7' OR '1'='1", k=3, model="m", version="1")
+    with pytest.raises(LookupError, match="versions"):
+        emb.similar(lake, "o7", model="m", version="9")
+
+
+def test_readme_sql_example_runs(tmp_path):
+    """The DuckDB query shown in the README, on the lake's catalog."""
+    from astromer.lake import connect
+
+    lake = str(tmp_path / "lake")
+    x = np.eye(256, dtype=np.float32)[:6] + 0.01
+    _write_embeddings(lake, "astromer1-macho", "1", "asas", [f"a{i}" for i in range(6)], x)
+    con = connect(lake)
+    rows = con.execute(emb.README_SQL, ["astromer1-macho", "1", "a2", 3]).fetchall()
+    assert rows[0][1] == "a2" and rows[0][3] == pytest.approx(1.0, abs=1e-6)
+    assert len(rows) == 3
+    assert isinstance(con, duckdb.DuckDBPyConnection)
