@@ -13,13 +13,12 @@ from astromer.surveys.base import (
     Input,
     Plan,
     basename,
-    full_url,
     is_archive,
     iter_members,
     list_files,
     parse_bodies,
     read_bytes,
-    relative_key,
+    sibling_files,
 )
 
 LABEL_SET = "class"
@@ -40,14 +39,11 @@ class AsasReader:
 
     def plan(self, source: str, options: dict) -> Plan:
         fs, infos = list_files(source, self.patterns)
-        root = fs._strip_protocol(source)
-        class_files = list_files(source, ("*classes*",))[1]
-        if not class_files and not fs.isdir(root):
-            class_files = list_files(full_url(fs, root.rsplit("/", 1)[0]), ("*classes*",))[1]
+        class_files = sibling_files(source, ("*classes*",))
         classes = {}
         for info in class_files:
-            classes.update(parse_classes(read_bytes(full_url(fs, info["name"])).decode("utf-8", "replace")))
-        inputs = [Input(key=relative_key(root, i["name"]), url=full_url(fs, i["name"]), size=i.get("size") or 0)
+            classes.update(parse_classes(read_bytes(info["url"]).decode("utf-8", "replace")))
+        inputs = [Input(key=i["key"], url=i["url"], size=i.get("size") or 0)
                   for i in infos]
         return Plan(inputs=inputs, context={"classes": classes}, label_sets=(LABEL_SET,))
 

@@ -239,8 +239,8 @@ def read_csv_columns(data: bytes, column_names: list[str], *, delimiter: str = "
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
-def is_archive(path: str) -> bool:
-    return path.lower().endswith(ARCHIVE_SUFFIXES)
+def is_archive(url: str) -> bool:
+    return url.split("::", 1)[0].lower().endswith(ARCHIVE_SUFFIXES)
 
 
 class ArchiveError(Exception):
@@ -274,10 +274,11 @@ def iter_members(url: str, fs=None):
 
 def read_bytes(url: str, fs=None) -> bytes:
     """A whole (possibly compressed: .gz/.bz2/.xz by suffix) file."""
+    compression = fsspec.utils.infer_compression(url.split("::", 1)[0])
     if fs is not None:
-        with fs.open(url, "rb", compression="infer") as handle:
+        with fs.open(url, "rb", compression=compression) as handle:
             return handle.read()
-    with fsspec.open(url, "rb", compression="infer") as handle:
+    with fsspec.open(url, "rb", compression=compression) as handle:
         return handle.read()
 
 
@@ -286,33 +287,60 @@ def basename(path: str) -> str:
 
 
 def list_files(source: str, patterns: tuple[str, ...]) -> tuple[fsspec.AbstractFileSystem, list[dict]]:
-    """Files of a source URL (a file, a folder searched recursively, or a glob) matching patterns."""
+    """Files of a source URL (a file, a folder searched recursively, or a glob) matching patterns.
+
+    Each info dict gains ``url`` (an fsspec URL that opens the file, chained URLs such as
+    ``tar://*.mjd::s3://bucket/x.tar`` included) and ``key`` (its path relative to the source).
+    """
+    import fnmatch
+
     fs, path = fsspec.core.url_to_fs(source)
+    chain = source.split("::", 1)[1] if "::" in source else None
     if any(ch in path for ch in "*?["):
         found = fs.glob(path, detail=True)
         infos = list(found.values()) if isinstance(found, dict) else [fs.info(p) for p in found]
+        root = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
     elif fs.isdir(path):
-        infos = [info for info in fs.find(path, detail=True).values()]
+        infos = list(fs.find(path, detail=True).values())
+        root = path
     elif fs.exists(path):
         infos = [fs.info(path)]
+        root = path.rsplit("/", 1)[0] if "/" in path else ""
     else:
         raise FileNotFoundError(f"source {source!r} does not exist")
-    import fnmatch
-    chosen = [i for i in infos if i.get("type", "file") == "file"
+    chosen = [dict(i) for i in infos if i.get("type", "file") == "file"
               and any(fnmatch.fnmatch(basename(i["name"]).lower(), p) for p in patterns)]
+    for info in chosen:
+        info["url"] = full_url(fs, info["name"], chain)
+        info["key"] = relative_key(root, info["name"])
     chosen.sort(key=lambda i: i["name"])
     return fs, chosen
 
 
-def full_url(fs, path: str) -> str:
+def sibling_files(source: str, patterns: tuple[str, ...]) -> list[dict]:
+    """Side files (ident.dat, classes, periods) in the source folder, or beside a single-file source."""
+    fs, path = fsspec.core.url_to_fs(source)
+    found = list_files(source, patterns)[1] if fs.isdir(path) or any(c in path for c in "*?[") else []
+    if not found and not fs.isdir(path):
+        parent = path.rsplit("/", 1)[0]
+        chain = source.split("::", 1)[1] if "::" in source else None
+        if parent and parent != path and fs.isdir(parent):
+            found = list_files(full_url(fs, parent, chain), patterns)[1]
+    return found
+
+
+def full_url(fs, path: str, chain: str | None = None) -> str:
     protos = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "file" in protos:
+    if "file" in protos and not chain:
         return path
-    return fs.unstrip_protocol(path)
+    url = fs.unstrip_protocol(path)
+    return f"{url}::{chain}" if chain else url
 
 
 def relative_key(root: str, path: str) -> str:
     root = root.rstrip("/")
+    if not root:
+        return path.lstrip("/")
     if path.startswith(root + "/"):
         return path[len(root) + 1:]
     return basename(path)

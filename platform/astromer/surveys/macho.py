@@ -15,13 +15,11 @@ from astromer.surveys.base import (
     Input,
     Plan,
     basename,
-    full_url,
     is_archive,
     iter_members,
     list_files,
     parse_bodies,
     read_bytes,
-    relative_key,
     split_header,
 )
 
@@ -35,8 +33,7 @@ class MachoReader:
 
     def plan(self, source: str, options: dict) -> Plan:
         fs, infos = list_files(source, self.patterns)
-        root = fs._strip_protocol(source)
-        inputs = [Input(key=relative_key(root, i["name"]), url=full_url(fs, i["name"]), size=i.get("size") or 0)
+        inputs = [Input(key=i["key"], url=i["url"], size=i.get("size") or 0)
                   for i in infos]
         return Plan(inputs=inputs)
 

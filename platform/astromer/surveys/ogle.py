@@ -12,13 +12,12 @@ from astromer.surveys.base import (
     Input,
     Plan,
     basename,
-    full_url,
     is_archive,
     iter_members,
     list_files,
     parse_bodies,
     read_bytes,
-    relative_key,
+    sibling_files,
 )
 
 LABEL_SET = "mode"
@@ -47,14 +46,11 @@ class OgleReader:
 
     def plan(self, source: str, options: dict) -> Plan:
         fs, infos = list_files(source, self.patterns)
-        root = fs._strip_protocol(source)
-        ident_files = list_files(source, ("ident.dat",))[1]
-        if not ident_files and not fs.isdir(root):   # a single archive: look beside it
-            ident_files = list_files(full_url(fs, root.rsplit("/", 1)[0]), ("ident.dat",))[1]
+        ident_files = sibling_files(source, ("ident.dat",))
         ident = {}
         for info in ident_files:
-            ident.update(parse_ident(read_bytes(full_url(fs, info["name"])).decode("utf-8", "replace")))
-        inputs = [Input(key=relative_key(root, i["name"]), url=full_url(fs, i["name"]), size=i.get("size") or 0)
+            ident.update(parse_ident(read_bytes(info["url"]).decode("utf-8", "replace")))
+        inputs = [Input(key=i["key"], url=i["url"], size=i.get("size") or 0)
                   for i in infos]
         return Plan(inputs=inputs, context={"ident": ident}, label_sets=(LABEL_SET,))
 

@@ -15,13 +15,12 @@ from astromer.surveys.base import (
     Input,
     Plan,
     basename,
-    full_url,
     is_archive,
     iter_members,
     list_files,
     read_bytes,
     read_csv_columns,
-    relative_key,
+    sibling_files,
 )
 
 LABEL_SET = "rrlyrae_type"
@@ -39,14 +38,11 @@ class Stripe82Reader:
 
     def plan(self, source: str, options: dict) -> Plan:
         fs, infos = list_files(source, self.patterns)
-        root = fs._strip_protocol(source)
-        period_files = list_files(source, ("periods.csv",))[1]
-        if not period_files and not fs.isdir(root):
-            period_files = list_files(full_url(fs, root.rsplit("/", 1)[0]), ("periods.csv",))[1]
+        period_files = sibling_files(source, ("periods.csv",))
         types = {}
         for info in period_files:
-            types.update(parse_periods(read_bytes(full_url(fs, info["name"])).decode("utf-8", "replace")))
-        inputs = [Input(key=relative_key(root, i["name"]), url=full_url(fs, i["name"]), size=i.get("size") or 0)
+            types.update(parse_periods(read_bytes(info["url"]).decode("utf-8", "replace")))
+        inputs = [Input(key=i["key"], url=i["url"], size=i.get("size") or 0)
                   for i in infos]
         return Plan(inputs=inputs, context={"types": types}, label_sets=(LABEL_SET,))
 
