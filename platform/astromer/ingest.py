@@ -124,7 +124,7 @@ def map_task(reader_name: str, item: Input, index: int, sha256: str, context: di
         batch = Batch(quarantine=[(item.key, "reader_error", f"{type(exc).__name__}: {exc}"[:500])])
     whole_input_bad = any(q[0] == item.key and q[1] in ("truncated_archive", "unreadable", "reader_error")
                           for q in batch.quarantine)
-    if batch.n_curves == 0 and not whole_input_bad:
+    if batch.n_curves == 0 and not whole_input_bad and not batch.quarantine:
         batch.quarantine.append((item.key, "no_curves", "the input yielded no light curve"))
     table = batch.to_table(source_sha256=sha256, ingest_id=ingest_id)
     bands = {}
@@ -200,7 +200,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
         return
     n = workers or max(1, min(2, os.cpu_count() or 1))
     cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=processes,
-                           dashboard_address=None, silence_logs=logging.ERROR)
+                           dashboard_address=":0", silence_logs=logging.ERROR)
     client = Client(cluster)
     try:
         yield client

@@ -161,12 +161,13 @@ def split_header(data: bytes, comment: bytes = b"#") -> tuple[list[bytes], bytes
 
 
 def parse_numeric(body: bytes, ncols: int, *, delimiter: bytes | None = None, name: str = "",
-                  quarantine: list | None = None) -> np.ndarray:
+                  quarantine: list | None = None, first_line: int = 1) -> np.ndarray:
     """Parse a block of numeric rows into a float64 array ``[n, ncols]``.
 
     The fast path parses the whole buffer at once (numpy's C parser) and checks that every line
     gave exactly ``ncols`` values. Otherwise the rows are parsed one by one: bad rows are dropped
-    and reported in ``quarantine`` as ``(name, reason, "line N: ...")``, good rows are kept.
+    and reported in ``quarantine`` as ``(name, reason, "line N: ...")`` (N counts from
+    ``first_line``, the file line of the body's first row), good rows are kept.
     """
     text = body if delimiter in (None, b" ") else body.replace(delimiter, b" ")
     n_lines = text.count(b"\n") + (1 if text and not text.endswith(b"\n") else 0)
@@ -182,20 +183,27 @@ def parse_numeric(body: bytes, ncols: int, *, delimiter: bytes | None = None, na
                     return values.reshape(n_lines, ncols)
         except (ValueError, DeprecationWarning):
             pass
-    return _parse_rows(body, ncols, delimiter, name, quarantine)
+    return _parse_rows(body, ncols, delimiter, name, quarantine, first_line)
 
 
 def _fields_per_line_ok(text: bytes, n_lines: int, ncols: int) -> bool:
     if b"  " in text or b"\t" in text or b"\r" in text or text.startswith(b" ") or b"\n " in text \
             or b" \n" in text:
         return False  # irregular whitespace: let the row parser decide
-    return text.count(b" ") == n_lines * (ncols - 1)
+    raw = np.frombuffer(text, dtype=np.uint8)
+    spaces = np.cumsum(raw == 32)
+    ends = np.flatnonzero(raw == 10)
+    if len(ends) < n_lines:                      # last line without a newline
+        ends = np.append(ends, len(raw) - 1)
+    per_line = np.diff(np.concatenate([[0], spaces[ends]]))
+    return bool(np.all(per_line == ncols - 1))
 
 
-def _parse_rows(body: bytes, ncols: int, delimiter: bytes | None, name: str, quarantine: list | None):
+def _parse_rows(body: bytes, ncols: int, delimiter: bytes | None, name: str, quarantine: list | None,
+                first_line: int = 1):
     rows = []
     problems: dict[str, list[str]] = {}
-    for number, raw in enumerate(body.split(b"\n"), start=1):
+    for number, raw in enumerate(body.split(b"\n"), start=first_line):
         line = raw.strip()
         if not line or line.startswith(b"#"):
             continue
@@ -347,7 +355,7 @@ def relative_key(root: str, path: str) -> str:
 
 
 def parse_bodies(bodies: list[bytes], names: list[str], ncols: int, *, delimiter: bytes = b" ",
-                 quarantine: list | None = None) -> list[np.ndarray]:
+                 quarantine: list | None = None, first_lines: list[int] | None = None) -> list[np.ndarray]:
     """Parse many small numeric text bodies (archive members) as fast as one big file.
 
     The bodies are joined into one buffer and parsed once by pyarrow's CSV reader; each body's
@@ -371,5 +379,6 @@ def parse_bodies(bodies: list[bytes], names: list[str], ncols: int, *, delimiter
                 return [matrix[bounds[i]:bounds[i + 1]] for i in range(len(fixed))]
         except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError):
             pass
-    return [parse_numeric(b, ncols, delimiter=delimiter, name=n, quarantine=quarantine)
-            for b, n in zip(bodies, names)]
+    first_lines = first_lines or [1] * len(bodies)
+    return [parse_numeric(b, ncols, delimiter=delimiter, name=n, quarantine=quarantine, first_line=f)
+            for b, n, f in zip(bodies, names, first_lines)]

@@ -50,14 +50,15 @@ class MachoReader:
 
 def parse_members(members: list[tuple[str, str, bytes]], batch: Batch) -> None:
     """Parse ``(source_file, member_name, bytes)`` MACHO text files into ``batch``."""
-    bodies, names, meta = [], [], []
+    bodies, names, meta, first_lines = [], [], [], []
     for source_file, name, data in members:
         header, body = split_header(data)
         object_id, band, ra, dec = _identify(basename(name), header, source_file, batch)
         bodies.append(body)
+        first_lines.append(len(header) + 1)
         names.append(source_file)
         meta.append((object_id, band, ra, dec))
-    arrays = parse_bodies(bodies, names, 3, delimiter=b" ", quarantine=batch.quarantine)
+    arrays = parse_bodies(bodies, names, 3, delimiter=b" ", quarantine=batch.quarantine, first_lines=first_lines)
     for (object_id, band, ra, dec), rows, source_file in zip(meta, arrays, names):
         batch.add_curve(object_id, band, rows[:, 0], rows[:, 1], rows[:, 2],
                         source_file=source_file, ra=ra, dec=dec)
@@ -78,7 +79,8 @@ def _identify(filename: str, header: list[bytes], source_file: str, batch: Batch
         if not match:
             object_id, band = f"{field_}.{tile}.{seq}", filt
     except (ValueError, UnicodeDecodeError):
-        batch.quarantine.append((source_file, "bad_header", repr(b"\n".join(header)[:200])))
+        if header:
+            batch.quarantine.append((source_file, "bad_header", repr(b"\n".join(header)[:200])))
     return object_id, band, ra, dec
 
 

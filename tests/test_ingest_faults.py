@@ -1,0 +1,193 @@
+"""Faults: malformed inputs are quarantined or flagged by name, a SIGKILLed run resumes to the same lake,
+and no partial Parquet file is ever visible."""
+from __future__ import annotations
+
+import bz2
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from astromer.commands.ingest import main as ingest_main
+from astromer.ingest import dask_client, run_ingest
+from astromer.lake import LakePaths, Quality, connect
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = ("#Field Tile Seq RA(hour) Dec(deg) Filter mean_Mag med_Mag mean_(B-R) med_(B-R)\n"
+          "#1 {tile} 1 5.0 -69.0 {band} -6.0 -6.0 0.1 0.1\n#MJD Mag Err\n")
+
+
+def macho_text(tile: int, band: str, rows: list[str]) -> bytes:
+    return (HEADER.format(tile=tile, band=band) + "".join(r + "\n" for r in rows)).encode()
+
+
+def good_rows(n: int, start: float = 48800.0) -> list[str]:
+    rng = np.random.default_rng(n)
+    return [f"{start + i * 1.1:.6f} {-6 + rng.normal(0, 0.05):.3f} {0.02 + 0.01 * rng.random():.3f}"
+            for i in range(n)]
+
+
+def tar_bytes(members: dict[str, bytes], mode: str = "w:bz2") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client():
+    with dask_client(workers=1, threads_per_worker=2, processes=False) as c:
+        yield c
+
+
+@pytest.fixture()
+def bad_source(tmp_path):
+    """One input per kind of damage, next to good inputs."""
+    src = tmp_path / "raw"
+    src.mkdir()
+    w = lambda name, data: (src / name).write_bytes(data)  # noqa: E731
+    w("lc_1.100.1.tar.bz2", tar_bytes({"lc_1.100.1.B.mjd": macho_text(100, "B", good_rows(50)),
+                                       "lc_1.100.1.R.mjd": macho_text(100, "R", good_rows(60))}))
+    w("lc_1.101.1.R.mjd", macho_text(101, "R", good_rows(30)))
+    w("lc_1.102.1.R.mjd", macho_text(102, "R", good_rows(20) + ["48900.1 -6.1", "48901.1 -6.1 0.02 7"]))
+    w("lc_1.103.1.R.mjd", macho_text(103, "R", good_rows(20) + ["48900.1 abc 0.02", "48901.2 -6.0 n/a"]))
+    w("lc_1.104.1.R.mjd", macho_text(104, "R", good_rows(20) + ["48900.1 nan 0.02", "48901.1 -6.0 inf",
+                                                                  "48902.1 -inf 0.03"]))
+    w("lc_1.105.1.R.mjd", macho_text(105, "R", good_rows(20) + ["48900.1 -6.0 -0.02", "48901.1 -6.0 0"]))
+    w("lc_1.106.1.R.mjd", macho_text(106, "R", ["48810.5 -6.0 0.02", "48800.5 -6.1 0.02", "48805.5 -6.2 0.02",
+                                                 "48805.5 -6.3 0.02"] + good_rows(10, 48900)))
+    w("lc_1.107.1.R.mjd", b"")
+    w("lc_1.108.1.R.mjd", macho_text(108, "R", good_rows(20)) + b"48950.1 -6.0\xff\xfe 0.02\n")
+    whole = tar_bytes({"lc_1.109.1.R.mjd": macho_text(109, "R", good_rows(400))})
+    w("lc_1.109.1.tar.bz2", whole[: len(whole) // 2])
+    w("lc_1.110.1.tar.bz2", tar_bytes({"lc_a\\..\\b.R.mjd": macho_text(110, "R", good_rows(10)),
+                                       "lc_1.111.1.R.mjd": macho_text(111, "R", good_rows(12))}))
+    w("lc_1.112.1.R.mjd.bz2", bz2.compress(macho_text(112, "R", good_rows(15))))
+    return src
+
+
+def test_malformed_inputs_are_quarantined_or_flagged_by_name(bad_source, tmp_path, client):
+    lake = tmp_path / "lake"
+    result = run_ingest("macho", str(bad_source), str(lake), client=client, progress=False)
+    assert result.exit_code == 0
+    report = pq.read_table(Path(LakePaths(str(lake)).ingest("macho")) / "quarantine.parquet").to_pylist()
+    reasons = {(r["input"].split("::")[0], r["reason"]) for r in report}
+    assert ("lc_1.102.1.R.mjd", "wrong_column_count") in reasons
+    assert ("lc_1.103.1.R.mjd", "non_numeric") in reasons
+    assert ("lc_1.107.1.R.mjd", "empty") in reasons
+    assert ("lc_1.108.1.R.mjd", "non_utf8") in reasons
+    assert ("lc_1.109.1.tar.bz2", "truncated_archive") in reasons
+    assert ("lc_1.110.1.tar.bz2", "invalid_object_id") in reasons
+    detail = next(r["detail"] for r in report if r["reason"] == "wrong_column_count")
+    assert "line 24" in detail and "line 25" in detail          # 3 header lines + 20 rows, then the bad two
+
+    con = connect(str(lake))
+    curves = {o: (n, q) for o, n, q in con.execute(
+        "SELECT object_id || '/' || band, n_obs, quality FROM lightcurves").fetchall()}
+    # every good input beside the bad ones is there, with every parseable row
+    assert curves["1.100.1/B"][0] == 50 and curves["1.100.1/R"][0] == 60 and curves["1.101.1/R"][0] == 30
+    assert curves["1.111.1/R"][0] == 12 and curves["1.112.1/R"][0] == 15
+    assert curves["1.102.1/R"][0] == 20 and curves["1.103.1/R"][0] == 20 and curves["1.108.1/R"][0] == 20
+    assert "1.107.1/R" not in curves and "1.109.1/R" not in curves
+    # NaN/inf, negative/zero errors, duplicate and unsorted times are kept and flagged
+    nonfinite = [q for q in curves["1.104.1/R"][1] if q & Quality.NONFINITE]
+    assert curves["1.104.1/R"][0] == 23 and len(nonfinite) == 3
+    errs = [q for q in curves["1.105.1/R"][1] if q & Quality.ERR_NONPOSITIVE]
+    assert curves["1.105.1/R"][0] == 22 and len(errs) == 2
+    q106 = curves["1.106.1/R"][1]
+    assert sum(1 for q in q106 if q & Quality.DUPLICATE_TIME) == 1
+    assert any(q & Quality.UNSORTED_SOURCE for q in q106)
+    mjd = con.execute("SELECT mjd FROM lightcurves WHERE object_id = '1.106.1'").fetchone()[0]
+    assert mjd[:4] == [48800.5, 48805.5, 48805.5, 48810.5]
+    # the summary reports the quarantined inputs with their reasons
+    assert result.quarantined_inputs == 2          # the empty file and the truncated archive
+    assert "quarantine: truncated_archive" in result.summary()
+
+
+def test_a_run_where_every_input_is_bad_exits_nonzero_with_the_report(tmp_path, capsys):
+    src = tmp_path / "bad"
+    src.mkdir()
+    (src / "lc_1.1.1.R.mjd").write_bytes(b"")
+    whole = tar_bytes({"lc_1.2.1.R.mjd": macho_text(2, "R", good_rows(300))})
+    (src / "lc_1.2.1.tar.bz2").write_bytes(whole[:200])
+    lake = tmp_path / "lake"
+    rc = ingest_main(["--survey", "macho", "--source", str(src), "--lake", str(lake), "--in-process",
+                      "--workers", "1", "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 1
+    assert "quarantine: empty" in out.out and "quarantine: truncated_archive" in out.out
+    assert "could be ingested" in out.err
+    report = pq.read_table(Path(LakePaths(str(lake)).ingest("macho")) / "quarantine.parquet")
+    assert sorted(report.column("reason").to_pylist()) == ["empty", "truncated_archive"]
+    assert not (lake / "lightcurves").exists()
+
+
+def test_generic_csv_names_bad_rows_and_objects(tmp_path, client):
+    src = tmp_path / "csv"
+    src.mkdir()
+    (src / "a.csv").write_text("oid,filter,hjd,m,e\nX1,g,3,1.0,0.1\nX1,g,1,1.1,0.1\n../etc,r,1,2,0.1\nX1,r,2,3,0.2\n")
+    (src / "b.csv").write_bytes(b"oid,filter,hjd,m,e\nY,g,1,x,0.1\nY,g,2,1,0.1,9\nY,g,3,1,0.1\nY,g,4,1\xff,0.1\n")
+    (src / "c.csv").write_text("")
+    lake = tmp_path / "lake"
+    result = run_ingest("csv", str(src), str(lake), client=client, progress=False, out_survey="mine",
+                        options={"columns": {"object": "oid", "band": "filter", "time": "hjd", "mag": "m",
+                                             "err": "e"}})
+    assert result.exit_code == 0 and result.curves == 3 and result.observations == 4
+    reasons = sorted((q[0], q[1]) for q in result.quarantine)
+    assert reasons == [("a.csv", "invalid_object_id"), ("b.csv", "non_numeric"), ("b.csv", "non_utf8"),
+                       ("b.csv", "wrong_column_count"), ("c.csv", "empty")]
+    con = connect(str(lake))
+    assert con.execute("SELECT mjd FROM lightcurves WHERE object_id = 'X1' AND band = 'g'").fetchone()[0] == [1.0, 3.0]
+
+
+def _lake_rows(lake: Path) -> list[dict]:
+    dataset = ds.dataset(str(lake / "lightcurves"), format="parquet", partitioning="hive")
+    table = dataset.to_table().sort_by([("band", "ascending"), ("object_id", "ascending")])
+    return table.to_pylist()
+
+
+def test_sigkill_during_map_then_rerun_gives_the_same_lake(tmp_path, client):
+    source = "synthetic://?n=2400&seed=7&per_partition=150"
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    cmd = [sys.executable, str(ROOT / "ingest" / "run.py"), "--survey", "synthetic", "--source", source,
+           "--lake", str(killed), "--in-process", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    markers = []
+    while time.time() < deadline and proc.poll() is None:
+        markers = list(killed.glob("_ingest/runs/*/map/*.json"))
+        if markers:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p: p.stat().st_mtime_ns for p in killed.glob("_ingest/runs/*/map/*.json")}
+    assert 1 <= len(done_before) < 16
+    # nothing half-written is visible: no published table, no partial Parquet anywhere
+    assert not (killed / "lightcurves").exists()
+    assert all(p.suffix != ".parquet" or pq.ParquetFile(p).metadata.num_rows >= 0 for p in killed.rglob("*"))
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    # the finished map tasks of the killed run were not redone
+    assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())
+
+    reference = run_ingest("synthetic", source, str(clean), client=client, progress=False)
+    assert reference.curves == 4800
+    assert _lake_rows(killed) == _lake_rows(clean)
+    a = {p.relative_to(killed): p.read_bytes() for p in (killed / "lightcurves").rglob("*.parquet")}
+    b = {p.relative_to(clean): p.read_bytes() for p in (clean / "lightcurves").rglob("*.parquet")}
+    assert a == b
+    assert not [p for p in killed.rglob("*") if ".tmp-" in p.name]
