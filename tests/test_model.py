@@ -226,3 +226,19 @@ def test_skip_classifier_trains_its_head_over_a_frozen_encoder(tiny):
     assert not torch.allclose(clf.gamma, torch.full((3,), 1 / 3))
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
     assert not tiny.training
+
+
+def test_fused_qkv_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    model = Astromer(ModelConfig.tiny()).eval()
+    times, mags, padding = windows_batch()
+    with torch.inference_mode():
+        first = model.encode(times, mags, padding)
+    with torch.no_grad():
+        model.encoder.blocks[0].attention.wk.weight.mul_(2.0)     # in place, as an optimiser step does
+    with torch.inference_mode():
+        fast = model.encode(times, mags, padding)
+    model.config.attention_impl = "reference"
+    reference = model.encode(times, mags, padding)
+    assert not torch.allclose(first, fast, atol=1e-3)
+    assert torch.allclose(fast, reference, atol=2e-5)

@@ -37,16 +37,18 @@ class PositionalEncoding(nn.Module):
 
     def __init__(self, d_model: int, base: float = 10000.0):
         super().__init__()
+        if d_model % 2:
+            raise ValueError(f"d_model={d_model}: the positional encoding needs an even size")
         j = torch.arange(d_model, dtype=torch.float32)
         omega = 1.0 / torch.pow(torch.tensor(base, dtype=torch.float32), 2.0 * j / d_model)  # [D]
-        self.register_buffer("omega", omega, persistent=False)
+        self.register_buffer("omega_even", omega[0::2].clone(), persistent=False)            # [D/2]
+        self.register_buffer("omega_odd", omega[1::2].clone(), persistent=False)             # [D/2]
 
     def forward(self, times: Tensor) -> Tensor:
-        angle = times.float().unsqueeze(-1) * self.omega      # [B, L, D]
-        pe = torch.empty_like(angle)
-        pe[..., 0::2] = torch.sin(angle[..., 0::2])
-        pe[..., 1::2] = torch.cos(angle[..., 1::2])
-        return pe                                              # [B, L, D]
+        t = times.float().unsqueeze(-1)                        # [B, L, 1]
+        sin = torch.sin(t * self.omega_even)                   # [B, L, D/2] for dims 0, 2, 4, ...
+        cos = torch.cos(t * self.omega_odd)                    # [B, L, D/2] for dims 1, 3, 5, ...
+        return torch.stack((sin, cos), dim=-1).flatten(-2)     # interleave: [B, L, D]
 
 
 class MagnitudeEmbedding(nn.Module):
@@ -76,14 +78,26 @@ class MultiHeadAttention(nn.Module):
         self.wk = nn.Linear(d_model, d_model)
         self.wv = nn.Linear(d_model, d_model)
         self.wo = nn.Linear(d_model, d_model)                  # TF: mha/dense (the "MixerDense")
+        self._qkv_cache: tuple | None = None
 
-    def forward(self, x: Tensor, bias: Tensor, fast: bool = True, need_weights: bool = False
+    def qkv_weights(self) -> tuple[Tensor, Tensor]:
+        """Q, K and V weights stacked for one matmul, [3D, D] and [3D]. Without autograd the stack is
+        cached and rebuilt only when a weight changes (in-place updates bump the tensor version)."""
+        params = (self.wq.weight, self.wk.weight, self.wv.weight, self.wq.bias, self.wk.bias, self.wv.bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return torch.cat(params[:3]), torch.cat(params[3:])
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if self._qkv_cache is None or self._qkv_cache[0] != key:
+            with torch.no_grad():
+                self._qkv_cache = (key, torch.cat(params[:3]), torch.cat(params[3:]))
+        return self._qkv_cache[1], self._qkv_cache[2]
+
+    def forward(self, x: Tensor, bias: Tensor | None, fast: bool = True, need_weights: bool = False
                 ) -> tuple[Tensor, Tensor | None]:
-        b, length, d = x.shape                                 # x [B, L, D]; bias [B, 1, L|1, L]
+        b, length, d = x.shape                                 # x [B, L, D]; bias [B, 1, L|1, L] or None
         if fast:
             # One matmul for Q, K and V (the same weights, concatenated).
-            w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
-            bias_qkv = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias])
+            w, bias_qkv = self.qkv_weights()
             q, k, v = F.linear(x, w, bias_qkv).split(d, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -94,9 +108,12 @@ class MultiHeadAttention(nn.Module):
         q, k, v = heads(q), heads(k), heads(v)
         weights = None
         if fast and not need_weights:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+            mask = None if bias is None else bias.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            logits = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim) + bias   # [B, H, L, L]
+            logits = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)          # [B, H, L, L]
+            if bias is not None:
+                logits = logits + bias
             weights = torch.softmax(logits, dim=-1)
             y = weights @ v                                    # [B, H, L, Dh]
         y = y.transpose(1, 2).reshape(b, length, d)            # merge heads: [B, L, D]
@@ -133,7 +150,7 @@ class EncoderBlock(nn.Module):
         self.leak1 = nn.Linear(d, d) if projection else None   # TF: reshape_leak_1
         self.leak2 = nn.Linear(d, d) if projection else None   # TF: reshape_leak_2
 
-    def forward(self, x: Tensor, bias: Tensor, fast: bool = True, need_weights: bool = False
+    def forward(self, x: Tensor, bias: Tensor | None, fast: bool = True, need_weights: bool = False
                 ) -> tuple[Tensor, Tensor | None]:
         attended, weights = self.attention(x, bias, fast=fast, need_weights=need_weights)
         attended = self.dropout1(attended)
@@ -154,8 +171,11 @@ class Encoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layers))
 
-    def attention_bias(self, masked: Tensor) -> Tensor:
-        """The additive logit bias from the masked rows (padding or hidden), bool [B, L]."""
+    def attention_bias(self, masked: Tensor) -> Tensor | None:
+        """The additive logit bias from the masked rows (padding or hidden), bool [B, L]. At inference a
+        batch without any masked row gets None: its bias would be all zeros."""
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not masked.any():
+            return None
         m = masked.float()
         if self.config.attention_mask == "additive_one":
             # Astromer 1: M[b, i, j] = min(1, mask_i + mask_j) is *added*: masked keys get a higher logit.
