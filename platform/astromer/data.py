@@ -108,12 +108,22 @@ def partition_paths(lake: str, surveys: list[str] | None = None, bands: list[str
     return out
 
 
+def quiet_progress() -> None:
+    """Ray Data's progress bars flood job logs (one line per operator per refresh); the jobs log their own."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 def read_lightcurves(spec: DataSpec):
     """A lazy Ray Dataset of the selected curves with columns object_id, mjd, mag, err, quality, survey, band."""
     import ray.data
 
     from astromer.lake.paths import LakePaths
 
+    quiet_progress()
     base = LakePaths(spec.lake)
     ds = ray.data.read_parquet(
         partition_paths(spec.lake, spec.surveys, spec.bands),
@@ -269,7 +279,8 @@ def iter_batches(dataset_or_shard, batch_size: int, *, drop_last: bool = False, 
 def _collate(batch: dict):
     import torch
 
-    return {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in TORCH_COLUMNS}
+    # np.array copies: Arrow-backed numpy views are read-only and torch wants writable memory
+    return {k: torch.from_numpy(np.array(batch[k])) for k in TORCH_COLUMNS}
 
 
 def numpy_windows(curves, spec: DataSpec, rng: np.random.Generator) -> dict:

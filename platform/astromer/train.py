@@ -473,9 +473,11 @@ def worker_loop(config_dict: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from astromer.data import iter_batches
+    from astromer.data import quiet_progress
 
     config = TrainConfig.from_dict(config_dict)
+    quiet_progress()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.pid_dir:
@@ -493,7 +495,7 @@ def worker_loop(config_dict: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder, model, optimizer, scheduler, device)
-        state.resumed_from = state.step
+        state.resumed_from, state.finished = state.step, False
         torch.manual_seed(config.seed * 1000 + rank + 7919 * state.step)
         log.warning("rank %d resumed from checkpoint at step %d (epoch %d)", rank, state.step, state.epoch)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
@@ -501,10 +503,32 @@ def worker_loop(config_dict: dict) -> None:
     if state.resumed_from is not None:
         tracker.metrics({"resumed_from_step": state.resumed_from}, state.step)
     loop = _Loop(config, ddp_model, model, optimizer, scheduler, state, tracker, rank, world, device)
-    loop.run(ray.train.get_dataset_shard("train"),
-             lambda: iter_batches(ray.train.get_dataset_shard("val"), config.batch_size, device=device))
-    loop.finish(lambda: iter_batches(ray.train.get_dataset_shard("val"), config.batch_size, device=device),
-                lambda: iter_batches(ray.train.get_dataset_shard("test"), config.batch_size, device=device))
+    val = CachedBatches(ray.train.get_dataset_shard("val"), config.batch_size, device)
+    loop.run(ray.train.get_dataset_shard("train"), val)
+    loop.finish(val, CachedBatches(ray.train.get_dataset_shard("test"), config.batch_size, device, limit=0))
+
+
+class CachedBatches:
+    """Fixed evaluation batches: streamed from Ray Data on the first pass and kept in memory when there are at
+    most ``limit`` windows (they are identical on every pass), streamed again otherwise."""
+
+    def __init__(self, shard, batch_size: int, device, limit: int = 8192):
+        self.shard, self.batch_size, self.device, self.limit = shard, batch_size, device, limit
+        self.cache: list | None = None
+
+    def __call__(self):
+        from astromer.data import iter_batches
+
+        if self.cache is not None:
+            yield from self.cache
+            return
+        kept, count = [], 0
+        for batch in iter_batches(self.shard, self.batch_size, device=self.device):
+            count += batch["times"].shape[0]
+            if kept is not None:
+                kept = kept + [batch] if count <= self.limit else None
+            yield batch
+        self.cache = kept
 
 
 class _Loop:
@@ -525,6 +549,7 @@ class _Loop:
         config, state = self.config, self.state
         window_t0, window_steps, windows = time.perf_counter(), 0, 0
         while not self.done():
+            epoch_t0, epoch_losses, epoch_windows = time.perf_counter(), [], 0
             for batch_index, batch in enumerate(iter_batches(train_shard, config.batch_size, drop_last=True,
                                                              device=self.device)):
                 metrics = train_step(self.ddp_model, batch, self.optimizer, self.scheduler, config,
@@ -532,6 +557,8 @@ class _Loop:
                 state.step += 1
                 window_steps += 1
                 windows += batch["times"].shape[0] * self.world
+                epoch_windows += batch["times"].shape[0] * self.world
+                epoch_losses.append(metrics["loss"])
                 if state.step % config.log_every == 0:
                     elapsed = time.perf_counter() - window_t0
                     metrics["windows_per_s"] = windows / max(elapsed, 1e-9)
@@ -547,9 +574,11 @@ class _Loop:
                     break
             else:
                 state.epoch += 1
+                self.tracker.metrics({"epoch": state.epoch, "epoch_loss": float(np.mean(epoch_losses or [np.nan])),
+                                      "epoch_windows_per_s": epoch_windows / (time.perf_counter() - epoch_t0)},
+                                     state.step)
                 if not config.val_every:
                     self.validate(val_batches)
-                self.tracker.metrics({"epoch": state.epoch}, state.step)
 
     def validate(self, val_batches) -> None:
         """Rank 0 scores the fixed validation windows; every rank learns whether to stop early."""
@@ -574,7 +603,7 @@ class _Loop:
                         self.config.patience)
             self.state.finished = True
 
-    def report_checkpoint(self, metrics: dict[str, float] | None = None) -> None:
+    def report_checkpoint(self, metrics: dict[str, float] | None = None, final: bool = False) -> None:
         import ray.train
 
         metrics = {"step": self.state.step, "epoch": self.state.epoch, **(metrics or {})}
@@ -582,7 +611,7 @@ class _Loop:
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=f"step-{self.state.step:08d}")
+                                 checkpoint_dir_name=f"step-{self.state.step:08d}" + ("-final" if final else ""))
         else:
             ray.train.report(metrics, checkpoint=None)
 
@@ -597,7 +626,7 @@ class _Loop:
             log.info("finished at step %d: %s", self.state.step, json.dumps(results))
         self.state.finished = True
         self.state.metrics = results
-        self.report_checkpoint({k: v for k, v in results.items()})
+        self.report_checkpoint(results, final=True)
 
     def _plots(self, val_batches) -> None:
         if not self.tracker.active:

@@ -1,0 +1,125 @@
+"""Pretraining end to end on real Ray (2 workers, DDP over gloo) and a real SQLite MLflow: logging,
+registration, resume by run name, recovery from a killed worker, and the NaN stop."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from astromer import registry
+from astromer.train import TrainConfig
+from mlflow.tracking import MlflowClient
+from test_data import write_lake
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+import _common  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory):
+    return write_lake(tmp_path_factory.mktemp("pretrain_lake"), 200, seed=3)
+
+
+def tiny(lake, run_name: str, **overrides) -> TrainConfig:
+    settings = dict(lake=str(lake), corpus="unit", preset="tiny", batch_size=16, num_workers=2,
+                    cpus_per_worker=0.5, data_cpus=0.25, warmup_steps=2, lr=3e-3, log_every=1,
+                    checkpoint_every=3, max_steps=6, patience=100, run_name=run_name, max_failures=2)
+    settings.update(overrides)
+    return _common.complete(TrainConfig(**settings))
+
+
+def _checkpoint_steps(config: TrainConfig) -> list[int]:
+    folder = Path(config.storage_path) / config.run_name
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if p.is_dir())
+
+
+def _history(client, run_id, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_train_logs_registers_and_resumes_by_run_name(ray_local, mlflow_sqlite, lake):
+    config = tiny(lake, "resume-me")
+    first = _common.run_training(config)
+    client = MlflowClient()
+    run = client.get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "resume-me"
+    assert run.data.params["preset"] == "tiny" and run.data.params["max_steps"] == "6"
+    assert [s for s, _ in _history(client, run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
+    for key in ("train_rmse", "train_r2", "train_windows_per_s", "epoch_loss", "final_val_rmse",
+                "final_test_rmse", "final_val_baseline_rmse", "final_val_r2"):
+        assert key in run.data.metrics, key
+    assert "resumed_from_step" not in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert artifacts == {"plots/learning_curve.png", "plots/reconstruction.png"}
+    png = client.download_artifacts(run.info.run_id, "plots/reconstruction.png")
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    name = registry.pretrained_name("unit")
+    assert first["registered"] == name and first["version"] == 1
+    assert client.get_model_version_by_alias(name, "candidate").version in (1, "1")
+    assert registry.production_version(name) == 1
+    assert _checkpoint_steps(config)[-1] == 6
+
+    # the same run name again, asking for more steps: continues from step 6 in the same MLflow run
+    again = tiny(lake, "resume-me", max_steps=9)
+    second = _common.run_training(again)
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert _history(client, run.info.run_id, "resumed_from_step") == [(6, 6.0)]
+    steps = [s for s, _ in _history(client, run.info.run_id, "train_loss")]
+    assert steps == list(range(1, 10))                    # 7, 8, 9 added; nothing trained twice
+    assert second["step"] == 9 and second["version"] == 2
+    assert int(client.get_model_version_by_alias(name, "candidate").version) == 2
+    better = second["val_rmse"] < first["val_rmse"]
+    assert registry.production_version(name) == (2 if better else 1)
+
+    # the registered production model loads from safetensors
+    import astromer
+
+    model = astromer.load_model(f"models:/{name}@production")
+    assert model.config.name == "tiny"
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_local, mlflow_sqlite, lake, tmp_path):
+    config = tiny(lake, "kill-one", max_steps=15, checkpoint_every=3, pid_dir=str(tmp_path / "pids"))
+    killed = {}
+
+    def kill_rank1_after_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not _checkpoint_steps(config):
+            time.sleep(0.05)
+        pid = int((tmp_path / "pids" / "rank1.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)                    # the group is torn down; nothing new can be written
+        killed["pid"], killed["last_checkpoint"] = pid, max(_checkpoint_steps(config))
+
+    killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = _common.run_training(config)
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+    client = MlflowClient()
+    resumed = _history(client, summary["mlflow_run_id"], "resumed_from_step")
+    assert resumed == [(killed["last_checkpoint"], float(killed["last_checkpoint"]))]
+    assert 3 <= killed["last_checkpoint"] < 15
+    assert summary["step"] == 15
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    # the restarted workers are new processes
+    assert int((tmp_path / "pids" / "rank1.pid").read_text()) != killed["pid"]
+
+
+def test_nan_loss_stops_naming_the_step_without_checkpoint(ray_local, mlflow_sqlite, tmp_path):
+    # variability of ~1e21 mag: squared residuals overflow float32, so the very first loss is infinite
+    bad_lake = write_lake(tmp_path / "bad_lake", 60, seed=5, scale=1e22)
+    config = tiny(bad_lake, "overflow", clean=False, checkpoint_every=1, max_failures=0, val_fraction=0.05,
+                  test_fraction=0.05)
+    with pytest.raises(Exception, match=r"loss is (nan|inf) at step 1 \(epoch 0, batch 0\)") as info:
+        _common.run_training(config)
+    assert "without writing a checkpoint" in str(info.value)
+    assert _checkpoint_steps(config) == []
+    run = MlflowClient().get_run(registry.find_run(config.experiment, "overflow"))
+    assert run.info.status == "FAILED" and "at step 1" in run.data.tags["astromer.error"]
