@@ -31,7 +31,7 @@ def run_query(args) -> int:
         if args.format == "table":
             print_table(columns, cursor.fetchmany(args.max_rows + 1), args.max_rows)
             return 0
-        table = cursor.fetch_arrow_table()
+        table = cursor.to_arrow_table()
     except duckdb.Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -72,7 +72,7 @@ def run_windows(args) -> int:
     from astromer.lake.windows import build_windows
 
     info = build_windows(_lake(args), args.name, surveys=args.survey, bands=args.band, length=args.length,
-                         rule=args.rule, clean=not args.raw, drop_noisy=args.drop_noisy, overwrite=args.overwrite)
+                         rule=args.rule, clean=not args.raw, drop_noisy=not args.keep_noisy, overwrite=args.overwrite)
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -107,8 +107,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     windows.add_argument("--length", type=int, default=200)
     windows.add_argument("--rule", default="astromer2", choices=("astromer1", "astromer2"))
     windows.add_argument("--raw", action="store_true", help="skip the paper's cleaning")
-    windows.add_argument("--drop-noisy", action="store_true",
-                         help="also reject curves by the kurtosis/skewness/std noise criteria")
+    windows.add_argument("--keep-noisy", action="store_true",
+                         help="do not reject curves by the kurtosis/skewness/std noise criteria")
     windows.add_argument("--overwrite", action="store_true")
     windows.set_defaults(func=run_windows)
 

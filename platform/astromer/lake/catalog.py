@@ -44,6 +44,7 @@ def connect(lake: str | LakePaths, database: str = ":memory:") -> duckdb.DuckDBP
 
 
 def iter_curves(lake: str | LakePaths, surveys=None, bands=None, clean: bool = True, *, drop_noisy: bool = True,
+                noise_rule: str = "all",
                 columns=("object_id", "ra", "dec", "mjd", "mag", "err", "quality"), batch_size: int = 1024,
                 stats: CleaningStats | None = None, limit: int | None = None) -> Iterator[dict]:
     """Yield one dict per curve (numpy arrays for mjd/mag/err/quality, plus survey and band).
@@ -79,7 +80,7 @@ def iter_curves(lake: str | LakePaths, surveys=None, bands=None, clean: bool = T
                     curve[name] = value.as_py()
             if clean:
                 result = clean_curve(curve["mjd"], curve["mag"], curve["err"], curve["quality"],
-                                     drop_noisy=drop_noisy)
+                                     drop_noisy=drop_noisy, noise_rule=noise_rule)
                 if stats is not None:
                     stats.add(curve["quality"], result)
                 if not result.usable:

@@ -7,15 +7,18 @@ percentile (computed over the observations that pass the previous checks).
 Per curve, on the observations that remain:
 
 - fewer than ``min_obs`` observations -> unusable (``too_few_observations``);
-- the noise criteria |kurtosis| > 10, |skewness| > 1, std > 0.1 mag. How we read them: the paper
-  uses them to reject *noisy* curves from the unlabelled pretraining corpus, i.e. a curve that meets
-  ANY of the three is rejected (reason ``noisy_kurtosis``, ``noisy_skewness`` or ``noisy_std``):
-  heavy tails and strong asymmetry that survive percentile clipping are the signature of
-  photometric artefacts (blends, bad frames), and std > 0.1 mag of a field star is mostly noise.
-  The same rule would throw away most catalogued variables (a Cepheid's or RR Lyrae's std is
-  0.2-0.4 mag): for labelled sets pass ``drop_noisy=False`` and keep the observation-level cleaning
-  only. Kurtosis is the excess (Fisher) kurtosis, skewness the Fisher-Pearson coefficient, std the
-  population standard deviation, all on the kept magnitudes.
+- the noise criteria |kurtosis| > 10, |skewness| > 1, std > 0.1 mag. How we read them: a curve is
+  *noisy*, and rejected (reason ``noisy``), when it meets ALL THREE: a large scatter that is made by
+  a few extreme, one-sided points which survived the percentile clipping -- the signature of
+  photometric artefacts (blends, bad frames, cosmic rays). Each criterion alone describes ordinary
+  variable stars (std > 0.1 is any RR Lyrae or Cepheid, |skewness| > 1 any detached eclipsing
+  binary, |kurtosis| > 10 one with narrow eclipses), so rejecting on ANY of them would remove the
+  variability the model is meant to learn: on the four real samples that reading rejects 46% of
+  the OGLE Cepheids, 82% of the ASAS variables and 89% of the Stripe 82 RR Lyrae curves.
+  ``noise_rule="any"`` applies that stricter reading where it is wanted (e.g. to select quiet
+  field stars), ``drop_noisy=False`` switches the curve-level criteria off. Kurtosis is the excess
+  (Fisher) kurtosis, skewness the Fisher-Pearson coefficient, std the population standard
+  deviation, all over the kept magnitudes.
 
 :class:`CleaningStats` counts what the filter did, so that a job can report it.
 """
@@ -69,7 +72,8 @@ class CleaningStats:
                 "rejected_curves": dict(self.rejected_curves)}
 
 
-def clean_curve(mjd, mag, err, quality=None, *, drop_noisy: bool = True, min_obs: int = MIN_OBS) -> CleanResult:
+def clean_curve(mjd, mag, err, quality=None, *, drop_noisy: bool = True, noise_rule: str = "all",
+                min_obs: int = MIN_OBS) -> CleanResult:
     """Which observations of one curve the paper's cleaning keeps, and whether the curve is usable.
 
     ``quality`` are the lake's flags; without them they are computed here (the curve must be in
@@ -86,16 +90,27 @@ def clean_curve(mjd, mag, err, quality=None, *, drop_noisy: bool = True, min_obs
     if n < min_obs:
         return CleanResult(keep, False, "too_few_observations")
     if drop_noisy:
-        values = mag[keep]
-        centred = values - values.mean()
-        std = float(np.sqrt(np.mean(centred ** 2)))
-        if std > STD_MAX:
-            return CleanResult(keep, False, "noisy_std")
-        if std > 0:
-            skew = float(np.mean(centred ** 3) / std ** 3)
-            kurt = float(np.mean(centred ** 4) / std ** 4 - 3.0)
-            if abs(kurt) > KURTOSIS_MAX:
-                return CleanResult(keep, False, "noisy_kurtosis")
-            if abs(skew) > SKEWNESS_MAX:
-                return CleanResult(keep, False, "noisy_skewness")
+        reason = noise_reason(mag[keep], noise_rule)
+        if reason:
+            return CleanResult(keep, False, reason)
     return CleanResult(keep, True, None)
+
+
+def noise_statistics(values: np.ndarray) -> tuple[float, float, float]:
+    """(std, skewness, excess kurtosis) of magnitudes (population moments)."""
+    centred = values - values.mean()
+    std = float(np.sqrt(np.mean(centred ** 2)))
+    if std == 0:
+        return 0.0, 0.0, 0.0
+    return std, float(np.mean(centred ** 3) / std ** 3), float(np.mean(centred ** 4) / std ** 4 - 3.0)
+
+
+def noise_reason(values: np.ndarray, rule: str = "all") -> str | None:
+    """``"noisy"`` (rule ``all``) or ``"noisy_<criterion>"`` (rule ``any``) when the curve is rejected."""
+    std, skew, kurt = noise_statistics(np.asarray(values, dtype=np.float64))
+    hits = {"std": std > STD_MAX, "skewness": abs(skew) > SKEWNESS_MAX, "kurtosis": abs(kurt) > KURTOSIS_MAX}
+    if rule == "all":
+        return "noisy" if all(hits.values()) else None
+    if rule == "any":
+        return next((f"noisy_{name}" for name, hit in hits.items() if hit), None)
+    raise ValueError(f"noise_rule must be 'all' or 'any', got {rule!r}")

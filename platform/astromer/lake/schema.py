@@ -144,7 +144,7 @@ def quality_flags(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray,
     flags[dup] |= np.uint8(Quality.DUPLICATE_TIME)
 
     # per-curve 1st/99th magnitude percentiles (numpy's linear interpolation) over the clean rows
-    good = flags == 0
+    good = (flags & CLEANING_MASK) == 0   # UNSORTED_SOURCE is informational
     key_mag = np.where(good, mag, np.inf)
     order = np.lexsort((key_mag, curve))
     sorted_mag = key_mag[order]

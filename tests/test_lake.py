@@ -1,0 +1,168 @@
+"""Lake paths and names, quality flags, the paper's cleaning, DuckDB views, iter_curves and Zarr windows."""
+from __future__ import annotations
+
+import glob
+import os
+
+import fsspec
+import numpy as np
+import pytest
+from astromer.ingest import dask_client, run_ingest
+from astromer.lake import CleaningStats, InvalidName, LakePaths, Quality, clean_curve, connect, iter_curves
+from astromer.lake.schema import quality_flags
+from astromer.lake.windows import build_windows, open_windows
+from conftest import shared_path
+
+
+@pytest.fixture(scope="module")
+def client():
+    with dask_client(workers=1, threads_per_worker=2, processes=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def small_lake(tmp_path_factory, client):
+    root = tmp_path_factory.mktemp("small") / "lake"
+    run_ingest("macho", str(shared_path("data", "macho_sample")), str(root), client=client, progress=False)
+    run_ingest("synthetic", "synthetic://?n=60&seed=3&per_partition=25&years=2", str(root), client=client,
+               progress=False)
+    return str(root)
+
+
+@pytest.mark.parametrize("maker, name", [
+    ("lightcurves", "../etc"), ("lightcurves", "Macho"), ("labels", "a/b"), ("windows", "x/../y"),
+    ("windows", ".hidden"), ("embeddings", "m\\n"), ("ingest", ""), ("lightcurves", "a\x00b"),
+])
+def test_names_are_validated_before_they_become_paths(maker, name):
+    paths = LakePaths("/tmp/lake")
+    with pytest.raises(InvalidName):
+        getattr(paths, maker)(name)
+
+
+def test_paths_layout():
+    paths = LakePaths("/data/lake")
+    assert paths.lightcurves("ogle", "I") == "/data/lake/lightcurves/survey=ogle/band=I"
+    assert paths.labels("asas") == "/data/lake/labels/survey=asas"
+    assert paths.windows("pretrain") == "/data/lake/windows/pretrain.zarr"
+    assert paths.embeddings("astromer2-macho", "3", "ogle") == \
+        "/data/lake/embeddings/model=astromer2-macho/version=3/survey=ogle"
+    with pytest.raises(InvalidName):
+        paths.lightcurves("ogle", "I/../../x")
+    memory = LakePaths("memory://lake")
+    assert not memory.is_local and memory.url_of(memory.lightcurves()).startswith("memory://")
+
+
+def test_quality_flags_sort_and_flag_every_rule():
+    mjd = np.array([3.0, 1.0, 2.0, 2.0, 5.0, 6.0, 7.0, np.nan] + [10.0 + i for i in range(200)] + [1.0, 2.0])
+    mag = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0] + list(np.linspace(0, 10, 200)) + [5.0, 5.0])
+    err = np.array([0.1, 0.1, 0.1, 0.1, -0.1, 0.0, 1.5, 0.1] + [0.1] * 200 + [0.1, 0.1])
+    offsets = np.array([0, 208, 210])
+    mjd, mag, err, q = quality_flags(mjd, mag, err, offsets)
+    assert list(mjd[:4]) == [1.0, 2.0, 2.0, 3.0]                  # sorted inside its curve
+    assert q[2] & Quality.DUPLICATE_TIME and not q[1] & Quality.DUPLICATE_TIME
+    assert all(q[i] & Quality.UNSORTED_SOURCE for i in range(3))
+    assert q[4] & Quality.ERR_NONPOSITIVE and q[5] & Quality.ERR_NONPOSITIVE and q[6] & Quality.ERR_ABOVE_ONE
+    assert q[207] & Quality.NONFINITE                               # NaN time sorts last
+    # percentiles over the rows without the other flags, numpy's linear interpolation
+    clean = (q[:208] & ~np.uint8(Quality.UNSORTED_SOURCE)) == 0
+    clean |= (q[:208] & Quality.MAG_PERCENTILE) > 0
+    lo, hi = np.percentile(mag[:208][clean], [1, 99])
+    outside = (mag[:208] < lo) | (mag[:208] > hi)
+    assert np.array_equal((q[:208] & Quality.MAG_PERCENTILE) > 0, outside & clean)
+    assert q[208] == 0 and q[209] == 0                              # the next curve is independent
+
+
+def test_clean_curve_observation_rules_and_noise_reading():
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 100, 400))
+    rr = 0.4 * np.sin(2 * np.pi * t / 0.55) + rng.normal(0, 0.02, t.size)    # std ~0.28: a variable
+    err = np.full(t.size, 0.02)
+    err[:5] = 2.0
+    kept = clean_curve(t, rr, err)
+    assert kept.usable and not kept.keep[:5].any() and kept.keep.sum() < t.size - 5   # percentiles clipped too
+    assert clean_curve(t, rr, err, noise_rule="any").reason == "noisy_std"
+    assert clean_curve(t, rr, err, drop_noisy=False).usable
+    # scatter made by a few extreme one-sided points: all three criteria -> noisy
+    spiky = rng.normal(0, 0.01, t.size)
+    spiky[rng.choice(t.size, 12, replace=False)] += 1.5
+    result = clean_curve(t, spiky, np.full(t.size, 0.02))
+    assert not result.usable and result.reason == "noisy"
+    assert clean_curve(t[:4], rr[:4], err[5:9]).reason == "too_few_observations"
+
+
+def test_duckdb_views_and_iter_curves_with_cleaning_stats(small_lake):
+    con = connect(small_lake)
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert {"lightcurves", "labels", "ingest_manifest", "ingest_quarantine"} <= tables
+    n_syn = con.execute("SELECT count(*) FROM lightcurves WHERE survey = 'synthetic'").fetchone()[0]
+    assert n_syn == 120
+    classes = dict(con.execute("SELECT label, count(*) FROM labels WHERE survey = 'synthetic' "
+                               "AND label_set = 'class' GROUP BY label").fetchall())
+    assert sum(classes.values()) == 60 and set(classes) <= {"RRab", "RRc", "Cepheid", "EB", "LPV"}
+    stats = CleaningStats()
+    curves = list(iter_curves(small_lake, surveys="macho", stats=stats))
+    assert stats.curves == 19 and stats.dropped_by_flag["ERR_ABOVE_ONE"] == 73
+    assert sum(len(c["mjd"]) for c in curves) == stats.kept_observations < 15_118
+    assert all(c["survey"] == "macho" and (c["err"] > 0).all() and (c["err"] <= 1).all() for c in curves)
+    raw = list(iter_curves(small_lake, surveys=["macho"], bands="R", clean=False))
+    assert len(raw) == 10 and sum(len(c["mjd"]) for c in raw) == 7_391
+    with pytest.raises(InvalidName):
+        list(iter_curves(small_lake, surveys="../x"))
+
+
+def test_windows_store_matches_the_lake(small_lake):
+    from astromer.windows import window_starts
+
+    info = build_windows(small_lake, "w200", surveys=["macho"], length=200, rule="astromer2")
+    group = open_windows(small_lake, "w200")
+    curves = list(iter_curves(small_lake, surveys=["macho"]))
+    expected = sum(len(window_starts(len(c["mjd"]), 200, "astromer2")) for c in curves)
+    assert info["windows"] == expected == group["mjd"].shape[0] and group["mjd"].shape[1] == 200
+    assert group.attrs["rule"] == "astromer2" and group.attrs["length"] == 200
+    n_valid = group["n_valid"][:]
+    assert n_valid.sum() == sum(len(c["mjd"]) for c in curves)
+    # a window's back-reference leads to the same observations in the lake
+    row = 3
+    curve = curves[int(group["curve"][row])]
+    start, n = int(group["start"][row]), int(n_valid[row])
+    assert group["object_id"][row] == curve["object_id"] and group["band"][row] == curve["band"]
+    assert np.array_equal(group["mjd"][row, :n], curve["mjd"][start:start + n])
+    assert np.allclose(group["mag"][row, :n], curve["mag"][start:start + n])
+    assert (group["mjd"][row, n:] == 0).all()
+    assert group["mjd"].compressors[0].__class__.__name__ == "ZstdCodec"
+    with pytest.raises(FileExistsError):
+        build_windows(small_lake, "w200", surveys=["macho"])
+
+
+def test_windows_and_query_commands(small_lake, capsys):
+    from astromer.cli import main
+
+    assert main(["lake", "windows", "--lake", small_lake, "--name", "syn", "--survey", "synthetic",
+                 "--length", "100"]) == 0
+    assert open_windows(small_lake, "syn")["mag"].shape[1] == 100
+    capsys.readouterr()
+    assert main(["lake", "query", "--lake", small_lake, "--format", "csv",
+                 "SELECT band, count(*) AS n FROM lightcurves WHERE survey = 'macho' GROUP BY band ORDER BY band"]) == 0
+    assert capsys.readouterr().out.replace('"', "").split() == ["band,n", "B,9", "R,10"]
+
+
+def test_memory_source_and_lake_through_fsspec_and_duckdb(client):
+    fs = fsspec.filesystem("memory")
+    for path in glob.glob(str(shared_path("data", "macho_sample") / "*.tar.bz2")):
+        fs.pipe(f"/raw-test/macho/{os.path.basename(path)}", open(path, "rb").read())
+    result = run_ingest("macho", "memory://raw-test/macho", "memory://lake-test", client=client, progress=False)
+    assert (result.curves, result.observations) == (19, 15_118)
+    con = connect("memory://lake-test")
+    assert con.execute("SELECT count(*), sum(n_obs) FROM lightcurves").fetchone() == (19, 15_118)
+    assert not [p for p in fs.find("/lake-test") if ".tmp-" in p]
+    fs.rm("/lake-test", recursive=True)
+    fs.rm("/raw-test", recursive=True)
+
+
+def test_tar_member_urls_are_sources(tmp_path, client):
+    archive = shared_path("data", "macho_sample", "lc_1.3444.614.tar.bz2")
+    result = run_ingest("macho", f"tar://*.mjd::file://{archive}", str(tmp_path / "lake"), client=client,
+                        progress=False)
+    assert result.curves == 2 and result.inputs == 2
+    con = connect(str(tmp_path / "lake"))
+    assert con.execute("SELECT list(band ORDER BY band) FROM lightcurves").fetchone()[0] == ["B", "R"]
