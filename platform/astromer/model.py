@@ -210,6 +210,20 @@ class ReconstructionHead(nn.Module):
         return self.out(self.norm(h)).squeeze(-1)              # [B, L, D] -> [B, L]
 
 
+def flops_per_window(config: ModelConfig, length: int | None = None, head: bool = True) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one forward pass over one window of ``length`` observations:
+    the matrix products only (projections, attention scores and mixing, FFN, residual projections)."""
+    n = config.window_length if length is None else length
+    d, f = config.d_model, config.d_ff
+    per_block = 2 * n * d * d * 4                     # Q, K, V and output projections
+    per_block += 2 * 2 * n * n * d                    # Q K^T and weights @ V, all heads
+    per_block += 2 * 2 * n * d * f                    # the two FFN layers
+    if config.residual == "projection":
+        per_block += 2 * 2 * n * d * d                # reshape_leak_1 and reshape_leak_2
+    total = 2 * n * d + config.n_layers * per_block   # input projection + blocks
+    return total + (2 * n * d if head else 0)
+
+
 class Astromer(nn.Module):
     """The encoder plus its reconstruction head, with the public API of the platform.
 
