@@ -156,6 +156,10 @@ class ClassifierConfig:
     patience: int = 40  # epochs without a better validation loss before stopping
     gamma_init: str = "uniform"  # "uniform" (softmax = 1/K each), "last" (favour the last block), "random"
     weight_decay: float = 0.0
+    # z-score every (layer, dimension) with training-set statistics before the gamma weighting. Not in the
+    # official code; per-curve means of a frozen encoder vary little around a large offset, and without it
+    # the MLP often collapses to one class. False reproduces the official head exactly.
+    standardize: bool = True
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -212,9 +216,16 @@ class SkipHead(nn.Module):
         self.mlp = nn.Sequential(*blocks)
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, n_classes)
+        # input standardisation (identity unless set from training data, see ClassifierConfig.standardize)
+        self.register_buffer("shift", torch.zeros(n_layers, d_model))
+        self.register_buffer("scale", torch.ones(n_layers, d_model))
+
+    def set_standardization(self, layer_means: torch.Tensor) -> None:
+        self.shift.copy_(layer_means.mean(0))
+        self.scale.copy_(layer_means.std(0).clamp_min(1e-6) if len(layer_means) > 1 else torch.ones_like(self.scale))
 
     def pooled(self, layer_means: torch.Tensor) -> torch.Tensor:
-        return self.layer_weights(layer_means)  # [B, D]
+        return self.layer_weights((layer_means - self.shift) / self.scale)  # [B, K, D] -> [B, D]
 
     def forward(self, layer_means: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm(self.mlp(self.pooled(layer_means))))  # [B, n_classes]
@@ -266,6 +277,8 @@ def train_skip_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     rng = np.random.default_rng(config.seed)
     head = SkipHead(x_train.shape[1], x_train.shape[2], n_classes, config.hidden, config.dropout,
                     config.gamma_init)
+    if config.standardize:
+        head.set_standardization(torch.as_tensor(x_train))
     opt = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     xt, yt = torch.as_tensor(x_train), torch.as_tensor(np.asarray(y_train), dtype=torch.long)
@@ -546,3 +559,379 @@ def fold_phase(mjd: np.ndarray, period: float | None) -> tuple[np.ndarray, str]:
     if period and np.isfinite(period) and period > 0:
         return np.mod(mjd - mjd.min(), period) / period, "phase"
     return mjd - mjd.min(), "days"
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. labelled sets from the lake
+
+
+@dataclass
+class DatasetSpec:
+    """A labelled set: survey + band(s) + label set + class filter."""
+
+    name: str
+    survey: str
+    label_set: str
+    bands: tuple[str, ...] | None = None  # None: every band (curves of one object stay together in folds)
+    classes: tuple[str, ...] | None = None  # None: every class with at least min_members objects
+    min_members: int = 20
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "asas": DatasetSpec("asas", "asas", "class", None, None, 20),
+    "stripe82": DatasetSpec("stripe82", "sdss-stripe82", "rrlyrae_type", ("g",), ("ab", "c"), 20),
+    "stripe82-r": DatasetSpec("stripe82-r", "sdss-stripe82", "rrlyrae_type", ("r",), ("ab", "c"), 20),
+    "ogle-modes": DatasetSpec("ogle-modes", "ogle", "mode", ("I",), None, 20),
+    "synthetic": DatasetSpec("synthetic", "synthetic", "class", None, None, 10),
+}
+
+
+@dataclass
+class LabelledSet:
+    """Cleaned curves with integer labels; one row per single-band curve."""
+
+    name: str
+    object_ids: np.ndarray  # str [N]
+    bands: np.ndarray  # str [N]
+    y: np.ndarray  # int [N]
+    class_names: list[str]
+    curves: list[tuple]  # (mjd float64, mag float32, err float32)
+    periods: dict[str, float] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # why rows or classes were left out
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def load_labelled_set(lake: str, spec: DatasetSpec, periods: dict[str, float] | None = None,
+                      clean: bool = True) -> LabelledSet:
+    """Curves and labels of ``spec`` from the lake (DuckDB over the catalog views, parameters bound).
+
+    Observation-level cleaning only (the noise criteria would drop the variable stars themselves);
+    classes with fewer than ``spec.min_members`` objects are left out and counted in ``dropped``.
+    """
+    from astromer.embeddings import usable_curve
+    from astromer.lake import connect
+    from astromer.lake.paths import validate_band, validate_survey
+
+    validate_survey(spec.survey)
+    con = connect(lake)
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    missing = {"lightcurves", "labels"} - views
+    if missing:
+        raise FileNotFoundError(f"lake {lake} has no {sorted(missing)} table(s): ingest the survey first")
+    sql = ("SELECT c.object_id, c.band, c.mjd, c.mag, c.err, c.quality, l.label FROM lightcurves c "
+           "JOIN labels l ON l.object_id = c.object_id AND l.survey = c.survey "
+           "WHERE c.survey = ? AND l.label_set = ?")
+    params: list = [spec.survey, spec.label_set]
+    if spec.bands:
+        sql += " AND c.band IN (SELECT unnest(?::VARCHAR[]))"
+        params.append([validate_band(b) for b in spec.bands])
+    sql += " ORDER BY c.object_id, c.band"
+    table = con.sql(sql, params=params).to_arrow_table()
+    if table.num_rows == 0:
+        raise LookupError(f"no labelled curves for survey {spec.survey!r}, label set {spec.label_set!r}, bands "
+                          f"{spec.bands or 'all'} in lake {lake}")
+    if periods is None:
+        rows = con.execute("SELECT object_id, label FROM labels WHERE survey = ? AND label_set = 'period'",
+                           [spec.survey]).fetchall()
+        periods = {}
+        for oid, value in rows:
+            try:
+                periods[str(oid)] = float(value)
+            except ValueError:
+                continue
+    dropped: dict[str, int] = {}
+    ids, bands, labels, curves = [], [], [], []
+    cols = {name: table.column(name) for name in table.schema.names}
+    for i in range(table.num_rows):
+        label = cols["label"][i].as_py()
+        if spec.classes and label not in spec.classes:
+            dropped["not a chosen class"] = dropped.get("not a chosen class", 0) + 1
+            continue
+        curve, reason = usable_curve(cols["mjd"][i].values.to_numpy(zero_copy_only=False),
+                                     cols["mag"][i].values.to_numpy(zero_copy_only=False),
+                                     cols["err"][i].values.to_numpy(zero_copy_only=False),
+                                     cols["quality"][i].values.to_numpy(zero_copy_only=False), clean)
+        if curve is None or len(curve[0]) < 5:
+            key = reason or "fewer than 5 usable observations"
+            dropped[key] = dropped.get(key, 0) + 1
+            continue
+        ids.append(cols["object_id"][i].as_py())
+        bands.append(cols["band"][i].as_py())
+        labels.append(label)
+        curves.append(curve)
+    ids_arr, labels_arr = np.array(ids, dtype=object).astype(str), np.array(labels, dtype=object).astype(str)
+    members = {c: len(set(ids_arr[labels_arr == c])) for c in set(labels_arr.tolist())}
+    keep_classes = sorted(c for c, n in members.items() if n >= spec.min_members)
+    for c, n in members.items():
+        if n < spec.min_members:
+            dropped[f"class {c!r}: {n} objects < {spec.min_members}"] = n
+    if len(keep_classes) < 2:
+        raise ValueError(f"dataset {spec.name}: fewer than 2 classes with at least {spec.min_members} objects "
+                         f"({members})")
+    keep = np.isin(labels_arr, keep_classes)
+    index = {c: k for k, c in enumerate(keep_classes)}
+    return LabelledSet(
+        name=spec.name, object_ids=ids_arr[keep], bands=np.array(bands, dtype=object).astype(str)[keep],
+        y=np.array([index[c] for c in labels_arr[keep]], dtype=np.int64), class_names=keep_classes,
+        curves=[c for c, k in zip(curves, keep) if k], periods=dict(periods), dropped=dropped)
+
+
+def read_periods_csv(path: str | Path) -> dict[str, float]:
+    """object id -> period from a CSV whose first column is the id and one column is named like ``per``."""
+    import csv
+
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = [h.strip().lower() for h in next(reader)]
+        col = next((i for i, h in enumerate(header) if h in ("per", "period", "p")), None)
+        if col is None:
+            raise ValueError(f"{path}: no period column (expected one named per, period or p) in {header}")
+        out = {}
+        for n, row in enumerate(reader, start=2):
+            try:
+                out[row[0].strip()] = float(row[col])
+            except (ValueError, IndexError) as exc:
+                raise ValueError(f"{path}, line {n}: cannot read a period from {row}") from exc
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. the whole protocol on one labelled set
+
+
+@dataclass
+class RunSettings:
+    """Everything ``jobs/classify.py --config`` reads (the sweep writes the same structure)."""
+
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    finetune: bool = False
+    finetune_config: dict = field(default_factory=lambda: {
+        "lr": 1e-4, "batch_size": 32, "epochs": 20, "patience": 3, "warmup_steps": 0, "schedule": "constant"})
+    baselines: bool = True  # light-curve features + RF, and the skip head on a random encoder
+    rf_trees: int = 300
+    embed_batch_size: int = 256
+
+    def to_dict(self) -> dict:
+        return {"classifier": self.classifier.to_dict(), "protocol": self.protocol.to_dict(),
+                "finetune": self.finetune, "finetune_config": dict(self.finetune_config),
+                "baselines": self.baselines, "rf_trees": self.rf_trees, "embed_batch_size": self.embed_batch_size}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunSettings:
+        unknown = set(data) - {"classifier", "protocol", "finetune", "finetune_config", "baselines", "rf_trees",
+                               "embed_batch_size", "metric", "trial"}
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}")
+        out = cls()
+        if "classifier" in data:
+            out.classifier = ClassifierConfig.from_dict({**out.classifier.to_dict(), **data["classifier"]})
+        if "protocol" in data:
+            out.protocol = ProtocolConfig.from_dict({**out.protocol.to_dict(), **data["protocol"]})
+        for key in ("finetune", "baselines", "rf_trees", "embed_batch_size"):
+            if key in data:
+                setattr(out, key, type(getattr(out, key))(data[key]))
+        if "finetune_config" in data:
+            out.finetune_config = {**out.finetune_config, **data["finetune_config"]}
+        return out
+
+
+METHOD_FROZEN = "astromer skip (frozen)"
+METHOD_FINETUNED = "astromer skip (finetuned)"
+METHOD_RANDOM = "random encoder skip"
+METHOD_RF = "light-curve features + RF"
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-").replace("--", "-")
+
+
+def random_encoder(model, seed: int = 0):
+    """A freshly initialised encoder of the same architecture (what pretraining adds is the difference)."""
+    from astromer.model import Astromer
+
+    torch.manual_seed(seed)
+    return Astromer(copy.deepcopy(model.config)).eval()
+
+
+def _finetuned_layers(model, data: LabelledSet, fold: Fold, settings: RunSettings, seed: int) -> np.ndarray:
+    """Finetune a copy of the encoder on the fold's training curves, then embed the fold's rows."""
+    from astromer.train import fit_windows
+
+    tuned = copy.deepcopy(model)
+    train_rows = np.unique(fold.train)
+    fit_windows(tuned, [data.curves[i] for i in train_rows], {**settings.finetune_config, "seed": seed},
+                val_curves=[data.curves[i] for i in fold.val] or None)
+    rows = np.unique(np.concatenate([fold.train, fold.val, fold.test]))
+    layers = np.zeros((len(data),) + (model.config.n_layers + 1, model.config.d_model), np.float32)
+    layers[rows] = tuned.embed([data.curves[i] for i in rows], batch_size=settings.embed_batch_size,
+                               all_layers=True)
+    return layers
+
+
+def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str | Path, *, log_mlflow: bool = True,
+                 progress: Callable[[str], None] | None = print) -> dict:
+    """The paper's protocol on ``data`` with ``model`` and the baselines, on the same folds.
+
+    Writes ``results.md`` (the table), ``results.json`` (per fold and summary), and PNG figures to
+    ``out_dir``; with ``log_mlflow`` (an active parent run) each (method, samples per class) scenario becomes
+    a nested run with its per-fold metrics, mean and std, and figures.
+    """
+    import time
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda _msg: None)
+    n_classes = len(data.class_names)
+    folds = make_folds(data.object_ids, data.y, settings.protocol)
+    t0 = time.perf_counter()
+    say(f"[{data.name}] {len(data)} curves, {len(set(data.object_ids))} objects, {n_classes} classes; "
+        f"{len(folds)} fold x scenario splits")
+    encoders = {METHOD_FROZEN: model}
+    if settings.baselines:
+        encoders[METHOD_RANDOM] = random_encoder(model, settings.classifier.seed)
+    cached = {}
+    for method, encoder in encoders.items():
+        cached[method] = encoder.embed(data.curves, batch_size=settings.embed_batch_size, all_layers=True)
+        say(f"[{data.name}] embedded with {method}: {cached[method].shape} ({time.perf_counter() - t0:.0f} s)")
+    features = None
+    if settings.baselines:
+        features = lightcurve_features(data.curves)
+        say(f"[{data.name}] light-curve features {features.shape} ({time.perf_counter() - t0:.0f} s)")
+
+    results: list[dict] = []
+    predictions: dict[tuple, list] = {}
+    gammas: dict[tuple, list] = {}
+    maps: dict = {}
+    largest = max(settings.protocol.samples_per_class)
+    for fold in folds:
+        key_base = {"fold": fold.fold, "samples_per_class": fold.samples_per_class}
+        skip_inputs = dict(cached)
+        if settings.finetune:
+            skip_inputs[METHOD_FINETUNED] = _finetuned_layers(model, data, fold, settings,
+                                                              settings.classifier.seed + fold.fold)
+        for method, layers in skip_inputs.items():
+            clf = train_skip_classifier(layers[fold.train], data.y[fold.train], layers[fold.val],
+                                        data.y[fold.val], n_classes,
+                                        ClassifierConfig.from_dict({**settings.classifier.to_dict(),
+                                                                    "seed": settings.classifier.seed + fold.fold}))
+            pred = clf.predict(layers[fold.test])
+            results.append({"method": method, **key_base, **scores(data.y[fold.test], pred, n_classes),
+                            "epochs": len(clf.history), "best_epoch": clf.best_epoch})
+            predictions.setdefault((method, fold.samples_per_class), []).append((data.y[fold.test], pred))
+            gammas.setdefault((method, fold.samples_per_class), []).append(clf.head.gammas())
+            if fold.fold == 0 and fold.samples_per_class == largest and method != METHOD_RANDOM:
+                maps[method] = (clf.pooled(layers[fold.test]), data.y[fold.test])
+        if features is not None:
+            rf = train_random_forest(features[fold.train], data.y[fold.train], seed=fold.fold,
+                                     n_estimators=settings.rf_trees)
+            pred = predict_random_forest(rf, features[fold.test])
+            results.append({"method": METHOD_RF, **key_base, **scores(data.y[fold.test], pred, n_classes)})
+            predictions.setdefault((METHOD_RF, fold.samples_per_class), []).append((data.y[fold.test], pred))
+        last = {r["method"]: round(r["f1"], 3) for r in results[-len(skip_inputs) - (features is not None):]}
+        say(f"[{data.name}] fold {fold.fold} / {fold.samples_per_class} per class: macro F1 {last} "
+            f"({time.perf_counter() - t0:.0f} s)")
+
+    summary = summarise(results)
+    order = [METHOD_FROZEN, METHOD_FINETUNED, METHOD_RANDOM, METHOD_RF]
+    summary.sort(key=lambda r: (order.index(r["method"]), r["samples_per_class"]))
+    title = (f"{data.name}: {n_classes} classes, {len(set(data.object_ids))} objects, "
+             f"{settings.protocol.n_folds} folds")
+    table = markdown_table(summary, title)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(__import__("json").dumps(
+        {"dataset": data.name, "classes": data.class_names, "settings": settings.to_dict(), "results": results,
+         "summary": summary, "dropped": data.dropped}, indent=2, default=float))
+
+    figures: dict[tuple, list[Path]] = {}
+    for (method, spc), pairs in predictions.items():
+        y_true = np.concatenate([p[0] for p in pairs])
+        y_pred = np.concatenate([p[1] for p in pairs])
+        slug = f"{_slug(method)}-{spc}"
+        paths = [plot_confusion(y_true, y_pred, data.class_names, out / f"confusion-{slug}.png",
+                                f"{data.name}: {method}, {spc} per class (all folds)")]
+        if (method, spc) in gammas:
+            g = np.stack(gammas[(method, spc)])
+            paths.append(plot_gammas(g.mean(0), out / f"gammas-{slug}.png",
+                                     f"{data.name}: {method}, {spc} per class", spread=g.std(0)))
+        figures[(method, spc)] = paths
+    extra: list[Path] = []
+    for method, (pooled, y) in maps.items():
+        if len(pooled) >= 5:
+            keep = _subsample_per_class(y, 300, seed=0)
+            extra.append(plot_map(embedding_map(pooled[keep]), y[keep], data.class_names,
+                                  out / f"tsne-{_slug(method)}.png",
+                                  f"{data.name}: t-SNE of test embeddings ({method}, fold 0, {largest} per class)"))
+    try:
+        extra.append(attention_figure(model, data, out / "attention-first-block.png"))
+    except ValueError as exc:  # a model without attention maps, or no curve to show
+        say(f"[{data.name}] no attention figure: {exc}")
+    say(f"[{data.name}] done in {time.perf_counter() - t0:.0f} s\n{table}")
+
+    if log_mlflow:
+        _log_to_mlflow(data, settings, results, summary, figures, extra, out)
+    return {"results": results, "summary": summary, "table": table, "figures": figures, "extra": extra}
+
+
+def _subsample_per_class(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keep.append(rng.choice(idx, size=min(n, len(idx)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def attention_figure(model, data: LabelledSet, path: str | Path) -> Path:
+    """First-block attention received per observation, for one well-sampled curve per class, over the
+    phase-folded curve when the object's period is known (else over time)."""
+    from astromer.embeddings import observation_detail
+
+    panels = []
+    for c, name in enumerate(data.class_names):
+        rows = np.flatnonzero(data.y == c)
+        if len(rows) == 0:
+            continue
+        # the curve with the most observations that still fits in one window shows the whole curve
+        lengths = np.array([len(data.curves[i][0]) for i in rows])
+        fits = rows[lengths <= model.config.window_length]
+        row = int(fits[np.argmax([len(data.curves[i][0]) for i in fits])]) if len(fits) else int(rows[0])
+        mjd, mag, err = data.curves[row]
+        detail = observation_detail(model, mjd, mag, err)
+        x, xlabel = fold_phase(mjd, data.periods.get(str(data.object_ids[row])))
+        panels.append({"name": f"{name}: {data.object_ids[row]} ({data.bands[row]})", "x": x, "mag": mag,
+                       "attention": detail["attention_received"], "xlabel": xlabel})
+    if not panels:
+        raise ValueError("no curve to show")
+    return plot_attention(panels, path, f"{data.name}: first-block attention received per observation")
+
+
+def _log_to_mlflow(data: LabelledSet, settings: RunSettings, results: list[dict], summary: list[dict],
+                   figures: dict, extra: list[Path], out: Path) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_params({"dataset": data.name, "classes": ",".join(data.class_names), "n_curves": len(data),
+                       "n_objects": len(set(data.object_ids)), "finetune": settings.finetune,
+                       **{f"clf.{k}": v for k, v in settings.classifier.to_dict().items()},
+                       **{f"protocol.{k}": v for k, v in settings.protocol.to_dict().items()}})
+    for row in summary:
+        method, spc = row["method"], row["samples_per_class"]
+        with mlflow.start_run(run_name=f"{data.name} | {method} | {spc} per class", nested=True,
+                              experiment_id=mlflow.active_run().info.experiment_id):
+            mlflow.set_tags({"dataset": data.name, "method": method, "samples_per_class": spc})
+            mlflow.log_params({"method": method, "samples_per_class": spc, "n_folds": row["n_folds"]})
+            for r in results:
+                if r["method"] == method and r["samples_per_class"] == spc:
+                    mlflow.log_metrics({f"fold_{m}": r[m] for m in METRICS}, step=r["fold"])
+            mlflow.log_metrics({k: v for k, v in row.items() if k.endswith("_mean") or k.endswith("_std")})
+            for p in figures.get((method, spc), []):
+                mlflow.log_artifact(str(p), "figures")
+        mlflow.log_metric(f"{_slug(method)}.{spc}.f1_mean", row["f1_mean"])
+    for p in extra:
+        mlflow.log_artifact(str(p), "figures")
+    mlflow.log_artifact(str(out / "results.md"))
+    mlflow.log_artifact(str(out / "results.json"))

@@ -1,0 +1,139 @@
+"""Classify variable stars with few labels, the way the Astromer papers report it.
+
+    python jobs/classify.py --model models:/astromer1-macho@production --lake LAKE --dataset ogle-modes
+    python jobs/classify.py --model MODEL_DIR --lake LAKE --dataset stripe82 --band r --periods periods.csv
+    python jobs/classify.py --model ... --lake LAKE --survey asas --label-set class --min-members 30
+    python jobs/classify.py --model ... --lake LAKE --dataset asas --config best.json   # from tune/sweep.py
+
+Per fold (3) and samples per class (20, 100, 500): the frozen encoder with the `skip` head, optionally a
+per-fold finetuned encoder (--finetune), and, on the same folds, light-curve features + random forest and the
+skip head on a randomly initialised encoder. Writes results.md (macro F1, precision, recall, accuracy mean ±
+std), results.json and PNG figures to --out, and logs everything to MLflow: one parent run, one nested run
+per (method, samples per class).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from astromer import evaluate as ev
+from astromer import registry, settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a model folder")
+    parser.add_argument("--lake", default=None, help="lake root (default: ASTROMER_HOME/lake)")
+    parser.add_argument("--dataset", default=None, help=f"a named labelled set: {', '.join(ev.DATASETS)}")
+    parser.add_argument("--survey", help="custom dataset: survey name (overrides the named set's)")
+    parser.add_argument("--label-set", help="custom dataset: label set (e.g. class, mode, rrlyrae_type)")
+    parser.add_argument("--band", "--bands", dest="bands", nargs="+", help="bands to use (default: the set's)")
+    parser.add_argument("--classes", nargs="+", help="only these classes")
+    parser.add_argument("--min-members", type=int, help="drop classes with fewer objects (default: the set's)")
+    parser.add_argument("--periods", help="CSV with object id and period columns (folds the attention figure)")
+    parser.add_argument("--config", help="JSON settings (RunSettings; tune/sweep.py writes one)")
+    parser.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=None,
+                        help="finetune the encoder on each fold's training curves first")
+    parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run light-curve features + RF and the random-encoder skip head")
+    parser.add_argument("--samples-per-class", type=int, nargs="+", help="default 20 100 500")
+    parser.add_argument("--folds", type=int, help="default 3")
+    parser.add_argument("--test-per-class", type=int, help="default 1000")
+    parser.add_argument("--max-epochs", type=int, help="classifier epochs cap (default 500)")
+    parser.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 40)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--out", help="output folder (default: ASTROMER_HOME/classify/<dataset>-<time>)")
+    parser.add_argument("--experiment", default="astromer-classify", help="MLflow experiment")
+    parser.add_argument("--run-name", help="MLflow parent run name")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    return parser
+
+
+def dataset_spec(args) -> ev.DatasetSpec:
+    if args.dataset:
+        if args.dataset not in ev.DATASETS:
+            raise SystemExit(f"unknown dataset {args.dataset!r}: expected one of {', '.join(ev.DATASETS)} "
+                             "or --survey/--label-set")
+        spec = ev.DATASETS[args.dataset]
+    elif args.survey and args.label_set:
+        spec = ev.DatasetSpec(name=f"{args.survey}-{args.label_set}", survey=args.survey, label_set=args.label_set)
+    else:
+        raise SystemExit("give --dataset NAME, or --survey and --label-set")
+    changes = {}
+    if args.survey:
+        changes["survey"] = args.survey
+    if args.label_set:
+        changes["label_set"] = args.label_set
+    if args.bands:
+        changes["bands"] = tuple(args.bands)
+        if args.dataset and spec.bands != tuple(args.bands):
+            changes["name"] = f"{spec.name}-{'+'.join(args.bands)}"
+    if args.classes:
+        changes["classes"] = tuple(args.classes)
+    if args.min_members is not None:
+        changes["min_members"] = args.min_members
+    return replace(spec, **changes)
+
+
+def run_settings(args) -> ev.RunSettings:
+    run = ev.RunSettings()
+    if args.config:
+        run = ev.RunSettings.from_dict(json.loads(Path(args.config).read_text()))
+    if args.finetune is not None:
+        run.finetune = args.finetune
+    if args.baselines is not None:
+        run.baselines = args.baselines
+    if args.samples_per_class:
+        run.protocol.samples_per_class = tuple(args.samples_per_class)
+    if args.folds:
+        run.protocol.n_folds = args.folds
+    if args.test_per_class:
+        run.protocol.test_per_class = args.test_per_class
+    if args.max_epochs:
+        run.classifier.max_epochs = args.max_epochs
+    if args.patience:
+        run.classifier.patience = args.patience
+    if args.seed is not None:
+        run.protocol.seed = run.classifier.seed = args.seed
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    import astromer
+    import mlflow
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lake = args.lake or settings.default_lake()
+    spec = dataset_spec(args)
+    run = run_settings(args)
+    periods = ev.read_periods_csv(args.periods) if args.periods else None
+    started = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else settings.home() / "classify" / f"{spec.name}-{started}"
+    model = astromer.load_model(args.model)
+    data = ev.load_labelled_set(lake, spec, periods=periods)
+    print(f"dataset {spec.name}: {len(data)} curves, classes {data.class_names}; left out: {data.dropped}",
+          flush=True)
+    registry.setup_tracking()
+    experiment = registry.experiment_id(args.experiment)
+    with mlflow.start_run(experiment_id=experiment, run_name=args.run_name or f"classify-{spec.name}-{started}"):
+        mlflow.set_tags({"model": str(args.model), "dataset": spec.name, "survey": spec.survey,
+                         "label_set": spec.label_set, "lake": str(lake), "output": str(out)})
+        report = ev.run_protocol(data, model, run, out)
+    (out / "command.txt").write_text("python jobs/classify.py " + " ".join(argv if argv is not None else sys.argv[1:])
+                                     + "\n")
+    print(f"results: {out / 'results.md'}")
+    return 0 if report["summary"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

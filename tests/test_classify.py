@@ -1,0 +1,118 @@
+"""jobs/classify.py end to end on a small labelled lake: real DuckDB catalog, real MLflow (SQLite)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import posixpath
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from astromer import evaluate as ev
+from astromer.config import ModelConfig
+from astromer.lake.paths import LakePaths
+from astromer.lake.schema import LABELS, LIGHTCURVES
+from astromer.lake.writers import write_parquet
+from astromer.model import Astromer
+from astromer.weights import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLASSES = {"fast": (0.3, 0.6), "slow": (8.0, 15.0), "eclipse": (2.0, 4.0)}
+
+
+def write_labelled_lake(root, n_per_class=24, survey="synthetic", bands=("g", "r"), seed=0):
+    """Three classes of periodic curves (different periods and shapes) in two bands, plus a rare class."""
+    rng = np.random.default_rng(seed)
+    paths = LakePaths(str(root))
+    rows = {b: [] for b in bands}
+    labels, periods = [], {}
+    counts = dict.fromkeys(CLASSES, n_per_class) | {"rare": 2}
+    for cls, count in counts.items():
+        lo, hi = CLASSES.get(cls, (1.0, 1.5))
+        for i in range(count):
+            oid = f"{cls}-{i:03d}"
+            period = rng.uniform(lo, hi)
+            periods[oid] = period
+            labels.append({"object_id": oid, "label_set": "class", "label": cls})
+            labels.append({"object_id": oid, "label_set": "period", "label": repr(period)})
+            for b in bands:
+                n = int(rng.integers(40, 120))
+                t = 50000 + np.sort(rng.choice(np.arange(0, 2000, 0.29), n, replace=False))
+                phase = (t / period) % 1
+                shape = -0.8 * (np.abs(phase - 0.5) < 0.05) if cls == "eclipse" else 0.4 * np.sin(2 * np.pi * phase)
+                m = 15 + shape + rng.normal(0, 0.02, n)
+                rows[b].append({"object_id": oid, "ra": None, "dec": None, "mjd": t.tolist(), "mag": m.tolist(),
+                                "err": [0.02] * n, "n_obs": n, "quality": [0] * n, "source_file": "test",
+                                "source_sha256": "0" * 64, "ingest_id": "test"})
+    for b in bands:
+        write_parquet(paths.fs, pa.Table.from_pylist(rows[b], schema=LIGHTCURVES),
+                      posixpath.join(paths.lightcurves(survey, b), paths.part_name(0)))
+    write_parquet(paths.fs, pa.Table.from_pylist(labels, schema=LABELS),
+                  posixpath.join(paths.labels(survey), paths.part_name(0)))
+    return periods
+
+
+@pytest.fixture()
+def labelled_lake(tmp_path):
+    import torch
+
+    write_labelled_lake(tmp_path / "lake")
+    torch.manual_seed(0)
+    model_dir = save_model(Astromer(ModelConfig.tiny()), tmp_path / "tiny")
+    return str(tmp_path / "lake"), str(model_dir)
+
+
+def test_load_labelled_set_filters_classes_and_keeps_objects_together(labelled_lake):
+    lake, _ = labelled_lake
+    data = ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "class", min_members=10))
+    assert data.class_names == ["eclipse", "fast", "slow"]
+    assert len(data) == 3 * 24 * 2  # two bands per object
+    assert any("rare" in reason for reason in data.dropped)
+    assert data.periods["fast-000"] == pytest.approx(data.periods["fast-000"]) and len(data.periods) == 74
+    one_band = ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "class", bands=("r",),
+                                                         classes=("fast", "slow"), min_members=10))
+    assert set(one_band.bands) == {"r"} and one_band.class_names == ["fast", "slow"]
+    with pytest.raises(LookupError, match="no labelled curves"):
+        ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "mode"))
+
+
+def test_classify_job_runs_protocol_with_baselines_and_logs_to_mlflow(labelled_lake, tmp_path, mlflow_sqlite):
+    import mlflow
+
+    lake, model_dir = labelled_lake
+    out = tmp_path / "out"
+    config = tmp_path / "best.json"
+    config.write_text(json.dumps({"classifier": {"hidden": [64, 32, 16], "lr": 2e-3, "max_epochs": 30,
+                                                 "patience": 5}, "rf_trees": 50}))
+    job = _load_job("classify")
+    rc = job.main(["--model", model_dir, "--lake", lake, "--survey", "synthetic", "--label-set", "class",
+                   "--min-members", "10", "--samples-per-class", "4", "8", "--folds", "2", "--test-per-class", "10",
+                   "--config", str(config), "--out", str(out), "--run-name", "toy-classify"])
+    assert rc == 0
+    table = (out / "results.md").read_text()
+    for method in (ev.METHOD_FROZEN, ev.METHOD_RANDOM, ev.METHOD_RF):
+        for spc in (4, 8):
+            assert f"| {method} | {spc} | 2 |" in table
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["classifier"]["hidden"] == [64, 32, 16]
+    rf = [r for r in results["results"] if r["method"] == ev.METHOD_RF]
+    assert len(rf) == 4 and np.mean([r["f1"] for r in rf]) > 0.6  # separable classes: features work
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "attention-first-block.png" in pngs and any(p.startswith("tsne-") for p in pngs)
+    assert sum(p.startswith("confusion-") for p in pngs) == 6 and sum(p.startswith("gammas-") for p in pngs) == 4
+    runs = mlflow.search_runs(experiment_names=["astromer-classify"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and parents[0].info.run_name == "toy-classify"
+    assert len(nested) == 6
+    assert all("f1_mean" in r.data.metrics and "f1_std" in r.data.metrics for r in nested)
