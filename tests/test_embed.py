@@ -75,7 +75,18 @@ def _read_survey(lake, ref):
     return pq.read_table(folder), sorted(p.name for p in __import__("pathlib").Path(folder).iterdir())
 
 
-def test_embed_job_writes_rows_replaces_on_rerun_and_writes_detail(ray_local, small_lake):
+def _load_job(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"job_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_embed_job_writes_rows_replaces_on_rerun_and_writes_detail(ray_local, small_lake, capsys):
     lake, model_dir, curves, model = small_lake
     report = emb.embed_survey(lake, model_dir, SURVEY, name="tiny", curves_per_batch=5,
                               detail_objects=["twin-a"])
@@ -99,9 +110,10 @@ def test_embed_job_writes_rows_replaces_on_rerun_and_writes_detail(ray_local, sm
     np.testing.assert_allclose(np.array(got["embedding"]), expected[-1], rtol=1e-4, atol=1e-5)
 
     # re-running the same model version replaces the rows; re-running one band keeps the other band
-    again = emb.embed_survey(lake, model_dir, SURVEY, name="tiny", curves_per_batch=7)
-    assert again["version"] == report["version"]
-    table2, files2 = _read_survey(lake, again)
+    job = _load_job("embed")
+    assert job.main(["--model", model_dir, "--name", "tiny", "--lake", lake, "--survey", SURVEY,
+                     "--curves-per-batch", "7"]) == 0
+    table2, files2 = _read_survey(lake, report)
     assert table2.num_rows == 24 and files2 == files
     only_g = emb.embed_survey(lake, model_dir, SURVEY, bands=["g"], name="tiny")
     table3, _ = _read_survey(lake, only_g)
@@ -123,6 +135,11 @@ def test_embed_job_writes_rows_replaces_on_rerun_and_writes_detail(ray_local, sm
     hits = emb.similar(lake, "twin-a", k=3)
     assert hits[0]["object_id"] == "twin-b" and hits[0]["similarity"] > 0.999
     assert all(h["object_id"] != "twin-a" for h in hits)
+    from astromer.cli import main as cli
+
+    capsys.readouterr()
+    assert cli(["lake", "similar", "twin-a", "--k", "2", "--lake", lake]) == 0
+    assert "twin-b" in capsys.readouterr().out
 
 
 def test_embed_job_rejects_unknown_survey_and_band(small_lake):

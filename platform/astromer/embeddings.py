@@ -228,8 +228,12 @@ def _band_of_file(path: str) -> str | None:
 def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None = None, *,
                  name: str | None = None, batch_size: int = 256, curves_per_batch: int = 128,
                  actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
-                 clean: bool = True, detail_objects: Sequence[str] = ()) -> dict:
-    """Embed every curve of ``survey`` (all bands, or ``bands``) into the lake; returns a report dict."""
+                 threads: int | None = None, clean: bool = True, detail_objects: Sequence[str] = ()) -> dict:
+    """Embed every curve of ``survey`` (all bands, or ``bands``) into the lake; returns a report dict.
+
+    ``actors`` model replicas each reserve ``cpus_per_actor`` Ray CPUs (leave one for the Parquet reads on a
+    small machine) and run ``threads`` torch threads (default: the machine's cores shared by the actors).
+    """
     import ray
 
     from astromer.lake.paths import LakePaths, validate_band, validate_survey
@@ -264,7 +268,8 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
                 CurveEmbedder, batch_size=curves_per_batch, batch_format="pyarrow",
                 fn_constructor_kwargs=dict(model_dir=str(ref.model_dir), band=band,
                                            skipped_dir=paths.url_of(skipped_dir), batch_size=batch_size,
-                                           clean=clean, threads=max(1, int(cpus_per_actor)),
+                                           clean=clean,
+                                           threads=threads or max(1, (os.cpu_count() or 1) // max(1, actors)),
                                            device="cuda" if gpus_per_actor > 0 else "cpu"),
                 concurrency=actors, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
             ds.write_parquet(paths.url_of(out), min_rows_per_file=50_000)

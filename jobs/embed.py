@@ -1,0 +1,72 @@
+"""Embed a survey of the lake with a registered model: Ray Data batch inference with an actor pool.
+
+    python jobs/embed.py --model models:/astromer1-macho@production --lake LAKE --survey ogle
+    python jobs/embed.py --model MODEL_DIR --name my-model --lake LAKE --survey sdss-stripe82 --band g r
+    python jobs/embed.py --model ... --lake LAKE --survey asas --detail-objects 010005-0448.6 --gpus-per-actor 1
+
+Every window of every curve is encoded; each curve gets one row in
+embeddings/model=<name>/version=<v>/survey=<s>/ (object_id, band, n_obs, n_windows, embedding FLOAT[D], layer_means).
+Re-running for the same model version replaces that survey's rows (per band with --band). With
+--detail-objects, per-observation embeddings and attention weights of those objects go to a Zarr store
+beside the Parquet files. Starts a local Ray unless RAY_ADDRESS is set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from astromer import settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a model folder")
+    parser.add_argument("--name", help="model name in the lake for a model folder (default: the folder name)")
+    parser.add_argument("--lake", default=None, help="lake root (default: ASTROMER_HOME/lake)")
+    parser.add_argument("--survey", required=True, nargs="+", help="survey(s) to embed")
+    parser.add_argument("--band", "--bands", dest="bands", nargs="+", help="only these bands (default: all)")
+    parser.add_argument("--actors", type=int, default=1, help="model replicas in the actor pool")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs reserved per actor")
+    parser.add_argument("--threads", type=int, help="torch threads per actor (default: cores / actors)")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU inference)")
+    parser.add_argument("--curves-per-batch", type=int, default=128, help="curves per Ray Data batch")
+    parser.add_argument("--batch-size", type=int, default=256, help="windows per model forward")
+    parser.add_argument("--no-clean", dest="clean", action="store_false",
+                        help="embed every observation, ignoring the lake's quality flags")
+    parser.add_argument("--detail-objects", nargs="+", default=(),
+                        help="object ids whose per-observation embeddings and attention go to Zarr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    import os
+
+    import ray
+    from astromer.embeddings import embed_survey
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    lake = args.lake or settings.default_lake()
+    for survey in args.survey:
+        report = embed_survey(lake, args.model, survey, args.bands, name=args.name, batch_size=args.batch_size,
+                              curves_per_batch=args.curves_per_batch, actors=args.actors,
+                              cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+                              threads=args.threads,
+                              clean=args.clean, detail_objects=args.detail_objects)
+        summary = {k: v for k, v in report.items() if k != "bands"}
+        summary["bands"] = {b: {k: (len(v) if k == "skipped" else v) for k, v in info.items()}
+                            for b, info in report["bands"].items()}
+        print(json.dumps(summary, indent=2, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
