@@ -2,7 +2,8 @@
 
     plan    list the inputs of a source, checksum them (on the workers), derive the ingest id
             (a hash of survey, reader version, options and every input's key and sha256)
-    map     parse each input into a shard under ``_ingest/runs/<id>/shards/`` and write its marker;
+    map     parse each input into shards (one Arrow IPC file per band) under
+            ``_ingest/runs/<id>/shards/`` and write its marker;
             inputs whose marker exists are skipped, so a killed run resumes where it stopped
     reduce  compact the shards, band by band, into parts of about ``part_bytes``, streamed row group
             by row group into ``_ingest/runs/<id>/staging/``
@@ -28,14 +29,21 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from astromer.lake import schema
 from astromer.lake.paths import LakePaths, validate_survey
-from astromer.lake.writers import ParquetPartWriter, publish, read_json, write_json, write_parquet
+from astromer.lake.writers import (
+    ParquetPartWriter,
+    publish,
+    read_arrow,
+    read_json,
+    write_arrow,
+    write_json,
+    write_parquet,
+)
 from astromer.surveys import get_reader
 from astromer.surveys.base import ArchiveError, Batch, Input
 
@@ -129,13 +137,13 @@ def map_task(reader_name: str, item: Input, index: int, sha256: str, context: di
     table = batch.to_table(source_sha256=sha256, ingest_id=ingest_id)
     bands = {}
     if table.num_rows:
-        band_col = np.asarray(table.column("band").to_pylist(), dtype=object)
-        n_obs = table.column("n_obs").to_numpy()
-        for band in sorted(set(band_col)):
-            sel = band_col == band
-            bands[band] = {"curves": int(sel.sum()), "observations": int(n_obs[sel].sum()),
-                           "nbytes": int(table.nbytes * sel.sum() / table.num_rows)}
-        write_parquet(fs, table, f"{run}/shards/{index:06d}.parquet", compression="lz4")
+        band_names = sorted(set(batch.band))
+        for band in band_names:
+            part = table if len(band_names) == 1 else table.filter(pc.equal(table.column("band"), band))
+            part = part.drop_columns(["band"])
+            bands[band] = {"curves": part.num_rows, "observations": int(pc.sum(part.column("n_obs")).as_py()),
+                           "nbytes": int(part.nbytes)}
+            write_arrow(fs, part, shard_path(run, index, band))
     if batch.labels:
         labels = pa.table({"object_id": [x[0] for x in batch.labels], "label_set": [x[1] for x in batch.labels],
                            "label": [x[2] for x in batch.labels]}, schema=schema.LABELS)
@@ -151,6 +159,10 @@ def map_task(reader_name: str, item: Input, index: int, sha256: str, context: di
     return marker
 
 
+def shard_path(run: str, index: int, band: str) -> str:
+    return f"{run}/shards/{index:06d}/band={band}.arrow"
+
+
 def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[int], part: int) -> dict:
     """Stream the ``band`` rows of some shards into one staged part file."""
     paths = LakePaths(lake_url)
@@ -163,11 +175,7 @@ def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[in
     writer = ParquetPartWriter(fs, out, schema.LIGHTCURVES)
     try:
         for index in shard_indices:
-            with fs.open(f"{run}/shards/{index:06d}.parquet", "rb") as handle:
-                table = pq.read_table(handle)
-            mask = pc.equal(table.column("band"), band)
-            table = table.filter(mask).drop_columns(["band"])
-            writer.write(table, row_group_size=ROW_GROUP_CURVES)
+            writer.write(read_arrow(fs, shard_path(run, index, band)), row_group_size=ROW_GROUP_CURVES)
         writer.close()
     except BaseException:
         writer.abort()

@@ -24,14 +24,17 @@ def run_query(args) -> int:
 
     con = connect(_lake(args))
     try:
-        cursor = con.execute(args.sql)
-        if cursor.description is None:          # a statement without a result
-            return 0
-        columns = [d[0] for d in cursor.description]
         if args.format == "table":
+            cursor = con.execute(args.sql)
+            if cursor.description is None:          # a statement without a result
+                return 0
+            columns = [d[0] for d in cursor.description]
             print_table(columns, cursor.fetchmany(args.max_rows + 1), args.max_rows)
             return 0
-        table = cursor.to_arrow_table()
+        relation = con.sql(args.sql)
+        if relation is None:
+            return 0
+        table = relation.to_arrow_table()
     except duckdb.Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

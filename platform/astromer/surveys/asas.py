@@ -12,6 +12,7 @@ from astromer.surveys.base import (
     Batch,
     Input,
     Plan,
+    add_parsed,
     basename,
     is_archive,
     iter_members,
@@ -55,11 +56,12 @@ class AsasReader:
         else:
             members = [(item.key, item.key, read_bytes(item.url))]
         classes = context.get("classes", {})
-        arrays = parse_bodies([m[2] for m in members], [m[0] for m in members], 3, delimiter=b",",
-                              quarantine=batch.quarantine)
-        for (source_file, name, _), rows in zip(members, arrays):
-            object_id = basename(name).rsplit(".dat", 1)[0]
-            if batch.add_curve(object_id, "V", rows[:, 0] + HJD2450000_TO_MJD, rows[:, 1], rows[:, 2],
-                               source_file=source_file) and object_id in classes:
+        columns, lengths = parse_bodies([m[2] for m in members], [m[0] for m in members], 3, delimiter=b",",
+                                        quarantine=batch.quarantine)
+        object_ids = [basename(name).rsplit(".dat", 1)[0] for _, name, _ in members]
+        accepted = add_parsed(batch, object_ids, ["V"] * len(members), columns, lengths, [m[0] for m in members],
+                              time_offset=HJD2450000_TO_MJD)
+        for object_id, ok in zip(object_ids, accepted):
+            if ok and object_id in classes:
                 batch.labels.append((object_id, LABEL_SET, classes[object_id]))
         return batch

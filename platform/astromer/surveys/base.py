@@ -255,13 +255,31 @@ class ArchiveError(Exception):
     """A truncated or corrupt archive."""
 
 
-def iter_members(url: str, fs=None):
-    """Yield ``(member_name, bytes)`` of the regular files of a tar archive, streaming.
+#: archives up to this size are read whole and split by :func:`split_tar` (fast); larger ones stream
+WHOLE_ARCHIVE_BYTES = 1 << 30
 
-    Raises :class:`ArchiveError` on a truncated or corrupt archive (after the complete members).
+
+def iter_members(url: str, fs=None):
+    """Yield ``(member_name, bytes)`` of the regular files of a tar archive (plain or compressed).
+
+    Archives up to :data:`WHOLE_ARCHIVE_BYTES` are decompressed into memory and split by
+    :func:`split_tar`; larger ones stream through :mod:`tarfile`. Raises :class:`ArchiveError` on a
+    truncated or corrupt archive (after yielding the complete members before the damage).
     """
     opener = fs.open(url, "rb") if fs is not None else fsspec.open(url, "rb").open()
     with opener as handle:
+        size = getattr(handle, "size", None)
+        if size is not None and size <= WHOLE_ARCHIVE_BYTES:
+            try:
+                data = _decompress(url.split("::", 1)[0], handle.read())
+            except (EOFError, zlib.error, OSError, ValueError) as exc:
+                raise ArchiveError(f"{type(exc).__name__}: {exc}") from exc
+            except Exception as exc:
+                if type(exc).__module__ in ("_lzma", "_bz2", "lzma", "bz2", "gzip", "_compression"):
+                    raise ArchiveError(f"{type(exc).__name__}: {exc}") from exc
+                raise
+            yield from split_tar(data)
+            return
         try:
             with tarfile.open(fileobj=handle, mode="r|*") as tar:
                 for member in tar:
@@ -278,6 +296,70 @@ def iter_members(url: str, fs=None):
             if type(exc).__module__ in ("_lzma", "_bz2", "lzma", "bz2", "gzip", "_compression"):
                 raise ArchiveError(f"{type(exc).__name__}: {exc}") from exc
             raise
+
+
+def _decompress(path: str, raw: bytes) -> bytes:
+    lower = path.lower()
+    if lower.endswith((".gz", ".tgz")):
+        import gzip
+
+        return gzip.decompress(raw)
+    if lower.endswith((".bz2", ".tbz2")):
+        import bz2
+
+        return bz2.decompress(raw)
+    if lower.endswith((".xz", ".txz")):
+        import lzma
+
+        return lzma.decompress(raw)
+    return raw
+
+
+def split_tar(data: bytes):
+    """Yield ``(name, bytes)`` of the regular files of an uncompressed tar held in memory.
+
+    Reads the 512-byte ustar headers directly (about 100 times faster than :mod:`tarfile` for
+    archives of many small members); GNU long names and pax headers go through :mod:`tarfile`.
+    """
+    view = memoryview(data)
+    pos, end = 0, len(data)
+    while pos + 512 <= end:
+        header = data[pos:pos + 512]
+        if header.count(0) == 512:          # end-of-archive blocks
+            return
+        typeflag = header[156:157]
+        if typeflag in (b"L", b"K", b"x", b"g"):
+            yield from _split_with_tarfile(data)
+            return
+        try:
+            size_field = header[124:136]
+            size = int(size_field.rstrip(b"\0 ").strip() or b"0", 8) if not size_field[0] & 0x80 else \
+                int.from_bytes(size_field[1:], "big")
+            int(header[148:156].rstrip(b"\0 ").strip() or b"0", 8)   # a corrupt header fails here
+        except ValueError as exc:
+            raise ArchiveError(f"corrupt tar header at byte {pos}") from exc
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+        if prefix:
+            name = prefix + b"/" + name
+        body = pos + 512
+        if body + size > end:
+            raise ArchiveError(f"member {name.decode('utf-8', 'replace')} is truncated")
+        if typeflag in (b"0", b"\0", b"7"):
+            yield name.decode("utf-8", "surrogateescape"), bytes(view[body:body + size])
+        pos = body + (size + 511) // 512 * 512
+    if pos < end and any(data[pos:]):
+        raise ArchiveError("archive ends inside a header")
+
+
+def _split_with_tarfile(data: bytes):
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    yield member.name, tar.extractfile(member).read()
+    except tarfile.TarError as exc:
+        raise ArchiveError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def read_bytes(url: str, fs=None) -> bytes:
@@ -355,30 +437,68 @@ def relative_key(root: str, path: str) -> str:
 
 
 def parse_bodies(bodies: list[bytes], names: list[str], ncols: int, *, delimiter: bytes = b" ",
-                 quarantine: list | None = None, first_lines: list[int] | None = None) -> list[np.ndarray]:
+                 quarantine: list | None = None, first_lines: list[int] | None = None
+                 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Parse many small numeric text bodies (archive members) as fast as one big file.
 
-    The bodies are joined into one buffer and parsed once by pyarrow's CSV reader; each body's
-    rows are then cut back out by its line count. Any irregularity (a bad row somewhere, empty
-    lines, several spaces) sends every body through :func:`parse_numeric` on its own instead, so
-    one bad member never costs the good ones beside it.
+    Returns ``ncols`` concatenated float64 columns and the row count of each body. The bodies are
+    joined into one buffer and parsed once by pyarrow's CSV reader; any irregularity (a bad row
+    somewhere, empty lines, several spaces) sends every body through :func:`parse_numeric` on its
+    own instead, so one bad member never costs the good ones beside it.
     """
     fixed = [b if b.endswith(b"\n") or not b else b + b"\n" for b in bodies]
     counts = np.fromiter((b.count(b"\n") for b in fixed), dtype=np.int64, count=len(fixed))
     total = int(counts.sum())
     if total:
-        buffer = b"".join(fixed)
         columns = [f"c{i}" for i in range(ncols)]
         try:
-            table = read_csv_columns(buffer, columns, delimiter=delimiter.decode(),
+            table = read_csv_columns(b"".join(fixed), columns, delimiter=delimiter.decode(),
                                      types={c: pa.float64() for c in columns})
             if table.num_rows == total and table.num_columns == ncols:
-                matrix = np.column_stack([table.column(c).to_numpy(zero_copy_only=False)
-                                          for c in columns]).astype(np.float64, copy=False)
-                bounds = np.concatenate([[0], np.cumsum(counts)])
-                return [matrix[bounds[i]:bounds[i + 1]] for i in range(len(fixed))]
+                return [table.column(c).to_numpy(zero_copy_only=False) for c in columns], counts
         except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError):
             pass
     first_lines = first_lines or [1] * len(bodies)
-    return [parse_numeric(b, ncols, delimiter=delimiter, name=n, quarantine=quarantine, first_line=f)
-            for b, n, f in zip(bodies, names, first_lines)]
+    arrays = [parse_numeric(b, ncols, delimiter=delimiter, name=n, quarantine=quarantine, first_line=f)
+              for b, n, f in zip(bodies, names, first_lines)]
+    counts = np.array([len(a) for a in arrays], dtype=np.int64)
+    matrix = np.concatenate(arrays) if arrays else np.zeros((0, ncols))
+    return [np.ascontiguousarray(matrix[:, i]) for i in range(ncols)], counts
+
+
+def add_parsed(batch: Batch, object_ids: list, bands: list, columns: list[np.ndarray], lengths: np.ndarray,
+               source_files: list, ras=None, decs=None, time_offset: float = 0.0) -> np.ndarray:
+    """Add parsed curves (concatenated ``mjd, mag, err`` columns) after validating every curve's
+    names and length; rejected curves are quarantined. Returns the mask of accepted curves."""
+    n = len(object_ids)
+    ras = ras if ras is not None else [None] * n
+    decs = decs if decs is not None else [None] * n
+    accepted = np.ones(n, dtype=bool)
+    for i in range(n):
+        if not is_valid_object_id(object_ids[i]):
+            batch.quarantine.append((source_files[i], "invalid_object_id", repr(object_ids[i])[:200]))
+        elif not _valid_band(bands[i]):
+            batch.quarantine.append((source_files[i], "invalid_band", repr(bands[i])[:200]))
+        elif lengths[i] == 0:
+            batch.quarantine.append((source_files[i], "empty", f"{object_ids[i]} band {bands[i]}: no observation"))
+        else:
+            continue
+        accepted[i] = False
+    mjd, mag, err = columns
+    if not accepted.all():
+        rows = np.repeat(accepted, lengths)
+        mjd, mag, err = mjd[rows], mag[rows], err[rows]
+    pick = np.flatnonzero(accepted)
+    batch.add_block([object_ids[i] for i in pick], [bands[i] for i in pick], lengths[accepted].tolist(),
+                    mjd + time_offset if time_offset else mjd, mag, err,
+                    source_files=[source_files[i] for i in pick], ras=[ras[i] for i in pick],
+                    decs=[decs[i] for i in pick])
+    return accepted
+
+
+def _valid_band(band) -> bool:
+    try:
+        validate_band(band)
+        return True
+    except ValueError:
+        return False

@@ -14,6 +14,7 @@ from astromer.surveys.base import (
     Batch,
     Input,
     Plan,
+    add_parsed,
     basename,
     is_archive,
     iter_members,
@@ -41,7 +42,7 @@ class MachoReader:
         batch = Batch()
         if is_archive(item.url):
             members = [(f"{item.key}::{name}", name, data) for name, data in iter_members(item.url)
-                       if basename(name).lower().endswith(".mjd")]
+                       if name.lower().endswith(".mjd")]
         else:
             members = [(item.key, item.key, read_bytes(item.url))]
         parse_members(members, batch)
@@ -49,19 +50,22 @@ class MachoReader:
 
 
 def parse_members(members: list[tuple[str, str, bytes]], batch: Batch) -> None:
-    """Parse ``(source_file, member_name, bytes)`` MACHO text files into ``batch``."""
-    bodies, names, meta, first_lines = [], [], [], []
+    """Parse ``(source_file, member_name, bytes)`` MACHO text files into ``batch`` (one block)."""
+    bodies, names, first_lines = [], [], []
+    object_ids, bands, ras, decs = [], [], [], []
     for source_file, name, data in members:
         header, body = split_header(data)
         object_id, band, ra, dec = _identify(basename(name), header, source_file, batch)
         bodies.append(body)
         first_lines.append(len(header) + 1)
         names.append(source_file)
-        meta.append((object_id, band, ra, dec))
-    arrays = parse_bodies(bodies, names, 3, delimiter=b" ", quarantine=batch.quarantine, first_lines=first_lines)
-    for (object_id, band, ra, dec), rows, source_file in zip(meta, arrays, names):
-        batch.add_curve(object_id, band, rows[:, 0], rows[:, 1], rows[:, 2],
-                        source_file=source_file, ra=ra, dec=dec)
+        object_ids.append(object_id)
+        bands.append(band)
+        ras.append(ra)
+        decs.append(dec)
+    columns, lengths = parse_bodies(bodies, names, 3, delimiter=b" ", quarantine=batch.quarantine,
+                                    first_lines=first_lines)
+    add_parsed(batch, object_ids, bands, columns, lengths, names, ras, decs)
 
 
 def _identify(filename: str, header: list[bytes], source_file: str, batch: Batch):

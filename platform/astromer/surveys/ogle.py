@@ -11,6 +11,7 @@ from astromer.surveys.base import (
     Batch,
     Input,
     Plan,
+    add_parsed,
     basename,
     is_archive,
     iter_members,
@@ -62,14 +63,21 @@ class OgleReader:
         else:
             members = [(item.key, item.key, read_bytes(item.url))]
         ident = context.get("ident", {})
-        arrays = parse_bodies([m[2] for m in members], [m[0] for m in members], 3, delimiter=b" ",
-                              quarantine=batch.quarantine)
-        for (source_file, name, _), rows in zip(members, arrays):
+        columns, lengths = parse_bodies([m[2] for m in members], [m[0] for m in members], 3, delimiter=b" ",
+                                        quarantine=batch.quarantine)
+        object_ids, bands, ras, decs = [], [], [], []
+        for _, name, _ in members:
             object_id = basename(name).split(".dat")[0]
             parts = name.replace("\\", "/").split("/")
-            band = parts[-2] if len(parts) >= 2 and parts[-2] in ("I", "V") else "I"
-            mode, ra, dec = ident.get(object_id, (None, None, None))
-            if batch.add_curve(object_id, band, rows[:, 0] + HJD2450000_TO_MJD, rows[:, 1], rows[:, 2],
-                               source_file=source_file, ra=ra, dec=dec) and mode:
+            object_ids.append(object_id)
+            bands.append(parts[-2] if len(parts) >= 2 and parts[-2] in ("I", "V") else "I")
+            _, ra, dec = ident.get(object_id, (None, None, None))
+            ras.append(ra)
+            decs.append(dec)
+        accepted = add_parsed(batch, object_ids, bands, columns, lengths, [m[0] for m in members], ras, decs,
+                              time_offset=HJD2450000_TO_MJD)
+        for object_id, ok in zip(object_ids, accepted):
+            mode = ident.get(object_id, (None,))[0]
+            if ok and mode:
                 batch.labels.append((object_id, LABEL_SET, mode))
         return batch

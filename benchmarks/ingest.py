@@ -1,0 +1,225 @@
+"""Ingest throughput against pyarrow's own CSV parser, measured in the same run.
+
+    python benchmarks/ingest.py [--objects 100000] [--workers 2]
+
+1. Writes a synthetic survey (``astromer.surveys.synthetic``) as MACHO-format text: ``--objects``
+   objects x 2 bands = at least 200,000 ``lc_<id>.<band>.mjd`` curves (``#`` header lines, then
+   ``MJD Mag Err`` rows). Packing: uncompressed ``.tar`` files of ``--per-tar`` objects (4,000
+   curves, about 7 MB) each -- one map task per tar, big enough that per-task overhead vanishes,
+   small enough that a task's memory stays bounded; uncompressed so that the baseline and the
+   ingest read exactly the same bytes (a compressed archive would measure the decompressor).
+   The files are cached in ``--workdir`` and reused by later runs.
+2. Baseline: pyarrow.csv parses the same rows (the member bodies, joined per tar) into three
+   float64 columns, multithreaded, in memory: rows/s and bytes/s.
+3. End to end: ``astromer.ingest.run_ingest`` (local Dask cluster, ``--workers`` processes) from the
+   tar files to the published lake (plan with sha256, map, reduce, finish), wall clock including the
+   cluster start. Prints observations/s, bytes/s and the ratio to the baseline (target >= 0.5, and
+   >= 1 million observations/s on 2 cores).
+4. Memory: the same ingest of a survey twice as large; the peak resident memory of this process and
+   all its children (sampled every 20 ms) must stay within 20% (flat as the survey grows).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_tar(args) -> tuple[str, int, int]:
+    """One tar of MACHO-format curves for objects [start, stop). Returns (path, curves, rows)."""
+    from astromer.surveys.synthetic import macho_text, simulate_object
+
+    path, start, stop, seed, years = args
+    if os.path.exists(path):
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+        return path, len(members), -1
+    headers, names, columns = [], [], ([], [], [])
+    for index in range(start, stop):
+        obj = simulate_object(index, seed, years=years)
+        # MACHO ids are field.tile.seq: field 1, tile = index // 10000, seq = index % 10000
+        oid = f"1.{index // 10000}.{index % 10000}"
+        for band, (mjd, mag, err) in obj["bands"].items():
+            headers.append(macho_text(oid, band, obj["ra"], obj["dec"], float(np.mean(mag))))
+            names.append(f"lc_{oid}.{band}.mjd")
+            for col, values in zip(columns, (mjd, mag, err)):
+                col.append(values)
+    lengths = np.array([len(c) for c in columns[0]])
+    table = pa.table({"mjd": np.concatenate(columns[0]), "mag": np.concatenate(columns[1]),
+                      "err": np.concatenate(columns[2])})
+    buffer = io.BytesIO()
+    pacsv.write_csv(table, buffer, write_options=pacsv.WriteOptions(include_header=False, delimiter=" ",
+                                                                     quoting_style="none"))
+    text = buffer.getvalue()
+    newlines = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == 10)
+    ends = newlines[np.cumsum(lengths) - 1] + 1
+    starts = np.r_[0, ends[:-1]]
+    tmp = f"{path}.tmp"
+    with tarfile.open(tmp, "w") as tar:
+        for name, header, lo, hi in zip(names, headers, starts, ends):
+            data = header + text[lo:hi]
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+    return path, len(names), int(lengths.sum())
+
+
+def make_survey(folder: Path, objects: int, per_tar: int, seed: int, years: float) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(folder / f"survey-{i:05d}.tar"), start, min(objects, start + per_tar), seed, years)
+            for i, start in enumerate(range(0, objects, per_tar))]
+    todo = [j for j in jobs if not os.path.exists(j[0])]
+    if todo:
+        print(f"writing {len(todo)} tar files of MACHO-format text into {folder} ...", file=sys.stderr)
+        with mp.get_context("spawn").Pool(2) as pool:
+            for done, _ in enumerate(pool.imap_unordered(write_tar, todo), 1):
+                if done % 10 == 0:
+                    print(f"  {done}/{len(todo)}", file=sys.stderr)
+    return [j[0] for j in jobs]
+
+
+def pyarrow_baseline(tars: list[str]) -> dict:
+    """pyarrow.csv over the same rows (member bodies joined per tar), timed around the parse only."""
+    rows = nbytes = 0
+    seconds = 0.0
+    types = {c: pa.float64() for c in ("mjd", "mag", "err")}
+    for path in tars:
+        with tarfile.open(path) as tar:
+            bodies = []
+            for member in tar:
+                data = tar.extractfile(member).read()
+                bodies.append(data.split(b"\n", 3)[3])    # drop the three '#' header lines
+        text = b"".join(bodies)
+        t0 = time.perf_counter()
+        table = pacsv.read_csv(io.BytesIO(text),
+                               read_options=pacsv.ReadOptions(column_names=list(types), use_threads=True,
+                                                              block_size=1 << 24),
+                               parse_options=pacsv.ParseOptions(delimiter=" "),
+                               convert_options=pacsv.ConvertOptions(column_types=types))
+        seconds += time.perf_counter() - t0
+        rows += table.num_rows
+        nbytes += len(text)
+    return {"rows": rows, "bytes": nbytes, "seconds": seconds, "rows_per_s": rows / seconds,
+            "bytes_per_s": nbytes / seconds}
+
+
+class PeakMemory:
+    """Peak of (RSS of this process + all its children), sampled in a thread."""
+
+    def __init__(self, interval: float = 0.02):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        for proc in [self.process, *self.process.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except Exception:  # noqa: BLE001 - a child may exit between listing and reading
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def ingest(tars: list[str], folder: Path, lake: Path, workers: int, processes: bool) -> dict:
+    from astromer.ingest import run_ingest
+
+    shutil.rmtree(lake, ignore_errors=True)
+    nbytes = sum(os.path.getsize(t) for t in tars)
+    with PeakMemory() as memory:
+        t0 = time.perf_counter()
+        result = run_ingest("macho", str(folder), str(lake), progress=False,
+                            workers=workers if processes else 1, threads_per_worker=1 if processes else workers,
+                            processes=processes,
+                            stream=open(os.devnull, "w"))
+        seconds = time.perf_counter() - t0
+    return {"curves": result.curves, "observations": result.observations, "bytes": nbytes, "seconds": seconds,
+            "obs_per_s": result.observations / seconds, "bytes_per_s": nbytes / seconds, "peak_rss": memory.peak,
+            "stages": result.stage_seconds}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objects", type=int, default=100_000, help="objects (x2 bands = curves)")
+    parser.add_argument("--per-tar", type=int, default=2_000, help="objects per tar file")
+    parser.add_argument("--years", type=float, default=0.6, help="survey length (sets curve length)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="Dask workers (threads with --threads)")
+    parser.add_argument("--threads", dest="processes", action="store_false",
+                        help="one in-process Dask worker with --workers threads instead of worker processes")
+    parser.add_argument("--workdir", default=os.environ.get("ASTROMER_BENCH_DIR", "/tmp/astromer-bench-ingest"))
+    parser.add_argument("--no-double", action="store_true", help="skip the doubled survey (memory check)")
+    args = parser.parse_args(argv)
+
+    work = Path(args.workdir)
+    sizes = [args.objects] if args.no_double else [args.objects, 2 * args.objects]
+    folders = {}
+    for n in sizes:
+        folder = work / f"macho-text-n{n}-seed{args.seed}-y{args.years}"
+        tars = make_survey(folder, n, args.per_tar, args.seed, args.years)
+        folders[n] = (folder, tars)
+
+    folder, tars = folders[args.objects]
+    base = pyarrow_baseline(tars)
+    print(f"baseline  pyarrow.csv parse of the same rows: {base['rows']:,} rows, {base['bytes'] / 1e6:,.1f} MB in "
+          f"{base['seconds']:.2f} s = {base['rows_per_s'] / 1e6:.3f} M rows/s, {base['bytes_per_s'] / 1e6:.1f} MB/s")
+    results = {}
+    for n in sizes:
+        folder, tars = folders[n]
+        r = ingest(tars, folder, work / f"lake-n{n}", args.workers, args.processes)
+        results[n] = r
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in r["stages"].items())
+        print(f"ingest    {n:,} objects = {r['curves']:,} curves, {r['observations']:,} observations, "
+              f"{r['bytes'] / 1e6:,.1f} MB in {r['seconds']:.2f} s ({stages}) = "
+              f"{r['obs_per_s'] / 1e6:.3f} M obs/s, {r['bytes_per_s'] / 1e6:.1f} MB/s; "
+              f"peak RSS {r['peak_rss'] / 2**20:,.0f} MiB")
+    r = results[args.objects]
+    ratio = r["obs_per_s"] / base["rows_per_s"]
+    print(f"ratio     end-to-end / pyarrow parse = {ratio:.2f} (target >= 0.5); "
+          f"{r['obs_per_s'] / 1e6:.2f} M obs/s (target >= 1.0 on 2 cores)")
+    ok = ratio >= 0.5 and r["obs_per_s"] >= 1e6
+    if len(sizes) == 2:
+        growth = results[sizes[1]]["peak_rss"] / results[sizes[0]]["peak_rss"]
+        print(f"memory    peak RSS {results[sizes[0]]['peak_rss'] / 2**20:,.0f} MiB -> "
+              f"{results[sizes[1]]['peak_rss'] / 2**20:,.0f} MiB when the survey doubles: x{growth:.2f} "
+              f"(target <= 1.20)")
+        ok = ok and growth <= 1.2
+    print("PASS" if ok else "BELOW TARGET")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
