@@ -92,7 +92,7 @@ def cadence(rng: np.random.Generator, years: float) -> np.ndarray:
     first = np.repeat(np.cumsum(per_night) - per_night, per_night)
     exposure = np.arange(times.size) - first          # 0, 1, 2 within each night
     times = times + 0.1 + rng.uniform(0, 0.25, times.size) + exposure * rng.uniform(0.04, 0.09, times.size)
-    return np.round(np.sort(times), 6)
+    return np.unique(np.round(times, 6))   # sorted, and no two exposures at the same time
 
 
 def _fourier(phase: np.ndarray, amps, phases) -> np.ndarray:
