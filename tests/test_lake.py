@@ -144,6 +144,11 @@ def test_windows_and_query_commands(small_lake, capsys):
     assert main(["lake", "query", "--lake", small_lake, "--format", "csv",
                  "SELECT band, count(*) AS n FROM lightcurves WHERE survey = 'macho' GROUP BY band ORDER BY band"]) == 0
     assert capsys.readouterr().out.replace('"', "").split() == ["band,n", "B,9", "R,10"]
+    # user SQL reads the lake only: no other files, no writes, no way to switch that off
+    assert main(["lake", "query", "--lake", small_lake, "SELECT * FROM read_csv('/etc/hostname')"]) == 2
+    assert main(["lake", "query", "--lake", small_lake, "COPY (SELECT 1) TO '/tmp/astromer-leak.csv'"]) == 2
+    assert main(["lake", "query", "--lake", small_lake, "SET enable_external_access = true"]) == 2
+    assert "Permission Error" in capsys.readouterr().err
 
 
 def test_memory_source_and_lake_through_fsspec_and_duckdb(client):
@@ -166,3 +171,24 @@ def test_tar_member_urls_are_sources(tmp_path, client):
     assert result.curves == 2 and result.inputs == 2
     con = connect(str(tmp_path / "lake"))
     assert con.execute("SELECT list(band ORDER BY band) FROM lightcurves").fetchone()[0] == ["B", "R"]
+
+
+def test_similar_command_calls_the_embeddings_search(tmp_path, capsys):
+    """`astromer lake similar` is registered here; the search itself lives in astromer.embeddings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from astromer.cli import main
+
+    lake = str(tmp_path / "lake")
+    folder = LakePaths(lake).embeddings("tiny", "1", "synthetic")
+    os.makedirs(folder)
+    base = np.eye(8, dtype=np.float32)
+    vectors = [base[0], base[0] * 0.9 + base[1] * 0.1, base[1], base[0] * 0.5 + base[2] * 0.5]
+    pq.write_table(pa.table({"object_id": ["a", "b", "c", "d"], "band": ["R"] * 4,
+                             "embedding": pa.array([list(v) for v in vectors], type=pa.list_(pa.float32(), 8))}),
+                   os.path.join(folder, "part-R-00000.parquet"))
+    rc = main(["lake", "similar", "a", "--k", "2", "--lake", lake])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [line for line in out.splitlines() if "| R" in line]
+    assert [line.split("|")[1].strip() for line in lines] == ["b", "d"]

@@ -22,7 +22,7 @@ def run_query(args) -> int:
 
     from astromer.lake import connect
 
-    con = connect(_lake(args))
+    con = connect(_lake(args), sandbox=True)
     try:
         if args.format == "table":
             cursor = con.execute(args.sql)

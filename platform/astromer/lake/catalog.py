@@ -21,10 +21,14 @@ def _has_files(paths: LakePaths, pattern: str) -> bool:
     return bool(paths.fs.glob(pattern))
 
 
-def connect(lake: str | LakePaths, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+def connect(lake: str | LakePaths, database: str = ":memory:", *, sandbox: bool = False) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with views ``lightcurves``, ``labels``, ``embeddings`` (when present),
-    and ``ingest_manifest`` / ``ingest_quarantine`` over ``_ingest``. A view whose files do not
-    exist yet is created empty-safe: it is simply absent."""
+    and ``ingest_manifest`` / ``ingest_quarantine`` over ``_ingest``. A table without files yet
+    has no view.
+
+    ``sandbox=True`` (what ``astromer lake query`` uses for SQL typed by users): on a local lake,
+    DuckDB may then read only below the lake root, may not write files, and the setting is locked.
+    """
     paths = lake if isinstance(lake, LakePaths) else LakePaths(lake)
     con = duckdb.connect(database)
     if not paths.is_local:
@@ -40,6 +44,10 @@ def connect(lake: str | LakePaths, database: str = ":memory:") -> duckdb.DuckDBP
         if _has_files(paths, pattern):
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet("
                         f"{_sql_string(paths.url_of(pattern))}, {_HIVE})")
+    if sandbox and paths.is_local:
+        con.execute(f"SET allowed_directories = [{_sql_string(paths.root.rstrip('/') + '/')}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
     return con
 
 
