@@ -183,8 +183,7 @@ def ingest(tars: list[str], folder: Path, lake: Path, workers: int, processes: b
     with PeakMemory() as memory:
         t0 = time.perf_counter()
         result = run_ingest("macho", str(folder), str(lake), progress=False,
-                            workers=workers if processes else 1, threads_per_worker=1 if processes else workers,
-                            processes=processes,
+                            workers=workers, processes=processes,
                             stream=open(os.devnull, "w"))
         seconds = time.perf_counter() - t0
     return {"curves": result.curves, "observations": result.observations, "bytes": nbytes, "seconds": seconds,
@@ -199,9 +198,9 @@ def main(argv=None) -> int:
     parser.add_argument("--per-tar", type=int, default=2_000, help="objects per tar file")
     parser.add_argument("--years", type=float, default=0.6, help="survey length (sets curve length)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2, help="Dask workers (threads with --threads)")
-    parser.add_argument("--threads", dest="processes", action="store_false",
-                        help="one in-process Dask worker with --workers threads instead of worker processes")
+    parser.add_argument("--workers", type=int, default=2, help="Dask threads (worker processes with --processes)")
+    parser.add_argument("--processes", action="store_true",
+                        help="--workers Dask worker processes instead of one in-process worker with threads")
     parser.add_argument("--workdir", default=os.environ.get("ASTROMER_BENCH_DIR", "/tmp/astromer-bench-ingest"))
     parser.add_argument("--no-double", action="store_true", help="skip the doubled survey (memory check)")
     parser.add_argument("--generate-only", action="store_true", help="write the tar files and stop")

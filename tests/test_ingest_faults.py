@@ -122,8 +122,8 @@ def test_a_run_where_every_input_is_bad_exits_nonzero_with_the_report(tmp_path, 
     whole = tar_bytes({"lc_1.2.1.R.mjd": macho_text(2, "R", good_rows(300))})
     (src / "lc_1.2.1.tar.bz2").write_bytes(whole[:200])
     lake = tmp_path / "lake"
-    rc = ingest_main(["--survey", "macho", "--source", str(src), "--lake", str(lake), "--in-process",
-                      "--workers", "1", "--no-progress"])
+    rc = ingest_main(["--survey", "macho", "--source", str(src), "--lake", str(lake), "--workers", "1",
+                      "--no-progress"])
     out = capsys.readouterr()
     assert rc == 1
     assert "quarantine: empty" in out.out and "quarantine: truncated_archive" in out.out
@@ -161,7 +161,7 @@ def test_sigkill_during_map_then_rerun_gives_the_same_lake(tmp_path, client):
     source = "synthetic://?n=2400&seed=7&per_partition=150"
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     cmd = [sys.executable, str(ROOT / "ingest" / "run.py"), "--survey", "synthetic", "--source", source,
-           "--lake", str(killed), "--in-process", "--workers", "1", "--no-progress"]
+           "--lake", str(killed), "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     markers = []

@@ -164,3 +164,31 @@ def test_one_light_curve_unnested(lake):
                        "WHERE survey = 'macho' AND object_id = '2.4907.2086' AND band = 'R'").fetchall()
     times = np.array([r[0] for r in rows])
     assert len(rows) == 45 and np.all(np.diff(times) > 0)   # the file has 45 rows after 3 header lines
+
+
+def test_worker_processes_give_the_same_lake(lake, tmp_path):
+    """The same ingest on a cluster of two worker processes writes byte-identical files."""
+    root, _ = lake
+    fresh = tmp_path / "procs"
+    result = run_ingest("macho", str(shared_path(*SOURCES["macho"])), str(fresh), workers=2, processes=True,
+                        progress=False)
+    assert (result.curves, result.observations) == (19, 15_118)
+    rel = "lightcurves/survey=macho"
+    a = {p.relative_to(root): p.read_bytes() for p in (Path(root) / rel).rglob("*.parquet")}
+    b = {p.relative_to(fresh): p.read_bytes() for p in (fresh / rel).rglob("*.parquet")}
+    assert a == b and len(a) == 2
+
+
+def test_a_new_ingest_of_a_survey_replaces_what_it_no_longer_has(tmp_path, client):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.csv").write_text("object,band,time,mag,err\nA,g,1,10,0.1\nA,r,1,10,0.1\nB,g,2,11,0.1\n")
+    lake = tmp_path / "lake"
+    first = run_ingest("csv", str(src), str(lake), client=client, progress=False)
+    assert first.bands == {"g": 2, "r": 1}
+    (src / "a.csv").write_text("object,band,time,mag,err\nA,g,1,10,0.1\nA,g,2,10.2,0.1\n")
+    second = run_ingest("csv", str(src), str(lake), client=client, progress=False)
+    assert second.ingest_id != first.ingest_id and second.bands == {"g": 1}
+    assert not (lake / "lightcurves" / "survey=csv" / "band=r").exists()
+    con = connect(str(lake))
+    assert con.execute("SELECT object_id, band, n_obs FROM lightcurves").fetchall() == [("A", "g", 2)]

@@ -194,9 +194,16 @@ def ingest_id_of(survey: str, out_survey: str, options: dict, keys_and_shas: lis
 
 
 @contextlib.contextmanager
-def dask_client(scheduler: str | None = None, workers: int | None = None, threads_per_worker: int = 1,
-                processes: bool = True):
-    """A client of an existing scheduler, or of a local ``distributed`` cluster started here."""
+def dask_client(scheduler: str | None = None, workers: int | None = None, threads_per_worker: int | None = None,
+                processes: bool = False):
+    """A client of an existing scheduler, or of a local ``distributed`` cluster started here.
+
+    The local default is one in-process worker with a thread per core: the parsers spend their time
+    in pyarrow and numpy (which release the GIL), and a 2-core machine saves the seconds that
+    starting and stopping worker processes cost. ``processes=True`` starts ``workers`` worker
+    processes of ``threads_per_worker`` threads instead (for Python-heavy readers such as the
+    simulator at millions of curves).
+    """
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -206,8 +213,12 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
         finally:
             client.close()
         return
-    n = workers or max(1, min(2, os.cpu_count() or 1))
-    cluster = LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, processes=processes,
+    cores = max(1, os.cpu_count() or 1)
+    if processes:
+        n_workers, threads = workers or min(cores, 4), threads_per_worker or 1
+    else:
+        n_workers, threads = 1, threads_per_worker or workers or cores
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=processes,
                            dashboard_address=":0", silence_logs=logging.ERROR)
     client = Client(cluster)
     try:
@@ -219,15 +230,18 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
 
 def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = None, out_survey: str | None = None,
                scheduler: str | None = None, client=None, workers: int | None = None,
-               threads_per_worker: int = 1, processes: bool | None = None, progress: bool = True,
+               threads_per_worker: int | None = None, processes: bool = False, progress: bool = True,
                part_bytes: int = DEFAULT_PART_BYTES, stream=None) -> IngestResult:
-    """Ingest ``source`` (an fsspec URL) of ``survey`` into ``lake``; see the module docstring."""
+    """Ingest ``source`` (an fsspec URL) of ``survey`` into ``lake``; see the module docstring.
+
+    Uses ``client`` if given, else a client of ``scheduler``, else a local cluster
+    (:func:`dask_client`; memory:// sources and lakes live in one process, so they always use threads).
+    """
     options = dict(options or {})
     out_survey = validate_survey(out_survey or survey)
     stream = stream or sys.stderr
-    in_memory = any(str(u).startswith("memory://") for u in (source, lake))
-    if processes is None:
-        processes = not in_memory   # memory:// lives in one process: use threads
+    if any(str(u).startswith("memory://") for u in (source, lake)):
+        processes = False
     if client is None:
         with dask_client(scheduler, workers, threads_per_worker, processes) as own:
             return _run(survey, source, lake, options, out_survey, own, progress, part_bytes, stream)
@@ -419,3 +433,6 @@ def _remove_stale(fs, folder: str, keep: set[str]) -> None:
     for path in fs.find(folder):
         if fs._strip_protocol(path) not in keep and path.endswith(".parquet"):
             fs.rm(path)
+    for sub in fs.ls(folder, detail=False):     # band folders left empty
+        if fs.isdir(sub) and not fs.find(sub):
+            fs.rm(sub, recursive=True)

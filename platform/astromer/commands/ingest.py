@@ -38,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--band", default=None, help="csv/parquet: band when no band column is mapped")
     parser.add_argument("--delimiter", default=None, help="csv: field delimiter (default ,)")
     parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
-    parser.add_argument("--workers", type=int, default=None, help="local cluster: worker processes")
-    parser.add_argument("--threads", type=int, default=1, help="local cluster: threads per worker")
-    parser.add_argument("--in-process", action="store_true", help="local cluster: threads in this process")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="local cluster: threads (default: one per core), or worker processes with --processes")
+    parser.add_argument("--processes", action="store_true",
+                        help="local cluster: worker processes instead of threads in this process")
+    parser.add_argument("--threads", type=int, default=None, help="local cluster with --processes: threads per worker")
     parser.add_argument("--part-mb", type=int, default=None, help="target part size (Arrow MB)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -59,7 +61,7 @@ def run(args) -> int:
     try:
         result = run_ingest(args.survey, args.source, lake, options=options, out_survey=args.out_survey,
                             scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads,
-                            processes=False if args.in_process else None, progress=not args.no_progress,
+                            processes=args.processes, progress=not args.no_progress,
                             part_bytes=(args.part_mb << 20) if args.part_mb else DEFAULT_PART_BYTES,
                             stream=sys.stdout)
     except (ValueError, FileNotFoundError) as exc:
