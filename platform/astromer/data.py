@@ -273,14 +273,22 @@ def iter_batches(dataset_or_shard, batch_size: int, *, drop_last: bool = False, 
     """Torch batches (dict of tensors, the BATCH_COLUMNS) from a Dataset or a worker's DataIterator."""
     return dataset_or_shard.iter_torch_batches(
         batch_size=batch_size, drop_last=drop_last, device=device, prefetch_batches=prefetch_batches,
-        collate_fn=_collate)
+        collate_fn=_collate_fn())
 
 
-def _collate(batch: dict):
-    import torch
+def _collate_fn():
+    from ray.data.collate_fn import NumpyBatchCollateFn
 
-    # np.array copies: Arrow-backed numpy views are read-only and torch wants writable memory
-    return {k: torch.from_numpy(np.array(batch[k])) for k in TORCH_COLUMNS}
+    class TensorColumns(NumpyBatchCollateFn):
+        """Keep the numeric columns (object ids and labels stay behind) as torch tensors."""
+
+        def __call__(self, batch: dict):
+            import torch
+
+            # np.array copies: Arrow-backed numpy views are read-only and torch wants writable memory
+            return {k: torch.from_numpy(np.array(batch[k])) for k in TORCH_COLUMNS}
+
+    return TensorColumns()
 
 
 def numpy_windows(curves, spec: DataSpec, rng: np.random.Generator) -> dict:

@@ -571,14 +571,18 @@ class _Loop:
                 if state.step % config.checkpoint_every == 0:
                     self.report_checkpoint()
                 if self.state.finished or state.step >= self.max_steps:
+                    self._epoch_metrics(epoch_losses, epoch_windows, epoch_t0)   # a partial last epoch
                     break
             else:
                 state.epoch += 1
-                self.tracker.metrics({"epoch": state.epoch, "epoch_loss": float(np.mean(epoch_losses or [np.nan])),
-                                      "epoch_windows_per_s": epoch_windows / (time.perf_counter() - epoch_t0)},
-                                     state.step)
+                self._epoch_metrics(epoch_losses, epoch_windows, epoch_t0)
                 if not config.val_every:
                     self.validate(val_batches)
+
+    def _epoch_metrics(self, losses: list[float], windows: int, t0: float) -> None:
+        if losses:
+            self.tracker.metrics({"epoch": self.state.epoch, "epoch_loss": float(np.mean(losses)),
+                                  "epoch_windows_per_s": windows / (time.perf_counter() - t0)}, self.state.step)
 
     def validate(self, val_batches) -> None:
         """Rank 0 scores the fixed validation windows; every rank learns whether to stop early."""
