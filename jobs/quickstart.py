@@ -123,11 +123,19 @@ def last_json(output: str, stage: str) -> dict:
     raise StageFailed(f"stage {stage}: no JSON summary found in its output")
 
 
-def require(stage: str, script: str) -> Path:
-    path = ROOT / script
-    if not path.exists():
+def cpu_shares(workers: int) -> list[str]:
+    """Ray CPU reservations that fit this machine: on a small one the trainers take half a CPU each, so
+    the Ray Data tasks that feed them still find room (otherwise the stream waits for CPUs forever)."""
+    cores = os.cpu_count() or 1
+    per_worker = 1.0 if cores >= 2 * workers + 1 else 0.5
+    return ["--cpus-per-worker", str(per_worker), "--data-cpus", "0.25"]
+
+
+def require(stage: str, script: str) -> str:
+    """The job's path relative to the repository (the jobs run from there), or a clear failure naming it."""
+    if not (ROOT / script).exists():
         raise StageFailed(f"stage {stage}: {script} is not in this checkout yet")
-    return path
+    return script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         banner(f"1/5 ingest: a simulated survey of {plan.n_curves} objects"
                + (" and the real sets" if shared else ""))
-        ingest = str(require("ingest", "ingest/run.py"))
+        ingest = require("ingest", "ingest/run.py")
         run("ingest-synthetic", [py, ingest, "--survey", "synthetic", "--source",
                                  f"synthetic://?n={plan.n_curves}&seed=0", "--lake", str(lake), "--no-progress"],
             env, logs)
@@ -186,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         banner(f"2/5 pretrain: Astromer 2 ({plan.preset} preset, window {plan.window_length}) for "
                f"{plan.max_steps} steps on Ray, {args.workers} workers")
         output = run("pretrain", [
-            py, str(require("pretrain", "jobs/pretrain.py")), "--lake", str(lake), "--surveys", *surveys,
+            py, require("pretrain", "jobs/pretrain.py"), "--lake", str(lake), "--surveys", *surveys,
             "--corpus", corpus, "--preset", plan.preset, "--window-length", str(plan.window_length),
             "--max-steps", str(plan.max_steps), "--epochs", "1000", "--batch-size", str(plan.batch_size),
-            "--num-workers", str(args.workers), "--warmup-steps", str(max(1, plan.max_steps // 10)),
+            "--num-workers", str(args.workers), *cpu_shares(args.workers), "--warmup-steps", str(max(1, plan.max_steps // 10)),
             "--val-every", str(max(10, plan.max_steps // 5)), "--checkpoint-every", str(plan.max_steps),
             "--patience", "1000", "--log-every", str(max(1, plan.max_steps // 20)),
             "--run-name", f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"], env, logs)
@@ -200,13 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         # 3. embed ------------------------------------------------------------------------------------
         t = time.monotonic()
         banner(f"3/5 embed: {', '.join(surveys)} with {model_uri}")
-        run("embed", [py, str(require("embed", "jobs/embed.py")), "--model", model_uri, "--lake", str(lake),
+        run("embed", [py, require("embed", "jobs/embed.py"), "--model", model_uri, "--lake", str(lake),
                       "--survey", *surveys], env, logs)
         timings["embed"] = time.monotonic() - t
 
         # 4. classify ---------------------------------------------------------------------------------
         t = time.monotonic()
-        classify = str(require("classify", "jobs/classify.py"))
+        classify = require("classify", "jobs/classify.py")
         datasets = ["synthetic"] + ([d for _, _, d in REAL_SETS if d in plan.real_classify] if shared else [])
         banner(f"4/5 classify: {', '.join(datasets)}, {plan.folds} folds x {plan.samples_per_class} samples "
                "per class, against the baselines")
@@ -256,21 +264,22 @@ def print_duckdb(lake: Path, model: str, version: str, survey: str) -> None:
     con = connect(str(lake))
     counts = ("SELECT survey, band, count(*) AS curves, sum(n_obs) AS observations\n"
               "FROM lightcurves GROUP BY survey, band ORDER BY survey, band")
-    print(f"\nDuckDB over the lake (python -c \"import astromer.lake as l; print(l.connect('{lake}').sql(...))\"):")
+    print(f"\nDuckDB over the lake (astromer.lake.connect, or: astromer lake query \"SQL\" --lake {lake}):")
     print(counts)
     print(con.sql(counts))
+    dim = con.execute("SELECT len(embedding) FROM embeddings WHERE model = ? AND CAST(version AS VARCHAR) = ? "
+                      "LIMIT 1", [model, version]).fetchone()[0]
     similar = (
-        "WITH e AS (SELECT * FROM embeddings WHERE model = ? AND CAST(version AS VARCHAR) = ? AND survey = ?),\n"
-        "     q AS (SELECT object_id, band, embedding FROM e ORDER BY object_id, band LIMIT 1)\n"
-        "SELECT e.object_id, e.band, l.label,\n"
-        "       array_cosine_similarity(e.embedding, q.embedding) AS similarity\n"
-        "FROM e, q LEFT JOIN labels l ON l.object_id = e.object_id AND l.survey = e.survey\n"
+        f"WITH e AS (SELECT survey, object_id, band, embedding::FLOAT[{dim}] AS v FROM embeddings\n"
+        "           WHERE model = ? AND CAST(version AS VARCHAR) = ? AND survey = ?),\n"
+        "     q AS (SELECT object_id, band, v FROM e ORDER BY object_id, band LIMIT 1)\n"
+        "SELECT e.object_id, e.band, l.label, array_cosine_similarity(e.v, q.v) AS similarity\n"
+        "FROM e CROSS JOIN q\n"
+        "LEFT JOIN labels l ON l.survey = e.survey AND l.object_id = e.object_id\n"
         "ORDER BY similarity DESC LIMIT 5")
+    print(f"\nthe curves most similar to the first one (cosine over {model} v{version} embeddings):")
     print(similar)
-    try:
-        print(con.execute(similar, [model, version, survey]).fetch_df().to_string(index=False))
-    except Exception as exc:   # the lake's embeddings view is another area's; show why rather than fail
-        print(f"(query failed: {exc})")
+    print(con.execute(similar, [model, version, survey]).fetch_df().to_string(index=False))
 
 
 if __name__ == "__main__":
