@@ -44,7 +44,7 @@ class DataSpec:
     min_observations: int = 10            # shorter curves carry too little to reconstruct
     label_set: str | None = None          # finetuning: keep only curves with a label in this set
     labels: list[str] | None = None       # ... and (optionally) only these labels
-    data_cpus: float = 0.5                # CPUs reserved per data task (leave room for the trainers)
+    data_cpus: float = 0.25               # CPUs reserved per data task (leave room for the trainers)
 
     def __post_init__(self):
         if isinstance(self.mask, dict):

@@ -84,8 +84,8 @@ class TrainConfig:
     # execution
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    data_cpus: float = 0.5
+    cpus_per_worker: float = 0.75          # laptop defaults: 2 workers + data tasks fit 2 cores
+    data_cpus: float = 0.25
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_failures: int = 2
@@ -484,6 +484,8 @@ def worker_loop(config_dict: dict) -> None:
         Path(config.pid_dir).mkdir(parents=True, exist_ok=True)
         (Path(config.pid_dir) / f"rank{rank}.pid").write_text(str(os.getpid()))
     torch.manual_seed(config.seed * 1000 + rank)
+    if not config.use_gpu:
+        torch.set_num_threads(max(1, round(config.cpus_per_worker)))   # one intra-op pool per reserved core
     device = ray.train.torch.get_device()
 
     model = build_model(config).to(device)
