@@ -192,3 +192,17 @@ def test_a_new_ingest_of_a_survey_replaces_what_it_no_longer_has(tmp_path, clien
     assert not (lake / "lightcurves" / "survey=csv" / "band=r").exists()
     con = connect(str(lake))
     assert con.execute("SELECT object_id, band, n_obs FROM lightcurves").fetchall() == [("A", "g", 2)]
+
+
+def test_readme_example_queries_run_on_the_real_lake(lake, capsys):
+    from astromer.cli import main
+    from astromer.lake.catalog import EXAMPLE_QUERIES
+
+    root, _ = lake
+    for title, sql in EXAMPLE_QUERIES.items():
+        assert main(["lake", "query", "--lake", str(root), sql]) == 0, title
+    rows = [[cell.strip() for cell in line.split("|")] for line in capsys.readouterr().out.splitlines()]
+    assert ["ogle", "I", "4647", "2579048"] in rows
+    assert ["asas", "class", "Mira", "91"] in rows
+    assert ["55262.0065", "17.639", "0.018", "0"] in rows   # OGLE-LMC-CEP-0001's first epoch on the MJD scale
+    assert ["macho", "15118", "73", "0", "0", "316"] in rows   # 73 errors above 1, flagged

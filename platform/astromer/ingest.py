@@ -70,6 +70,7 @@ class IngestResult:
     bands: dict = field(default_factory=dict)
     seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
+    stage_cpu: dict = field(default_factory=dict)     # CPU seconds of this process (all its threads)
 
     @property
     def exit_code(self) -> int:
@@ -138,9 +139,11 @@ def map_task(reader_name: str, item: Input, index: int, sha256: str, context: di
     bands = {}
     if table.num_rows:
         band_names = sorted(set(batch.band))
-        for band in band_names:
-            part = table if len(band_names) == 1 else table.filter(pc.equal(table.column("band"), band))
-            part = part.drop_columns(["band"])
+        band_counts = Counter(batch.band)
+        start = 0
+        for band in band_names:       # to_table groups the curves by band: each band is a slice
+            part = table.slice(start, band_counts[band]).drop_columns(["band"])
+            start += band_counts[band]
             bands[band] = {"curves": part.num_rows, "observations": int(pc.sum(part.column("n_obs")).as_py()),
                            "nbytes": int(part.nbytes)}
             write_arrow(fs, part, shard_path(run, index, band))
@@ -260,13 +263,13 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     from distributed import as_completed
 
     started = time.perf_counter()
-    stages = {}
+    stages, stage_cpu = {}, {}
     paths = LakePaths(lake)
     fs = paths.fs
     reader = get_reader(survey)
 
     # plan ----------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     plan = reader.plan(source, options)
     keys = [i.key for i in plan.inputs]
     if len(set(keys)) != len(keys):
@@ -276,6 +279,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     ingest_id = ingest_id_of(survey, out_survey, options, list(zip(keys, shas)))
     run = paths.run(ingest_id)
     stages["plan"] = time.perf_counter() - t0
+    stage_cpu["plan"] = time.process_time() - c0
     record_path = f"{run}/record.json"
     if fs.exists(record_path):
         record = read_json(fs, record_path)
@@ -286,7 +290,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
             return result
 
     # map -----------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     context = client.scatter(plan.context, broadcast=True) if plan.context else {}
     futures = [client.submit(map_task, survey, item, index, sha, context, lake, ingest_id, pure=False,
                              key=f"map-{ingest_id}-{index}")
@@ -296,24 +300,28 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     for future in _progress(as_completed(futures), len(futures), f"map {out_survey}", progress, stream):
         markers[position[future.key]] = future.result()
     stages["map"] = time.perf_counter() - t0
+    stage_cpu["map"] = time.process_time() - c0
 
     # reduce ----------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     groups = _group_parts(markers, part_bytes)
     reduce_futures = [client.submit(reduce_task, lake, ingest_id, band, indices, part, pure=False,
                                     key=f"reduce-{ingest_id}-{band}-{part}")
                       for band, part, indices in groups]
     parts = client.gather(reduce_futures)
     stages["reduce"] = time.perf_counter() - t0
+    stage_cpu["reduce"] = time.process_time() - c0
 
     # finish ----------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake)
     stages["finish"] = time.perf_counter() - t0
+    stage_cpu["finish"] = time.process_time() - c0
     result.seconds = time.perf_counter() - started
     result.stage_seconds = stages
+    result.stage_cpu = stage_cpu
     record = {"status": result.status, "result": {k: v for k, v in asdict(result).items()
-                                                  if k not in ("seconds", "stage_seconds", "lake")},
+                                                  if k not in ("seconds", "stage_seconds", "stage_cpu", "lake")},
               "source": source, "options": options, "seconds": result.seconds, "stages": stages,
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     record["result"]["quarantine"] = [list(q) for q in result.quarantine]

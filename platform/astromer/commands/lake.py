@@ -29,7 +29,8 @@ def run_query(args) -> int:
             if cursor.description is None:          # a statement without a result
                 return 0
             columns = [d[0] for d in cursor.description]
-            print_table(columns, cursor.fetchmany(args.max_rows + 1), args.max_rows)
+            single = [str(d[1]).startswith("FLOAT") for d in cursor.description]
+            print_table(columns, cursor.fetchmany(args.max_rows + 1), args.max_rows, single=single)
             return 0
         relation = con.sql(args.sql)
         if relation is None:
@@ -49,19 +50,23 @@ def run_query(args) -> int:
     return 0
 
 
-def print_table(columns: list[str], rows: list[tuple], max_rows: int, out=None) -> None:
-    """A plain text table (long lists are shortened)."""
+def print_table(columns: list[str], rows: list[tuple], max_rows: int, out=None, single=None) -> None:
+    """A plain text table (long lists are shortened). Doubles print in full (times need every
+    digit); columns flagged in ``single`` (float32) print with 7 significant digits."""
     out = out or sys.stdout
     shown = rows[:max_rows]
+    single = single or [False] * len(columns)
 
-    def cell(value) -> str:
+    def cell(value, is_single) -> str:
         if isinstance(value, float):
-            return f"{value:.6g}"
+            return f"{value:.7g}" if is_single else repr(value)
         if isinstance(value, list) and len(value) > 6:
-            return "[" + ", ".join(cell(v) for v in value[:3]) + f", ... ({len(value)})]"
+            return "[" + ", ".join(cell(v, is_single) for v in value[:3]) + f", ... ({len(value)})]"
+        if isinstance(value, list):
+            return "[" + ", ".join(cell(v, is_single) for v in value) + "]"
         return str(value)
 
-    body = [[cell(v) for v in row] for row in shown]
+    body = [[cell(v, s) for v, s in zip(row, single)] for row in shown]
     widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)
     print("-+-".join("-" * w for w in widths), file=out)

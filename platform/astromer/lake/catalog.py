@@ -100,3 +100,27 @@ def iter_curves(lake: str | LakePaths, surveys=None, bands=None, clean: bool = T
             produced += 1
             if limit is not None and produced >= limit:
                 return
+
+
+#: README-ready queries (``astromer lake query "..."``); each runs against the real samples in the tests
+EXAMPLE_QUERIES = {
+    "curves and observations per survey and band": (
+        "SELECT survey, band, count(*) AS curves, sum(n_obs) AS observations "
+        "FROM lightcurves GROUP BY ALL ORDER BY ALL"),
+    "the longest curves of a class": (
+        "SELECT l.survey, l.object_id, l.band, l.n_obs FROM lightcurves AS l "
+        "JOIN labels AS b USING (survey, object_id) "
+        "WHERE b.label_set = 'class' AND b.label = 'Mira' ORDER BY l.n_obs DESC LIMIT 5"),
+    "labels per class": (
+        "SELECT survey, label_set, label, count(*) AS objects FROM labels GROUP BY ALL ORDER BY objects DESC LIMIT 10"),
+    "one object's light curve, one row per observation": (
+        "SELECT unnest(mjd) AS mjd, unnest(mag) AS mag, unnest(err) AS err, unnest(quality) AS quality "
+        "FROM lightcurves WHERE survey = 'ogle' AND object_id = 'OGLE-LMC-CEP-0001' AND band = 'I' LIMIT 5"),
+    "observations flagged by each cleaning rule": (
+        "SELECT survey, count(*) AS observations, count(*) FILTER (WHERE q & 4 <> 0) AS err_above_1, "
+        "count(*) FILTER (WHERE q & 2 <> 0) AS err_not_positive, count(*) FILTER (WHERE q & 8 <> 0) AS duplicate_time, "
+        "count(*) FILTER (WHERE q & 16 <> 0) AS outside_1st_99th "
+        "FROM (SELECT survey, unnest(quality) AS q FROM lightcurves) GROUP BY survey ORDER BY survey"),
+    "what the last ingest of each survey quarantined": (
+        "SELECT survey, reason, count(*) AS n FROM ingest_quarantine GROUP BY ALL ORDER BY ALL"),
+}

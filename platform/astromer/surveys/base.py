@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 import warnings
 import zlib
@@ -107,11 +108,27 @@ class Batch:
         return len(self.object_id)
 
     def to_table(self, *, source_sha256: str, ingest_id: str) -> pa.Table:
-        """The shard table (``schema.SHARD``): sorted by time, with quality flags."""
+        """The shard table (``schema.SHARD``): curves grouped by band (input order inside a band, so
+        that a band is a zero-copy slice), observations sorted by time, with quality flags."""
         lengths = np.asarray(self.lengths, dtype=np.int64)
+        mjd, mag, err = _concat(self.mjd), _concat(self.mag), _concat(self.err)
+        band_names = sorted(set(self.band))
+        if len(band_names) > 1:
+            codes = np.searchsorted(np.asarray(band_names, dtype=object), np.asarray(self.band, dtype=object))
+            order = np.argsort(codes, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[order]
+            lengths = lengths[order]
+            new_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            rows = np.repeat(starts - new_starts, lengths) + np.arange(int(lengths.sum()))
+            mjd, mag, err = mjd[rows], mag[rows], err[rows]
+            pick = order.tolist()
+            for name in ("object_id", "band", "ra", "dec", "source_file"):
+                values = getattr(self, name)
+                setattr(self, name, [values[i] for i in pick])
+            self.lengths = lengths.tolist()
+            self.mjd, self.mag, self.err = [mjd], [mag], [err]
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        mjd, mag, err = _concat(self.mjd), _concat(self.mag), _concat(self.err)
         mjd, mag, err, flags = schema.quality_flags(mjd, mag, err, offsets)
         offs = pa.array(offsets.astype(np.int32) if offsets[-1] < 2**31 else offsets)
 
@@ -146,17 +163,25 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
 # numeric text
 
 
+_HEADER = {}
+
+
 def split_header(data: bytes, comment: bytes = b"#") -> tuple[list[bytes], bytes]:
-    """Leading comment lines and the body after them."""
-    header = []
+    """Leading comment lines and the body after them (one regex match, no per-line Python loop)."""
+    if not data.startswith(comment):
+        return [], data
+    pattern = _HEADER.get(comment)
+    if pattern is None:
+        pattern = _HEADER[comment] = re.compile(re.escape(comment) + rb"[^\n]*(?:\n|$)")
     pos = 0
-    while data.startswith(comment, pos):
-        end = data.find(b"\n", pos)
-        if end < 0:
-            header.append(data[pos:])
-            return header, b""
-        header.append(data[pos:end].rstrip(b"\r"))
-        pos = end + 1
+    header = []
+    match = pattern.match(data, pos)
+    while match:
+        header.append(match.group().rstrip(b"\r\n"))
+        pos = match.end()
+        if pos >= len(data):
+            break
+        match = pattern.match(data, pos)
     return header, data[pos:]
 
 

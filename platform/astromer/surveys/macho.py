@@ -15,7 +15,6 @@ from astromer.surveys.base import (
     Input,
     Plan,
     add_parsed,
-    basename,
     is_archive,
     iter_members,
     list_files,
@@ -55,7 +54,7 @@ def parse_members(members: list[tuple[str, str, bytes]], batch: Batch) -> None:
     object_ids, bands, ras, decs = [], [], [], []
     for source_file, name, data in members:
         header, body = split_header(data)
-        object_id, band, ra, dec = _identify(basename(name), header, source_file, batch)
+        object_id, band, ra, dec = _identify(name.rsplit("/", 1)[-1], header, source_file, batch)
         bodies.append(body)
         first_lines.append(len(header) + 1)
         names.append(source_file)
