@@ -111,7 +111,7 @@ def init_ray(config: TrainConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)   # never join a stray cluster
 
 
 def start_mlflow_run(config: TrainConfig, params: dict | None = None) -> str:
@@ -208,6 +208,7 @@ def main(description: str, prefix: str, defaults: dict | None = None, prepare=No
     args = build_parser(description, defaults).parse_args(argv)
     config = config_from_args(args)
     register_tags = {}
+    config.lake = config.lake or settings.default_lake()
     if prepare is not None:
         register_tags = prepare(config) or {}
     complete(config, prefix)

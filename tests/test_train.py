@@ -1,0 +1,147 @@
+"""The training pieces without Ray: settings, schedule, the step's NaN guard, checkpoints, fit_windows."""
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from astromer.data import DataSpec, numpy_windows
+from astromer.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    TrainState,
+    build_model,
+    evaluate,
+    fit_windows,
+    learning_curve_png,
+    load_checkpoint,
+    make_optimizer,
+    reconstruction_png,
+    save_checkpoint,
+    train_step,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _curves(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(50, 150))
+        t = np.sort(rng.uniform(50000, 50800, k))
+        period, amp = rng.uniform(1, 20), rng.uniform(0.2, 0.6)
+        out.append((t, (15 + amp * np.sin(2 * np.pi * t / period)).astype(np.float32),
+                    np.full(k, 0.01, np.float32)))
+    return out
+
+
+def _batch(config, seed=0, n=16):
+    spec = DataSpec(lake="", window_length=config.model_config().window_length, mask=config.mask)
+    return {k: torch.as_tensor(v) for k, v in numpy_windows(_curves(n, seed), spec, np.random.default_rng(seed)).items()}
+
+
+def test_settings_file_flags_and_validation(tmp_path):
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import _common
+
+    (tmp_path / "run.yaml").write_text("preset: tiny\nlr: 0.002\nsurveys: [ogle, asas]\nloss: weighted\n")
+    args = _common.build_parser("x").parse_args(["--config", str(tmp_path / "run.yaml"), "--lr", "0.01",
+                                                 "--survey", "macho", "--no-clean", "--tag", "owner=me"])
+    config = _common.config_from_args(args)
+    assert (config.preset, config.lr, config.surveys, config.loss, config.clean) == ("tiny", 0.01, ["macho"],
+                                                                                     "weighted", False)
+    assert config.tags == {"owner": "me"}
+    (tmp_path / "run.json").write_text(json.dumps({"preset": "tiny", "max_steps": 7}))
+    assert TrainConfig.from_file(tmp_path / "run.json", lr=0.5).max_steps == 7
+    with pytest.raises(ValueError, match="unknown training setting"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ValueError, match="loss='l1'"):
+        TrainConfig(loss="l1")
+    with pytest.raises(ValueError, match="MaskConfig.probed"):
+        TrainConfig(probed=1.5)
+
+
+def test_schedule_warmup_then_cosine():
+    config = TrainConfig(preset="tiny", lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    model = build_model(config)
+    optimizer, scheduler = make_optimizer(model, config)
+    lrs = []
+    for _ in range(110):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)     # linear warm-up
+    assert lrs[60] == pytest.approx(0.55, abs=0.02)                            # half-way down the cosine
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+    constant = TrainConfig(preset="tiny", schedule="constant", warmup_steps=0)
+    _, sched = make_optimizer(model, constant)
+    assert sched.get_last_lr()[0] == constant.lr
+
+
+def test_nan_loss_raises_naming_step_and_batch_without_update():
+    config = TrainConfig(preset="tiny", warmup_steps=0)
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer, scheduler = make_optimizer(model, config)
+    batch = _batch(config)
+    batch["target"][3, 0] = float("nan")
+    batch["probed"][3, 0] = True
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 17 \(epoch 2, batch 5\)"):
+        train_step(model, batch, optimizer, scheduler, config, step=17, epoch=2, batch_index=5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_checkpoint_round_trip_continues_identically(tmp_path, monkeypatch):
+    config = TrainConfig(preset="tiny", warmup_steps=3, max_steps=20)
+    torch.manual_seed(1)
+    model = build_model(config)
+    optimizer, scheduler = make_optimizer(model, config)
+    batches = [_batch(config, seed=s) for s in range(3)]
+    train_step(model, batches[0], optimizer, scheduler, config, step=1)
+    save_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, TrainState(step=1, epoch=0, best_val=0.5))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors",
+                                                                     "state.json", "trainer_state.pt"]
+    expected = [train_step(model, b, optimizer, scheduler, config, step=i + 2) for i, b in enumerate(batches[1:])]
+
+    # restore into fresh objects; the optimiser state goes through torch.load(weights_only=True), which
+    # refuses arbitrary objects, and the model through safetensors: plain pickle is never used
+    def refuse(*args, **kwargs):
+        raise AssertionError("checkpoint loading must not unpickle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    fresh = build_model(config)
+    opt2, sched2 = make_optimizer(fresh, config)
+    state = load_checkpoint(tmp_path / "ckpt", fresh, opt2, sched2)
+    assert (state.step, state.best_val) == (1, 0.5)
+    again = [train_step(fresh, b, opt2, sched2, config, step=i + 2) for i, b in enumerate(batches[1:])]
+    for a, b in zip(expected, again):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
+
+
+def test_fit_windows_learns_and_plots(tmp_path):
+    torch.manual_seed(0)
+    config = TrainConfig(preset="tiny", lr=3e-3, warmup_steps=5, schedule="constant", batch_size=16, epochs=12,
+                         patience=50)
+    model = build_model(config)
+    curves, val_curves = _curves(64, 0), _curves(16, 1)
+    spec = DataSpec(lake="", window_length=model.config.window_length)
+    val_batch = {k: torch.as_tensor(v) for k, v in numpy_windows(val_curves, spec, np.random.default_rng(5)).items()}
+    before = evaluate(model, [val_batch])
+    history = fit_windows(model, curves, config, val_curves=val_curves)
+    after = evaluate(model, [val_batch])
+    assert len(history["loss"]) == 12 * 4 and len(history["val_rmse"]) == 12
+    assert after["val_rmse"] < 0.7 * before["val_rmse"]
+    # these curves are smooth: the reconstruction beats predicting the window mean
+    assert after["val_rmse"] < after["val_baseline_rmse"]
+    png = reconstruction_png(model, val_batch, tmp_path / "rec.png")
+    curve = learning_curve_png({"loss": list(enumerate(history["loss"]))}, tmp_path / "lc.png")
+    assert png.read_bytes()[:4] == curve.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no curves"):
+        fit_windows(model, [], config)
