@@ -133,3 +133,28 @@ def test_nan_loss_stops_naming_the_step_without_checkpoint(ray_local, mlflow_sql
     assert _checkpoint_steps(config) == []
     run = MlflowClient().get_run(registry.find_run(config.experiment, "overflow"))
     assert run.info.status == "FAILED" and "at step 1" in run.data.tags["astromer.error"]
+
+
+def test_finetune_from_registry_records_lineage(ray_local, mlflow_sqlite, tmp_path):
+    import finetune
+    from astromer.config import ModelConfig
+    from astromer.model import Astromer
+    from astromer.weights import save_model
+
+    save_model(Astromer(ModelConfig.tiny()), tmp_path / "parent")
+    parent_version = registry.register_model_dir(tmp_path / "parent", "astromer2-parent")
+    labelled = write_lake(tmp_path / "labelled", 120, survey="asas", seed=7, labels=True)
+    config = TrainConfig(lake=str(labelled), surveys=["asas"], label_set="class", labels=["long"],
+                         init_from="models:/astromer2-parent@production", batch_size=8, num_workers=2,
+                         cpus_per_worker=0.5, data_cpus=0.25, max_steps=3, checkpoint_every=3, log_every=1,
+                         run_name="ft", **{k: v for k, v in finetune.DEFAULTS.items() if k != "epochs"})
+    finetune.lineage(config)
+    summary = _common.run_training(_common.complete(config, "finetune"))
+    assert summary["registered"] == "astromer2-parent-ft-asas" and summary["step"] == 3
+    tags = MlflowClient().get_model_version("astromer2-parent-ft-asas", str(summary["version"])).tags
+    assert tags["parent_model"] == "astromer2-parent" and tags["parent_version"] == str(parent_version)
+    selection = json.loads(tags["data_selection"])
+    assert selection["surveys"] == ["asas"] and selection["label_set"] == "class" and selection["labels"] == ["long"]
+    run = MlflowClient().get_run(summary["mlflow_run_id"])
+    assert run.data.params["init_from"] == "models:/astromer2-parent@production"
+    assert MlflowClient().get_experiment(run.info.experiment_id).name == registry.FINETUNE_EXPERIMENT

@@ -251,9 +251,9 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
     return match.group("name"), match.group("alias"), int(version) if version else None
 
 
-def resolve_version(uri: str) -> tuple[str, int]:
-    """(name, version) behind a models:/ URI."""
-    setup_tracking()
+def resolve_version(uri: str, tracking_uri: str | None = None) -> tuple[str, int]:
+    """(name, version) behind a models:/ URI (registry at ``tracking_uri``, default settings.tracking_uri())."""
+    setup_tracking(tracking_uri)
     name, alias, version = parse_model_uri(uri)
     client = MlflowClient()
     try:
@@ -266,14 +266,14 @@ def resolve_version(uri: str) -> tuple[str, int]:
     return name, version
 
 
-def resolve_model_dir(uri: str | Path) -> Path:
+def resolve_model_dir(uri: str | Path, tracking_uri: str | None = None) -> Path:
     """A local folder with model.safetensors + config.json for ``uri``: a folder path is returned as is; a
     ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI is resolved to a version and its files are
     downloaded once into ASTROMER_HOME/models/NAME/VERSION (written to a temporary folder, then renamed)."""
     text = str(uri)
     if not text.startswith("models:/"):
         return _check_model_dir(text)
-    name, version = resolve_version(text)
+    name, version = resolve_version(text, tracking_uri)
     target = settings.home() / "models" / name / str(version)
     if all((target / f).is_file() for f in MODEL_FILES):
         return target

@@ -142,7 +142,7 @@ class TrainConfig:
 
     def _window_length(self) -> int:
         if self.init_from:
-            return int(self.window_length or _init_config(self.init_from).window_length)
+            return int(self.window_length or _init_config(self.init_from, self.tracking_uri).window_length)
         return self.model_config().window_length
 
     # ---- round-trip ----
@@ -177,10 +177,10 @@ def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _init_config(init_from: str) -> ModelConfig:
+def _init_config(init_from: str, tracking_uri: str | None = None) -> ModelConfig:
     from astromer.registry import resolve_model_dir
 
-    return ModelConfig.from_json(resolve_model_dir(init_from) / "config.json")
+    return ModelConfig.from_json(resolve_model_dir(init_from, tracking_uri) / "config.json")
 
 
 # --------------------------------------------------------------------------- model, optimiser, schedule
@@ -193,7 +193,8 @@ def build_model(config: TrainConfig):
         from astromer.registry import resolve_model_dir
         from astromer.weights import load_model_dir
 
-        model = load_model_dir(resolve_model_dir(config.init_from))
+        # workers resolve against the job's registry (their environment may point elsewhere)
+        model = load_model_dir(resolve_model_dir(config.init_from, config.tracking_uri))
         if config.dropout is not None:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -576,6 +577,11 @@ class _Loop:
                     self._epoch_metrics(epoch_losses, epoch_windows, epoch_t0)   # a partial last epoch
                     break
             else:
+                if not epoch_losses:
+                    raise ValueError(
+                        f"epoch {state.epoch} gave no training batch: fewer usable training curves than "
+                        f"batch_size x num_workers = {config.batch_size * self.world} (check the selection, "
+                        "the cleaning settings and the split fractions)")
                 state.epoch += 1
                 self._epoch_metrics(epoch_losses, epoch_windows, epoch_t0)
                 if not config.val_every:
