@@ -84,7 +84,7 @@ class TrainConfig:
     # execution
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 0.75          # laptop defaults: 2 workers + data tasks fit 2 cores
+    cpus_per_worker: float = 0.5           # laptop defaults: 2 workers + the data tasks fit 2 cores
     data_cpus: float = 0.25
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
