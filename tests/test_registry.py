@@ -112,3 +112,27 @@ def test_pyfunc_embeds_curves(tmp_path, mlflow_sqlite):
     expected = model.embed(curves)
     assert out.shape == (2, model.config.d_model)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_official_import_registers_and_loads_from_production(tmp_path, mlflow_sqlite, monkeypatch, capsys):
+    """`astromer weights import ... --register astromer1-macho`, then load_model("models:/...@production")
+    reads safetensors + config and never unpickles."""
+    import astromer
+    from conftest import shared_path
+
+    src = shared_path("reference", "astromer1_macho", "macho_a0.zip")
+    assert cli_main(["weights", "import", str(src), str(tmp_path / "a1"), "--register", registry.ASTROMER1_MACHO]) == 0
+    assert "registered astromer1-macho version 1" in capsys.readouterr().out
+    assert registry.production_version(registry.ASTROMER1_MACHO) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading a registered model must not unpickle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    model = astromer.load_model(f"models:/{registry.ASTROMER1_MACHO}@production")
+    reference = astromer.load_model(tmp_path / "a1")
+    assert model.num_parameters() == 661_505
+    for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -1,0 +1,200 @@
+"""Pretraining throughput: is the Ray Data stream fast enough to keep the trainers busy?
+
+In one run, on the same model, batch size and lake:
+
+  1. training windows/s with 1 and with 2 CPU workers fed by Ray Data (get_dataset_shard + iter_torch_batches);
+  2. the same TorchTrainer fed from in-memory tensors (the ceiling: no data pipeline at all);
+  3. the ratio 1 / 2 per worker count (target >= 0.9);
+  4. the Ray Data window stream alone, without training (target >= 5x what one worker consumes);
+  5. with CUDA: windows/s of one GPU in bf16, model-FLOP utilisation, and whether Ray Data keeps it fed.
+
+    python benchmarks/pretrain.py [--lake LAKE] [--preset astromer2] [--batch-size 16] [--steps 12]
+
+Without --lake a synthetic lake is ingested into a temporary folder (astromer.ingest, survey synthetic).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from astromer.data import DataSpec, iter_batches, make_datasets, numpy_windows
+from astromer.train import TrainConfig, build_model, make_optimizer, train_step
+
+WARMUP_STEPS = 3
+
+
+def bench_loop(config: dict) -> None:
+    """Per-worker loop: ``warmup`` untimed steps, then ``steps`` timed ones; reports windows/s (all workers)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.from_dict(config["train"])
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    device = ray.train.torch.get_device()
+    model = build_model(cfg).to(device)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    world = ray.train.get_context().get_world_size()
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    if config["source"] == "memory":
+        spec = DataSpec(lake="", window_length=model.config.window_length, mask=cfg.mask)
+        rng = np.random.default_rng(ray.train.get_context().get_world_rank())
+        curves = _memory_curves(cfg.batch_size * 4, rng)
+        pool = [{k: torch.as_tensor(v).to(device) for k, v in
+                 numpy_windows(curves[i::4], spec, rng).items()} for i in range(4)]
+
+        def batches():
+            while True:
+                yield from pool
+    else:
+        shard = ray.train.get_dataset_shard("train")
+
+        def batches():
+            while True:
+                yield from iter_batches(shard, cfg.batch_size, drop_last=True, device=device)
+
+    total = WARMUP_STEPS + config["steps"]
+    t0 = None
+    for step, batch in enumerate(batches(), start=1):
+        if step == WARMUP_STEPS + 1:
+            t0 = time.perf_counter()
+        train_step(ddp, batch, optimizer, scheduler, cfg, step=step)
+        if step == total:
+            break
+    elapsed = time.perf_counter() - t0
+    ray.train.report({"windows_per_s": config["steps"] * cfg.batch_size * world / elapsed,
+                      "step_s": elapsed / config["steps"]})
+
+
+def _memory_curves(n: int, rng: np.random.Generator) -> list:
+    curves = []
+    for _ in range(n):
+        k = int(rng.integers(250, 600))
+        t = np.sort(rng.uniform(50000, 52500, k))
+        curves.append((t, (15 + 0.3 * np.sin(t / rng.uniform(0.5, 30))).astype(np.float32),
+                       np.full(k, 0.02, np.float32)))
+    return curves
+
+
+def train_rate(cfg: TrainConfig, source: str, workers: int, steps: int, datasets: dict | None) -> float:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        bench_loop, train_loop_config={"train": cfg.to_dict(), "source": source, "steps": steps},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=f"bench-{source}-{workers}-{int(time.time())}",
+                                       storage_path=tempfile.mkdtemp(prefix="bench-ray-")),
+        datasets={"train": datasets["train"]} if source == "ray" else None,
+    )
+    return float(trainer.fit().metrics["windows_per_s"])
+
+
+def stream_rate(datasets: dict, batch_size: int, min_windows: int) -> float:
+    """Windows/s of the training stream itself (read, clean, window, probe, batch), no model."""
+    seen, t0 = 0, time.perf_counter()
+    while seen < min_windows:
+        for batch in iter_batches(datasets["train"], batch_size, drop_last=True):
+            seen += batch["times"].shape[0]
+    return seen / (time.perf_counter() - t0)
+
+
+def attention_flops_per_window(cfg) -> float:
+    """Model FLOPs of one training window (forward + backward = 3x forward), matmuls only."""
+    L, d, f, n = cfg.window_length, cfg.d_model, cfg.d_ff, cfg.n_layers
+    per_block = 2 * L * (4 * d * d + (2 * d * d if cfg.residual == "projection" else 0) + 2 * d * f) \
+        + 2 * 2 * L * L * d
+    forward = n * per_block + 2 * L * d + 2 * L * d
+    return 3.0 * forward
+
+
+def gpu_branch(args, spec: DataSpec, datasets: dict) -> dict:
+    """bf16 training throughput on one GPU from in-memory tensors, MFU, and the same fed by Ray Data."""
+    cfg = TrainConfig(preset=args.preset, batch_size=args.gpu_batch_size, warmup_steps=0, use_gpu=True)
+    model = build_model(cfg).cuda()
+    optimizer, scheduler = make_optimizer(model, cfg)
+    rng = np.random.default_rng(0)
+    curves = _memory_curves(args.gpu_batch_size, rng)
+    batch = {k: torch.as_tensor(v).cuda() for k, v in numpy_windows(curves, spec, rng).items()}
+    for step in range(5):
+        train_step(model, batch, optimizer, scheduler, cfg, step=step + 1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for step in range(args.gpu_steps):
+        train_step(model, batch, optimizer, scheduler, cfg, step=step + 6)
+    torch.cuda.synchronize()
+    rate = args.gpu_steps * args.gpu_batch_size / (time.perf_counter() - t0)
+    peak = args.gpu_peak_tflops * 1e12
+    mfu = rate * attention_flops_per_window(model.config) / peak
+    fed = train_rate(TrainConfig(preset=args.preset, batch_size=args.gpu_batch_size, warmup_steps=0,
+                                 use_gpu=True, cpus_per_worker=1), "ray", 1, args.gpu_steps, datasets)
+    return {"gpu_windows_per_s_memory": rate, "gpu_mfu_bf16": mfu, "gpu_windows_per_s_ray_data": fed,
+            "gpu_fed_ratio": fed / rate}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lake", help="lake to stream from (default: a temporary synthetic lake)")
+    parser.add_argument("--curves", type=int, default=3000, help="synthetic lake size")
+    parser.add_argument("--preset", default="astromer2")
+    parser.add_argument("--batch-size", type=int, default=16, help="per worker")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
+    parser.add_argument("--gpu-batch-size", type=int, default=512)
+    parser.add_argument("--gpu-steps", type=int, default=30)
+    parser.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    lake = args.lake
+    if not lake:
+        from astromer.ingest import run_ingest
+
+        lake = tempfile.mkdtemp(prefix="bench-lake-")
+        run_ingest("synthetic", f"synthetic://?n={args.curves}&seed=0", lake)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=None if os.environ.get("RAY_ADDRESS")
+             else max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+    from astromer.data import quiet_progress
+
+    quiet_progress()
+    cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, warmup_steps=0, lake=lake,
+                      drop_noisy=False, val_fraction=0.0, test_fraction=0.0)
+    spec = cfg.data_spec()
+    datasets = make_datasets(spec)
+    results: dict[str, float] = {}
+    print(f"lake {lake}; preset {args.preset}; batch {args.batch_size}/worker; {args.steps} timed steps "
+          f"after {WARMUP_STEPS} warm-up steps; torch {torch.__version__}", flush=True)
+    for workers in (1, 2):
+        results[f"memory_{workers}w"] = train_rate(cfg, "memory", workers, args.steps, None)
+        results[f"ray_data_{workers}w"] = train_rate(cfg, "ray", workers, args.steps, datasets)
+        results[f"ratio_{workers}w"] = results[f"ray_data_{workers}w"] / results[f"memory_{workers}w"]
+        print(f"{workers} worker(s): Ray Data fed {results[f'ray_data_{workers}w']:8.1f} windows/s | in-memory "
+              f"{results[f'memory_{workers}w']:8.1f} windows/s | ratio {results[f'ratio_{workers}w']:.2f} "
+              f"(target >= 0.90)", flush=True)
+    results["stream"] = stream_rate(datasets, args.batch_size, min_windows=2000)
+    results["stream_vs_one_worker"] = results["stream"] / results["ray_data_1w"]
+    print(f"Ray Data stream alone: {results['stream']:8.1f} windows/s = {results['stream_vs_one_worker']:.1f}x "
+          "one worker's consumption (target >= 5x)", flush=True)
+    if torch.cuda.is_available():
+        results.update(gpu_branch(args, spec, datasets))
+        print(f"GPU bf16: {results['gpu_windows_per_s_memory']:.0f} windows/s in memory, MFU "
+              f"{100 * results['gpu_mfu_bf16']:.1f}% (target >= 35%); Ray Data fed "
+              f"{results['gpu_windows_per_s_ray_data']:.0f} windows/s ({results['gpu_fed_ratio']:.2f} of memory)")
+    else:
+        print("no CUDA device: GPU branch skipped")
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) and math.isfinite(v) else v)
+                      for k, v in results.items()}))
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
