@@ -116,6 +116,7 @@ def init_ray(config: TrainConfig) -> None:
 
 def start_mlflow_run(config: TrainConfig, params: dict | None = None) -> str:
     """Create the MLflow run, or find the one of the same name (a resumed job continues its run)."""
+    from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
     registry.setup_tracking(config.tracking_uri)
@@ -128,12 +129,16 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None) -> str:
                                 tags={**{f"astromer.{k}": str(v) for k, v in config.tags.items()},
                                       "astromer.corpus": str(config.corpus)})
         run_id = run.info.run_id
-        from mlflow.entities import Param
-
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for lo in range(0, len(items), 100):
             client.log_batch(run_id, params=items[lo:lo + 100])
     else:
+        # parameters are immutable in MLflow: settings changed on resume are recorded as tags
+        logged = client.get_run(run_id).data.params
+        changed = {f"astromer.resumed_with.{k}": str(v)[:5000] for k, v in flat.items()
+                   if k in logged and logged[k] != str(v)[:6000]}
+        if changed:
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in changed.items()])
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "astromer.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
         log.warning("continuing MLflow run %s (%s)", config.run_name, run_id)

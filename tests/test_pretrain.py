@@ -82,6 +82,7 @@ def test_train_logs_registers_and_resumes_by_run_name(ray_local, mlflow_sqlite, 
     steps = [s for s, _ in _history(client, run.info.run_id, "train_loss")]
     assert steps == list(range(1, 10))                    # 7, 8, 9 added; nothing trained twice
     assert second["step"] == 9 and second["version"] == 2
+    assert client.get_run(run.info.run_id).data.tags["astromer.resumed_with.max_steps"] == "9"
     assert int(client.get_model_version_by_alias(name, "candidate").version) == 2
     better = second["val_rmse"] < first["val_rmse"]
     assert registry.production_version(name) == (2 if better else 1)

@@ -499,7 +499,8 @@ def worker_loop(config_dict: dict) -> None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder, model, optimizer, scheduler, device)
         state.resumed_from, state.finished = state.step, False
-        torch.manual_seed(config.seed * 1000 + rank + 7919 * state.step)
+        if rank:   # rank 0 continues the saved RNG stream; the others branch off it deterministically
+            torch.manual_seed(config.seed * 1000 + rank + 7919 * state.step)
         log.warning("rank %d resumed from checkpoint at step %d (epoch %d)", rank, state.step, state.epoch)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     tracker = RunTracker(config, rank)
@@ -550,7 +551,7 @@ class _Loop:
         from astromer.data import iter_batches
 
         config, state = self.config, self.state
-        window_t0, window_steps, windows = time.perf_counter(), 0, 0
+        window_t0, windows = time.perf_counter(), 0
         while not self.done():
             epoch_t0, epoch_losses, epoch_windows = time.perf_counter(), [], 0
             for batch_index, batch in enumerate(iter_batches(train_shard, config.batch_size, drop_last=True,
@@ -558,7 +559,6 @@ class _Loop:
                 metrics = train_step(self.ddp_model, batch, self.optimizer, self.scheduler, config,
                                      step=state.step + 1, epoch=state.epoch, batch_index=batch_index)
                 state.step += 1
-                window_steps += 1
                 windows += batch["times"].shape[0] * self.world
                 epoch_windows += batch["times"].shape[0] * self.world
                 epoch_losses.append(metrics["loss"])
@@ -568,7 +568,7 @@ class _Loop:
                     self.tracker.metrics({f"train_{k}": v for k, v in metrics.items()}, state.step)
                     log.info("step %d epoch %d loss %.4f rmse %.4f r2 %.3f %.0f windows/s", state.step,
                              state.epoch, metrics["loss"], metrics["rmse"], metrics["r2"], metrics["windows_per_s"])
-                    window_t0, window_steps, windows = time.perf_counter(), 0, 0
+                    window_t0, windows = time.perf_counter(), 0
                 if config.val_every and state.step % config.val_every == 0:
                     self.validate(val_batches)
                 if state.step % config.checkpoint_every == 0:
