@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", default="astromer-classify", help="MLflow experiment")
     parser.add_argument("--run-name", help="MLflow parent run name")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--no-lake-embeddings", dest="use_lake_embeddings", action="store_false",
+                        help="recompute the frozen model's embeddings even when jobs/embed.py wrote them")
     return parser
 
 
@@ -128,7 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     with mlflow.start_run(experiment_id=experiment, run_name=args.run_name or f"classify-{spec.name}-{started}"):
         mlflow.set_tags({"model": str(args.model), "dataset": spec.name, "survey": spec.survey,
                          "label_set": spec.label_set, "lake": str(lake), "output": str(out)})
-        report = ev.run_protocol(data, model, run, out)
+        frozen = None
+        if args.use_lake_embeddings and not run.finetune:
+            from astromer.embeddings import resolve_model
+
+            ref = resolve_model(args.model)
+            frozen = ev.cached_layers(lake, ref.name, ref.version, spec.survey, data)
+            print(f"lake embeddings of {ref.name} version {ref.version}: {'used' if frozen is not None else 'absent'}",
+                  flush=True)
+            mlflow.set_tag("frozen_embeddings", "lake" if frozen is not None else "computed")
+        report = ev.run_protocol(data, model, run, out, frozen_layers=frozen)
     (out / "command.txt").write_text("python jobs/classify.py " + " ".join(argv if argv is not None else sys.argv[1:])
                                      + "\n")
     print(f"results: {out / 'results.md'}")

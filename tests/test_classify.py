@@ -116,3 +116,24 @@ def test_classify_job_runs_protocol_with_baselines_and_logs_to_mlflow(labelled_l
     assert len(parents) == 1 and parents[0].info.run_name == "toy-classify"
     assert len(nested) == 6
     assert all("f1_mean" in r.data.metrics and "f1_std" in r.data.metrics for r in nested)
+
+
+def test_per_fold_finetuning_changes_the_encoder_copy_only(labelled_lake, tmp_path):
+    import astromer
+
+    lake, model_dir = labelled_lake
+    model = astromer.load_model(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "class", bands=("g",), min_members=10))
+    run = ev.RunSettings(classifier=ev.ClassifierConfig(hidden=(32, 16), max_epochs=5, patience=2),
+                         protocol=ev.ProtocolConfig(samples_per_class=(4,), n_folds=1, test_per_class=8),
+                         finetune=True, baselines=False,
+                         finetune_config={"lr": 1e-3, "batch_size": 8, "epochs": 1, "warmup_steps": 0,
+                                          "schedule": "constant"})
+    fold = ev.make_folds(data.object_ids, data.y, run.protocol)[0]
+    tuned = ev._finetuned_layers(model, data, fold, run, seed=0)
+    frozen = model.embed([data.curves[i] for i in fold.test], all_layers=True)
+    assert not np.allclose(tuned[fold.test], frozen, atol=1e-6)  # the finetuned copy embeds differently
+    assert all(np.array_equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
+    report = ev.run_protocol(data, model, run, tmp_path / "ft", log_mlflow=False, progress=None)
+    assert {r["method"] for r in report["results"]} == {ev.METHOD_FROZEN, ev.METHOD_FINETUNED}

@@ -271,7 +271,8 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
                                            clean=clean,
                                            threads=threads or max(1, (os.cpu_count() or 1) // max(1, actors)),
                                            device="cuda" if gpus_per_actor > 0 else "cpu"),
-                concurrency=actors, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
+                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+                num_gpus=gpus_per_actor or None)
             ds.write_parquet(paths.url_of(out), min_rows_per_file=50_000)
             files = _parquet_files(fs, out)
             rows = windows = 0
@@ -376,8 +377,9 @@ def write_detail(lake: str, ref: ModelRef, survey: str, object_ids: list[str], c
     model = load_model_dir(ref.model_dir).eval()
     dataset = pads.dataset(paths.lightcurves(survey), filesystem=paths.fs, format="parquet", partitioning="hive")
     table = dataset.to_table(columns=READ_COLUMNS + ["band"], filter=pads.field("object_id").isin(object_ids))
-    if table.num_rows == 0:
-        raise LookupError(f"none of the objects {object_ids} is in survey {survey!r} of lake {lake}")
+    if table.num_rows == 0:  # the objects may belong to another survey of the same job
+        log.warning("detail: none of %s is in survey %s", object_ids, survey)
+        return {"path": None, "curves": [], "missing": sorted(object_ids)}
     final = detail_path(lake, ref, survey)
     if not paths.is_local:
         raise NotImplementedError("per-observation detail is written to local lakes only")

@@ -500,7 +500,12 @@ def embedding_map(x: np.ndarray, seed: int = 0) -> np.ndarray:
     if x.shape[1] > 50 and len(x) > 50:
         x = PCA(n_components=50, random_state=seed).fit_transform(x)
     perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    from threadpoolctl import threadpool_limits
+
+    # one thread: t-SNE's OpenMP threads slow it down many times over on a busy small machine
+    with threadpool_limits(1):
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+                    max_iter=500).fit_transform(x)
 
 
 def plot_map(coords: np.ndarray, y: np.ndarray, class_names: Sequence[str], path: str | Path,
@@ -771,13 +776,42 @@ def _finetuned_layers(model, data: LabelledSet, fold: Fold, settings: RunSetting
     return layers
 
 
+def cached_layers(lake: str, model_name: str, version: str, survey: str, data: LabelledSet) -> np.ndarray | None:
+    """Per-layer means of ``data``'s curves from the lake's embeddings of (model, version, survey), as written
+    by the embed job with the same cleaning; None unless every curve is there with the same observation count."""
+    import pyarrow.dataset as pads
+
+    from astromer.lake.paths import LakePaths
+
+    paths = LakePaths(lake)
+    folder = paths.embeddings(model_name, version, survey)
+    if not paths.fs.exists(folder):
+        return None
+    table = pads.dataset(folder, filesystem=paths.fs, format="parquet").to_table(
+        columns=["object_id", "band", "n_obs", "layer_means"])
+    if table.num_rows == 0:
+        return None
+    k = table.schema.field("layer_means").type.list_size
+    d = table.schema.field("layer_means").type.value_type.list_size
+    values = table.column("layer_means").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
+    layers = values.reshape(table.num_rows, k, d)
+    index = {(o, b): i for i, (o, b) in enumerate(zip(table.column("object_id").to_pylist(),
+                                                          table.column("band").to_pylist()))}
+    n_obs = table.column("n_obs").to_numpy()
+    rows = [index.get((o, b)) for o, b in zip(data.object_ids.tolist(), data.bands.tolist())]
+    if any(r is None for r in rows) or any(n_obs[r] != len(c[0]) for r, c in zip(rows, data.curves)):
+        return None
+    return layers[rows].astype(np.float32)
+
+
 def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str | Path, *, log_mlflow: bool = True,
-                 progress: Callable[[str], None] | None = print) -> dict:
+                 progress: Callable[[str], None] | None = print, frozen_layers: np.ndarray | None = None) -> dict:
     """The paper's protocol on ``data`` with ``model`` and the baselines, on the same folds.
 
     Writes ``results.md`` (the table), ``results.json`` (per fold and summary), and PNG figures to
     ``out_dir``; with ``log_mlflow`` (an active parent run) each (method, samples per class) scenario becomes
-    a nested run with its per-fold metrics, mean and std, and figures.
+    a nested run with its per-fold metrics, mean and std, and figures. ``frozen_layers`` are the model's
+    per-layer means of ``data`` when already computed (the lake's embeddings, see :func:`cached_layers`).
     """
     import time
 
@@ -794,6 +828,10 @@ def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str |
         encoders[METHOD_RANDOM] = random_encoder(model, settings.classifier.seed)
     cached = {}
     for method, encoder in encoders.items():
+        if method == METHOD_FROZEN and frozen_layers is not None:
+            cached[method] = np.asarray(frozen_layers, np.float32)
+            say(f"[{data.name}] {method}: per-layer means from the lake's embeddings {cached[method].shape}")
+            continue
         cached[method] = encoder.embed(data.curves, batch_size=settings.embed_batch_size, all_layers=True)
         say(f"[{data.name}] embedded with {method}: {cached[method].shape} ({time.perf_counter() - t0:.0f} s)")
     features = None
@@ -860,7 +898,7 @@ def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str |
     extra: list[Path] = []
     for method, (pooled, y) in maps.items():
         if len(pooled) >= 5:
-            keep = _subsample_per_class(y, 300, seed=0)
+            keep = _subsample_per_class(y, 150, seed=0)
             extra.append(plot_map(embedding_map(pooled[keep]), y[keep], data.class_names,
                                   out / f"tsne-{_slug(method)}.png",
                                   f"{data.name}: t-SNE of test embeddings ({method}, fold 0, {largest} per class)"))
