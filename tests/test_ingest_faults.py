@@ -74,6 +74,10 @@ def bad_source(tmp_path):
     w("lc_1.110.1.tar.bz2", tar_bytes({"lc_a\\..\\b.R.mjd": macho_text(110, "R", good_rows(10)),
                                        "lc_1.111.1.R.mjd": macho_text(111, "R", good_rows(12))}))
     w("lc_1.112.1.R.mjd.bz2", bz2.compress(macho_text(112, "R", good_rows(15))))
+    w("lc_1.113.1.R.mjd", macho_text(113, "R", good_rows(1)))                       # a single point
+    t = 48800 + np.arange(100_000) * 0.01                                           # 100,000 points
+    body = "\n".join(f"{x:.6f} {-6 + 0.1 * np.sin(x):.3f} 0.020" for x in t)
+    w("lc_1.114.1.R.mjd", macho_text(114, "R", [body]))
     return src
 
 
@@ -99,6 +103,7 @@ def test_malformed_inputs_are_quarantined_or_flagged_by_name(bad_source, tmp_pat
     assert curves["1.100.1/B"][0] == 50 and curves["1.100.1/R"][0] == 60 and curves["1.101.1/R"][0] == 30
     assert curves["1.111.1/R"][0] == 12 and curves["1.112.1/R"][0] == 15
     assert curves["1.102.1/R"][0] == 20 and curves["1.103.1/R"][0] == 20 and curves["1.108.1/R"][0] == 20
+    assert curves["1.113.1/R"][0] == 1 and curves["1.114.1/R"][0] == 100_000
     assert "1.107.1/R" not in curves and "1.109.1/R" not in curves
     # NaN/inf, negative/zero errors, duplicate and unsorted times are kept and flagged
     nonfinite = [q for q in curves["1.104.1/R"][1] if q & Quality.NONFINITE]

@@ -166,6 +166,13 @@ def test_one_light_curve_unnested(lake):
     assert len(rows) == 45 and np.all(np.diff(times) > 0)   # the file has 45 rows after 3 header lines
 
 
+def test_an_existing_scheduler_is_used_by_address(lake, client, tmp_path):
+    root, _ = lake
+    result = run_ingest("sdss-stripe82", str(shared_path(*SOURCES["sdss-stripe82"])), str(tmp_path / "lake"),
+                        scheduler=client.scheduler.address, progress=False)
+    assert (result.curves, result.observations, result.labels) == (2_415, 136_196, 483)
+
+
 def test_worker_processes_give_the_same_lake(lake, tmp_path):
     """The same ingest on a cluster of two worker processes writes byte-identical files."""
     root, _ = lake
