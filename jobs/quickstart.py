@@ -45,6 +45,7 @@ class Plan:
     """How big each stage is: the default run and the reduced one (--small)."""
 
     n_curves: int
+    years: float                     # survey length: fewer years, shorter curves, a faster demo
     preset: str
     window_length: int
     max_steps: int
@@ -58,13 +59,13 @@ class Plan:
 
     @classmethod
     def default(cls) -> Plan:
-        return cls(n_curves=2000, preset="tiny", window_length=200, max_steps=300, batch_size=32,
+        return cls(n_curves=1000, years=4, preset="tiny", window_length=200, max_steps=300, batch_size=32,
                    samples_per_class=(20, 100, 500), folds=3, test_per_class=200, max_epochs=200, patience=20,
                    real_classify=("stripe82",))
 
     @classmethod
     def small(cls) -> Plan:
-        return cls(n_curves=300, preset="tiny", window_length=64, max_steps=30, batch_size=16,
+        return cls(n_curves=150, years=2, preset="tiny", window_length=64, max_steps=30, batch_size=16,
                    samples_per_class=(20,), folds=2, test_per_class=20, max_epochs=30, patience=5,
                    real_classify=())
 
@@ -174,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # 1. ingest -----------------------------------------------------------------------------------
         t = time.monotonic()
-        banner(f"1/5 ingest: a simulated survey of {plan.n_curves} objects"
+        banner(f"1/5 ingest: a simulated {plan.years:g}-year survey of {plan.n_curves} objects (2 bands)"
                + (" and the real sets" if shared else ""))
         ingest = require("ingest", "ingest/run.py")
         run("ingest-synthetic", [py, ingest, "--survey", "synthetic", "--source",
-                                 f"synthetic://?n={plan.n_curves}&seed=0", "--lake", str(lake), "--no-progress"],
+                                 f"synthetic://?n={plan.n_curves}&seed=0&years={plan.years:g}", "--lake", str(lake), "--no-progress"],
             env, logs)
         surveys = ["synthetic"]
         if shared is not None:
@@ -239,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         table = folder / "results.md"
         print(f"\n{dataset} (macro F1 etc., mean ± std over folds; {table}):\n")
         print(table.read_text() if table.exists() else f"(missing: {table})")
-    print(f"\nregistered model: {model_uri} (run {trained.get('run_name')}, val_rmse "
-          f"{trained.get('val_rmse', float('nan')):.4f}, production version {trained.get('production')})")
+    print(f"\nregistered model: {model_uri} (run {trained.get('run_name')}, {trained.get('step', 0):.0f} steps; "
+          f"validation RMSE {trained.get('val_rmse', float('nan')):.4f} against "
+          f"{trained.get('val_baseline_rmse', float('nan')):.4f} for predicting the window mean; "
+          f"production is version {trained.get('production')})")
     print_duckdb(lake, trained["registered"], str(trained["version"]), surveys[0])
     pngs = sorted(p for folder in results.values() for p in folder.rglob("*.png"))
     print(f"\nfigures ({len(pngs)} PNGs, also logged to MLflow):")
