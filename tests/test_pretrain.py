@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -52,7 +53,7 @@ def _history(client, run_id, key):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_train_logs_registers_and_resumes_by_run_name(ray_local, mlflow_sqlite, lake):
+def test_train_logs_metrics_plots_and_registers(ray_local, mlflow_sqlite, lake):
     config = tiny(lake, "resume-me")
     first = _common.run_training(config)
     client = MlflowClient()
@@ -74,24 +75,48 @@ def test_train_logs_registers_and_resumes_by_run_name(ray_local, mlflow_sqlite, 
     assert registry.production_version(name) == 1
     assert _checkpoint_steps(config)[-1] == 6
 
-    # the same run name again, asking for more steps: continues from step 6 in the same MLflow run
-    again = tiny(lake, "resume-me", max_steps=9)
-    second = _common.run_training(again)
-    assert second["mlflow_run_id"] == first["mlflow_run_id"]
-    assert _history(client, run.info.run_id, "resumed_from_step") == [(6, 6.0)]
-    steps = [s for s, _ in _history(client, run.info.run_id, "train_loss")]
-    assert steps == list(range(1, 10))                    # 7, 8, 9 added; nothing trained twice
-    assert second["step"] == 9 and second["version"] == 2
-    assert client.get_run(run.info.run_id).data.tags["astromer.resumed_with.max_steps"] == "9"
-    assert int(client.get_model_version_by_alias(name, "candidate").version) == 2
-    better = second["val_rmse"] < first["val_rmse"]
-    assert registry.production_version(name) == (2 if better else 1)
-
     # the registered production model loads from safetensors
     import astromer
 
     model = astromer.load_model(f"models:/{name}@production")
     assert model.config.name == "tiny"
+
+
+def test_stopped_job_rerun_with_same_name_continues(ray_local, mlflow_sqlite, lake, tmp_path):
+    """`python jobs/pretrain.py` (joined to this Ray through RAY_ADDRESS) is killed after a checkpoint; the same
+    command line with the same run name continues from that checkpoint in the same MLflow run."""
+    config = tiny(lake, "stop-me", max_steps=60)
+    flags = ["--lake", str(lake), "--corpus", "unit", "--preset", "tiny", "--batch-size", "8",
+             "--cpus-per-worker", "0.5", "--data-cpus", "0.25", "--warmup-steps", "2", "--log-every", "1",
+             "--checkpoint-every", "3", "--run-name", "stop-me"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "pretrain.py"), *flags, "--max-steps", "60"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while _registered_checkpoint(config) is None and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.1)
+        stopped_at = _registered_checkpoint(config)
+        assert stopped_at is not None, "the job never wrote a checkpoint"
+    finally:
+        job.kill()
+        job.wait(timeout=60)
+    time.sleep(1.0)
+    stopped_at = _registered_checkpoint(config)
+    run_id = registry.find_run(config.experiment, "stop-me")
+    client = MlflowClient()
+    assert client.get_run(run_id).data.params["max_steps"] == "60"
+
+    again = tiny(lake, "stop-me", max_steps=stopped_at + 3)
+    summary = _common.run_training(again)
+    assert summary["mlflow_run_id"] == run_id
+    assert _history(client, run_id, "resumed_from_step") == [(stopped_at, float(stopped_at))]
+    # in time order: the steps after the checkpoint that the stopped job had done are redone, then it goes on
+    logged = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: (m.timestamp, m.step))
+    assert [m.step for m in logged[-3:]] == [stopped_at + 1, stopped_at + 2, stopped_at + 3]
+    assert summary["step"] == stopped_at + 3
+    assert client.get_run(run_id).data.tags["astromer.resumed_with.max_steps"] == str(stopped_at + 3)
+    assert summary["version"] == 1 and client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_local, mlflow_sqlite, lake, tmp_path):
