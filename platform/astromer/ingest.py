@@ -216,13 +216,18 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
         finally:
             client.close()
         return
+    import dask
+
     cores = max(1, os.cpu_count() or 1)
     if processes:
         n_workers, threads = workers or min(cores, 4), threads_per_worker or 1
     else:
         n_workers, threads = 1, threads_per_worker or workers or cores
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=processes,
-                           dashboard_address=":0", silence_logs=logging.ERROR)
+    # the workers' statistical profiler samples every thread's stack every 10 ms; the ingest
+    # reports its own stage timings, so it is switched off for the local cluster
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=processes,
+                               dashboard_address=":0", silence_logs=logging.ERROR)
     client = Client(cluster)
     try:
         yield client
