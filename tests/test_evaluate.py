@@ -188,3 +188,16 @@ def test_figures_are_png(tmp_path):
                                    tmp_path / "att.png"))
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_repeated_draws_become_loss_weights():
+    rows, weights = ev.training_rows(np.array([3, 7, 3, 5, 3, 7]), ev.ClassifierConfig())
+    assert rows.tolist() == [3, 5, 7] and weights.tolist() == [3, 1, 2]
+    rows, weights = ev.training_rows(np.array([3, 3]), ev.ClassifierConfig(weighted_repeats=False))
+    assert rows.tolist() == [3, 3] and weights is None
+    # a weight of k trains like k copies: a row weighted heavily wins a conflict between two labels
+    x = np.zeros((2, 1, 4), np.float32)
+    clf = ev.train_skip_classifier(x, np.array([0, 1]), x[:1], np.array([1]), 2,
+                                   ev.ClassifierConfig(hidden=(8,), max_epochs=60, patience=100, standardize=False),
+                                   sample_weight=np.array([1.0, 9.0], np.float32))
+    assert clf.predict(x[:1])[0] == 1

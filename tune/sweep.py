@@ -76,8 +76,9 @@ def trial(config: dict, data: dict) -> None:
     def report(epoch: int, metrics: dict) -> None:
         tune.report({**metrics, "epoch": epoch})
 
-    ev.train_skip_classifier(layers[fold.train], y[fold.train], layers[fold.val], y[fold.val], n_classes,
-                             run.classifier, on_epoch=report)
+    rows, weights = ev.training_rows(fold.train, run.classifier)
+    ev.train_skip_classifier(layers[rows], y[rows], layers[fold.val], y[fold.val], n_classes, run.classifier,
+                             on_epoch=report, sample_weight=weights)
 
 
 class MlflowTrials(Callback):

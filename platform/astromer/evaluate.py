@@ -160,6 +160,10 @@ class ClassifierConfig:
     # official code; per-curve means of a frozen encoder vary little around a large offset, and without it
     # the MLP often collapses to one class. False reproduces the official head exactly.
     standardize: bool = True
+    # a curve drawn k times (sampling with replacement) is one row with weight k in the loss, instead of k
+    # identical rows: the same expected loss per epoch at a fraction of the cost (the 500-per-class
+    # scenario of a short class is mostly repeats). False trains on the repeated rows as drawn.
+    weighted_repeats: bool = True
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -262,13 +266,22 @@ def _as_layers(x: np.ndarray) -> np.ndarray:
     return x[:, None, :] if x.ndim == 2 else x  # [N, D] -> [N, 1, D]
 
 
+def training_rows(train: np.ndarray, config: ClassifierConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows to train on and their loss weights (see ``ClassifierConfig.weighted_repeats``)."""
+    if not config.weighted_repeats:
+        return np.asarray(train), None
+    rows, counts = np.unique(np.asarray(train), return_counts=True)
+    return rows, counts.astype(np.float32)
+
+
 def train_skip_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                           n_classes: int, config: ClassifierConfig = ClassifierConfig(),
-                          on_epoch: Callable[[int, dict], bool | None] | None = None) -> TrainedClassifier:
+                          on_epoch: Callable[[int, dict], bool | None] | None = None,
+                          sample_weight: np.ndarray | None = None) -> TrainedClassifier:
     """Cross-entropy, Adam, early stopping on validation loss; the best epoch's weights are kept.
 
-    ``x_*`` are per-layer means ``[N, K, D]`` (or ``[N, D]``); ``on_epoch(epoch, metrics)`` may return
-    True to stop (Ray Tune reports through it).
+    ``x_*`` are per-layer means ``[N, K, D]`` (or ``[N, D]``); ``sample_weight`` weights the training loss
+    per row; ``on_epoch(epoch, metrics)`` may return True to stop (Ray Tune reports through it).
     """
     x_train, x_val = _as_layers(x_train), _as_layers(x_val)
     if len(x_train) == 0:
@@ -280,8 +293,9 @@ def train_skip_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     if config.standardize:
         head.set_standardization(torch.as_tensor(x_train))
     opt = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss()  # validation: every validation curve once
     xt, yt = torch.as_tensor(x_train), torch.as_tensor(np.asarray(y_train), dtype=torch.long)
+    wt = torch.as_tensor(sample_weight if sample_weight is not None else np.ones(len(xt)), dtype=torch.float32)
     xv, yv = torch.as_tensor(x_val), torch.as_tensor(np.asarray(y_val), dtype=torch.long)
     has_val = len(xv) > 0
     best, best_state, best_epoch, waited = math.inf, None, 0, 0
@@ -292,7 +306,8 @@ def train_skip_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         total = 0.0
         for i in range(0, len(order), config.batch_size):
             idx = torch.as_tensor(order[i:i + config.batch_size])
-            loss = loss_fn(head(xt[idx]), yt[idx])
+            per_row = nn.functional.cross_entropy(head(xt[idx]), yt[idx], reduction="none")
+            loss = (per_row * wt[idx]).sum() / wt[idx].sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -412,7 +427,8 @@ def lightcurve_features(curves: Sequence[tuple], min_obs: int = 10) -> np.ndarra
     return out
 
 
-def train_random_forest(x_train: np.ndarray, y_train: np.ndarray, seed: int = 0, n_estimators: int = 300):
+def train_random_forest(x_train: np.ndarray, y_train: np.ndarray, seed: int = 0, n_estimators: int = 300,
+                        sample_weight: np.ndarray | None = None):
     """RandomForest on features; NaN replaced by the training medians (kept on the model for predict)."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.impute import SimpleImputer
@@ -420,7 +436,8 @@ def train_random_forest(x_train: np.ndarray, y_train: np.ndarray, seed: int = 0,
 
     model = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True),
                           RandomForestClassifier(n_estimators=n_estimators, random_state=seed, n_jobs=2))
-    model.fit(np.nan_to_num(x_train, nan=np.nan, posinf=np.nan, neginf=np.nan), y_train)
+    fit_args = {} if sample_weight is None else {"randomforestclassifier__sample_weight": sample_weight}
+    model.fit(np.nan_to_num(x_train, nan=np.nan, posinf=np.nan, neginf=np.nan), y_train, **fit_args)
     return model
 
 
@@ -850,11 +867,12 @@ def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str |
         if settings.finetune:
             skip_inputs[METHOD_FINETUNED] = _finetuned_layers(model, data, fold, settings,
                                                               settings.classifier.seed + fold.fold)
+        clf_config = ClassifierConfig.from_dict({**settings.classifier.to_dict(),
+                                                 "seed": settings.classifier.seed + fold.fold})
+        rows, weights = training_rows(fold.train, clf_config)
         for method, layers in skip_inputs.items():
-            clf = train_skip_classifier(layers[fold.train], data.y[fold.train], layers[fold.val],
-                                        data.y[fold.val], n_classes,
-                                        ClassifierConfig.from_dict({**settings.classifier.to_dict(),
-                                                                    "seed": settings.classifier.seed + fold.fold}))
+            clf = train_skip_classifier(layers[rows], data.y[rows], layers[fold.val], data.y[fold.val], n_classes,
+                                        clf_config, sample_weight=weights)
             pred = clf.predict(layers[fold.test])
             results.append({"method": method, **key_base, **scores(data.y[fold.test], pred, n_classes),
                             "epochs": len(clf.history), "best_epoch": clf.best_epoch})
@@ -863,8 +881,8 @@ def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str |
             if fold.fold == 0 and fold.samples_per_class == largest and method != METHOD_RANDOM:
                 maps[method] = (clf.pooled(layers[fold.test]), data.y[fold.test])
         if features is not None:
-            rf = train_random_forest(features[fold.train], data.y[fold.train], seed=fold.fold,
-                                     n_estimators=settings.rf_trees)
+            rf = train_random_forest(features[rows], data.y[rows], seed=fold.fold, n_estimators=settings.rf_trees,
+                                     sample_weight=weights)
             pred = predict_random_forest(rf, features[fold.test])
             results.append({"method": METHOD_RF, **key_base, **scores(data.y[fold.test], pred, n_classes)})
             predictions.setdefault((METHOD_RF, fold.samples_per_class), []).append((data.y[fold.test], pred))
