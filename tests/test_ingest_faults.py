@@ -196,3 +196,19 @@ def test_sigkill_during_map_then_rerun_gives_the_same_lake(tmp_path, client):
     b = {p.relative_to(clean): p.read_bytes() for p in (clean / "lightcurves").rglob("*.parquet")}
     assert a == b
     assert not [p for p in killed.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_failed_rerun_keeps_the_published_survey_and_its_reports(tmp_path, client):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    (good / "lc_1.1.1.R.mjd").write_bytes(macho_text(1, "R", good_rows(40)))
+    (bad / "lc_1.2.1.R.mjd").write_bytes(b"")
+    lake = tmp_path / "lake"
+    first = run_ingest("macho", str(good), str(lake), client=client, progress=False)
+    failed = run_ingest("macho", str(bad), str(lake), client=client, progress=False)
+    assert first.exit_code == 0 and failed.exit_code == 1
+    assert failed.report.startswith(str(lake / "_ingest" / "runs")) and os.path.exists(failed.report)
+    con = connect(str(lake))
+    assert con.execute("SELECT count(*), sum(n_obs) FROM lightcurves").fetchone() == (1, 40)
+    assert con.execute("SELECT DISTINCT ingest_id FROM ingest_manifest").fetchall() == [(first.ingest_id,)]

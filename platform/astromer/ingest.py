@@ -71,6 +71,7 @@ class IngestResult:
     seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
     stage_cpu: dict = field(default_factory=dict)     # CPU seconds of this process (all its threads)
+    report: str = ""                                   # where the quarantine report was written
 
     @property
     def exit_code(self) -> int:
@@ -85,7 +86,8 @@ class IngestResult:
             ("curves", f"{self.curves:,}"), ("observations", f"{self.observations:,}"),
             ("labels", f"{self.labels:,}"),
             ("bands", ", ".join(f"{b}: {n:,}" for b, n in sorted(self.bands.items())) or "-"),
-            ("quarantined inputs", f"{self.quarantined_inputs:,}"),
+            ("quarantined inputs", f"{self.quarantined_inputs:,}" + (f" (report: {self.report})"
+                                                                     if self.report else "")),
         ]
         reasons = Counter(r for _, r, _ in self.quarantine)
         rows += [(f"  quarantine: {reason}", f"{count:,}") for reason, count in sorted(reasons.items())]
@@ -423,7 +425,12 @@ def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) ->
         _remove_stale(fs, labels_dir, set())
 
     # manifest and quarantine report
+    # a run that ingested nothing leaves the survey's published reports alone (they describe
+    # the lake as it is) and keeps its own under its run folder
     report_dir = paths.ingest(out_survey)
+    if not curves and fs.exists(f"{report_dir}/manifest.parquet"):
+        report_dir = run
+    result.report = f"{report_dir}/quarantine.parquet"
     manifest = pa.table({
         "input": [m["input"] for m in markers], "url": [m["url"] for m in markers],
         "size": pa.array([int(m["size"] or 0) for m in markers], type=pa.int64()),
