@@ -11,6 +11,13 @@
             ``lightcurves/survey=<s>/band=<b>/``, write ``labels``, the manifest (inputs + sha256),
             the quarantine report and the run record; print the summary table
 
+``_ingest/`` holds, per survey, ``survey=<s>/manifest.parquet`` (input, url, size, sha256, curves,
+observations, status, ingest_id) and ``survey=<s>/quarantine.parquet`` (input, reason, detail; the
+reasons are named in ``astromer.lake.schema.QUARANTINE_REASONS``), and per run
+``runs/<ingest_id>/``: ``map/<n>.json`` markers (one per finished input), ``record.json`` (the run
+record: counts, stage timings, source, options) and, while the run is in flight, its shards and
+staged parts.
+
 The same inputs give the same ingest id, the same files and the same rows, so re-running a finished
 ingest changes nothing (it is recognised from its run record and skipped). An ingest of a survey
 owns ``lightcurves/survey=<s>/`` and ``labels/survey=<s>/``: what a previous run left there and this
