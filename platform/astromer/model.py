@@ -46,9 +46,12 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, times: Tensor) -> Tensor:
         t = times.float().unsqueeze(-1)                        # [B, L, 1]
-        sin = torch.sin(t * self.omega_even)                   # [B, L, D/2] for dims 0, 2, 4, ...
-        cos = torch.cos(t * self.omega_odd)                    # [B, L, D/2] for dims 1, 3, 5, ...
-        return torch.stack((sin, cos), dim=-1).flatten(-2)     # interleave: [B, L, D]
+        pe = t.new_empty(*times.shape, 2 * self.omega_even.numel())                    # [B, L, D]
+        if torch.is_grad_enabled() and t.requires_grad:        # (out= does not support autograd)
+            return torch.stack((torch.sin(t * self.omega_even), torch.cos(t * self.omega_odd)), -1).flatten(-2)
+        torch.sin(t * self.omega_even, out=pe[..., 0::2])      # even dims 0, 2, 4, ...
+        torch.cos(t * self.omega_odd, out=pe[..., 1::2])       # odd dims 1, 3, 5, ...
+        return pe
 
 
 class MagnitudeEmbedding(nn.Module):
@@ -60,12 +63,16 @@ class MagnitudeEmbedding(nn.Module):
         self.proj = nn.Linear(1, d_model)
         self.mask_token = nn.Parameter(torch.zeros(())) if mask_token else None
 
-    def forward(self, mags: Tensor, replace: Tensor | None) -> Tensor:
-        # mags [B, L], replace bool [B, L] or None
+    def forward(self, mags: Tensor, replace: Tensor | None, add_to: Tensor | None = None) -> Tensor:
+        # mags [B, L], replace bool [B, L] or None; add_to [B, L, D] (the positional encoding) or None
         if replace is not None:
             token = self.mask_token if self.mask_token is not None else mags.new_zeros(())
             mags = torch.where(replace, token.to(mags.dtype), mags)
-        return self.proj(mags.unsqueeze(-1))                   # [B, L, D]
+        if add_to is None or torch.is_grad_enabled():
+            out = self.proj(mags.unsqueeze(-1))                # [B, L, D]
+            return out if add_to is None else out + add_to
+        # Inference: accumulate into add_to in place (two passes over [B, L, D] instead of four).
+        return add_to.add_(self.proj.bias).addcmul_(mags.unsqueeze(-1), self.proj.weight[:, 0])
 
 
 class MultiHeadAttention(nn.Module):
@@ -186,7 +193,7 @@ class Encoder(nn.Module):
                 all_layers: bool = False, need_weights: bool = False, fast: bool = True):
         masked = padding if hidden is None else padding | hidden                      # [B, L]
         replace = masked if self.embedding.mask_token is not None else hidden
-        x = self.embedding(mags, replace) + self.positional(times)                    # [B, L, D]
+        x = self.embedding(mags, replace, add_to=self.positional(times))               # [B, L, D]
         x = self.dropout(x)
         bias = self.attention_bias(masked)
         layers, maps = [x], []
