@@ -140,3 +140,28 @@ def test_cli_import_list_and_register(tmp_path, mlflow_sqlite, capsys):
     assert listed["layer_with_weights-2/gamma/.ATTRIBUTES/VARIABLE_VALUE"]["shape"] == [7]
     assert cli(["weights", "import", str(tmp_path / "missing.zip"), str(tmp_path / "x")]) == 1
     assert "missing.zip" in capsys.readouterr().err
+
+
+def test_astromer2_import_maps_every_official_encoder_tensor(tmp_path):
+    """Official Astromer 2 names and shapes (from the published classifier index) with random values:
+    each lands, transposed where it is a kernel, in the right place; the classifier's own tensors are
+    ignored and the [MASK] token and reconstruction head keep their initial values."""
+    variables = json.loads(shared_path("reference", "astromer2_classifier_index", "variables.json").read_text())
+    rng = np.random.default_rng(0)
+    tensors = {v["name"]: rng.normal(size=v["shape"]).astype(np.float32) for v in variables["variables"]}
+    np.savez(tmp_path / "a2.npz", **tensors)
+    model = import_official(tmp_path / "a2.npz", tmp_path / "a2", preset="astromer2")
+    block = model.encoder.blocks[5]
+    prefix = "layer_with_weights-1/enc_layers/5/"
+    suffix = "/.ATTRIBUTES/VARIABLE_VALUE"
+    pairs = [(block.leak1.weight, "reshape_leak_1/kernel", True), (block.leak2.bias, "reshape_leak_2/bias", False),
+             (block.attention.wo.weight, "mha/dense/kernel", True), (block.ffn.fc1.weight, "ffn/layer_with_weights-0/kernel", True),
+             (block.norm2.weight, "layernorm2/gamma", False)]
+    for param, name, kernel in pairs:
+        want = tensors[prefix + name + suffix]
+        assert np.array_equal(param.detach().numpy(), want.T if kernel else want), name
+    assert np.array_equal(model.encoder.embedding.proj.weight.detach().numpy(),
+                          tensors["layer_with_weights-0/kernel" + suffix].T)
+    assert model.encoder.embedding.mask_token.item() == 0.0
+    reloaded = astromer.load_model(tmp_path / "a2")
+    assert reloaded.config.residual == "projection" and reloaded.num_parameters("encoder") == 3_952_640
