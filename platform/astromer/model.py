@@ -46,9 +46,9 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, times: Tensor) -> Tensor:
         t = times.float().unsqueeze(-1)                        # [B, L, 1]
-        pe = t.new_empty(*times.shape, 2 * self.omega_even.numel())                    # [B, L, D]
-        if torch.is_grad_enabled() and t.requires_grad:        # (out= does not support autograd)
+        if t.requires_grad and torch.is_grad_enabled():        # (out= below does not support autograd)
             return torch.stack((torch.sin(t * self.omega_even), torch.cos(t * self.omega_odd)), -1).flatten(-2)
+        pe = t.new_empty(*times.shape, 2 * self.omega_even.numel())                    # [B, L, D]
         torch.sin(t * self.omega_even, out=pe[..., 0::2])      # even dims 0, 2, 4, ...
         torch.cos(t * self.omega_odd, out=pe[..., 1::2])       # odd dims 1, 3, 5, ...
         return pe
@@ -313,11 +313,12 @@ class Astromer(nn.Module):
         times, mags, padding_mask, hidden = self._validate(times, mags, padding_mask, hidden)
         return self.forward(times, mags, padding_mask, hidden)
 
-    def embed(self, curves: Sequence, batch_size: int = 256, all_layers: bool = False) -> np.ndarray:
+    def embed(self, curves: Sequence, batch_size: int = 256, all_layers: bool = False,
+              progress: bool = False) -> np.ndarray:
         """One vector per light curve: the mean over the real observations of all its windows of the last
         block's output, [N, D]; with ``all_layers`` the same for the input embedding and every block,
         [N, n_layers + 1, D]. ``curves`` is a sequence of (mjd, mag) or (mjd, mag, err) arrays; windows
-        follow ``config.window_rule``."""
+        follow ``config.window_rule``. ``progress`` shows a tqdm bar over the batches."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected a positive integer")
         curves = list(curves)
@@ -331,7 +332,12 @@ class Astromer(nn.Module):
         self.eval()
         try:
             with torch.inference_mode():
-                for lo in range(0, len(windows), batch_size):
+                starts = range(0, len(windows), batch_size)
+                if progress:
+                    from tqdm.auto import tqdm
+
+                    starts = tqdm(starts, desc="embed", unit="batch")
+                for lo in starts:
                     part = windows.take(slice(lo, lo + batch_size))
                     times = torch.from_numpy(part.times).to(device)
                     mags = torch.from_numpy(part.mags).to(device)

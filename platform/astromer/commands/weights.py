@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from astromer.config import PRESETS
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="weights_command", metavar="SUBCOMMAND")
@@ -15,7 +17,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     imp.add_argument("src", help="checkpoint folder, weights.index path, published zip (e.g. macho_a0.zip) "
                                  "or an .npz of checkpoint tensors")
     imp.add_argument("out_dir", help="output model folder")
-    imp.add_argument("--preset", default="astromer1", help="model layout of the checkpoint (default astromer1)")
+    imp.add_argument("--preset", default="astromer1", choices=sorted(PRESETS),
+                     help="model layout of the checkpoint (default astromer1)")
     imp.add_argument("--register", metavar="NAME", default=None,
                      help="also register the folder in the MLflow model registry under NAME")
     imp.set_defaults(func=_import)
