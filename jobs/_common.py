@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from astromer import registry, settings
-from astromer.train import TrainConfig, worker_loop
+from astromer.train import NONFINITE_KEY, NonFiniteLossError, TrainConfig, worker_loop
 
 log = logging.getLogger("astromer.jobs")
 
@@ -139,6 +139,8 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None) -> str:
                    if k in logged and logged[k] != str(v)[:6000]}
         if changed:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in changed.items()])
+        if NONFINITE_KEY in client.get_run(run_id).data.tags:   # a NaN stop of an earlier attempt
+            client.delete_tag(run_id, NONFINITE_KEY)
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "astromer.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
         log.warning("continuing MLflow run %s (%s)", config.run_name, run_id)
@@ -175,6 +177,12 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
         client.set_tag(config.mlflow_run_id, "astromer.error", _root_message(exc)[:5000])
         client.set_terminated(config.mlflow_run_id, status="FAILED")
         raise
+    stopped = client.get_run(config.mlflow_run_id).data.tags.get(NONFINITE_KEY)
+    if stopped or result.checkpoint is None:
+        message = stopped or "training ended without a final checkpoint"
+        client.set_tag(config.mlflow_run_id, "astromer.error", message[:5000])
+        client.set_terminated(config.mlflow_run_id, status="FAILED")
+        raise NonFiniteLossError(message) if stopped else RuntimeError(message)
     summary = finish_run(config, result, register_tags or {})
     client.set_terminated(config.mlflow_run_id, status="FINISHED")
     return summary

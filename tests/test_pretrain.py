@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from astromer import registry
-from astromer.train import TrainConfig
+from astromer.train import NonFiniteLossError, TrainConfig
 from mlflow.tracking import MlflowClient
 from test_data import write_lake
 
@@ -127,7 +127,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, mlflow_sqlite, la
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and _registered_checkpoint(config) is None:
             time.sleep(0.05)
-        pid = int((tmp_path / "pids" / "rank1.pid").read_text())
+        pid = int((tmp_path / "pids" / "rank1.pid").read_text().split()[-1])
         os.kill(pid, signal.SIGKILL)
         time.sleep(1.0)                    # the group is torn down; nothing new can be registered
         killed["pid"], killed["last_checkpoint"] = pid, _registered_checkpoint(config)
@@ -145,18 +145,21 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, mlflow_sqlite, la
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     # the restarted workers are new processes
-    assert int((tmp_path / "pids" / "rank1.pid").read_text()) != killed["pid"]
+    assert [int(p) for p in (tmp_path / "pids" / "rank1.pid").read_text().split()][0] == killed["pid"]
+    assert len((tmp_path / "pids" / "rank1.pid").read_text().split()) == 2
 
 
 def test_nan_loss_stops_naming_the_step_without_checkpoint(ray_local, mlflow_sqlite, tmp_path):
     # variability of ~1e21 mag: squared residuals overflow float32, so the very first loss is infinite
     bad_lake = write_lake(tmp_path / "bad_lake", 60, seed=5, scale=1e22)
-    config = tiny(bad_lake, "overflow", clean=False, checkpoint_every=1, max_failures=0, val_fraction=0.05,
-                  test_fraction=0.05)
-    with pytest.raises(Exception, match=r"loss is (nan|inf) at step 1 \(epoch 0, batch 0\)") as info:
+    # max_failures stays > 0: a NaN is not a lost worker and must not be retried
+    config = tiny(bad_lake, "overflow", clean=False, checkpoint_every=1, max_failures=2, val_fraction=0.05,
+                  test_fraction=0.05, pid_dir=str(tmp_path / "pids"))
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step 1 \(epoch 0, batch 0\)") as info:
         _common.run_training(config)
     assert "without writing a checkpoint" in str(info.value)
     assert _checkpoint_steps(config) == []
+    assert len((tmp_path / "pids" / "rank0.pid").read_text().split()) == 1      # started once, never retried
     run = MlflowClient().get_run(registry.find_run(config.experiment, "overflow"))
     assert run.info.status == "FAILED" and "at step 1" in run.data.tags["astromer.error"]
 

@@ -32,6 +32,7 @@ from astromer.losses import probed_rmse, r2, weighted_rmse
 log = logging.getLogger("astromer.train")
 
 STATE_FILE = "state.json"
+NONFINITE_KEY = "astromer.nonfinite_loss"   # run tag (and report key) carrying a NaN stop to the job
 TRAINER_STATE_FILE = "trainer_state.pt"
 
 
@@ -100,7 +101,7 @@ class TrainConfig:
     mlflow_run_id: str | None = None        # set by the job (resume finds the run by run_name)
     register_as: str | None = None          # default: astromer2-<corpus>
     tags: dict[str, str] = field(default_factory=dict)
-    pid_dir: str | None = None              # workers write rank<N>.pid here (operations and fault tests)
+    pid_dir: str | None = None              # workers append their pid to rank<N>.pid here (operations, fault tests)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -456,6 +457,10 @@ class RunTracker:
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def tag(self, key: str, value: str) -> None:
+        if self.active:
+            self.client.set_tag(self.run_id, key, value[:5000])
+
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.active:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -483,7 +488,8 @@ def worker_loop(config_dict: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.pid_dir:
         Path(config.pid_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.pid_dir) / f"rank{rank}.pid").write_text(str(os.getpid()))
+        with open(Path(config.pid_dir) / f"rank{rank}.pid", "a") as fh:   # one line per (re)start
+            fh.write(f"{os.getpid()}\n")
     torch.manual_seed(config.seed * 1000 + rank)
     if not config.use_gpu:
         torch.set_num_threads(max(1, round(config.cpus_per_worker)))   # one intra-op pool per reserved core
@@ -508,7 +514,15 @@ def worker_loop(config_dict: dict) -> None:
         tracker.metrics({"resumed_from_step": state.resumed_from}, state.step)
     loop = _Loop(config, ddp_model, model, optimizer, scheduler, state, tracker, rank, world, device)
     val = CachedBatches(ray.train.get_dataset_shard("val"), config.batch_size, device)
-    loop.run(ray.train.get_dataset_shard("train"), val)
+    try:
+        loop.run(ray.train.get_dataset_shard("train"), val)
+    except NonFiniteLossError as exc:
+        # every rank sees the same verdict (all-reduced), so all end here together. A NaN is not a lost
+        # worker: ending normally with the reason (and no checkpoint) keeps Ray from retrying it.
+        log.error("%s", exc)
+        tracker.tag(NONFINITE_KEY, str(exc))      # how the job learns why training ended (rank 0)
+        ray.train.report({NONFINITE_KEY: str(exc), "step": state.step})
+        return
     loop.finish(val, CachedBatches(ray.train.get_dataset_shard("test"), config.batch_size, device, limit=0))
 
 
