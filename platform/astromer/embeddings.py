@@ -414,20 +414,19 @@ def write_detail(lake: str, ref: ModelRef, survey: str, object_ids: list[str], c
 
 
 SIMILAR_SQL = """
-WITH query AS (
-    SELECT embedding::FLOAT[{dim}] AS q
-    FROM embeddings
-    WHERE model = $model AND CAST(version AS VARCHAR) = $version AND object_id = $object_id
-      AND embedding IS NOT NULL AND ($band IS NULL OR band = $band)
-    ORDER BY band
-    LIMIT 1
-)
-SELECT e.survey, e.object_id, e.band, array_cosine_similarity(e.embedding::FLOAT[{dim}], query.q) AS similarity
-FROM embeddings AS e, query
-WHERE e.model = $model AND CAST(e.version AS VARCHAR) = $version AND e.object_id <> $object_id
-  AND e.embedding IS NOT NULL
+SELECT survey, object_id, band, array_cosine_similarity(embedding::FLOAT[{dim}], $query::FLOAT[{dim}]) AS similarity
+FROM embeddings
+WHERE model = $model AND CAST(version AS VARCHAR) = $version AND object_id <> $object_id
 ORDER BY similarity DESC
 LIMIT $k
+"""
+
+QUERY_VECTOR_SQL = """
+SELECT embedding FROM embeddings
+WHERE model = $model AND CAST(version AS VARCHAR) = $version AND object_id = $object_id
+  AND ($band IS NULL OR band = $band)
+ORDER BY band
+LIMIT 1
 """
 
 
@@ -476,9 +475,18 @@ def embeddings_connection(lake: str):
     return con
 
 
-def model_versions(con) -> list[tuple[str, str]]:
-    rows = con.execute("SELECT DISTINCT model, CAST(version AS VARCHAR) FROM embeddings ORDER BY 1, 2").fetchall()
-    return [(str(m), str(v)) for m, v in rows]
+def model_versions(lake: str) -> dict[tuple[str, str], str]:
+    """(model, version) -> one of its Parquet files, from the folder names (no table scan)."""
+    from astromer.lake.paths import LakePaths
+
+    paths = LakePaths(lake)
+    found: dict[tuple[str, str], str] = {}
+    for path in sorted(paths.fs.glob(posixpath.join(paths.embeddings(), "model=*", "version=*", "survey=*",
+                                                    "*.parquet"))):
+        parts = path.split("/")
+        key = (parts[-4][len("model="):], parts[-3][len("version="):])
+        found.setdefault(key, path)
+    return found
 
 
 def similar(lake: str, object_id: str, k: int = 10, model: str | None = None, version: str | None = None,
@@ -488,8 +496,9 @@ def similar(lake: str, object_id: str, k: int = 10, model: str | None = None, ve
     version of ``model``) is used. Returns dicts: survey, object_id, band, similarity."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    con = embeddings_connection(lake)
-    available = model_versions(con)
+    available = model_versions(lake)
+    if not available:
+        raise FileNotFoundError(f"lake {lake} has no embeddings yet: run jobs/embed.py first")
     if model is None:
         names = sorted({m for m, _ in available})
         if len(names) != 1:
@@ -497,20 +506,21 @@ def similar(lake: str, object_id: str, k: int = 10, model: str | None = None, ve
         model = names[0]
     versions = [v for m, v in available if m == model]
     if not versions:
-        raise LookupError(f"no embeddings of model {model!r} in lake {lake}; there are {available}")
+        raise LookupError(f"no embeddings of model {model!r} in lake {lake}; there are {sorted(available)}")
     if version is None:
         version = max(versions, key=lambda v: (v.isdigit(), int(v) if v.isdigit() else 0, v))
     elif str(version) not in versions:
         raise LookupError(f"no embeddings of {model} version {version} in lake {lake}; versions: {versions}")
-    params = {"model": model, "version": str(version), "object_id": object_id, "band": band}
-    dim = con.execute("SELECT len(embedding) FROM embeddings WHERE model = $model AND CAST(version AS VARCHAR)"
-                      " = $version AND embedding IS NOT NULL LIMIT 1",
-                      {"model": model, "version": str(version)}).fetchone()[0]
-    found = con.execute("SELECT count(*) FROM embeddings WHERE model = $model AND CAST(version AS VARCHAR) = "
-                        "$version AND object_id = $object_id AND embedding IS NOT NULL",
-                        {"model": model, "version": str(version), "object_id": object_id}).fetchone()[0]
-    if not found:
+    from astromer.lake.paths import LakePaths
+
+    paths = LakePaths(lake)
+    with paths.fs.open(available[(model, str(version))], "rb") as handle:
+        dim = int(pq.read_schema(handle).field("embedding").type.list_size)
+    con = embeddings_connection(lake)
+    params = {"model": model, "version": str(version), "object_id": object_id}
+    found = con.execute(QUERY_VECTOR_SQL, {**params, "band": band}).fetchone()
+    if found is None:
         raise LookupError(f"object {object_id!r} has no embedding from {model} version {version} in lake {lake}")
-    # the dimension is an integer from the data, the only thing formatted into the SQL; values are bound
-    rows = con.execute(SIMILAR_SQL.format(dim=int(dim)), {**params, "k": k}).fetchall()
+    # the dimension (an integer read from the file schema) is the only thing formatted into the SQL
+    rows = con.execute(SIMILAR_SQL.format(dim=dim), {**params, "query": found[0], "k": k}).fetchall()
     return [{"survey": s, "object_id": o, "band": b, "similarity": float(sim)} for s, o, b, sim in rows]
