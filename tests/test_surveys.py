@@ -7,11 +7,10 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import shared_path
-
 from astromer.surveys import get_reader
 from astromer.surveys.base import ArchiveError, Batch, parse_bodies, parse_numeric, split_header, split_tar
-from astromer.surveys.synthetic import CLASSES, SyntheticReader, parse_spec, simulate_object
+from astromer.surveys.synthetic import CLASSES, SyntheticReader, parse_spec, simulate_object, variability
+from conftest import shared_path
 
 
 def test_split_tar_matches_tarfile_on_a_real_archive():
@@ -78,11 +77,22 @@ def test_simulator_classes_cadence_and_errors_are_realistic():
     ranges = {"RRab": (0.45, 0.85), "RRc": (0.24, 0.42), "Cepheid": (2, 60), "EB": (0.3, 15), "LPV": (80, 700)}
     for cls, (lo, hi) in ranges.items():
         assert all(lo <= o["period"] <= hi for o in by_class[cls])
-    # RR Lyrae ab: saw-tooth (rises faster than it declines: brighter = smaller magnitude)
-    ab = by_class["RRab"][0]
-    t, m, _ = ab["bands"]["R"]
-    phase = ((t - t[0]) / ab["period"]) % 1
-    assert ab["amplitude"] >= 0.5 and np.ptp(m) > 0.4
+    # RR Lyrae ab are saw-tooth: the rise to maximum light (smallest magnitude) takes a small part
+    # of the cycle; RR c are nearly sinusoidal (about half of it)
+    def rise_fraction(cls, seed):
+        rng = np.random.Generator(np.random.Philox(key=seed))
+        grid = np.linspace(0, 200, 200_001)
+        mags, _, params = variability(cls, rng, grid)
+        phase = (grid / params["period"]) % 1.0
+        order = np.argsort(phase)
+        ph, mg = phase[order], mags[order]
+        faint, bright = ph[np.argmax(mg)], ph[np.argmin(mg)]
+        return (bright - faint) % 1.0
+
+    assert all(rise_fraction("RRab", s) < 0.3 for s in range(5))
+    assert all(0.3 < rise_fraction("RRc", s) < 0.7 for s in range(5))
+    assert np.median([rise_fraction("Cepheid", s) for s in range(5)]) < 0.4
+    assert all(o["amplitude"] >= 0.5 for o in by_class["RRab"])
     for o in objects[:50]:
         t, m, e = o["bands"]["B"]
         assert np.all(np.diff(t) > 0) and 48800 <= t[0] and t[-1] < 48800 + 7 * 366
@@ -92,7 +102,6 @@ def test_simulator_classes_cadence_and_errors_are_realistic():
         good = e <= 1
         assert (e > 0).all() and good.mean() > 0.98 and np.std(e[good]) > 0   # heteroscedastic, a few bad points
         assert -12 < np.median(m) < -3                                     # MACHO-like instrumental mags
-    del phase
 
 
 def test_all_readers_are_registered():

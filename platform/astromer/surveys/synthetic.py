@@ -12,7 +12,8 @@ Classes (the ``class`` label) and their light curves (R-band amplitudes; B is 1.
 
 - ``RRab``: period 0.45-0.85 d, amplitude 0.5-1.1 mag, saw-tooth (fast rise, slow decline)
 - ``RRc``: period 0.24-0.42 d, amplitude 0.2-0.5 mag, nearly sinusoidal
-- ``Cepheid``: period 2-60 d (log-uniform), amplitude 0.2-0.9 mag growing with period, skewed
+- ``Cepheid``: period 2-60 d (log-uniform), amplitude 0.2-0.9 mag growing with period, a softer
+  saw-tooth than RR ab (rise over about a quarter to a third of the cycle)
 - ``EB``: period 0.3-15 d (log-uniform), primary eclipse 0.1-1.0 mag, secondary 10-90% of it,
   eclipse width 3-12% of the phase, ellipsoidal variation for periods under 1.5 d
 - ``LPV``: period 80-700 d, amplitude 0.5-2.5 mag, semi-regular (drifting amplitude, red noise)
@@ -121,8 +122,9 @@ def variability(cls: str, rng: np.random.Generator, t: np.ndarray) -> tuple[np.n
     elif cls == "Cepheid":
         period = math.exp(rng.uniform(math.log(2), math.log(60)))
         amp = float(np.clip(0.25 + 0.35 * math.log10(period) + rng.normal(0, 0.1), 0.2, 0.9))
-        amps = [1.0, rng.uniform(0.25, 0.5), rng.uniform(0.1, 0.25), rng.uniform(0.0, 0.12)]
-        phases = [0.0, rng.uniform(2.5, 4.5), rng.uniform(4.5, 6.5), rng.uniform(0, 6.3)]
+        k = np.arange(1, 5)      # a softer saw-tooth than RR ab: fewer, faster-decaying harmonics
+        amps = ((-1.0) ** k) / k * rng.uniform(0.45, 0.7) ** (k - 1)
+        phases = rng.normal(0, 0.2, 4)
         ratio = 1.4
     elif cls == "EB":
         period = math.exp(rng.uniform(math.log(0.3), math.log(15)))
@@ -147,7 +149,7 @@ def variability(cls: str, rng: np.random.Generator, t: np.ndarray) -> tuple[np.n
     else:
         raise ValueError(f"unknown class {cls!r}")
     # pulsators: the template over one cycle, scaled to the amplitude, then sampled at the phases
-    template = _normalise(-_fourier(fine, amps, phases) if cls != "RRab" else _fourier(fine, amps, phases), amp)
+    template = _normalise(-_fourier(fine, amps, phases), amp)
     phase = ((t - t0) / period) % 1.0
     mags = np.interp(phase, np.append(fine, 1.0), np.append(template, template[0]))
     return mags, ratio, {"period": period, "amplitude": amp}
