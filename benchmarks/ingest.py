@@ -86,7 +86,9 @@ def make_survey(work: Path, objects: int, per_tar: int, seed: int, years: float)
     """The survey's folder of tar files. Tars live once in ``work/pool`` (a tar depends only on its
     object range), and each survey folder holds hard links to its own, so the doubled survey
     reuses the first half."""
-    pool = work / "pool"
+    from astromer.surveys.synthetic import SIMULATOR_VERSION
+
+    pool = work / f"pool-v{SIMULATOR_VERSION}"
     folder = work / f"macho-text-n{objects}-per{per_tar}-seed{seed}-y{years}"
     pool.mkdir(parents=True, exist_ok=True)
     folder.mkdir(parents=True, exist_ok=True)

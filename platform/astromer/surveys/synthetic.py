@@ -33,6 +33,8 @@ import numpy as np
 
 from astromer.surveys.base import Batch, Input, Plan
 
+#: bumped whenever the simulated curves change: part of each partition's checksum (and ingest id)
+SIMULATOR_VERSION = 2
 CLASSES = ("RRab", "RRc", "Cepheid", "EB", "LPV")
 CLASS_WEIGHTS = (0.3, 0.15, 0.2, 0.25, 0.1)
 LABEL_SET = "class"
@@ -63,7 +65,8 @@ class SyntheticReader:
         return Plan(inputs=inputs, label_sets=(LABEL_SET,))
 
     def checksum(self, item: Input) -> str:
-        return hashlib.sha256(json.dumps(item.options, sort_keys=True).encode()).hexdigest()
+        spec = {**item.options, "simulator_version": SIMULATOR_VERSION}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
     def read(self, item: Input, context: dict) -> Batch:
         spec = item.options
