@@ -212,3 +212,24 @@ def test_a_failed_rerun_keeps_the_published_survey_and_its_reports(tmp_path, cli
     con = connect(str(lake))
     assert con.execute("SELECT count(*), sum(n_obs) FROM lightcurves").fetchone() == (1, 40)
     assert con.execute("SELECT DISTINCT ingest_id FROM ingest_manifest").fetchall() == [(first.ingest_id,)]
+
+
+def test_generic_parquet_with_a_column_mapping_through_the_command(tmp_path, capsys):
+    import pyarrow as pa
+
+    src = tmp_path / "pq"
+    src.mkdir()
+    pq.write_table(pa.table({"oid": ["s1", "s1", "s2", "s1"], "filt": ["g", "g", "g", "r"],
+                             "hjd": [5.0, 4.0, 1.0, 2.0], "m": [15.0, 15.1, 16.0, 14.0], "e": [0.01, 0.02, 0.03, 0.5],
+                             "ra_deg": [10.0, 10.0, 20.0, 10.0]}), src / "part.parquet")
+    lake = tmp_path / "lake"
+    rc = ingest_main(["--survey", "parquet", "--source", str(src), "--lake", str(lake), "--as", "mysurvey",
+                      "--columns", "object=oid,band=filt,time=hjd,mag=m,err=e,ra=ra_deg", "--no-progress"])
+    assert rc == 0
+    con = connect(str(lake))
+    rows = con.execute("SELECT survey, object_id, band, ra, mjd FROM lightcurves ORDER BY object_id, band").fetchall()
+    assert rows == [("mysurvey", "s1", "g", 10.0, [4.0, 5.0]), ("mysurvey", "s1", "r", 10.0, [2.0]),
+                    ("mysurvey", "s2", "g", 20.0, [1.0])]
+    assert ingest_main(["--survey", "parquet", "--source", str(src), "--lake", str(lake),
+                        "--columns", "object=oid,time=nope,mag=m,err=e", "--no-progress"]) == 1
+    assert "missing_column" in capsys.readouterr().out
