@@ -345,9 +345,10 @@ class Astromer(nn.Module):
                     with self._autocast(device):
                         out = self._encoder_fn(times, mags, padding, None, all_layers=all_layers,
                                                fast=self.fast)
-                    h = torch.stack(out, 1) if all_layers else out.unsqueeze(1)       # [b, n_out, L, D]
-                    real = (~padding).to(torch.float32)[:, None, :, None]
-                    pooled = (h.float() * real).sum(2).double().cpu()                  # [b, n_out, D]
+                    layers = out if all_layers else [out]                              # n_out x [b, L, D]
+                    real = (~padding).to(torch.float32).unsqueeze(1)                    # [b, 1, L]
+                    pooled = torch.stack([torch.bmm(real, h.float()).squeeze(1) for h in layers], 1)
+                    pooled = pooled.double().cpu()                                      # [b, n_out, D]
                     curve = torch.from_numpy(part.curve)
                     sums.index_add_(0, curve, pooled)
                     counts.index_add_(0, curve, torch.from_numpy(part.n_valid).double())
