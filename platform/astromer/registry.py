@@ -176,8 +176,10 @@ def register_model_dir(model_dir: str | Path, name: str, tags: dict[str, Any] | 
         client.create_registered_model(name)
     except MlflowException:
         pass   # already there
+    # model_id: a tracking server accepts a models:/m-... source only together with the logged model's id
     mv = client.create_model_version(name, info.model_uri, run_id=run_id,
-                                     tags={k: str(v) for k, v in (tags or {}).items()})
+                                     tags={k: str(v) for k, v in (tags or {}).items()},
+                                     model_id=getattr(info, "model_id", None))
     version = int(mv.version)
     _wait_ready(client, name, version)
     val = (metrics or {}).get(VAL_RMSE_TAG)
