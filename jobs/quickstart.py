@@ -60,7 +60,7 @@ class Plan:
     @classmethod
     def default(cls) -> Plan:
         return cls(n_curves=1000, years=4, preset="tiny", window_length=200, max_steps=300, batch_size=32,
-                   samples_per_class=(20, 100, 500), folds=3, test_per_class=200, max_epochs=200, patience=20,
+                   samples_per_class=(20, 100, 500), folds=3, test_per_class=200, max_epochs=100, patience=10,
                    real_classify=("stripe82",))
 
     @classmethod
