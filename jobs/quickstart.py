@@ -71,7 +71,9 @@ class Plan:
 
 
 class StageFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, output: str = ""):
+        super().__init__(message)
+        self.output = output
 
 
 def banner(text: str) -> None:
@@ -88,7 +90,23 @@ def shown(cmd: list[str]) -> str:
     return shlex.join([first, *cmd[1:]])
 
 
+# Ray gives a starting node a fixed 30 s to register; on an overloaded machine that can run out before the
+# job did anything. Such a start is retried once instead of failing the whole demo.
+RAY_START_TIMEOUT = "The current node timed out during startup"
+
+
 def run(stage: str, cmd: list[str], env: dict, log_dir: Path) -> str:
+    """Run one job (retrying once when only Ray's start-up timed out); returns its output."""
+    try:
+        return run_once(stage, cmd, env, log_dir)
+    except StageFailed as exc:
+        if RAY_START_TIMEOUT not in exc.output:
+            raise
+        print(f"  (Ray did not start in time on this busy machine: running {stage} once more)", flush=True)
+        return run_once(stage, cmd, env, log_dir)
+
+
+def run_once(stage: str, cmd: list[str], env: dict, log_dir: Path) -> str:
     """Run one job, streaming its output (indented) and keeping it in LOG_DIR/<stage>.log; returns the output."""
     print(f"$ {shown(cmd)}", flush=True)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +123,7 @@ def run(stage: str, cmd: list[str], env: dict, log_dir: Path) -> str:
     output = "".join(lines)
     if code != 0:
         raise StageFailed(f"stage {stage} failed (exit {code}) after {time.monotonic() - started:.0f}s; "
-                          f"full output in {log_path}")
+                          f"full output in {log_path}", output)
     return output
 
 
