@@ -339,8 +339,10 @@ def observation_detail(model, mjd, mag, err) -> dict[str, np.ndarray]:
     cfg = model.config
     w = curve_windows(mjd, mag, err, length=cfg.window_length, rule=cfg.window_rule)
     with torch.inference_mode():
-        h, maps = model.encode(torch.from_numpy(w.times), torch.from_numpy(w.mags),
-                               torch.from_numpy(w.padding), return_attention=True)
+        # the encoder itself, like Astromer.embed: encode() rejects windows whose float32-centred times
+        # collide (Astromer 1's rule does that to sub-second spacings near MJD 5e4)
+        h, maps = model.encoder(torch.from_numpy(w.times), torch.from_numpy(w.mags), torch.from_numpy(w.padding),
+                                need_weights=True, fast=False)
     h = h.numpy()                                       # [W, L, D]
     att = torch.stack(maps, 0).numpy()                  # [n_layers, W, H, L, L]
     n = len(mjd)
