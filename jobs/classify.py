@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--band", "--bands", dest="bands", nargs="+", help="bands to use (default: the set's)")
     parser.add_argument("--classes", nargs="+", help="only these classes")
     parser.add_argument("--min-members", type=int, help="drop classes with fewer objects (default: the set's)")
+    parser.add_argument("--max-per-class", type=int,
+                        help="use a random subset of at most this many objects per class (quick runs; not the protocol)")
     parser.add_argument("--periods", help="CSV with object id and period columns (folds the attention figure)")
     parser.add_argument("--config", help="JSON settings (RunSettings; tune/sweep.py writes one)")
     parser.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=None,
@@ -80,6 +82,8 @@ def dataset_spec(args) -> ev.DatasetSpec:
         changes["classes"] = tuple(args.classes)
     if args.min_members is not None:
         changes["min_members"] = args.min_members
+    if args.max_per_class:
+        changes["max_per_class"] = args.max_per_class
     return replace(spec, **changes)
 
 

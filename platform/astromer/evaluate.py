@@ -597,6 +597,7 @@ class DatasetSpec:
     bands: tuple[str, ...] | None = None  # None: every band (curves of one object stay together in folds)
     classes: tuple[str, ...] | None = None  # None: every class with at least min_members objects
     min_members: int = 20
+    max_per_class: int | None = None  # a random subset of the objects of larger classes (quick runs only)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -693,6 +694,14 @@ def load_labelled_set(lake: str, spec: DatasetSpec, periods: dict[str, float] | 
         raise ValueError(f"dataset {spec.name}: fewer than 2 classes with at least {spec.min_members} objects "
                          f"({members})")
     keep = np.isin(labels_arr, keep_classes)
+    if spec.max_per_class:
+        rng = np.random.default_rng(0)
+        for c in keep_classes:
+            objs = sorted(set(ids_arr[labels_arr == c]))
+            if len(objs) > spec.max_per_class:
+                drop = set(rng.choice(objs, size=len(objs) - spec.max_per_class, replace=False).tolist())
+                keep &= ~np.isin(ids_arr, list(drop))
+                dropped[f"class {c!r}: {len(drop)} objects beyond max_per_class"] = len(drop)
     index = {c: k for k, c in enumerate(keep_classes)}
     return LabelledSet(
         name=spec.name, object_ids=ids_arr[keep], bands=np.array(bands, dtype=object).astype(str)[keep],
