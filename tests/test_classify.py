@@ -82,6 +82,9 @@ def test_load_labelled_set_filters_classes_and_keeps_objects_together(labelled_l
     one_band = ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "class", bands=("r",),
                                                          classes=("fast", "slow"), min_members=10))
     assert set(one_band.bands) == {"r"} and one_band.class_names == ["fast", "slow"]
+    capped = ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "class", min_members=10, max_per_class=7))
+    assert [len(set(capped.object_ids[capped.y == c])) for c in range(3)] == [7, 7, 7]
+    assert len(capped) == 3 * 7 * 2  # both bands of every kept object
     with pytest.raises(LookupError, match="no labelled curves"):
         ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "mode"))
 
