@@ -34,12 +34,13 @@ def bare_forward(model, curves, batch_size: int = 256) -> tuple[int, float]:
     w = curves_windows(curves, length=model.config.window_length, rule=model.config.window_rule)
     times, mags, padding = (torch.from_numpy(a) for a in (w.times, w.mags, w.padding))
     model.eval()
+    # the encoder call Astromer.embed makes (no input validation: windows come from the windowing code)
     with torch.inference_mode():
-        model.encode(times[:8], mags[:8], padding[:8], all_layers=True)  # warm-up
+        model.encoder(times[:8], mags[:8], padding[:8], all_layers=True, fast=model.fast)  # warm-up
         start = time.perf_counter()
         for lo in range(0, len(w), batch_size):
-            model.encode(times[lo:lo + batch_size], mags[lo:lo + batch_size], padding[lo:lo + batch_size],
-                         all_layers=True)
+            model.encoder(times[lo:lo + batch_size], mags[lo:lo + batch_size], padding[lo:lo + batch_size],
+                          all_layers=True, fast=model.fast)
         seconds = time.perf_counter() - start
     return len(w), seconds
 
