@@ -18,7 +18,6 @@ import os
 import statistics
 import time
 
-import astromer  # noqa: F401  (first: sets the allocator huge-page switch before torch allocates)
 import numpy as np
 import torch
 from astromer.config import ModelConfig

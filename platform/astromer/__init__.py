@@ -1,14 +1,6 @@
 """Astromer: light-curve embeddings at survey scale."""
 from __future__ import annotations
 
-import os
-
-# Large CPU tensors (a batch of windows' activations is ~50-150 MB) are otherwise mmapped afresh and
-# page-faulted on every forward; with transparent huge pages PyTorch's allocator avoids most of that
-# kernel time (measured: 28% of a CPU encode spent in page faults without it). It must be set before
-# torch allocates anything; set THP_MEM_ALLOC_ENABLE=0 to opt out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 __version__ = "0.1.0"
 
 
