@@ -99,17 +99,21 @@ def _crc32c_table() -> list[int]:
 _CRC_TABLE = _crc32c_table()
 
 
+def crc32c_python(data: bytes) -> int:
+    """crc32c in pure Python (about 1 s per 10 MB): the fallback when google-crc32c is missing."""
+    crc = 0xFFFFFFFF
+    table = _CRC_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
 def crc32c(data: bytes) -> int:
     try:
-        import google_crc32c  # a fast C implementation when installed (pulled in by google-auth)
-
-        return int(google_crc32c.value(bytes(data)))
+        import google_crc32c  # a fast C implementation when installed (a dependency of google-auth)
     except ImportError:
-        crc = 0xFFFFFFFF
-        table = _CRC_TABLE
-        for byte in data:
-            crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-        return crc ^ 0xFFFFFFFF
+        return crc32c_python(data)
+    return int(google_crc32c.value(bytes(data)))
 
 
 def _unmask_crc(masked: int) -> int:
