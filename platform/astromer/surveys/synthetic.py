@@ -1,6 +1,6 @@
 """A labelled simulator of MACHO-like surveys, deterministic from a seed, generated in partitions.
 
-``synthetic://?n=2000&seed=0[&per_partition=2000&years=7&bands=BR]`` plans ``ceil(n/per_partition)``
+``synthetic://?n=2000&seed=0[&per_partition=500&years=7&bands=BR]`` plans ``ceil(n/per_partition)``
 inputs; each map task generates its own partition, so a survey of millions of curves never passes
 through one process. Object ``i`` depends only on ``(seed, i)``: the partitioning does not change it.
 
@@ -46,7 +46,7 @@ def parse_spec(source: str, options: dict | None = None) -> dict:
     query.update({k: v for k, v in (options or {}).items() if k in ("n", "seed", "per_partition", "years",
                                                                       "bands")})
     spec = {"n": int(query.get("n", 1000)), "seed": int(query.get("seed", 0)),
-            "per_partition": int(query.get("per_partition", 2000)), "years": float(query.get("years", 7)),
+            "per_partition": int(query.get("per_partition", 500)), "years": float(query.get("years", 7)),
             "bands": str(query.get("bands", "BR"))}
     if spec["n"] < 1 or spec["per_partition"] < 1 or not 0 < spec["years"] <= 30:
         raise ValueError(f"bad synthetic spec {spec}")
