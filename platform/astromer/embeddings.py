@@ -3,10 +3,10 @@
 The embed job is four stages:
 
 * plan: resolve the model (registered name + version, or a folder), list the survey's bands;
-* map: per band, Ray Data reads ``lightcurves/survey=<s>/band=<b>`` and an actor pool of
-  :class:`CurveEmbedder` (one model per actor, CPU or GPU) embeds every window of every curve;
+* map: one Ray Data pipeline reads ``lightcurves/survey=<s>/band=<b>`` of the chosen bands and an actor
+  pool of :class:`CurveEmbedder` (one model per actor, CPU or GPU) embeds every window of every curve;
   the per-curve rows are written as Parquet into a staging folder outside ``embeddings/``;
-* reduce: the staging folder gets the new files plus the kept files of bands not re-embedded;
+* reduce: the staging folder gets the new files plus the published rows of bands not re-embedded;
 * finish: the survey folder ``embeddings/model=<m>/version=<v>/survey=<s>/`` is swapped for the staged one,
   so a re-run for the same model version replaces rows and never duplicates them, and readers never
   see a half-written folder.
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,8 @@ class CurveEmbedder:
     Parquet file under ``skipped_dir`` (the job's staging folder) and get no output row.
     """
 
-    def __init__(self, model_dir: str, band: str, skipped_dir: str, batch_size: int = 256, clean: bool = True,
-                 device: str | None = None, threads: int | None = None):
+    def __init__(self, model_dir: str, skipped_dir: str, band: str | None = None, batch_size: int = 256,
+                 clean: bool = True, device: str | None = None, threads: int | None = None):
         import torch
 
         from astromer.weights import load_model_dir
@@ -105,7 +106,11 @@ class CurveEmbedder:
         self.schema = embeddings_schema(cfg.d_model, cfg.n_layers + 1)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        table, skipped = embed_table(self.model, batch, self.band, self.schema, self.batch_size, self.clean)
+        if "path" in batch.schema.names:  # lightcurves/survey=<s>/band=<b>/part-<n>.parquet
+            bands = [band_of_path(p) for p in batch.column("path").to_pylist()]
+        else:
+            bands = [self.band] * batch.num_rows
+        table, skipped = embed_table(self.model, batch, bands, self.schema, self.batch_size, self.clean)
         if skipped.num_rows:
             from astromer.lake.paths import LakePaths
             from astromer.lake.writers import write_parquet
@@ -119,11 +124,20 @@ SKIPPED_SCHEMA = pa.schema([pa.field("object_id", pa.string()), pa.field("band",
                             pa.field("reason", pa.string())])
 
 
-def embed_table(model, batch: pa.Table, band: str, schema: pa.Schema, batch_size: int = 256,
+def band_of_path(path: str) -> str:
+    for part in reversed(str(path).split("/")):
+        if part.startswith("band="):
+            return part[len("band="):]
+    raise ValueError(f"{path}: not under a band=<b> partition folder")
+
+
+def embed_table(model, batch: pa.Table, bands: Sequence[str] | str, schema: pa.Schema, batch_size: int = 256,
                 clean: bool = True) -> tuple[pa.Table, pa.Table]:
     """Embed the curves of one Arrow batch (the body of the Ray map stage, usable without Ray).
 
-    Returns the embedded rows and the skipped curves (object_id, band, reason)."""
+    ``bands``: the band of every row (or one band for all). Returns the embedded rows and the skipped curves
+    (object_id, band, reason)."""
+    bands = [bands] * batch.num_rows if isinstance(bands, str) else list(bands)
     from astromer.windows import window_starts
 
     cols = {name: batch.column(name).to_pylist() if name == "object_id" else batch.column(name)
@@ -155,11 +169,11 @@ def embed_table(model, batch: pa.Table, band: str, schema: pa.Schema, batch_size
     last = pa.FixedSizeListArray.from_arrays(pa.array(layers[:, -1].reshape(-1), pa.float32()), d)
     ids = np.array(cols["object_id"], dtype=object)
     table = pa.Table.from_arrays([
-        pa.array(ids[rows].tolist() if rows else [], pa.string()), pa.array([band] * len(rows), pa.string()),
+        pa.array(ids[rows].tolist() if rows else [], pa.string()), pa.array([bands[i] for i in rows], pa.string()),
         pa.array(n_obs[rows]), pa.array(n_windows[rows]), last, layer_means,
     ], schema=schema)
     bad = [i for i in range(n) if reasons[i] is not None]
-    skipped = pa.Table.from_pylist([{"object_id": ids[i], "band": band, "reason": reasons[i]} for i in bad],
+    skipped = pa.Table.from_pylist([{"object_id": ids[i], "band": bands[i], "reason": reasons[i]} for i in bad],
                                    schema=SKIPPED_SCHEMA)
     return table, skipped
 
@@ -217,14 +231,6 @@ def _parquet_files(fs, folder: str) -> list[str]:
     return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
 
 
-def _band_of_file(path: str) -> str | None:
-    # files are named part-<band>-<n>.parquet
-    stem = posixpath.basename(path)[: -len(".parquet")]
-    if not stem.startswith("part-"):
-        return None
-    return stem[len("part-"):].rsplit("-", 1)[0]
-
-
 def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None = None, *,
                  name: str | None = None, batch_size: int = 256, curves_per_batch: int = 128,
                  actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
@@ -237,7 +243,7 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
     import ray
 
     from astromer.lake.paths import LakePaths, validate_band, validate_survey
-    from astromer.lake.writers import write_json
+    from astromer.lake.writers import write_json, write_parquet
 
     started = time.perf_counter()
     validate_survey(survey)
@@ -258,42 +264,47 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
                  log_to_driver=False)
     report = {"model": ref.name, "version": ref.version, "survey": survey, "bands": {}}
     try:
-        # map: one Ray Data pipeline per band, so every output file belongs to one band
-        for band in bands:
-            source = paths.url_of(paths.lightcurves(survey, band))
-            out = posixpath.join(staging, f"band={band}")
-            skipped_dir = posixpath.join(staging, f"skipped-{band}")
-            ds = ray.data.read_parquet(source, partitioning=None).select_columns(READ_COLUMNS)
-            ds = ds.map_batches(
-                CurveEmbedder, batch_size=curves_per_batch, batch_format="pyarrow",
-                fn_constructor_kwargs=dict(model_dir=str(ref.model_dir), band=band,
-                                           skipped_dir=paths.url_of(skipped_dir), batch_size=batch_size,
-                                           clean=clean,
-                                           threads=threads or max(1, (os.cpu_count() or 1) // max(1, actors)),
-                                           device="cuda" if gpus_per_actor > 0 else "cpu"),
-                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-                num_gpus=gpus_per_actor or None)
-            ds.write_parquet(paths.url_of(out), min_rows_per_file=50_000)
-            files = _parquet_files(fs, out)
-            rows = windows = 0
-            for i, src in enumerate(files):
-                with fs.open(src, "rb") as handle:
-                    meta = pq.read_table(handle, columns=["n_windows"])
-                rows += meta.num_rows
-                windows += int(np.asarray(meta.column("n_windows")).sum())
-                fs.mv(src, posixpath.join(new_dir, f"part-{band}-{i:05d}.parquet"))
-            skipped = []
-            for src in _parquet_files(fs, skipped_dir):
-                with fs.open(src, "rb") as handle:
-                    skipped += pq.read_table(handle).to_pylist()
-            report["bands"][band] = {"rows": rows, "windows": windows, "files": len(files),
-                                     "skipped": sorted(skipped, key=lambda r: r["object_id"])}
-            log.info("embedded %s band %s: %d curves (%d skipped), %d windows", survey, band, rows,
-                     len(skipped), windows)
-        # reduce: keep the published files of bands this run did not touch
+        # map: one Ray Data pipeline over the chosen bands (the band comes from each file's partition folder)
+        sources = [paths.url_of(paths.lightcurves(survey, band)) for band in bands]
+        out = posixpath.join(staging, "new")
+        skipped_dir = posixpath.join(staging, "skipped")
+        ds = ray.data.read_parquet(sources, partitioning=None, include_paths=True).select_columns(
+            READ_COLUMNS + ["path"])
+        ds = ds.map_batches(
+            CurveEmbedder, batch_size=curves_per_batch, batch_format="pyarrow",
+            fn_constructor_kwargs=dict(model_dir=str(ref.model_dir), skipped_dir=paths.url_of(skipped_dir),
+                                       batch_size=batch_size, clean=clean,
+                                       threads=threads or max(1, (os.cpu_count() or 1) // max(1, actors)),
+                                       device="cuda" if gpus_per_actor > 0 else "cpu"),
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor or None)
+        ds.write_parquet(paths.url_of(out), min_rows_per_file=50_000)
+        report["bands"] = {band: {"rows": 0, "windows": 0, "skipped": []} for band in bands}
+        part = 0
+        for src in _parquet_files(fs, out):
+            with fs.open(src, "rb") as handle:
+                meta = pq.read_table(handle, columns=["band", "n_windows"])
+            for band, n_win in zip(meta.column("band").to_pylist(), meta.column("n_windows").to_pylist()):
+                report["bands"][band]["rows"] += 1
+                report["bands"][band]["windows"] += int(n_win)
+            fs.mv(src, posixpath.join(new_dir, LakePaths.part_name(part)))
+            part += 1
+        for src in _parquet_files(fs, skipped_dir):
+            with fs.open(src, "rb") as handle:
+                for row in pq.read_table(handle).to_pylist():
+                    report["bands"][row["band"]]["skipped"].append(row)
+        for band, info in report["bands"].items():
+            info["skipped"].sort(key=lambda r: r["object_id"])
+            log.info("embedded %s band %s: %d curves (%d skipped), %d windows", survey, band, info["rows"],
+                     len(info["skipped"]), info["windows"])
+        # reduce: keep the published rows of bands this run did not touch
         for old in _parquet_files(fs, final):
-            if _band_of_file(old) not in bands:
-                fs.copy(old, posixpath.join(new_dir, posixpath.basename(old)))
+            with fs.open(old, "rb") as handle:
+                kept = pq.read_table(handle)
+            kept = kept.filter(pc.invert(pc.is_in(kept.column("band"), pa.array(bands))))
+            if kept.num_rows:
+                write_parquet(fs, kept, posixpath.join(new_dir, LakePaths.part_name(part)))
+                part += 1
         # finish: swap the survey folder (readers see the old or the new one, never a mixture)
         fs.makedirs(posixpath.dirname(final), exist_ok=True)
         trash = posixpath.join(staging, "replaced")
