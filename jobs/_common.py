@@ -209,7 +209,8 @@ def finish_run(config: TrainConfig, result, register_tags: dict) -> dict:
         with mlflow.start_run(run_id=config.mlflow_run_id):
             version = registry.register_model_dir(
                 folder, name, tags=tags,
-                metrics={"val_rmse": metrics["val_rmse"]} if "val_rmse" in metrics else None)
+                metrics={"val_rmse": metrics["val_rmse"]} if "val_rmse" in metrics else None,
+                log_metrics=False)   # the run already has val_rmse per step (and final_val_rmse)
     summary = {"run_name": config.run_name, "mlflow_run_id": config.mlflow_run_id, "registered": name,
                "version": version, "production": registry.production_version(name),
                "checkpoint": result.checkpoint.path, **metrics}

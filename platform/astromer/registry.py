@@ -152,17 +152,17 @@ def log_model_dir(model_dir: str | Path, artifact_path: str = "model"):
 
 def register_model_dir(model_dir: str | Path, name: str, tags: dict[str, Any] | None = None,
                        metrics: dict[str, float] | None = None, *, artifact_path: str = "model",
-                       experiment: str = IMPORT_EXPERIMENT) -> int:
+                       experiment: str = IMPORT_EXPERIMENT, log_metrics: bool = True) -> int:
     """Log ``model_dir`` (into the active run, or a new run in ``experiment``) and register it as a new version
     of ``name``. ``tags`` become version tags; ``metrics`` are logged to the run and, when they include
     ``val_rmse``, decide promotion. The new version always gets alias ``candidate``; ``production`` follows
-    ``promote``'s rule. Returns the version number."""
+    ``promote``'s rule (``log_metrics=False`` when the run already has them per step). Returns the version."""
     setup_tracking()
     own_run = mlflow.active_run() is None
     if own_run:
         mlflow.start_run(experiment_id=experiment_id(experiment), run_name=f"register-{name}")
     try:
-        if metrics:
+        if metrics and log_metrics:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         if tags:
             mlflow.set_tags({f"astromer.{k}": str(v) for k, v in tags.items()})
