@@ -6,7 +6,8 @@
 
 1. End to end: ``jobs/embed.py``'s pipeline (Ray Data read, actor pool, windowing, encoder, Parquet write,
    atomic publish) over one survey, in windows/s. Baseline measured in the same run: the bare encoder forward
-   (all layers, batch 256, the same torch threads) over exactly the same windows, already built in memory.
+   (all layers, batch 256, the same torch threads) over exactly the same windows, already built in memory,
+   measured before and after the job; the faster of the two is the baseline (the machine may be shared).
    Target: end to end >= 0.7 x the bare forward.
 2. Similarity search: ``astromer.embeddings.similar`` (DuckDB ``array_cosine_similarity`` over the lake's
    ``embeddings`` view) for the top 10 of ``--n`` synthetic 256-d embeddings stored as Parquet in the lake
@@ -82,6 +83,10 @@ def bench_pipeline(args) -> None:
                           name=args.name)
     e2e_s = time.perf_counter() - start
     e2e_rate = report["windows"] / e2e_s
+    # the machine may be shared: measure the baseline again after the job and keep the faster of the two
+    n_windows, bare_after_s = bare_forward(model, curves)
+    print(f"bare forward   : {n_windows / bare_after_s:.1f} windows/s measured again after the job", flush=True)
+    bare_rate = max(bare_rate, n_windows / bare_after_s)
     ratio = e2e_rate / bare_rate
     print(f"end to end     : {report['windows']} windows ({report['rows']} curves, survey {args.survey}) in "
           f"{e2e_s:.1f} s = {e2e_rate:.1f} windows/s, written to {report['path']}")
