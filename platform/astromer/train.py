@@ -70,7 +70,7 @@ class TrainConfig:
     loss: str = "plain"                     # "plain" | "weighted" (uncertainty-weighted RMSE)
     # optimisation
     optimizer: str = "adam"                 # "adam" | "adamw"
-    lr: float = 1e-3
+    lr: float = 3e-4                        # astromer2 (post-LayerNorm, 6 blocks) collapsed to the mean at 1e-3
     weight_decay: float = 0.0
     schedule: str = "cosine"                # "cosine" (linear warm-up, cosine decay) | "constant" (warm-up only)
     warmup_steps: int = 100
