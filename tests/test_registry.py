@@ -136,3 +136,31 @@ def test_official_import_registers_and_loads_from_production(tmp_path, mlflow_sq
     assert model.num_parameters() == 661_505
     for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_pyfunc_flavour_embeds_without_any_pickle(tmp_path, mlflow_sqlite, monkeypatch):
+    """The pyfunc wrapper is stored as code (no python_model.pkl) and mlflow.pyfunc.load_model embeds curves."""
+    import mlflow
+    from astromer.config import ModelConfig
+    from astromer.model import Astromer
+    from astromer.weights import save_model
+
+    torch.manual_seed(0)
+    model = Astromer(ModelConfig.tiny()).eval()
+    save_model(model, tmp_path / "tiny")
+    version = registry.register_model_dir(tmp_path / "tiny", "astromer2-pyfunc")
+    local = mlflow.artifacts.download_artifacts(f"models:/astromer2-pyfunc/{version}", dst_path=str(tmp_path / "dl"))
+    stored = {p.name for p in (tmp_path / "dl").rglob("*")}
+    assert not any(name.endswith((".pkl", ".pickle", ".cloudpickle")) for name in stored), stored
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading the pyfunc model must not unpickle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    pyfunc = mlflow.pyfunc.load_model(local)
+    rng = np.random.default_rng(0)
+    curves = [(np.sort(rng.uniform(0, 300, n)), rng.normal(0, 0.3, n).astype(np.float32)) for n in (30, 250)]
+    got = np.asarray(pyfunc.predict(curves))
+    assert got.shape == (2, model.config.d_model) and np.isfinite(got).all()
+    np.testing.assert_allclose(got, model.embed(curves), atol=1e-5)

@@ -141,7 +141,8 @@ def log_model_dir(model_dir: str | Path, artifact_path: str = "model"):
     model_dir = _check_model_dir(model_dir)
     return mlflow.pyfunc.log_model(
         name=artifact_path,
-        python_model=AstromerEmbedder(),
+        # models from code: MLflow stores this file, not a pickle of the wrapper (see pyfunc_model.py)
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
         artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
         # the platform itself is the requirement; inferring pip requirements would import and probe the model
         pip_requirements=["astromer-platform", "torch", "safetensors", "numpy", "pandas"],
