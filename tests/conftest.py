@@ -53,4 +53,5 @@ def mlflow_sqlite(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)   # the registry URI is global too: never let an earlier test's store answer
     yield uri

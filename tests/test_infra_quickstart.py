@@ -64,7 +64,8 @@ def test_quickstart_registered_a_model_that_loads_from_the_registry(quickstart, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("ASTROMER_HOME", str(home))
     mlflow.set_tracking_uri(uri)
-    version = MlflowClient(tracking_uri=uri).get_model_version_by_alias("astromer2-quickstart", "candidate")
+    mlflow.set_registry_uri(uri)   # an earlier test in this process may have pointed the registry elsewhere
+    version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("astromer2-quickstart", "candidate")
     assert f"registered model: models:/astromer2-quickstart/{version.version}" in done.stdout
     model = astromer.load_model("models:/astromer2-quickstart@candidate")
     assert model.config.name == "tiny"
