@@ -97,7 +97,7 @@ def bench_pipeline(args) -> None:
 
 def bench_search(n: int, dim: int = 256, repeats: int = 3) -> None:
     import pyarrow as pa
-    from astromer.embeddings import similar
+    from astromer.embeddings import EMBEDDING_COMPRESSION, similar
     from astromer.lake.paths import LakePaths
     from astromer.lake.writers import write_parquet
 
@@ -121,7 +121,7 @@ def bench_search(n: int, dim: int = 256, repeats: int = 3) -> None:
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
             })
             write_parquet(paths.fs, table, posixpath.join(folder, f"part-V-{part:05d}.parquet"),
-                          row_group_size=65_536)
+                          row_group_size=65_536, compression=EMBEDDING_COMPRESSION)
         print(f"wrote {n:,} x {dim} embeddings in {time.perf_counter() - start:.1f} s", flush=True)
         query = "obj-12345"
         timings = []
