@@ -14,12 +14,9 @@ from astromer.surveys.base import (
     Plan,
     add_parsed,
     basename,
-    is_archive,
-    iter_members,
-    list_files,
+    input_members,
     parse_bodies,
-    read_bytes,
-    sibling_files,
+    plan_inputs,
 )
 
 LABEL_SET = "class"
@@ -39,22 +36,12 @@ class AsasReader:
     patterns = ("*.tar", "*.tar.gz", "*.tgz", "*.tar.bz2", "*.tar.xz")
 
     def plan(self, source: str, options: dict) -> Plan:
-        fs, infos = list_files(source, self.patterns)
-        class_files = sibling_files(source, ("*classes*",))
-        classes = {}
-        for info in class_files:
-            classes.update(parse_classes(read_bytes(info["url"]).decode("utf-8", "replace")))
-        inputs = [Input(key=i["key"], url=i["url"], size=i.get("size") or 0)
-                  for i in infos]
+        inputs, classes = plan_inputs(source, self.patterns, ("*classes*",), parse_classes)
         return Plan(inputs=inputs, context={"classes": classes}, label_sets=(LABEL_SET,))
 
     def read(self, item: Input, context: dict) -> Batch:
         batch = Batch()
-        if is_archive(item.url):
-            members = [(f"{item.key}::{name}", name, data) for name, data in iter_members(item.url)
-                       if basename(name).lower().endswith(".dat")]
-        else:
-            members = [(item.key, item.key, read_bytes(item.url))]
+        members = input_members(item, ".dat")
         classes = context.get("classes", {})
         columns, lengths = parse_bodies([m[2] for m in members], [m[0] for m in members], 3, delimiter=b",",
                                         quarantine=batch.quarantine)

@@ -527,3 +527,23 @@ def _valid_band(band) -> bool:
         return True
     except ValueError:
         return False
+
+
+def plan_inputs(source: str, patterns: tuple[str, ...], sidecars: tuple[str, ...],
+                parse_sidecar) -> tuple[list[Input], dict]:
+    """The inputs matching ``patterns`` under ``source``, and the merged parse of the sidecar files beside
+    them (a class list, a catalogue, a period table) that readers turn into labels and coordinates."""
+    _, infos = list_files(source, patterns)
+    merged: dict = {}
+    for info in sibling_files(source, sidecars):
+        merged.update(parse_sidecar(read_bytes(info["url"]).decode("utf-8", "replace")))
+    return [Input(key=i["key"], url=i["url"], size=i.get("size") or 0) for i in infos], merged
+
+
+def input_members(item: Input, suffix: str) -> list[tuple[str, str, bytes]]:
+    """(provenance key, member name, bytes) of the members of an archive input whose names end in
+    ``suffix``, or of the input itself when it is a plain file."""
+    if is_archive(item.url):
+        return [(f"{item.key}::{name}", name, data) for name, data in iter_members(item.url)
+                if basename(name).lower().endswith(suffix)]
+    return [(item.key, item.key, read_bytes(item.url))]

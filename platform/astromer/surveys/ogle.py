@@ -13,12 +13,9 @@ from astromer.surveys.base import (
     Plan,
     add_parsed,
     basename,
-    is_archive,
-    iter_members,
-    list_files,
+    input_members,
     parse_bodies,
-    read_bytes,
-    sibling_files,
+    plan_inputs,
 )
 
 LABEL_SET = "mode"
@@ -46,22 +43,12 @@ class OgleReader:
     patterns = ("*.tar", "*.tar.gz", "*.tgz", "*.tar.bz2", "*.tar.xz", "ogle-*.dat", "ogle-*.dat.gz")
 
     def plan(self, source: str, options: dict) -> Plan:
-        fs, infos = list_files(source, self.patterns)
-        ident_files = sibling_files(source, ("ident.dat",))
-        ident = {}
-        for info in ident_files:
-            ident.update(parse_ident(read_bytes(info["url"]).decode("utf-8", "replace")))
-        inputs = [Input(key=i["key"], url=i["url"], size=i.get("size") or 0)
-                  for i in infos]
+        inputs, ident = plan_inputs(source, self.patterns, ("ident.dat",), parse_ident)
         return Plan(inputs=inputs, context={"ident": ident}, label_sets=(LABEL_SET,))
 
     def read(self, item: Input, context: dict) -> Batch:
         batch = Batch()
-        if is_archive(item.url):
-            members = [(f"{item.key}::{name}", name, data) for name, data in iter_members(item.url)
-                       if basename(name).lower().endswith(".dat")]
-        else:
-            members = [(item.key, item.key, read_bytes(item.url))]
+        members = input_members(item, ".dat")
         ident = context.get("ident", {})
         columns, lengths = parse_bodies([m[2] for m in members], [m[0] for m in members], 3, delimiter=b" ",
                                         quarantine=batch.quarantine)

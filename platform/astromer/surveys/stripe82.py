@@ -15,12 +15,9 @@ from astromer.surveys.base import (
     Input,
     Plan,
     basename,
-    is_archive,
-    iter_members,
-    list_files,
-    read_bytes,
+    input_members,
+    plan_inputs,
     read_csv_columns,
-    sibling_files,
 )
 
 LABEL_SET = "rrlyrae_type"
@@ -37,22 +34,12 @@ class Stripe82Reader:
     patterns = ("*.tar", "*.tar.gz", "*.tgz", "*.tar.bz2", "*.tar.xz")
 
     def plan(self, source: str, options: dict) -> Plan:
-        fs, infos = list_files(source, self.patterns)
-        period_files = sibling_files(source, ("periods.csv",))
-        types = {}
-        for info in period_files:
-            types.update(parse_periods(read_bytes(info["url"]).decode("utf-8", "replace")))
-        inputs = [Input(key=i["key"], url=i["url"], size=i.get("size") or 0)
-                  for i in infos]
+        inputs, types = plan_inputs(source, self.patterns, ("periods.csv",), parse_periods)
         return Plan(inputs=inputs, context={"types": types}, label_sets=(LABEL_SET,))
 
     def read(self, item: Input, context: dict) -> Batch:
         batch = Batch()
-        if is_archive(item.url):
-            members = [(f"{item.key}::{name}", name, data) for name, data in iter_members(item.url)
-                       if basename(name).lower().endswith(".csv")]
-        else:
-            members = [(item.key, item.key, read_bytes(item.url))]
+        members = input_members(item, ".csv")
         types = context.get("types", {})
         for source_file, name, data in members:
             object_id = basename(name).rsplit(".csv", 1)[0]
