@@ -16,6 +16,9 @@ import re
 from dataclasses import dataclass, field
 
 import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 
 _SURVEY = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -31,7 +34,7 @@ class InvalidName(ValueError):
 
 
 def _check(kind: str, value: str, pattern: re.Pattern) -> str:
-    if not isinstance(value, str) or not pattern.match(value) or ".." in value:
+    if not isinstance(value, str) or not pattern.fullmatch(value) or ".." in value:
         raise InvalidName(f"invalid {kind} name {value!r}: expected {pattern.pattern} without '..'")
     return value
 
@@ -53,7 +56,21 @@ def validate_object_id(name: str) -> str:
 
 
 def is_valid_object_id(name: str) -> bool:
-    return isinstance(name, str) and bool(_OBJECT.match(name)) and ".." not in name
+    return isinstance(name, str) and bool(_OBJECT.fullmatch(name)) and ".." not in name
+
+
+def valid_objects_and_bands(object_ids: list, bands: list) -> np.ndarray:
+    """``is_valid_object_id(o) and band is valid`` for many curves at once (pyarrow's RE2 over the
+    whole list; the patterns are anchored, and RE2's ``$`` matches only at the very end)."""
+    try:
+        ids = pa.array(object_ids, type=pa.string())
+        names = pa.array(bands, type=pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return np.array([is_valid_object_id(o) and _BAND.fullmatch(b) is not None if isinstance(b, str) else False
+                         for o, b in zip(object_ids, bands)], dtype=bool)
+    ok = pc.and_(pc.match_substring_regex(ids, _OBJECT.pattern), pc.invert(pc.match_substring(ids, "..")))
+    ok = pc.and_(ok, pc.match_substring_regex(names, _BAND.pattern))
+    return ok.fill_null(False).to_numpy(zero_copy_only=False)
 
 
 @dataclass

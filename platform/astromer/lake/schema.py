@@ -115,55 +115,83 @@ def quality_flags(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray,
     """
     n = len(mjd)
     lengths = np.diff(offsets)
-    curve = np.repeat(np.arange(len(lengths)), lengths)
-    flags = np.zeros(n, dtype=np.uint8)
     if n == 0:
-        return mjd, mag, err, flags
+        return mjd, mag, err, np.zeros(0, dtype=np.uint8)
+    # inner[i]: observations i and i+1 belong to the same curve
+    inner = np.ones(n - 1, dtype=bool)
+    last = offsets[1:-1] - 1
+    inner[last[(last >= 0) & (last < n - 1)]] = False
 
     # sort by time inside each curve; only curves that need it pay for the sort
     step = np.diff(mjd)
-    same_curve = curve[1:] == curve[:-1]
-    backwards = same_curve & (step < 0)
+    backwards = (step < 0) & inner
+    moved_rows = None
     if backwards.any():
-        bad_curves = np.unique(curve[1:][backwards])
+        bad_curves = np.unique(np.searchsorted(offsets, np.flatnonzero(backwards), side="right") - 1)
+        moved_rows = np.zeros(n, dtype=bool)
         for c in bad_curves:
             lo, hi = offsets[c], offsets[c + 1]
             order = np.argsort(mjd[lo:hi], kind="stable")
-            moved = order != np.arange(hi - lo)
+            moved_rows[lo:hi] = order != np.arange(hi - lo)
             mjd[lo:hi], mag[lo:hi], err[lo:hi] = mjd[lo:hi][order], mag[lo:hi][order], err[lo:hi][order]
-            flags[lo:hi][moved] |= np.uint8(Quality.UNSORTED_SOURCE)
         step = np.diff(mjd)
 
-    finite = np.isfinite(mjd) & np.isfinite(mag) & np.isfinite(err)
-    flags[~finite] |= np.uint8(Quality.NONFINITE)
+    def bits(mask, flag):   # a boolean mask as uint8 flag bits (a view, no branch per row)
+        return mask.view(np.uint8) * np.uint8(flag)
+
+    finite = np.isfinite(mjd)
+    finite &= np.isfinite(mag)
+    finite &= np.isfinite(err)
     with np.errstate(invalid="ignore"):
-        flags[err <= 0] |= np.uint8(Quality.ERR_NONPOSITIVE)
-        flags[err > 1] |= np.uint8(Quality.ERR_ABOVE_ONE)
-    dup = np.zeros(n, dtype=bool)
-    dup[1:] = same_curve & (step == 0)
-    flags[dup] |= np.uint8(Quality.DUPLICATE_TIME)
+        flags = bits(~finite, Quality.NONFINITE)
+        flags |= bits(err <= 0, Quality.ERR_NONPOSITIVE)
+        flags |= bits(err > 1, Quality.ERR_ABOVE_ONE)
+    flags[1:] |= bits((step == 0) & inner, Quality.DUPLICATE_TIME)
+    if moved_rows is not None:
+        flags |= bits(moved_rows, Quality.UNSORTED_SOURCE)
 
     # per-curve 1st/99th magnitude percentiles (numpy's linear interpolation) over the clean rows
-    good = (flags & CLEANING_MASK) == 0   # UNSORTED_SOURCE is informational
-    sorted_mag = _sorted_within_curves(mag, good, curve, offsets, lengths)
-    n_good = np.bincount(curve[good], minlength=len(lengths))
-    starts = offsets[:-1]
-    has = n_good > 0
-    lo_q = _segment_percentile(sorted_mag, starts, n_good, 0.01)
-    hi_q = _segment_percentile(sorted_mag, starts, n_good, 0.99)
-    lo_obs = np.repeat(np.where(has, lo_q, -np.inf), lengths)
-    hi_obs = np.repeat(np.where(has, hi_q, np.inf), lengths)
-    outside = good & ((mag < lo_obs) | (mag > hi_obs))
-    flags[outside] |= np.uint8(Quality.MAG_PERCENTILE)
+    good = (flags & np.uint8(CLEANING_MASK)) == 0   # UNSORTED_SOURCE is informational
+    lo_q, hi_q = _curve_percentiles(mag, good, offsets, lengths, (0.01, 0.99))
+    with np.errstate(invalid="ignore"):
+        outside = (mag < np.repeat(lo_q, lengths)) | (mag > np.repeat(hi_q, lengths))
+    flags |= bits(good & outside, Quality.MAG_PERCENTILE)
     return mjd, mag, err, flags
 
 
-def _sorted_within_curves(mag, good, curve, offsets, lengths):
+def _curve_percentiles(mag, good, offsets, lengths, quantiles):
+    """Per curve, the ``quantiles`` of its good magnitudes (numpy's linear interpolation); -inf/+inf
+    (nothing outside) for a curve without any good row."""
+    n_curves = len(lengths)
+    starts = offsets[:-1]
+    values = np.where(good, mag, np.inf)
+    n_good = np.add.reduceat(good.astype(np.int64), starts) if n_curves and (lengths > 0).all() \
+        else np.bincount(np.repeat(np.arange(n_curves), lengths)[good], minlength=n_curves)
+    width = int(lengths.max()) if n_curves else 0
+    if n_curves and width * n_curves <= 2 * len(mag) + 4096:
+        # curves of similar lengths: one row each in a padded matrix, sorted row by row
+        # (many short sorts are several times faster than one sort of everything)
+        padded = np.full(n_curves * width, np.inf)
+        padded[np.arange(len(mag)) + np.repeat(np.arange(n_curves) * width - starts, lengths)] = values
+        padded = padded.reshape(n_curves, width)
+        padded.sort(axis=1)
+        flat, row_starts = padded.ravel(), np.arange(n_curves) * width
+    else:
+        flat, row_starts = _sorted_within_curves(mag, good, offsets, lengths), starts
+    out = []
+    for q in quantiles:
+        value = _segment_percentile(flat, row_starts, n_good, q)
+        out.append(np.where(n_good > 0, value, -np.inf if q < 0.5 else np.inf))
+    return out
+
+
+def _sorted_within_curves(mag, good, offsets, lengths):
     """Magnitudes sorted inside each curve, the rows that are not ``good`` last (one argsort).
 
     The sort key is ``curve + 0.5 * (mag - min) / (max - min)`` for good rows and ``curve + 0.75``
     for the others: one float64 quicksort instead of a two-key lexsort.
     """
+    curve = np.repeat(np.arange(len(lengths)), lengths)
     if len(lengths) == 0 or (lengths == 0).any():
         return np.where(good, mag, np.inf)[np.lexsort((np.where(good, mag, np.inf), curve))]
     starts = offsets[:-1]

@@ -13,6 +13,7 @@ named reasons of :data:`astromer.lake.schema.QUARANTINE_REASONS`.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from astromer.lake import schema
-from astromer.lake.paths import is_valid_object_id, validate_band
+from astromer.lake.paths import is_valid_object_id, valid_objects_and_bands, validate_band
 
 #: HJD-2450000 (OGLE, ASAS) onto the MJD scale
 HJD2450000_TO_MJD = 49999.5
@@ -287,40 +288,63 @@ WHOLE_ARCHIVE_BYTES = 1 << 30
 def iter_members(url: str, fs=None):
     """Yield ``(member_name, bytes)`` of the regular files of a tar archive (plain or compressed).
 
-    Archives up to :data:`WHOLE_ARCHIVE_BYTES` are decompressed into memory and split by
-    :func:`split_tar`; larger ones stream through :mod:`tarfile`. Raises :class:`ArchiveError` on a
-    truncated or corrupt archive (after yielding the complete members before the damage).
+    Raises :class:`ArchiveError` on a truncated or corrupt archive (a large archive streams, so
+    the complete members before the damage are yielded first).
     """
     opener = fs.open(url, "rb") if fs is not None else fsspec.open(url, "rb").open()
     with opener as handle:
         size = getattr(handle, "size", None)
         if size is not None and size <= WHOLE_ARCHIVE_BYTES:
-            try:
+            with _archive_errors():
+                members = tar_members(_decompress(url.split("::", 1)[0], handle.read()))
+            for i, name in enumerate(members.names):
+                yield name, members.bytes_of(i)
+        else:
+            yield from _stream_members(handle)
+
+
+def read_members(url: str, fs=None) -> Members:
+    """The regular files of a tar archive (plain or compressed) as :class:`Members`.
+
+    Archives up to :data:`WHOLE_ARCHIVE_BYTES` are decompressed into memory and indexed by
+    :func:`tar_members`; larger ones stream through :mod:`tarfile` into one buffer. Raises
+    :class:`ArchiveError` on a truncated or corrupt archive.
+    """
+    opener = fs.open(url, "rb") if fs is not None else fsspec.open(url, "rb").open()
+    with opener as handle:
+        size = getattr(handle, "size", None)
+        if size is not None and size <= WHOLE_ARCHIVE_BYTES:
+            with _archive_errors():
                 data = _decompress(url.split("::", 1)[0], handle.read())
-            except (EOFError, zlib.error, OSError, ValueError) as exc:
-                raise ArchiveError(f"{type(exc).__name__}: {exc}") from exc
-            except Exception as exc:
-                if type(exc).__module__ in ("_lzma", "_bz2", "lzma", "bz2", "gzip", "_compression"):
-                    raise ArchiveError(f"{type(exc).__name__}: {exc}") from exc
-                raise
-            yield from split_tar(data)
-            return
-        try:
-            with tarfile.open(fileobj=handle, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    extracted = tar.extractfile(member)
-                    data = extracted.read() if extracted is not None else b""
-                    if len(data) != member.size:
-                        raise ArchiveError(f"member {member.name} is truncated")
-                    yield member.name, data
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            return tar_members(data)
+        return Members.from_pairs(_stream_members(handle))
+
+
+@contextlib.contextmanager
+def _archive_errors():
+    """Decompressor and tar errors as :class:`ArchiveError` (lzma/bz2 raise their own types)."""
+    try:
+        yield
+    except ArchiveError:
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError) as exc:
+        raise ArchiveError(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        if type(exc).__module__ in ("_lzma", "_bz2", "lzma", "bz2", "gzip", "_compression"):
             raise ArchiveError(f"{type(exc).__name__}: {exc}") from exc
-        except Exception as exc:  # lzma/bz2 raise their own types on corrupt streams
-            if type(exc).__module__ in ("_lzma", "_bz2", "lzma", "bz2", "gzip", "_compression"):
-                raise ArchiveError(f"{type(exc).__name__}: {exc}") from exc
-            raise
+        raise
+
+
+def _stream_members(handle):
+    with _archive_errors(), tarfile.open(fileobj=handle, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            extracted = tar.extractfile(member)
+            data = extracted.read() if extracted is not None else b""
+            if len(data) != member.size:
+                raise ArchiveError(f"member {member.name} is truncated")
+            yield member.name, data
 
 
 def _decompress(path: str, raw: bytes) -> bytes:
@@ -341,21 +365,112 @@ def _decompress(path: str, raw: bytes) -> bytes:
 
 
 def split_tar(data: bytes):
-    """Yield ``(name, bytes)`` of the regular files of an uncompressed tar held in memory.
-
-    Reads the 512-byte ustar headers directly (about 100 times faster than :mod:`tarfile` for
-    archives of many small members); GNU long names and pax headers go through :mod:`tarfile`.
-    """
+    """Yield ``(name, bytes)`` of the regular files of an uncompressed tar held in memory."""
+    members = tar_members(data)
     view = memoryview(data)
+    for name, start, size in zip(members.names, members.starts.tolist(), members.sizes.tolist()):
+        yield name, bytes(view[start:start + size])
+
+
+@dataclass
+class Members:
+    """Regular files of an archive as spans of one buffer: member ``i`` is
+    ``data[starts[i]:starts[i] + sizes[i]]`` (no copy per member)."""
+
+    data: bytes
+    names: list
+    starts: np.ndarray
+    sizes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def take(self, keep) -> Members:
+        keep = np.asarray(keep)
+        index = np.flatnonzero(keep) if keep.dtype == bool else keep
+        return Members(self.data, [self.names[i] for i in index.tolist()], self.starts[index], self.sizes[index])
+
+    def bytes_of(self, i: int) -> bytes:
+        start = int(self.starts[i])
+        return self.data[start:start + int(self.sizes[i])]
+
+    @classmethod
+    def from_pairs(cls, pairs) -> Members:
+        names, chunks = [], []
+        for name, data in pairs:
+            names.append(name)
+            chunks.append(data)
+        sizes = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
+        starts = np.zeros(len(chunks), dtype=np.int64)
+        np.cumsum(sizes[:-1], out=starts[1:])
+        return cls(b"".join(chunks), names, starts, sizes)
+
+
+_USTAR = np.frombuffer(b"ustar", dtype=np.uint8)
+_OCTAL11 = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+_OCTAL6 = 8 ** np.arange(5, -1, -1, dtype=np.int64)
+_REGULAR = (ord("0"), 0, ord("7"))
+
+
+def tar_members(data: bytes) -> Members:
+    """Index the regular files of an uncompressed tar held in memory.
+
+    The 512-byte ustar headers are read for all members at once with numpy (an archive of a
+    survey holds many thousands of small files; a per-member Python loop would cost more than
+    parsing them). The vectorised index is accepted only when it is self-consistent: every header
+    carries the ustar magic, a plain octal size and a correct checksum, each header's size leads
+    exactly to the next header, and nothing but zero blocks follows the last member. Anything else
+    (GNU long names, pax headers, old v7 archives, damage) goes through the member-by-member walk,
+    which raises :class:`ArchiveError` on a truncated or corrupt archive.
+    """
+    n_blocks = len(data) // 512
+    if n_blocks == 0:
+        return _tar_members_walk(data)
+    blocks = np.frombuffer(data, dtype=np.uint8, count=n_blocks * 512).reshape(n_blocks, 512)
+    heads_at = np.flatnonzero((blocks[:, 257:262] == _USTAR).all(axis=1))
+    if len(heads_at) == 0 or heads_at[0] != 0:
+        return _tar_members_walk(data)
+    heads = blocks[heads_at]
+    digits = heads[:, 124:135].astype(np.int64) - 48
+    check_digits = heads[:, 148:154].astype(np.int64) - 48
+    if (digits < 0).any() or (digits > 7).any() or (check_digits < 0).any() or (check_digits > 7).any() \
+            or not np.isin(heads[:, 135], (0, 32)).all():
+        return _tar_members_walk(data)
+    sizes = digits @ _OCTAL11
+    # the checksum is the sum of the header's bytes with its own field counted as eight spaces
+    computed = heads.sum(axis=1, dtype=np.int64) - heads[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
+    following = heads_at + 1 + (sizes + 511) // 512
+    typeflag = heads[:, 156]
+    if not np.array_equal(computed, check_digits @ _OCTAL6) or not np.array_equal(following[:-1], heads_at[1:]) \
+            or np.isin(typeflag, np.frombuffer(b"LKxg", dtype=np.uint8)).any():
+        return _tar_members_walk(data)
+    end = int(following[-1]) * 512
+    if int(heads_at[-1]) * 512 + 512 + int(sizes[-1]) > len(data) or data.count(0, end) != len(data) - end:
+        return _tar_members_walk(data)
+    regular = np.isin(typeflag, _REGULAR)
+    heads, sizes = heads[regular], sizes[regular]
+    starts = (heads_at[regular] + 1) * 512
+    # numpy's fixed-width bytes drop the NUL padding of the name fields
+    names = heads[:, :100].copy().view("S100").ravel().tolist()
+    posix = heads[:, 262] == 0                         # "ustar\0": the prefix field holds a folder
+    if posix.any():
+        prefixes = heads[:, 345:500].copy().view("S155").ravel().tolist()
+        names = [p + b"/" + n if p and is_posix else n for n, p, is_posix in zip(names, prefixes, posix.tolist())]
+    names = [n.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") for n in names]
+    return Members(data, names, starts.astype(np.int64), sizes.astype(np.int64))
+
+
+def _tar_members_walk(data: bytes) -> Members:
+    """The member-by-member reading of ustar headers (GNU long names and pax go through tarfile)."""
+    names, starts, sizes = [], [], []
     pos, end = 0, len(data)
     while pos + 512 <= end:
         header = data[pos:pos + 512]
         if header.count(0) == 512:          # end-of-archive blocks
-            return
+            break
         typeflag = header[156:157]
         if typeflag in (b"L", b"K", b"x", b"g"):
-            yield from _split_with_tarfile(data)
-            return
+            return Members.from_pairs(_split_with_tarfile(data))
         try:
             size_field = header[124:136]
             size = int(size_field.rstrip(b"\0 ").strip() or b"0", 8) if not size_field[0] & 0x80 else \
@@ -364,17 +479,21 @@ def split_tar(data: bytes):
         except ValueError as exc:
             raise ArchiveError(f"corrupt tar header at byte {pos}") from exc
         name = header[:100].split(b"\0", 1)[0]
-        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
         if prefix:
             name = prefix + b"/" + name
         body = pos + 512
         if body + size > end:
             raise ArchiveError(f"member {name.decode('utf-8', 'replace')} is truncated")
         if typeflag in (b"0", b"\0", b"7"):
-            yield name.decode("utf-8", "surrogateescape"), bytes(view[body:body + size])
+            names.append(name.decode("utf-8", "surrogateescape"))
+            starts.append(body)
+            sizes.append(size)
         pos = body + (size + 511) // 512 * 512
-    if pos < end and any(data[pos:]):
-        raise ArchiveError("archive ends inside a header")
+    else:
+        if pos < end and data.count(0, pos) != end - pos:
+            raise ArchiveError("archive ends inside a header")
+    return Members(data, names, np.asarray(starts, dtype=np.int64), np.asarray(sizes, dtype=np.int64))
 
 
 def _split_with_tarfile(data: bytes):
@@ -473,22 +592,137 @@ def parse_bodies(bodies: list[bytes], names: list[str], ncols: int, *, delimiter
     """
     fixed = [b if b.endswith(b"\n") or not b else b + b"\n" for b in bodies]
     counts = np.fromiter((b.count(b"\n") for b in fixed), dtype=np.int64, count=len(fixed))
-    total = int(counts.sum())
-    if total:
-        columns = [f"c{i}" for i in range(ncols)]
-        try:
-            table = read_csv_columns(b"".join(fixed), columns, delimiter=delimiter.decode(),
-                                     types={c: pa.float64() for c in columns})
-            if table.num_rows == total and table.num_columns == ncols:
-                return [table.column(c).to_numpy(zero_copy_only=False) for c in columns], counts
-        except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError):
-            pass
+    columns = _parse_joined(b"".join(fixed), int(counts.sum()), ncols, delimiter)
+    if columns is not None:
+        return columns, counts
+    return _parse_each(bodies, names, ncols, delimiter, quarantine, first_lines)
+
+
+def _parse_joined(text: bytes, rows: int, ncols: int, delimiter: bytes) -> list[np.ndarray] | None:
+    """``ncols`` float64 columns of ``text`` if pyarrow parses exactly ``rows`` rows of it, else None."""
+    if not rows:
+        return None
+    names = [f"c{i}" for i in range(ncols)]
+    try:
+        table = read_csv_columns(text, names, delimiter=delimiter.decode(), types={c: pa.float64() for c in names})
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError):
+        return None
+    if table.num_rows != rows or table.num_columns != ncols:
+        return None
+    return [table.column(c).to_numpy(zero_copy_only=False) for c in names]
+
+
+def _parse_each(bodies, names, ncols, delimiter, quarantine, first_lines):
     first_lines = first_lines or [1] * len(bodies)
     arrays = [parse_numeric(b, ncols, delimiter=delimiter, name=n, quarantine=quarantine, first_line=f)
               for b, n, f in zip(bodies, names, first_lines)]
     counts = np.array([len(a) for a in arrays], dtype=np.int64)
     matrix = np.concatenate(arrays) if arrays else np.zeros((0, ncols))
     return [np.ascontiguousarray(matrix[:, i]) for i in range(ncols)], counts
+
+
+@dataclass
+class HeadedMembers:
+    """Members split into their leading comment lines and a numeric body, as spans of one buffer.
+
+    ``header_lines[k]`` holds ``(member index, start, end)`` arrays of every member's ``k``-th
+    comment line (the newline excluded); member ``i``'s body is ``body_starts[i]:body_ends[i]``
+    and holds ``rows[i]`` lines (``missing_newline[i]``: its last line has no newline).
+    """
+
+    members: Members
+    header_lines: list
+    body_starts: np.ndarray
+    body_ends: np.ndarray
+    rows: np.ndarray
+    missing_newline: np.ndarray
+
+    @property
+    def header_counts(self) -> np.ndarray:
+        counts = np.zeros(len(self.members), dtype=np.int64)
+        for index, _, _ in self.header_lines:
+            counts[index] += 1
+        return counts
+
+    def header_line(self, level: int) -> tuple[np.ndarray, list[bytes]]:
+        """Which members have a ``level``-th comment line, and those lines (comment mark included)."""
+        if level >= len(self.header_lines):
+            return np.zeros(0, dtype=np.int64), []
+        index, starts, ends = self.header_lines[level]
+        data = self.members.data
+        return index, [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+
+    def joined_bodies(self) -> bytes:
+        """Every body, each ending in a newline, in one buffer (one copy)."""
+        view = memoryview(self.members.data)
+        spans = zip(self.body_starts.tolist(), self.body_ends.tolist())
+        if not self.missing_newline.any():
+            return b"".join([view[a:b] for a, b in spans])
+        pieces = []
+        for (a, b), add in zip(spans, self.missing_newline.tolist()):
+            pieces.append(view[a:b])
+            if add:
+                pieces.append(b"\n")
+        return b"".join(pieces)
+
+    def body(self, i: int) -> bytes:
+        return self.members.data[int(self.body_starts[i]):int(self.body_ends[i])]
+
+    def header_of(self, i: int) -> list[bytes]:
+        """Member ``i``'s comment lines (slow path helper)."""
+        data, lines = self.members.data, []
+        for index, starts, ends in self.header_lines:
+            at = np.flatnonzero(index == i)
+            if not len(at):
+                break
+            lines.append(data[int(starts[at[0]]):int(ends[at[0]])].rstrip(b"\r"))
+        return lines
+
+    def parse(self, keys: list[str], ncols: int, *, delimiter: bytes = b" ", quarantine: list | None = None
+              ) -> tuple[list[np.ndarray], np.ndarray]:
+        """The bodies as ``ncols`` concatenated float64 columns and the row count of each body: one
+        pyarrow parse of all bodies, or (any irregularity anywhere) :func:`parse_numeric` per body,
+        naming bad rows by their line in the file (``keys`` name the members)."""
+        columns = _parse_joined(self.joined_bodies(), int(self.rows.sum()), ncols, delimiter)
+        if columns is not None:
+            return columns, self.rows.copy()
+        first_lines = (self.header_counts + 1).tolist()
+        return _parse_each([self.body(i) for i in range(len(self.members))], keys, ncols, delimiter,
+                           quarantine, first_lines)
+
+
+def split_headed(members: Members, comment: bytes = b"#") -> HeadedMembers:
+    """Find every member's leading ``comment`` lines and its body, for all members at once.
+
+    Works on the newline positions of the whole buffer: the ``k``-th comment line of all members is
+    found with one ``searchsorted``, so the cost does not grow with the number of members.
+    """
+    data = members.data
+    buf = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == 10)
+    n = len(buf)
+    ends = members.starts + members.sizes
+    line_start = members.starts.copy()
+    mark = comment[0]
+
+    def first_byte_is_mark(positions):
+        return buf[np.minimum(positions, max(n - 1, 0))] == mark if n else np.zeros(len(positions), bool)
+
+    active = np.flatnonzero((members.sizes > 0) & first_byte_is_mark(line_start))
+    levels = []
+    while len(active):
+        starts = line_start[active]
+        k = np.searchsorted(newlines, starts)
+        next_newline = np.where(k < len(newlines), newlines[np.minimum(k, len(newlines) - 1)], n) \
+            if len(newlines) else np.full(len(starts), n)
+        line_end = np.minimum(next_newline, ends[active])
+        levels.append((active, starts, line_end))
+        after = np.minimum(line_end + 1, ends[active])
+        line_start[active] = after
+        active = active[(after < ends[active]) & first_byte_is_mark(after)]
+    rows = np.searchsorted(newlines, ends) - np.searchsorted(newlines, line_start)
+    missing = (ends > line_start) & (buf[np.maximum(ends - 1, 0)] != 10) if n else np.zeros(len(ends), bool)
+    return HeadedMembers(members, levels, line_start, ends, rows + missing, missing)
 
 
 def add_parsed(batch: Batch, object_ids: list, bands: list, columns: list[np.ndarray], lengths: np.ndarray,
@@ -498,8 +732,9 @@ def add_parsed(batch: Batch, object_ids: list, bands: list, columns: list[np.nda
     n = len(object_ids)
     ras = ras if ras is not None else [None] * n
     decs = decs if decs is not None else [None] * n
-    accepted = np.ones(n, dtype=bool)
-    for i in range(n):
+    lengths = np.asarray(lengths)
+    accepted = valid_objects_and_bands(object_ids, bands) & (lengths > 0)
+    for i in np.flatnonzero(~accepted).tolist():
         if not is_valid_object_id(object_ids[i]):
             batch.quarantine.append((source_files[i], "invalid_object_id", repr(object_ids[i])[:200]))
         elif not _valid_band(bands[i]):
@@ -507,12 +742,14 @@ def add_parsed(batch: Batch, object_ids: list, bands: list, columns: list[np.nda
         elif lengths[i] == 0:
             batch.quarantine.append((source_files[i], "empty", f"{object_ids[i]} band {bands[i]}: no observation"))
         else:
-            continue
-        accepted[i] = False
+            accepted[i] = True      # the per-name rules above are the authority
     mjd, mag, err = columns
-    if not accepted.all():
-        rows = np.repeat(accepted, lengths)
-        mjd, mag, err = mjd[rows], mag[rows], err[rows]
+    if accepted.all():
+        batch.add_block(list(object_ids), list(bands), lengths.tolist(), mjd + time_offset if time_offset else mjd,
+                        mag, err, source_files=list(source_files), ras=list(ras), decs=list(decs))
+        return accepted
+    rows = np.repeat(accepted, lengths)
+    mjd, mag, err = mjd[rows], mag[rows], err[rows]
     pick = np.flatnonzero(accepted)
     batch.add_block([object_ids[i] for i in pick], [bands[i] for i in pick], lengths[accepted].tolist(),
                     mjd + time_offset if time_offset else mjd, mag, err,

@@ -1,0 +1,158 @@
+"""The whole-archive (vectorised) paths of the readers give exactly what the member-by-member paths
+give: the tar index, the header/body split, MACHO's names and coordinates, name validation and the
+per-curve percentiles of the quality flags."""
+from __future__ import annotations
+
+import bz2
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from astromer.lake import schema
+from astromer.lake.paths import is_valid_object_id, valid_objects_and_bands, validate_band
+from astromer.surveys import macho
+from astromer.surveys.base import (
+    ArchiveError,
+    Batch,
+    Members,
+    _tar_members_walk,
+    split_headed,
+    split_header,
+    tar_members,
+)
+from conftest import shared_path
+
+
+def _tar(members: list[tuple[str, bytes]], fmt=tarfile.USTAR_FORMAT) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("a-folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    return buffer.getvalue()
+
+
+def _as_pairs(members: Members) -> list[tuple[str, bytes]]:
+    return [(name, members.bytes_of(i)) for i, name in enumerate(members.names)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_index_matches_tarfile_in_every_format(fmt):
+    rng = np.random.default_rng(0)
+    members = [(f"dir{i % 3}/lc_{i}.R.mjd", rng.bytes(int(rng.integers(0, 3000)))) for i in range(300)]
+    members.append(("x" * 90 + "/" + "y" * 60 + ".mjd", b"long name\n"))     # prefix field / long name
+    raw = _tar(members, fmt)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    assert _as_pairs(tar_members(raw)) == expected
+    assert _as_pairs(_tar_members_walk(raw)) == expected
+
+
+def test_tar_index_falls_back_when_a_body_looks_like_a_header():
+    # a member whose content holds a fake ustar magic exactly where a header would carry it
+    fake = bytearray(1024)
+    fake[257:262] = b"ustar"
+    raw = _tar([("a.mjd", bytes(fake)), ("b.mjd", b"1 2 3\n")])
+    assert _as_pairs(tar_members(raw)) == [("a.mjd", bytes(fake)), ("b.mjd", b"1 2 3\n")]
+
+
+def test_tar_index_rejects_truncated_and_corrupt_archives():
+    raw = bz2.decompress(shared_path("data", "macho_sample", "lc_1.3444.614.tar.bz2").read_bytes())
+    with pytest.raises(ArchiveError):
+        tar_members(raw[: len(raw) // 2])
+    damaged = bytearray(raw)
+    damaged[124:136] = b"zzzzzzzzzzzz"             # the first header's size field
+    with pytest.raises(ArchiveError):
+        tar_members(bytes(damaged))
+
+
+HEADED = [
+    b"#a b\n#c\n1.5 2 3\n4 5 6\n",
+    b"1 2 3\n",                                   # no header
+    b"#only a header\n",                         # header, no body
+    b"#h\n7 8 9",                                 # last line without newline
+    b"",                                          # empty member
+    b"#h\r\n1 2 3\r\n",                           # CRLF
+    b"#h\n\n1 2 3\n",                             # an empty line after the header
+    b"#h",                                        # a header line without newline
+]
+
+
+def test_split_headed_agrees_with_split_header_member_by_member():
+    members = Members.from_pairs([(f"m{i}", data) for i, data in enumerate(HEADED)])
+    headed = split_headed(members)
+    for i, data in enumerate(HEADED):
+        header, body = split_header(data)
+        assert headed.header_of(i) == [h.rstrip(b"\r") for h in header], i
+        assert headed.body(i) == body, i
+        assert headed.rows[i] == body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0), i
+    joined = headed.joined_bodies()
+    assert joined == b"".join(b if not b or b.endswith(b"\n") else b + b"\n" for b in (headed.body(i) for i in range(8)))
+
+
+def test_headed_parse_falls_back_per_member_and_names_the_bad_line():
+    members = Members.from_pairs([("good", b"#h\n1 2 3\n4 5 6\n"), ("bad", b"#h1\n#h2\n7 8 9\n1 x 2\n")])
+    quarantine: list = []
+    columns, counts = split_headed(members).parse(["good", "bad"], 3, quarantine=quarantine)
+    assert counts.tolist() == [2, 1] and columns[0].tolist() == [1, 4, 7]
+    assert quarantine == [("bad", "non_numeric", "1 row(s) dropped: line 4: b'1 x 2'")]
+
+
+def test_macho_identity_fast_path_matches_the_member_by_member_rule():
+    raw = bz2.decompress(shared_path("data", "macho_sample", "lc_1.3444.614.tar.bz2").read_bytes())
+    real = tar_members(raw)
+    header_2 = b"#Field Tile Seq RA(hour) Dec(deg) Filter mean_Mag med_Mag mean_(B-R) med_(B-R)\n"
+    odd = [
+        ("weird.name.mjd", header_2 + b"#5 12 34 1.5 -20.25 V 0 0 0 0\n#MJD Mag Err\n1 2 3\n"),  # id from header
+        ("lc_9.9.9.B.mjd", header_2 + b"#not enough\n1 2 3\n"),                                 # bad header
+        ("lc_8.8.8.R.mjd", b"1 2 3\n"),                                                         # no header
+    ]
+    for members in (real, Members.from_pairs(_as_pairs(real) + odd)):
+        keys = [f"k::{n}" for n in members.names]
+        fast, slow = Batch(), Batch()
+        got = macho._identify_all(members, split_headed(members), keys, fast)
+        headed = split_headed(members)
+        expected = list(zip(*[macho._identify(n.rsplit("/", 1)[-1], headed.header_of(i), keys[i], slow)
+                              for i, n in enumerate(members.names)]))
+        assert [list(x) for x in got] == [list(x) for x in expected]
+        assert fast.quarantine == slow.quarantine
+    assert got[0][-3:] == ["5.12.34", "9.9.9", "8.8.8"] and got[2][-3] == 22.5
+
+
+def test_vectorised_name_rules_match_the_python_rules():
+    objects = ["1.3444.614", "OGLE-LMC-CEP-0001", "a/b", "..", "a..b", "", "x" * 129, "x" * 128, "abc\n",
+               "-lead", "ok:+", "é", None, "a b"]
+    bands = ["R", "B", "I", "r/..", "", "V_1", "g", "x" * 17, "R\n", "R", "R", "R", "R", "R"]
+
+    def python_rule(o, b):
+        try:
+            validate_band(b)
+        except (ValueError, TypeError):
+            return False
+        return is_valid_object_id(o)
+    expected = [python_rule(o, b) for o, b in zip(objects, bands)]
+    assert valid_objects_and_bands(objects, bands).tolist() == expected
+    assert expected == [True, True] + [False] * 8 + [True] + [False] * 3
+
+
+def test_percentiles_of_the_padded_sort_equal_the_global_sort():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 200, 300)
+    offsets = np.r_[0, np.cumsum(lengths)]
+    mag = rng.normal(size=offsets[-1])
+    good = rng.random(offsets[-1]) > 0.1
+    good[offsets[5]:offsets[6]] = False                 # a curve without any good row
+    padded = schema._curve_percentiles(mag, good, offsets, lengths, (0.01, 0.99))
+    flat = schema._sorted_within_curves(mag, good, offsets, lengths)
+    n_good = np.add.reduceat(good.astype(np.int64), offsets[:-1])
+    for q, got in zip((0.01, 0.99), padded):
+        reference = np.array([np.percentile(mag[a:b][good[a:b]], q * 100) if good[a:b].any() else
+                              (-np.inf if q < 0.5 else np.inf) for a, b in zip(offsets[:-1], offsets[1:])])
+        assert np.allclose(got, reference, rtol=0, atol=1e-12)
+        other = schema._segment_percentile(flat, offsets[:-1], n_good, q)
+        assert np.allclose(np.where(n_good > 0, other, got), got, rtol=0, atol=1e-12)
