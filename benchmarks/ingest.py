@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import multiprocessing as mp
 import os
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,6 +161,34 @@ def pyarrow_per_file(tars: list[str]) -> dict:
             "bytes_per_s": nbytes / seconds, "cpu": cpu, "rows_per_cpu_s": rows / cpu}
 
 
+def byte_costs(tars: list[str], lake: Path) -> dict:
+    """What moving the bytes alone costs on this machine, one thread: reading the inputs, their
+    sha256, and writing as many bytes as the ingest writes (the Arrow shards it stages, then the
+    published Parquet)."""
+    read_s = digest_s = 0.0
+    for path in tars:
+        t0 = time.perf_counter()
+        with open(path, "rb") as handle:
+            data = handle.read()
+        t1 = time.perf_counter()
+        hashlib.sha256(data).hexdigest()
+        read_s += t1 - t0
+        digest_s += time.perf_counter() - t1
+    parts = list((lake / "lightcurves").rglob("*.parquet"))
+    to_write = sum(p.stat().st_size for p in parts) + sum(pq.read_table(p).nbytes for p in parts)
+    block = np.random.default_rng(0).bytes(1 << 24)
+    target = lake / "_bytecost.tmp"
+    written = 0
+    t0 = time.perf_counter()
+    with open(target, "wb") as handle:
+        while written < to_write:
+            handle.write(block)
+            written += len(block)
+    write_s = time.perf_counter() - t0
+    target.unlink()
+    return {"read_s": read_s, "sha256_s": digest_s, "write_s": write_s, "written": written}
+
+
 class PeakMemory:
     """Peak of (RSS of this process + all its children), sampled in a thread; also the CPU seconds
     used meanwhile by this process and its children (the machine is shared: wall-clock rates
@@ -265,6 +295,12 @@ def main(argv=None) -> int:
               f"{r['cpu']:.1f} CPU s = {r['obs_per_cpu_s'] / 1e6:.3f} M obs per CPU second; "
               f"peak RSS {r['peak_rss'] / 2**20:,.0f} MiB")
     r = results[args.objects]
+    costs = byte_costs(folders[args.objects][1], work / f"lake-n{args.objects}")
+    moving = costs["read_s"] + costs["sha256_s"] + costs["write_s"]
+    print(f"bytes     on this machine, one thread: reading the {r['bytes'] / 1e6:,.0f} MB of input "
+          f"{costs['read_s']:.2f} s, their sha256 {costs['sha256_s']:.2f} s, writing {costs['written'] / 1e6:,.0f} MB "
+          f"(shards + lake) {costs['write_s']:.2f} s: {moving:.2f} CPU s before any parsing, against "
+          f"{base['cpu']:.2f} CPU s for pyarrow's whole parse")
     ratio = r["obs_per_s"] / base["rows_per_s"]
     print(f"ratio     end-to-end / pyarrow parse = {ratio:.2f} (target >= 0.5); "
           f"{r['obs_per_s'] / 1e6:.2f} M obs/s (target >= 1.0 on 2 cores)")
