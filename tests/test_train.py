@@ -125,6 +125,30 @@ def test_checkpoint_round_trip_continues_identically(tmp_path, monkeypatch):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
 
 
+def test_probed_score_baselines_see_only_what_the_model_sees():
+    from astromer.train import ProbedScore
+
+    times = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    target = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 9.0]])          # a ramp, then a jump
+    probed = torch.tensor([[False, True, False, True, True, False]])
+    hidden = torch.tensor([[False, True, False, True, False, False]])   # position 4 is a kept ("same") value
+    batch = {"times": times, "target": target, "probed": probed, "hidden": hidden,
+             "padding": torch.zeros_like(probed)}
+    score = ProbedScore()
+    score.add(target.clone(), batch)                                    # a perfect model
+    out = score.result("val")
+    visible_mean = (0.0 + 2.0 + 9.0) / 3
+    mean_err = ((1 - visible_mean) ** 2 + (3 - visible_mean) ** 2 + (4 - visible_mean) ** 2) / 3
+    # interpolation between visible neighbours: 1 -> 1.0 (exact), 3 -> 2 + (9-2)/3, 4 -> 2 + 2*(9-2)/3
+    interp_err = (0 + (3 - (2 + 7 / 3)) ** 2 + (4 - (2 + 14 / 3)) ** 2) / 3
+    assert out["val_rmse"] == 0 and out["val_hidden_rmse"] == 0
+    assert out["val_baseline_rmse"] == pytest.approx(mean_err ** 0.5)
+    assert out["val_interp_rmse"] == pytest.approx(interp_err ** 0.5)
+    hidden_mean_err = ((1 - visible_mean) ** 2 + (3 - visible_mean) ** 2) / 2
+    assert out["val_hidden_baseline_rmse"] == pytest.approx(hidden_mean_err ** 0.5)
+    assert out["val_hidden_interp_rmse"] == pytest.approx(((3 - (2 + 7 / 3)) ** 2 / 2) ** 0.5)
+
+
 def test_fit_windows_learns_and_plots(tmp_path):
     torch.manual_seed(0)
     config = TrainConfig(preset="tiny", lr=3e-3, warmup_steps=5, schedule="constant", batch_size=16, epochs=12,

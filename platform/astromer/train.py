@@ -268,12 +268,24 @@ def train_step(model, batch: dict, optimizer, scheduler, config: TrainConfig, *,
 
 class ProbedScore:
     """Accumulates probed RMSE (the loss's order: per-window mean, mean over windows, root), R2 over all
-    probed values, and the predict-the-window-mean baseline over many batches."""
+    probed values, and two baselines that see what the model sees, over many batches:
+
+    - ``baseline``: every probed magnitude predicted by the mean of the window's visible (unprobed)
+      magnitudes (the number to beat);
+    - ``interp``: linear interpolation in time between the visible neighbours before and after
+      (the nearest one at the edges), the simplest rule that uses the times at all.
+
+    ``hidden_*`` are the same scores over the hidden (masked or randomised) probed values only: the
+    10% of probed values that stay visible can be copied, the hidden ones must be inferred.
+    """
+
+    NAMES = ("model", "baseline", "interp")
 
     def __init__(self):
         self.windows = 0
-        self.sum_window_mse = 0.0
-        self.sum_window_base = 0.0
+        self.hidden_windows = 0
+        self.sum_window = dict.fromkeys(self.NAMES, 0.0)
+        self.sum_hidden = dict.fromkeys(self.NAMES, 0.0)
         self.ss_res = 0.0
         self.sum_y = 0.0
         self.sum_y2 = 0.0
@@ -283,17 +295,20 @@ class ProbedScore:
         pred = pred.detach().double().cpu()
         target = batch["target"].double().cpu()
         probed = batch["probed"].cpu()
+        hidden = batch["hidden"].cpu() & probed if "hidden" in batch else probed
         visible = ~batch["padding"].cpu() & ~probed
-        w = probed.double()
-        counts = w.sum(1)
-        has = counts > 0
-        # baseline: each probed magnitude predicted by the mean of the window's visible (unprobed) magnitudes
         v = visible.double()
         mean_visible = (target * v).sum(1) / v.sum(1).clamp_min(1)
-        self.sum_window_mse += float((((pred - target) ** 2 * w).sum(1) / counts.clamp_min(1))[has].sum())
-        self.sum_window_base += float((((mean_visible[:, None] - target) ** 2 * w).sum(1)
-                                       / counts.clamp_min(1))[has].sum())
-        self.windows += int(has.sum())
+        guesses = {"model": pred, "baseline": mean_visible[:, None].expand_as(target),
+                   "interp": _interpolate_visible(batch["times"].double().cpu(), target, visible, mean_visible)}
+        for mask, sums, attr in ((probed, self.sum_window, "windows"), (hidden, self.sum_hidden, "hidden_windows")):
+            w = mask.double()
+            counts = w.sum(1)
+            has = counts > 0
+            for name, guess in guesses.items():
+                sums[name] += float((((guess - target) ** 2 * w).sum(1) / counts.clamp_min(1))[has].sum())
+            setattr(self, attr, getattr(self, attr) + int(has.sum()))
+        w = probed.double()
         self.ss_res += float(((pred - target) ** 2 * w).sum())
         self.sum_y += float((target * w).sum())
         self.sum_y2 += float((target ** 2 * w).sum())
@@ -304,10 +319,29 @@ class ProbedScore:
             return {}
         mean_y = self.sum_y / self.n
         ss_tot = self.sum_y2 - self.n * mean_y ** 2
-        return {f"{prefix}_rmse": math.sqrt(self.sum_window_mse / self.windows),
-                f"{prefix}_r2": 1.0 - self.ss_res / ss_tot if ss_tot > 0 else float("nan"),
-                f"{prefix}_baseline_rmse": math.sqrt(self.sum_window_base / self.windows),
-                f"{prefix}_windows": float(self.windows)}
+        out = {f"{prefix}_rmse": math.sqrt(self.sum_window["model"] / self.windows),
+               f"{prefix}_r2": 1.0 - self.ss_res / ss_tot if ss_tot > 0 else float("nan"),
+               f"{prefix}_baseline_rmse": math.sqrt(self.sum_window["baseline"] / self.windows),
+               f"{prefix}_interp_rmse": math.sqrt(self.sum_window["interp"] / self.windows),
+               f"{prefix}_windows": float(self.windows)}
+        if self.hidden_windows:
+            for name in self.NAMES:
+                key = f"{prefix}_hidden_rmse" if name == "model" else f"{prefix}_hidden_{name}_rmse"
+                out[key] = math.sqrt(self.sum_hidden[name] / self.hidden_windows)
+        return out
+
+
+def _interpolate_visible(times: torch.Tensor, target: torch.Tensor, visible: torch.Tensor,
+                         fallback: torch.Tensor) -> torch.Tensor:
+    """Per window, the magnitude at every time linearly interpolated between the visible observations
+    (``np.interp``: the nearest visible value beyond the first/last one); ``fallback`` without any."""
+    t, y, seen = times.numpy(), target.numpy(), visible.numpy()
+    out = np.repeat(fallback.numpy()[:, None], t.shape[1], axis=1)
+    for row in range(t.shape[0]):
+        keep = seen[row]
+        if keep.any():
+            out[row] = np.interp(t[row], t[row][keep], y[row][keep])
+    return torch.from_numpy(out)
 
 
 @torch.no_grad()
@@ -614,7 +648,10 @@ class _Loop:
             self.tracker.metrics(result, self.state.step)
             val = result.get("val_rmse")
             if val is not None:
-                log.info("step %d val_rmse %.4f (baseline %.4f)", self.state.step, val, result["val_baseline_rmse"])
+                log.info("step %d val_rmse %.4f (window mean %.4f, time interpolation %.4f; hidden only %.4f vs "
+                         "%.4f)", self.state.step, val, result["val_baseline_rmse"], result["val_interp_rmse"],
+                         result.get("val_hidden_rmse", float("nan")),
+                         result.get("val_hidden_baseline_rmse", float("nan")))
                 if self.state.best_val is None or val < self.state.best_val:
                     self.state.best_val, self.state.evals_since_best = val, 0
                 else:
@@ -658,7 +695,8 @@ class _Loop:
         if not self.tracker.active:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            history = self.tracker.history("train_loss", "train_rmse", "val_rmse", "val_baseline_rmse")
+            history = self.tracker.history("train_loss", "train_rmse", "val_rmse", "val_baseline_rmse",
+                                           "val_interp_rmse", "val_hidden_rmse", "val_hidden_baseline_rmse")
             self.tracker.artifact(learning_curve_png(history, Path(tmp) / "learning_curve.png"), "plots")
             first = next(iter(val_batches()), None)
             if first is not None:
