@@ -303,7 +303,10 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
             print(result.summary(), file=stream)
             return result
 
-    # map -----------------------------------------------------------------------------------------
+    # map, and reduce as soon as it can ------------------------------------------------------------
+    # A part compacts consecutive shards of one band; it is cut from the markers in input order, so
+    # its reduce task is submitted the moment its last shard is mapped and runs beside the remaining
+    # map tasks (the parts are the same as if every map task had finished first).
     t0, c0 = time.perf_counter(), time.process_time()
     context = client.scatter(plan.context, broadcast=True) if plan.context else {}
     futures = [client.submit(map_task, survey, item, index, sha, context, lake, ingest_id, pure=False,
@@ -311,17 +314,26 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
                for index, (item, sha) in enumerate(zip(plan.inputs, shas))]
     markers = [None] * len(futures)
     position = {f.key: i for i, f in enumerate(futures)}
+    cutter = PartCutter(part_bytes)
+    reduce_futures = []
+
+    def submit_reduce(groups):
+        reduce_futures.extend(client.submit(reduce_task, lake, ingest_id, band, indices, part, pure=False,
+                                            key=f"reduce-{ingest_id}-{band}-{part}")
+                              for band, part, indices in groups)
+
+    in_order = 0
     for future in _progress(as_completed(futures), len(futures), f"map {out_survey}", progress, stream):
         markers[position[future.key]] = future.result()
+        while in_order < len(markers) and markers[in_order] is not None:
+            submit_reduce(cutter.add(markers[in_order]))
+            in_order += 1
+    submit_reduce(cutter.flush())
     stages["map"] = time.perf_counter() - t0
     stage_cpu["map"] = time.process_time() - c0
 
-    # reduce ----------------------------------------------------------------------------------------
+    # reduce (what is left of it) -------------------------------------------------------------------
     t0, c0 = time.perf_counter(), time.process_time()
-    groups = _group_parts(markers, part_bytes)
-    reduce_futures = [client.submit(reduce_task, lake, ingest_id, band, indices, part, pure=False,
-                                    key=f"reduce-{ingest_id}-{band}-{part}")
-                      for band, part, indices in groups]
     parts = client.gather(reduce_futures)
     stages["reduce"] = time.perf_counter() - t0
     stage_cpu["reduce"] = time.process_time() - c0
@@ -347,24 +359,37 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     return result
 
 
-def _group_parts(markers: list[dict], part_bytes: int) -> list[tuple[str, int, list[int]]]:
-    """Consecutive shards per band, cut into parts of about ``part_bytes`` (Arrow bytes)."""
-    groups = []
-    bands = sorted({b for m in markers for b in m["bands"]})
-    for band in bands:
-        current, size, part = [], 0, 0
-        for m in markers:
-            info = m["bands"].get(band)
-            if not info:
-                continue
-            if current and size + info["nbytes"] > part_bytes:
-                groups.append((band, part, current))
-                current, size, part = [], 0, part + 1
-            current.append(m["index"])
-            size += info["nbytes"]
-        if current:
-            groups.append((band, part, current))
-    return groups
+class PartCutter:
+    """Cuts the shards of each band, in input order, into parts of about ``part_bytes`` (Arrow bytes).
+
+    Fed the map markers one by one in input order; :meth:`add` returns the ``(band, part, shard
+    indices)`` parts that the marker closes, :meth:`flush` the last part of every band.
+    """
+
+    def __init__(self, part_bytes: int):
+        self.part_bytes = part_bytes
+        self.open: dict[str, tuple[list[int], int]] = {}   # band -> (shard indices, Arrow bytes)
+        self.next_part: Counter = Counter()
+
+    def add(self, marker: dict) -> list[tuple[str, int, list[int]]]:
+        closed = []
+        for band, info in sorted(marker["bands"].items()):
+            indices, size = self.open.get(band, ([], 0))
+            if indices and size + info["nbytes"] > self.part_bytes:
+                closed.append(self._close(band, indices))
+                indices, size = [], 0
+            self.open[band] = (indices + [marker["index"]], size + info["nbytes"])
+        return closed
+
+    def flush(self) -> list[tuple[str, int, list[int]]]:
+        closed = [self._close(band, indices) for band, (indices, _) in sorted(self.open.items()) if indices]
+        self.open.clear()
+        return closed
+
+    def _close(self, band: str, indices: list[int]) -> tuple[str, int, list[int]]:
+        part = self.next_part[band]
+        self.next_part[band] += 1
+        return band, part, indices
 
 
 def _published_by(paths: LakePaths, survey: str) -> str | None:

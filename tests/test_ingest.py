@@ -1,0 +1,41 @@
+"""The ingest driver's bookkeeping: parts cut while the map stage runs."""
+from __future__ import annotations
+
+import numpy as np
+from astromer.ingest import PartCutter
+
+
+def test_part_cutter_cuts_parts_while_markers_arrive_as_if_the_map_had_finished():
+    rng = np.random.default_rng(1)
+    markers = []
+    for index in range(40):
+        bands = {b: {"nbytes": int(rng.integers(1, 50))} for b in ("B", "R", "V") if rng.random() < 0.7}
+        markers.append({"index": index, "bands": bands})
+
+    def reference(markers, part_bytes):       # per band, consecutive shards up to part_bytes
+        groups = []
+        for band in sorted({b for m in markers for b in m["bands"]}):
+            current, size, part = [], 0, 0
+            for m in markers:
+                info = m["bands"].get(band)
+                if not info:
+                    continue
+                if current and size + info["nbytes"] > part_bytes:
+                    groups.append((band, part, current))
+                    current, size, part = [], 0, part + 1
+                current.append(m["index"])
+                size += info["nbytes"]
+            if current:
+                groups.append((band, part, current))
+        return groups
+
+    for part_bytes in (1, 60, 200, 10_000):
+        cutter = PartCutter(part_bytes)
+        streamed = []
+        for m in markers:
+            closed = cutter.add(m)
+            # a part closes only once every shard in it has been seen
+            assert all(max(indices) <= m["index"] for _, _, indices in closed)
+            streamed += closed
+        streamed += cutter.flush()
+        assert sorted(streamed) == sorted(reference(markers, part_bytes))
