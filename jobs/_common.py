@@ -157,6 +157,7 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
 
     init_ray(config)
     config.mlflow_run_id = start_mlflow_run(config)
+    cleaning = log_cleaning(config) if config.count_cleaning else None
     datasets = make_datasets(config.data_spec())
     trainer = TorchTrainer(
         worker_loop,
@@ -184,8 +185,37 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
         client.set_terminated(config.mlflow_run_id, status="FAILED")
         raise NonFiniteLossError(message) if stopped else RuntimeError(message)
     summary = finish_run(config, result, register_tags or {})
+    if cleaning is not None:
+        summary["cleaning"] = cleaning.get("all", {})
     client.set_terminated(config.mlflow_run_id, status="FINISHED")
     return summary
+
+
+def log_cleaning(config: TrainConfig) -> dict:
+    """Count what the paper's cleaning keeps of the selected curves (per split) and log it to the run:
+    metrics ``cleaning_<split>_<count>`` and the whole report as ``cleaning.json``."""
+    from astromer.data import cleaning_report
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    report = cleaning_report(config.data_spec())
+    now = int(time.time() * 1000)
+    metrics = []
+    for split, counts in sorted(report.items()):
+        flat = {k: v for k, v in counts.items() if not isinstance(v, dict)}
+        flat.update({f"rejected_{k}": v for k, v in counts.get("rejected_curves", {}).items()})
+        flat.update({f"flagged_{k}": v for k, v in counts.get("dropped_by_flag", {}).items()})
+        metrics += [Metric(f"cleaning_{split}_{k}", float(v), now, 0) for k, v in sorted(flat.items())]
+    client = MlflowClient()
+    for lo in range(0, len(metrics), 500):
+        client.log_batch(config.mlflow_run_id, metrics=metrics[lo:lo + 500])
+    client.log_text(config.mlflow_run_id, json.dumps(report, indent=2, sort_keys=True), "cleaning.json")
+    total = report.get("all", {})
+    if total:
+        log.info("cleaning: %d of %d curves usable (rejected: %s), %d of %d observations kept (flagged: %s)",
+                 total.get("usable_curves", 0), total.get("curves", 0), total.get("rejected_curves", {}),
+                 total.get("kept_observations", 0), total.get("observations", 0), total.get("dropped_by_flag", {}))
+    return report
 
 
 def _root_message(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from astromer.config import MaskConfig
-from astromer.data import DataSpec, make_datasets, partition_paths, split_of
+from astromer.data import DataSpec, make_datasets, make_windows, partition_paths, split_of
 from astromer.lake.paths import LakePaths
 from astromer.lake.schema import LABELS, LIGHTCURVES, quality_flags
 from astromer.windows import probe_counts
@@ -69,6 +69,32 @@ def test_split_is_deterministic_disjoint_and_by_object():
     # a different seed gives a different split
     other = [split_of("s", "V", o, val_fraction=0.1, test_fraction=0.2, seed=1) for o in ids]
     assert other != splits
+
+
+def test_cleaning_report_counts_what_the_windows_drop(ray_local, tmp_path):
+    from astromer.data import cleaning_report, read_lightcurves
+
+    root = write_lake(tmp_path / "lake", 60, band="V", seed=3, n_obs=(4, 40))
+    spec = DataSpec(lake=str(root), val_fraction=0.2, test_fraction=0.2, min_observations=10)
+    report = cleaning_report(spec)
+    table = pq.read_table(next((root / "lightcurves").rglob("*.parquet")))
+    n_obs = table.column("n_obs").to_numpy()
+    assert report["all"]["curves"] == 60 and report["all"]["observations"] == int(n_obs.sum())
+    assert sum(report[s]["curves"] for s in ("train", "val", "test")) == 60
+    # curves with fewer than 5 clean observations, then fewer than min_observations, are rejected
+    from astromer.lake.schema import CLEANING_MASK
+
+    clean = np.array([int(((np.asarray(q) & CLEANING_MASK) == 0).sum()) for q in table.column("quality").to_pylist()])
+    rejected = report["all"]["rejected_curves"]
+    assert rejected.get("too_few_observations", 0) == int((clean < 5).sum()) > 0
+    assert rejected.get("fewer_than_min_observations", 0) == int(((clean >= 5) & (clean < 10)).sum()) > 0
+    assert report["all"]["kept_observations"] == int(clean[clean >= 10].sum())
+    # the usable curves are exactly the ones the window pipeline turns into windows
+    source = read_lightcurves(spec)
+    windows = sum(len(b["object_id"]) for split in ("train", "val", "test")
+                  for b in source.map_batches(make_windows, fn_kwargs={"spec": spec, "split": split, "fixed": True},
+                                              batch_format="numpy").iter_batches(batch_size=None))
+    assert report["all"]["usable_curves"] == windows
 
 
 def test_partition_selection(small_lake):

@@ -65,6 +65,11 @@ def test_train_logs_metrics_plots_and_registers(ray_local, mlflow_sqlite, lake):
                 "final_test_rmse", "final_val_baseline_rmse", "final_val_r2"):
         assert key in run.data.metrics, key
     assert "resumed_from_step" not in run.data.metrics
+    # the cleaning's effect is counted per split and logged beside the metrics
+    cleaning = json.loads(Path(client.download_artifacts(run.info.run_id, "cleaning.json")).read_text())
+    assert cleaning["all"]["curves"] == sum(cleaning[s]["curves"] for s in ("train", "val", "test"))
+    assert run.data.metrics["cleaning_all_curves"] == cleaning["all"]["curves"] > 0
+    assert first["cleaning"]["usable_curves"] == run.data.metrics["cleaning_all_usable_curves"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert artifacts == {"plots/learning_curve.png", "plots/reconstruction.png"}
     png = client.download_artifacts(run.info.run_id, "plots/reconstruction.png")

@@ -14,6 +14,7 @@ Workers pull their share through ``ray.train.get_dataset_shard(...).iter_torch_b
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -189,6 +190,56 @@ def _clean_rows(batch: dict, spec: DataSpec, rows) -> Iterator[tuple[int, np.nda
         if len(mjd) < spec.min_observations:
             continue
         yield i, mjd, mag, err
+
+
+def count_cleaning(batch: dict, spec: DataSpec) -> dict:
+    """What the cleaning does to one batch of curves, per split: one row per split holding the
+    :class:`astromer.lake.cleaning.CleaningStats` counts as JSON (merged by :func:`cleaning_report`)."""
+    from astromer.lake.cleaning import CleaningStats, CleanResult, clean_curve
+
+    stats: dict[str, CleaningStats] = {}
+    for i in range(len(batch["object_id"])):
+        split = split_of(batch["survey"][i], batch["band"][i], batch["object_id"][i],
+                         val_fraction=spec.val_fraction, test_fraction=spec.test_fraction, seed=spec.seed)
+        mjd = np.asarray(batch["mjd"][i], np.float64)
+        mag = np.asarray(batch["mag"][i], np.float32)
+        err = np.asarray(batch["err"][i], np.float32)
+        quality = batch["quality"][i]
+        quality = np.zeros(len(mjd), np.uint8) if quality is None else np.asarray(quality, np.uint8)
+        if spec.clean:
+            result = clean_curve(mjd, mag, err, quality, drop_noisy=spec.drop_noisy)
+        else:
+            keep = np.isfinite(mjd) & np.isfinite(mag) & np.isfinite(err)
+            result = CleanResult(keep, True, None)
+            quality = np.zeros(len(mjd), np.uint8)            # nothing is dropped by a flag
+        if result.usable and int(result.keep.sum()) < spec.min_observations:
+            result = CleanResult(result.keep, False, "fewer_than_min_observations")
+        stats.setdefault(split, CleaningStats()).add(quality, result)
+    splits = sorted(stats)
+    return {"split": np.asarray(splits, dtype=str),
+            "stats": np.asarray([json.dumps(stats[s].as_dict()) for s in splits], dtype=str)}
+
+
+def cleaning_report(spec: DataSpec, source=None) -> dict:
+    """The effect of the cleaning on the selected curves, per split (train/val/test) and in total, counted
+    over one read of the lake: curves, usable curves, observations and kept observations, observations
+    carrying each dropping flag, curves rejected per reason."""
+    source = read_lightcurves(spec) if source is None else source
+    rows = source.map_batches(count_cleaning, fn_kwargs={"spec": spec}, batch_format="numpy", batch_size=512,
+                              num_cpus=spec.data_cpus).take_all()
+    report: dict[str, dict] = {}
+    for row in rows:
+        for key in (str(row["split"]), "all"):
+            _merge_counts(report.setdefault(key, {}), json.loads(str(row["stats"])))
+    return report
+
+
+def _merge_counts(into: dict, counts: dict) -> None:
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            _merge_counts(into.setdefault(key, {}), value)
+        else:
+            into[key] = into.get(key, 0) + value
 
 
 def make_windows(batch: dict, spec: DataSpec, split: str, fixed: bool) -> dict:

@@ -56,6 +56,7 @@ class TrainConfig:
     clean: bool = True
     drop_noisy: bool = True                 # the paper's noise criteria; off for catalogued variable stars
     min_observations: int = 10
+    count_cleaning: bool = True             # count what the cleaning drops (one extra read of the selection)
     label_set: str | None = None            # finetuning: labelled curves only
     labels: list[str] | None = None
     # model
