@@ -242,3 +242,29 @@ def test_fused_qkv_cache_follows_weight_updates():
     reference = model.encode(times, mags, padding)
     assert not torch.allclose(first, fast, atol=1e-3)
     assert torch.allclose(fast, reference, atol=2e-5)
+
+
+def test_time_attention_init_starts_attention_on_neighbours_in_time():
+    from astromer.model import init_time_attention
+
+    torch.manual_seed(0)
+    times = torch.cumsum(torch.full((2, 200), 1.5), dim=1)           # an observation every 1.5 days
+    mags = torch.randn(2, 200) * 0.1
+    padding = torch.zeros(2, 200, dtype=torch.bool)
+
+    def near_share(model):
+        with torch.no_grad():
+            _, maps = model.encoder(times, mags, padding, need_weights=True, fast=False)
+        weights = maps[0][:, 0]                                       # block 1, head 1 (days): [B, L, L]
+        distance = (times[:, :, None] - times[:, None, :]).abs()
+        return float((weights * (distance <= 3.0)).sum(-1).mean())    # attention within 3 days
+
+    fresh = Astromer(ModelConfig.astromer2()).eval()
+    before = near_share(fresh)
+    init_time_attention(fresh.encoder, 1.0)
+    after = near_share(fresh)
+    uniform = 5 / 200                                                 # 5 keys within 3 days of a query
+    assert before < 3 * uniform < after
+    # only block 1 changed; the parameter set is the same as the official model's
+    assert torch.equal(fresh.encoder.blocks[0].attention.wq.weight, torch.eye(256))
+    assert not torch.equal(fresh.encoder.blocks[1].attention.wq.weight, torch.eye(256))

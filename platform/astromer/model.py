@@ -205,6 +205,21 @@ class Encoder(nn.Module):
         return (out, maps) if need_weights else out
 
 
+def init_time_attention(encoder: Encoder, scale: float = 1.0, blocks: int = 1) -> None:
+    """Start the first ``blocks`` blocks' attention as a kernel in time: query and key projections =
+    ``scale`` x identity (biases 0), so that a query scores each key by the dot product of their inputs,
+    dominated at the start by the positional encodings: sum_j cos(w_j (t_q - t_k)) over the head's
+    frequencies. Each of the 4 heads then covers one band of the encoding's frequencies (1 to 1e-4
+    rad/day), i.e. neighbours within days, weeks, months and years. An initialisation only (the
+    architecture and its parameters are unchanged): with the default random init a fresh model spends
+    thousands of steps with near-uniform attention, predicting the window mean for hidden observations."""
+    with torch.no_grad():
+        for block in list(encoder.blocks)[:blocks]:
+            for projection in (block.attention.wq, block.attention.wk):
+                projection.weight.copy_(scale * torch.eye(projection.weight.shape[0]))
+                projection.bias.zero_()
+
+
 class ReconstructionHead(nn.Module):
     """LayerNorm then Dense D -> 1: the reconstructed (centred) magnitude of every observation."""
 

@@ -64,6 +64,7 @@ class TrainConfig:
     window_length: int | None = None        # default: the preset's
     dropout: float | None = None            # default: the preset's
     init_from: str | None = None            # models:/NAME@ALIAS or a model folder (finetuning)
+    time_attention_init: float = 1.0        # fresh models: block 1's query/key = this x identity (0: random)
     # task
     probed: float = 0.5
     same: float = 0.2
@@ -71,7 +72,7 @@ class TrainConfig:
     loss: str = "plain"                     # "plain" | "weighted" (uncertainty-weighted RMSE)
     # optimisation
     optimizer: str = "adam"                 # "adam" | "adamw"
-    lr: float = 3e-4                        # astromer2 (post-LayerNorm, 6 blocks) collapsed to the mean at 1e-3
+    lr: float = 1e-4                        # astromer2 (post-LayerNorm, 6 blocks) collapsed to the mean at 1e-3
     weight_decay: float = 0.0
     schedule: str = "cosine"                # "cosine" (linear warm-up, cosine decay) | "constant" (warm-up only)
     warmup_steps: int = 100
@@ -202,7 +203,12 @@ def build_model(config: TrainConfig):
                 if isinstance(module, torch.nn.Dropout):
                     module.p = float(config.dropout)
         return model
-    return Astromer(config.model_config())
+    model = Astromer(config.model_config())
+    if config.time_attention_init:
+        from astromer.model import init_time_attention
+
+        init_time_attention(model.encoder, config.time_attention_init)
+    return model
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig):
