@@ -59,6 +59,10 @@ def is_valid_object_id(name: str) -> bool:
     return isinstance(name, str) and bool(_OBJECT.fullmatch(name)) and ".." not in name
 
 
+def is_valid_band(name: str) -> bool:
+    return isinstance(name, str) and bool(_BAND.fullmatch(name)) and ".." not in name
+
+
 def valid_objects_and_bands(object_ids: list, bands: list) -> np.ndarray:
     """``is_valid_object_id(o) and band is valid`` for many curves at once (pyarrow's RE2 over the
     whole list; the patterns are anchored, and RE2's ``$`` matches only at the very end)."""
@@ -66,8 +70,7 @@ def valid_objects_and_bands(object_ids: list, bands: list) -> np.ndarray:
         ids = pa.array(object_ids, type=pa.string())
         names = pa.array(bands, type=pa.string())
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return np.array([is_valid_object_id(o) and _BAND.fullmatch(b) is not None if isinstance(b, str) else False
-                         for o, b in zip(object_ids, bands)], dtype=bool)
+        return np.array([is_valid_object_id(o) and is_valid_band(b) for o, b in zip(object_ids, bands)], dtype=bool)
     ok = pc.and_(pc.match_substring_regex(ids, _OBJECT.pattern), pc.invert(pc.match_substring(ids, "..")))
     ok = pc.and_(ok, pc.match_substring_regex(names, _BAND.pattern))
     return ok.fill_null(False).to_numpy(zero_copy_only=False)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from astromer.lake import schema
-from astromer.lake.paths import is_valid_object_id, valid_objects_and_bands, validate_band
+from astromer.lake.paths import is_valid_band, is_valid_object_id, valid_objects_and_bands
 
 #: HJD-2450000 (OGLE, ASAS) onto the MJD scale
 HJD2450000_TO_MJD = 49999.5
@@ -72,9 +72,7 @@ class Batch:
         if not is_valid_object_id(object_id):
             self.quarantine.append((source_file, "invalid_object_id", repr(object_id)[:200]))
             return False
-        try:
-            validate_band(band)
-        except ValueError:
+        if not is_valid_band(band):
             self.quarantine.append((source_file, "invalid_band", repr(band)[:200]))
             return False
         if len(mjd) == 0:
@@ -212,9 +210,15 @@ def parse_numeric(body: bytes, ncols: int, *, delimiter: bytes | None = None, na
     return _parse_rows(body, ncols, delimiter, name, quarantine, first_line)
 
 
+def single_spaced(text: bytes) -> bool:
+    """Whether every line of ``text`` separates its fields by exactly one space (no tabs, CR, leading,
+    trailing or doubled spaces): what the fast whole-buffer parsers assume."""
+    return not (b"  " in text or b"\t" in text or b"\r" in text or text.startswith(b" ") or b"\n " in text
+                or b" \n" in text)
+
+
 def _fields_per_line_ok(text: bytes, n_lines: int, ncols: int) -> bool:
-    if b"  " in text or b"\t" in text or b"\r" in text or text.startswith(b" ") or b"\n " in text \
-            or b" \n" in text:
+    if not single_spaced(text):
         return False  # irregular whitespace: let the row parser decide
     raw = np.frombuffer(text, dtype=np.uint8)
     spaces = np.cumsum(raw == 32)
@@ -281,26 +285,8 @@ class ArchiveError(Exception):
     """A truncated or corrupt archive."""
 
 
-#: archives up to this size are read whole and split by :func:`split_tar` (fast); larger ones stream
+#: archives up to this size are read whole and indexed by :func:`tar_members` (fast); larger ones stream
 WHOLE_ARCHIVE_BYTES = 1 << 30
-
-
-def iter_members(url: str, fs=None):
-    """Yield ``(member_name, bytes)`` of the regular files of a tar archive (plain or compressed).
-
-    Raises :class:`ArchiveError` on a truncated or corrupt archive (a large archive streams, so
-    the complete members before the damage are yielded first).
-    """
-    opener = fs.open(url, "rb") if fs is not None else fsspec.open(url, "rb").open()
-    with opener as handle:
-        size = getattr(handle, "size", None)
-        if size is not None and size <= WHOLE_ARCHIVE_BYTES:
-            with _archive_errors():
-                members = tar_members(_decompress(url.split("::", 1)[0], handle.read()))
-            for i, name in enumerate(members.names):
-                yield name, members.bytes_of(i)
-        else:
-            yield from _stream_members(handle)
 
 
 def read_members(url: str, fs=None) -> Members:
@@ -366,10 +352,7 @@ def _decompress(path: str, raw: bytes) -> bytes:
 
 def split_tar(data: bytes):
     """Yield ``(name, bytes)`` of the regular files of an uncompressed tar held in memory."""
-    members = tar_members(data)
-    view = memoryview(data)
-    for name, start, size in zip(members.names, members.starts.tolist(), members.sizes.tolist()):
-        yield name, bytes(view[start:start + size])
+    yield from tar_members(data).pairs()
 
 
 @dataclass
@@ -393,6 +376,11 @@ class Members:
     def bytes_of(self, i: int) -> bytes:
         start = int(self.starts[i])
         return self.data[start:start + int(self.sizes[i])]
+
+    def pairs(self):
+        """``(name, bytes)`` of every member (one copy each)."""
+        for i, name in enumerate(self.names):
+            yield name, self.bytes_of(i)
 
     @classmethod
     def from_pairs(cls, pairs) -> Members:
@@ -737,33 +725,23 @@ def add_parsed(batch: Batch, object_ids: list, bands: list, columns: list[np.nda
     for i in np.flatnonzero(~accepted).tolist():
         if not is_valid_object_id(object_ids[i]):
             batch.quarantine.append((source_files[i], "invalid_object_id", repr(object_ids[i])[:200]))
-        elif not _valid_band(bands[i]):
+        elif not is_valid_band(bands[i]):
             batch.quarantine.append((source_files[i], "invalid_band", repr(bands[i])[:200]))
         elif lengths[i] == 0:
             batch.quarantine.append((source_files[i], "empty", f"{object_ids[i]} band {bands[i]}: no observation"))
         else:
             accepted[i] = True      # the per-name rules above are the authority
     mjd, mag, err = columns
-    if accepted.all():
-        batch.add_block(list(object_ids), list(bands), lengths.tolist(), mjd + time_offset if time_offset else mjd,
-                        mag, err, source_files=list(source_files), ras=list(ras), decs=list(decs))
-        return accepted
-    rows = np.repeat(accepted, lengths)
-    mjd, mag, err = mjd[rows], mag[rows], err[rows]
-    pick = np.flatnonzero(accepted)
-    batch.add_block([object_ids[i] for i in pick], [bands[i] for i in pick], lengths[accepted].tolist(),
+    if not accepted.all():
+        rows = np.repeat(accepted, lengths)
+        mjd, mag, err = mjd[rows], mag[rows], err[rows]
+        pick = np.flatnonzero(accepted).tolist()
+        object_ids, bands, source_files, ras, decs = ([values[i] for i in pick] for values in
+                                                      (object_ids, bands, source_files, ras, decs))
+    batch.add_block(list(object_ids), list(bands), lengths[accepted].tolist(),
                     mjd + time_offset if time_offset else mjd, mag, err,
-                    source_files=[source_files[i] for i in pick], ras=[ras[i] for i in pick],
-                    decs=[decs[i] for i in pick])
+                    source_files=list(source_files), ras=list(ras), decs=list(decs))
     return accepted
-
-
-def _valid_band(band) -> bool:
-    try:
-        validate_band(band)
-        return True
-    except ValueError:
-        return False
 
 
 def plan_inputs(source: str, patterns: tuple[str, ...], sidecars: tuple[str, ...],
@@ -777,10 +755,17 @@ def plan_inputs(source: str, patterns: tuple[str, ...], sidecars: tuple[str, ...
     return [Input(key=i["key"], url=i["url"], size=i.get("size") or 0) for i in infos], merged
 
 
+def input_member_block(item: Input, suffix: str) -> tuple[Members, list[str]]:
+    """The members of an archive input whose names end in ``suffix`` (or the input itself when it is a
+    plain file) as :class:`Members`, and their provenance keys (``<input>::<member>``)."""
+    if not is_archive(item.url):
+        return Members.from_pairs([(item.key, read_bytes(item.url))]), [item.key]
+    members = read_members(item.url)
+    members = members.take(np.array([basename(n).lower().endswith(suffix) for n in members.names], dtype=bool))
+    return members, [f"{item.key}::{name}" for name in members.names]
+
+
 def input_members(item: Input, suffix: str) -> list[tuple[str, str, bytes]]:
-    """(provenance key, member name, bytes) of the members of an archive input whose names end in
-    ``suffix``, or of the input itself when it is a plain file."""
-    if is_archive(item.url):
-        return [(f"{item.key}::{name}", name, data) for name, data in iter_members(item.url)
-                if basename(name).lower().endswith(suffix)]
-    return [(item.key, item.key, read_bytes(item.url))]
+    """(provenance key, member name, bytes) of :func:`input_member_block`, one member at a time."""
+    members, keys = input_member_block(item, suffix)
+    return [(key, name, data) for key, (name, data) in zip(keys, members.pairs())]

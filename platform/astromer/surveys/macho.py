@@ -27,10 +27,9 @@ from astromer.surveys.base import (
     Members,
     Plan,
     add_parsed,
-    is_archive,
+    input_member_block,
     list_files,
-    read_bytes,
-    read_members,
+    single_spaced,
     split_headed,
 )
 
@@ -52,13 +51,7 @@ class MachoReader:
 
     def read(self, item: Input, context: dict) -> Batch:
         batch = Batch()
-        if is_archive(item.url):
-            members = read_members(item.url)
-            members = members.take(np.array([n.lower().endswith(".mjd") for n in members.names], dtype=bool))
-            keys = [f"{item.key}::{name}" for name in members.names]
-        else:
-            members = Members.from_pairs([(item.key, read_bytes(item.url))])
-            keys = [item.key]
+        members, keys = input_member_block(item, ".mjd")
         parse_members(members, keys, batch)
         return batch
 
@@ -109,8 +102,7 @@ def _header_fields(lines: list[bytes]):
     if not lines:
         return None
     text = b"\n".join(line[1:] for line in lines) + b"\n"
-    if b"  " in text or b"\t" in text or b"\r" in text or b"\n " in text or text.startswith(b" ") \
-            or b" \n" in text:
+    if not single_spaced(text):
         return None
     names = ["field", "tile", "seq", "ra", "dec", "filter"]
     try:
