@@ -169,51 +169,48 @@ def _join_labels(ds, spec: DataSpec):
 
 # --------------------------------------------------------------------------- clean + window
 
+def _clean_curve(batch: dict, i: int, spec: DataSpec):
+    """Row ``i`` of a batch as (mjd, mag, err), the quality flags that count, and the cleaning verdict:
+    the paper's cleaning (or, with ``clean=False``, finite values only), then ``min_observations``."""
+    from astromer.lake.cleaning import CleanResult, clean_curve
+    from astromer.lake.schema import quality_flags
+
+    mjd = np.asarray(batch["mjd"][i], np.float64)
+    mag = np.asarray(batch["mag"][i], np.float32)
+    err = np.asarray(batch["err"][i], np.float32)
+    if spec.clean:
+        quality = batch["quality"][i]
+        if quality is None:     # a lake written without flags: compute them as the ingest does
+            *_, quality = quality_flags(mjd.copy(), mag.astype(np.float64), err.astype(np.float64),
+                                        np.array([0, len(mjd)]))
+        quality = np.asarray(quality, np.uint8)
+        result = clean_curve(mjd, mag, err, quality, drop_noisy=spec.drop_noisy)
+    else:
+        quality = np.zeros(len(mjd), np.uint8)            # nothing is dropped by a flag
+        result = CleanResult(np.isfinite(mjd) & np.isfinite(mag) & np.isfinite(err), True, None)
+    if result.usable and int(result.keep.sum()) < spec.min_observations:
+        result = CleanResult(result.keep, False, "fewer_than_min_observations")
+    return mjd, mag, err, quality, result
+
+
 def _clean_rows(batch: dict, spec: DataSpec, rows) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """(row, mjd, mag, err) of each usable curve among ``rows`` of a batch, with the paper's cleaning."""
-    if spec.clean:
-        from astromer.lake.cleaning import clean_curve
     for i in rows:
-        mjd = np.asarray(batch["mjd"][i], np.float64)
-        mag = np.asarray(batch["mag"][i], np.float32)
-        err = np.asarray(batch["err"][i], np.float32)
-        if spec.clean:
-            quality = batch["quality"][i]
-            result = clean_curve(mjd, mag, err, None if quality is None else np.asarray(quality, np.uint8),
-                                 drop_noisy=spec.drop_noisy)
-            if not result.usable:
-                continue
-            mjd, mag, err = mjd[result.keep], mag[result.keep], err[result.keep]
-        else:
-            ok = np.isfinite(mjd) & np.isfinite(mag) & np.isfinite(err)
-            mjd, mag, err = mjd[ok], mag[ok], err[ok]
-        if len(mjd) < spec.min_observations:
-            continue
-        yield i, mjd, mag, err
+        mjd, mag, err, _, result = _clean_curve(batch, i, spec)
+        if result.usable:
+            yield i, mjd[result.keep], mag[result.keep], err[result.keep]
 
 
 def count_cleaning(batch: dict, spec: DataSpec) -> dict:
     """What the cleaning does to one batch of curves, per split: one row per split holding the
     :class:`astromer.lake.cleaning.CleaningStats` counts as JSON (merged by :func:`cleaning_report`)."""
-    from astromer.lake.cleaning import CleaningStats, CleanResult, clean_curve
+    from astromer.lake.cleaning import CleaningStats
 
     stats: dict[str, CleaningStats] = {}
     for i in range(len(batch["object_id"])):
         split = split_of(batch["survey"][i], batch["band"][i], batch["object_id"][i],
                          val_fraction=spec.val_fraction, test_fraction=spec.test_fraction, seed=spec.seed)
-        mjd = np.asarray(batch["mjd"][i], np.float64)
-        mag = np.asarray(batch["mag"][i], np.float32)
-        err = np.asarray(batch["err"][i], np.float32)
-        quality = batch["quality"][i]
-        quality = np.zeros(len(mjd), np.uint8) if quality is None else np.asarray(quality, np.uint8)
-        if spec.clean:
-            result = clean_curve(mjd, mag, err, quality, drop_noisy=spec.drop_noisy)
-        else:
-            keep = np.isfinite(mjd) & np.isfinite(mag) & np.isfinite(err)
-            result = CleanResult(keep, True, None)
-            quality = np.zeros(len(mjd), np.uint8)            # nothing is dropped by a flag
-        if result.usable and int(result.keep.sum()) < spec.min_observations:
-            result = CleanResult(result.keep, False, "fewer_than_min_observations")
+        *_, quality, result = _clean_curve(batch, i, spec)
         stats.setdefault(split, CleaningStats()).add(quality, result)
     splits = sorted(stats)
     return {"split": np.asarray(splits, dtype=str),

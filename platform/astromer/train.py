@@ -72,7 +72,7 @@ class TrainConfig:
     loss: str = "plain"                     # "plain" | "weighted" (uncertainty-weighted RMSE)
     # optimisation
     optimizer: str = "adam"                 # "adam" | "adamw"
-    lr: float = 1e-4                        # astromer2 (post-LayerNorm, 6 blocks) collapsed to the mean at 1e-3
+    lr: float = 1e-4                        # astromer2 collapsed to the window mean at 1e-3 (and at 3e-4 with the time init)
     weight_decay: float = 0.0
     schedule: str = "cosine"                # "cosine" (linear warm-up, cosine decay) | "constant" (warm-up only)
     warmup_steps: int = 100
@@ -283,16 +283,15 @@ class ProbedScore:
       (the nearest one at the edges), the simplest rule that uses the times at all.
 
     ``hidden_*`` are the same scores over the hidden (masked or randomised) probed values only: the
-    10% of probed values that stay visible can be copied, the hidden ones must be inferred.
+    probed values that stay visible (a fifth by default) can be copied, the hidden ones must be inferred.
     """
 
     NAMES = ("model", "baseline", "interp")
+    SUBSETS = ("probed", "hidden")
 
     def __init__(self):
-        self.windows = 0
-        self.hidden_windows = 0
-        self.sum_window = dict.fromkeys(self.NAMES, 0.0)
-        self.sum_hidden = dict.fromkeys(self.NAMES, 0.0)
+        self.windows = dict.fromkeys(self.SUBSETS, 0)                  # windows with any value in the subset
+        self.sums = {subset: dict.fromkeys(self.NAMES, 0.0) for subset in self.SUBSETS}   # of per-window MSEs
         self.ss_res = 0.0
         self.sum_y = 0.0
         self.sum_y2 = 0.0
@@ -308,13 +307,13 @@ class ProbedScore:
         mean_visible = (target * v).sum(1) / v.sum(1).clamp_min(1)
         guesses = {"model": pred, "baseline": mean_visible[:, None].expand_as(target),
                    "interp": _interpolate_visible(batch["times"].double().cpu(), target, visible, mean_visible)}
-        for mask, sums, attr in ((probed, self.sum_window, "windows"), (hidden, self.sum_hidden, "hidden_windows")):
+        for subset, mask in (("probed", probed), ("hidden", hidden)):
             w = mask.double()
             counts = w.sum(1)
             has = counts > 0
             for name, guess in guesses.items():
-                sums[name] += float((((guess - target) ** 2 * w).sum(1) / counts.clamp_min(1))[has].sum())
-            setattr(self, attr, getattr(self, attr) + int(has.sum()))
+                self.sums[subset][name] += float((((guess - target) ** 2 * w).sum(1) / counts.clamp_min(1))[has].sum())
+            self.windows[subset] += int(has.sum())
         w = probed.double()
         self.ss_res += float(((pred - target) ** 2 * w).sum())
         self.sum_y += float((target * w).sum())
@@ -322,19 +321,19 @@ class ProbedScore:
         self.n += int(w.sum())
 
     def result(self, prefix: str) -> dict[str, float]:
-        if not self.windows:
+        if not self.windows["probed"]:
             return {}
         mean_y = self.sum_y / self.n
         ss_tot = self.sum_y2 - self.n * mean_y ** 2
-        out = {f"{prefix}_rmse": math.sqrt(self.sum_window["model"] / self.windows),
-               f"{prefix}_r2": 1.0 - self.ss_res / ss_tot if ss_tot > 0 else float("nan"),
-               f"{prefix}_baseline_rmse": math.sqrt(self.sum_window["baseline"] / self.windows),
-               f"{prefix}_interp_rmse": math.sqrt(self.sum_window["interp"] / self.windows),
-               f"{prefix}_windows": float(self.windows)}
-        if self.hidden_windows:
+        out = {f"{prefix}_r2": 1.0 - self.ss_res / ss_tot if ss_tot > 0 else float("nan"),
+               f"{prefix}_windows": float(self.windows["probed"])}
+        for subset in self.SUBSETS:
+            if not self.windows[subset]:
+                continue
             for name in self.NAMES:
-                key = f"{prefix}_hidden_rmse" if name == "model" else f"{prefix}_hidden_{name}_rmse"
-                out[key] = math.sqrt(self.sum_hidden[name] / self.hidden_windows)
+                key = "_".join(p for p in (prefix, "hidden" if subset == "hidden" else "",
+                                           "" if name == "model" else name, "rmse") if p)
+                out[key] = math.sqrt(self.sums[subset][name] / self.windows[subset])
         return out
 
 
