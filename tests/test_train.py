@@ -147,6 +147,46 @@ def test_probed_score_baselines_see_only_what_the_model_sees():
     hidden_mean_err = ((1 - visible_mean) ** 2 + (3 - visible_mean) ** 2) / 2
     assert out["val_hidden_baseline_rmse"] == pytest.approx(hidden_mean_err ** 0.5)
     assert out["val_hidden_interp_rmse"] == pytest.approx(((3 - (2 + 7 / 3)) ** 2 / 2) ** 0.5)
+    assert {"val_smoother_rmse", "val_hidden_smoother_rmse"} <= set(out)
+
+
+def test_kernel_smoother_picks_the_bandwidth_by_leave_one_out_and_never_reads_probed_values():
+    from astromer.train import kernel_smoother
+
+    rng = np.random.default_rng(3)
+    times = torch.from_numpy(np.sort(rng.uniform(0, 200, (3, 40)), axis=1))
+    smooth = torch.sin(times / 15.0)                        # varies over ~weeks: a bandwidth of days wins
+    noise = torch.from_numpy(rng.normal(0, 0.5, (3, 40)))   # white noise: nothing beats the mean
+    target = torch.cat([smooth[:2], noise[2:]])
+    visible = torch.from_numpy(rng.random((3, 40)) < 0.6)
+    visible[:, 0] = True
+    mean = (target * visible).sum(1) / visible.sum(1)
+    bandwidths = (0.5, 4.0, 64.0)
+    out = kernel_smoother(times, target, visible, mean, bandwidths=bandwidths, shrink=1.0)
+
+    # reference: a plain loop over windows, bandwidths and observations
+    t, y, v, m = times.numpy(), target.numpy(), visible.numpy(), mean.numpy()
+    chosen = []
+    for b in range(3):
+        errors, preds = [], []
+        for h in bandwidths:
+            k = np.exp(-0.5 * ((t[b][:, None] - t[b][None, v[b]]) / h) ** 2)
+            preds.append((k @ y[b][v[b]] + m[b]) / (k.sum(1) + 1.0))
+            loo = []
+            for i in np.flatnonzero(v[b]):
+                others = v[b].copy()
+                others[i] = False
+                w = np.exp(-0.5 * ((t[b][i] - t[b][others]) / h) ** 2)
+                loo.append(((w @ y[b][others] + m[b]) / (w.sum() + 1.0) - y[b][i]) ** 2)
+            errors.append(np.mean(loo))
+        chosen.append(int(np.argmin(errors)))
+        np.testing.assert_allclose(out[b].numpy(), preds[chosen[-1]], rtol=1e-9, atol=1e-12)
+    assert chosen[:2] == [1, 1]
+    assert float((out[2] - mean[2])[~visible[2]].abs().mean()) < 0.1    # noise: about the window mean
+
+    # the probed (not visible) values play no part
+    changed = torch.where(visible, target, target + 100.0)
+    assert torch.equal(kernel_smoother(times, changed, visible, mean, bandwidths=bandwidths), out)
 
 
 def test_fit_windows_learns_and_plots(tmp_path):

@@ -280,13 +280,17 @@ class ProbedScore:
     - ``baseline``: every probed magnitude predicted by the mean of the window's visible (unprobed)
       magnitudes (the number to beat);
     - ``interp``: linear interpolation in time between the visible neighbours before and after
-      (the nearest one at the edges), the simplest rule that uses the times at all.
+      (the nearest one at the edges), the simplest rule that uses the times at all;
+    - ``smoother``: a Gaussian kernel average of the visible magnitudes, shrunk towards the window mean,
+      with each window's bandwidth chosen by leave-one-out over its visible magnitudes
+      (:func:`kernel_smoother`): the best a rule that only looks at neighbours in time does without
+      training, the level a model has to pass to have learnt more than local smoothing.
 
     ``hidden_*`` are the same scores over the hidden (masked or randomised) probed values only: the
     probed values that stay visible (a fifth by default) can be copied, the hidden ones must be inferred.
     """
 
-    NAMES = ("model", "baseline", "interp")
+    NAMES = ("model", "baseline", "interp", "smoother")
     SUBSETS = ("probed", "hidden")
 
     def __init__(self):
@@ -306,7 +310,8 @@ class ProbedScore:
         v = visible.double()
         mean_visible = (target * v).sum(1) / v.sum(1).clamp_min(1)
         guesses = {"model": pred, "baseline": mean_visible[:, None].expand_as(target),
-                   "interp": _interpolate_visible(batch["times"].double().cpu(), target, visible, mean_visible)}
+                   "interp": _interpolate_visible(batch["times"].double().cpu(), target, visible, mean_visible),
+                   "smoother": kernel_smoother(batch["times"].double().cpu(), target, visible, mean_visible)}
         for subset, mask in (("probed", probed), ("hidden", hidden)):
             w = mask.double()
             counts = w.sum(1)
@@ -348,6 +353,37 @@ def _interpolate_visible(times: torch.Tensor, target: torch.Tensor, visible: tor
         if keep.any():
             out[row] = np.interp(t[row], t[row][keep], y[row][keep])
     return torch.from_numpy(out)
+
+
+#: bandwidths (days) the smoother baseline chooses from: hours to a season
+SMOOTHER_BANDWIDTHS = (0.25, 1.0, 4.0, 16.0, 64.0)
+#: weight of the window mean in the smoother, in units of one observation at zero distance
+SMOOTHER_SHRINK = 1.0
+
+
+def kernel_smoother(times: torch.Tensor, target: torch.Tensor, visible: torch.Tensor, mean: torch.Tensor,
+                    bandwidths=SMOOTHER_BANDWIDTHS, shrink: float = SMOOTHER_SHRINK) -> torch.Tensor:
+    """Per window, sum_j k(t - t_j) y_j + shrink * mean over sum_j k(t - t_j) + shrink, j over the visible
+    observations, k a Gaussian of bandwidth h; h is chosen per window among ``bandwidths`` by the
+    leave-one-out error over the visible observations (each predicted from the others), so nothing
+    about the probed values is used. [B, L] in, [B, L] out; a window without visible values gets ``mean``."""
+    v = visible.double()                                                       # [B, L]
+    y = target * v
+    dt = times[:, :, None] - times[:, None, :]                                 # [B, L, L]
+    m = mean[:, None]
+    best_err = torch.full_like(mean, float("inf"))
+    out = m.expand_as(target).clone()
+    for h in bandwidths:
+        k = torch.exp(-0.5 * (dt / h) ** 2) * v[:, None, :]                  # visible keys only
+        num = (k * y[:, None, :]).sum(-1)                                      # [B, L]
+        den = k.sum(-1)
+        pred = (num + shrink * m) / (den + shrink)
+        loo = (num - y + shrink * m) / (den - v + shrink)                      # without the point itself
+        err = (((loo - target) ** 2) * v).sum(-1) / v.sum(-1).clamp_min(1)     # [B]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        out = torch.where(better[:, None], pred, out)
+    return out
 
 
 @torch.no_grad()
@@ -654,8 +690,9 @@ class _Loop:
             self.tracker.metrics(result, self.state.step)
             val = result.get("val_rmse")
             if val is not None:
-                log.info("step %d val_rmse %.4f (window mean %.4f, time interpolation %.4f; hidden only %.4f vs "
-                         "%.4f)", self.state.step, val, result["val_baseline_rmse"], result["val_interp_rmse"],
+                log.info("step %d val_rmse %.4f (window mean %.4f, time interpolation %.4f, smoother %.4f; hidden "
+                         "only %.4f vs %.4f)", self.state.step, val, result["val_baseline_rmse"],
+                         result["val_interp_rmse"], result["val_smoother_rmse"],
                          result.get("val_hidden_rmse", float("nan")),
                          result.get("val_hidden_baseline_rmse", float("nan")))
                 if self.state.best_val is None or val < self.state.best_val:
@@ -702,7 +739,8 @@ class _Loop:
             return
         with tempfile.TemporaryDirectory() as tmp:
             history = self.tracker.history("train_loss", "train_rmse", "val_rmse", "val_baseline_rmse",
-                                           "val_interp_rmse", "val_hidden_rmse", "val_hidden_baseline_rmse")
+                                           "val_interp_rmse", "val_smoother_rmse", "val_hidden_rmse",
+                                           "val_hidden_baseline_rmse", "val_hidden_smoother_rmse")
             self.tracker.artifact(learning_curve_png(history, Path(tmp) / "learning_curve.png"), "plots")
             first = next(iter(val_batches()), None)
             if first is not None:
