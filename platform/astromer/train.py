@@ -64,7 +64,7 @@ class TrainConfig:
     window_length: int | None = None        # default: the preset's
     dropout: float | None = None            # default: the preset's
     init_from: str | None = None            # models:/NAME@ALIAS or a model folder (finetuning)
-    time_attention_init: float = 1.0        # fresh models: block 1's query/key = this x identity (0: random)
+    time_attention_init: float = 2.0        # fresh models: block 1's query/key = this x identity (0: random)
     # task
     probed: float = 0.5
     same: float = 0.2
