@@ -448,24 +448,39 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=
 
 # --------------------------------------------------------------------------- plots
 
+#: metric names holding a rule's score rather than the model's: drawn dashed
+REFERENCE_MARKERS = ("baseline", "interp", "smoother")
+
+
 def learning_curve_png(history: dict[str, list[tuple[int, float]]], path: str | os.PathLike,
                        title: str = "learning curve") -> Path:
-    """Plot metric histories {name: [(step, value), ...]} against step (log y)."""
+    """Plot metric histories {name: [(step, value), ...]} against step (log y). Long per-step series
+    (the training loss of small batches jumps by a factor of several) are drawn faint with their running
+    mean on top; the baselines' scores are dashed, so the model's lines stand out against them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, points in sorted(history.items()):
-        if points:
-            steps, values = zip(*sorted(points))
-            ax.plot(steps, values, marker="o" if len(points) < 30 else None, ms=3, label=name)
+        if not points:
+            continue
+        steps, values = (np.asarray(v, dtype=float) for v in zip(*sorted(points)))
+        reference = any(marker in name for marker in REFERENCE_MARKERS)
+        style = dict(ls="--", lw=1.2) if reference else dict(lw=1.6, marker="o" if len(steps) < 30 else None, ms=3)
+        if len(steps) >= 30:
+            width = max(5, len(steps) // 20)
+            (raw,) = ax.plot(steps, values, lw=0.8, alpha=0.25)
+            smooth = np.convolve(values, np.ones(width) / width, mode="valid")
+            ax.plot(steps[width - 1:], smooth, color=raw.get_color(), label=f"{name} (mean of {width})", **style)
+        else:
+            ax.plot(steps, values, label=name, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("probed RMSE (mag)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
