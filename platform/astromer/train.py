@@ -309,9 +309,10 @@ class ProbedScore:
         visible = ~batch["padding"].cpu() & ~probed
         v = visible.double()
         mean_visible = (target * v).sum(1) / v.sum(1).clamp_min(1)
+        times = batch["times"].double().cpu()
         guesses = {"model": pred, "baseline": mean_visible[:, None].expand_as(target),
-                   "interp": _interpolate_visible(batch["times"].double().cpu(), target, visible, mean_visible),
-                   "smoother": kernel_smoother(batch["times"].double().cpu(), target, visible, mean_visible)}
+                   "interp": _interpolate_visible(times, target, visible, mean_visible),
+                   "smoother": kernel_smoother(times, target, visible, mean_visible)}
         for subset, mask in (("probed", probed), ("hidden", hidden)):
             w = mask.double()
             counts = w.sum(1)
@@ -369,13 +370,13 @@ def kernel_smoother(times: torch.Tensor, target: torch.Tensor, visible: torch.Te
     about the probed values is used. [B, L] in, [B, L] out; a window without visible values gets ``mean``."""
     v = visible.double()                                                       # [B, L]
     y = target * v
-    dt = times[:, :, None] - times[:, None, :]                                 # [B, L, L]
+    half_dt2 = -0.5 * (times[:, :, None] - times[:, None, :]) ** 2             # [B, L, L], once for all h
     m = mean[:, None]
     best_err = torch.full_like(mean, float("inf"))
     out = m.expand_as(target).clone()
     for h in bandwidths:
-        k = torch.exp(-0.5 * (dt / h) ** 2) * v[:, None, :]                  # visible keys only
-        num = (k * y[:, None, :]).sum(-1)                                      # [B, L]
+        k = torch.exp(half_dt2 / (h * h)) * v[:, None, :]                     # visible keys only
+        num = torch.bmm(k, y.unsqueeze(-1)).squeeze(-1)                        # [B, L]
         den = k.sum(-1)
         pred = (num + shrink * m) / (den + shrink)
         loo = (num - y + shrink * m) / (den - v + shrink)                      # without the point itself
@@ -448,8 +449,8 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=
 
 # --------------------------------------------------------------------------- plots
 
-#: metric names holding a rule's score rather than the model's: drawn dashed
-REFERENCE_MARKERS = ("baseline", "interp", "smoother")
+#: metric names holding a rule's score rather than the model's (ProbedScore's baselines): drawn dashed
+REFERENCE_MARKERS = tuple(name for name in ProbedScore.NAMES if name != "model")
 
 
 def learning_curve_png(history: dict[str, list[tuple[int, float]]], path: str | os.PathLike,
@@ -467,13 +468,13 @@ def learning_curve_png(history: dict[str, list[tuple[int, float]]], path: str | 
         if not points:
             continue
         steps, values = (np.asarray(v, dtype=float) for v in zip(*sorted(points)))
-        reference = any(marker in name for marker in REFERENCE_MARKERS)
-        style = dict(ls="--", lw=1.2) if reference else dict(lw=1.6, marker="o" if len(steps) < 30 else None, ms=3)
+        style = dict(ls="--", lw=1.2) if any(m in name for m in REFERENCE_MARKERS) else dict(lw=1.6, marker="o", ms=3)
         if len(steps) >= 30:
             width = max(5, len(steps) // 20)
             (raw,) = ax.plot(steps, values, lw=0.8, alpha=0.25)
             smooth = np.convolve(values, np.ones(width) / width, mode="valid")
-            ax.plot(steps[width - 1:], smooth, color=raw.get_color(), label=f"{name} (mean of {width})", **style)
+            ax.plot(steps[width - 1:], smooth, color=raw.get_color(), label=f"{name} (mean of {width})",
+                    **{**style, "marker": None})
         else:
             ax.plot(steps, values, label=name, **style)
     ax.set_xlabel("step")
