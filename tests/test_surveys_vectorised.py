@@ -103,6 +103,27 @@ def test_headed_parse_falls_back_per_member_and_names_the_bad_line():
     assert quarantine == [("bad", "non_numeric", "1 row(s) dropped: line 4: b'1 x 2'")]
 
 
+@pytest.mark.parametrize("with_bad_member", [False, True])
+def test_headed_parse_in_a_given_order_equals_reordering_afterwards(with_bad_member):
+    pairs = [("a", b"#h\n1 2 3\n4 5 6\n"), ("b", b"#h\n7 8 9\n"), ("c", b"#h\n#h2\n10 11 12\n13 14 15\n")]
+    if with_bad_member:                     # one bad row anywhere sends every body through the row parser
+        pairs.append(("d", b"#h\n1 x 2\n16 17 18\n"))
+    members = Members.from_pairs(pairs)
+    keys = [name for name, _ in pairs]
+    order = np.arange(len(pairs))[::-1].copy()
+    plain_quarantine: list = []
+    columns, counts = split_headed(members).parse(keys, 3, quarantine=plain_quarantine)
+    bounds = np.r_[0, np.cumsum(counts)]
+    ordered_quarantine: list = []
+    got, got_counts = split_headed(members).parse(keys, 3, quarantine=ordered_quarantine, order=order)
+    assert got_counts.tolist() == counts[order].tolist()
+    for c in range(3):
+        expected = np.concatenate([columns[c][bounds[i]:bounds[i + 1]] for i in order])
+        assert got[c].tolist() == expected.tolist()
+    assert ordered_quarantine == plain_quarantine == ([("d", "non_numeric", "1 row(s) dropped: line 2: b'1 x 2'")]
+                                                      if with_bad_member else [])
+
+
 def test_macho_identity_fast_path_matches_the_member_by_member_rule():
     raw = bz2.decompress(shared_path("data", "macho_sample", "lc_1.3444.614.tar.bz2").read_bytes())
     real = tar_members(raw)
@@ -122,6 +143,27 @@ def test_macho_identity_fast_path_matches_the_member_by_member_rule():
         assert [list(x) for x in got] == [list(x) for x in expected]
         assert fast.quarantine == slow.quarantine
     assert got[0][-3:] == ["5.12.34", "9.9.9", "8.8.8"] and got[2][-3] == 22.5
+
+
+def test_macho_shard_groups_interleaved_bands_and_keeps_every_curve_whole():
+    pairs = []
+    for path in sorted(shared_path("data", "macho_sample").glob("*.tar.bz2")):
+        pairs += _as_pairs(tar_members(bz2.decompress(path.read_bytes())))
+    pairs.sort(key=lambda p: (p[0].split(".")[-3], p[0]))       # objects in turn, bands interleaved
+    members = Members.from_pairs(pairs)
+    batch = Batch()
+    macho.parse_members(members, [f"k::{n}" for n in members.names], batch)
+    table = batch.to_table(source_sha256="0" * 64, ingest_id="test")
+    bands = table.column("band").to_pylist()
+    assert len(set(bands)) == 2 and bands == sorted(bands)        # grouped by band
+    for row in table.to_pylist():
+        name = row["source_file"].split("::", 1)[1]
+        header, body = split_header(dict(pairs)[name])
+        rows = np.loadtxt(io.BytesIO(body), ndmin=2)
+        rows = rows[np.argsort(rows[:, 0], kind="stable")]
+        assert name.endswith(f".{row['band']}.mjd") and row["n_obs"] == len(rows)
+        assert row["mjd"] == rows[:, 0].tolist()
+        assert row["mag"] == rows[:, 1].astype(np.float32).tolist()
 
 
 def test_vectorised_name_rules_match_the_python_rules():

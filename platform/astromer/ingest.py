@@ -122,9 +122,37 @@ def checksum_task(item: Input, reader_name: str) -> str:
     return digest.hexdigest()
 
 
+_HEAP_STEADY = False
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's allocator keep freed memory for the next task instead of returning it at once.
+
+    A map task allocates and frees buffers of tens of MB per input (the archive, the joined bodies,
+    the parsed columns, the shard). By default glibc maps each such buffer afresh and unmaps it when
+    freed, so every input pays again for the kernel faulting in and zeroing its pages: measured, a
+    sixth of the map's CPU time. Fixing the mmap threshold at 32 MB and trimming the heap only above
+    1 GB keeps those pages in the process for reuse; the resident memory stays at one task's peak per
+    thread, which is what the ingest needs anyway. Once per process; a no-op off glibc."""
+    global _HEAP_STEADY
+    if _HEAP_STEADY:
+        return
+    _HEAP_STEADY = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3        # from glibc's malloc.h
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        pass
+
+
 def map_task(reader_name: str, item: Input, index: int, sha256: str, context: dict, lake_url: str,
              ingest_id: str) -> dict:
     """Parse one input into a shard (+ labels) and write its marker last. Returns the marker."""
+    keep_freed_memory()
     paths = LakePaths(lake_url)
     fs = paths.fs
     run = paths.run(ingest_id)
@@ -177,6 +205,7 @@ def shard_path(run: str, index: int, band: str) -> str:
 
 def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[int], part: int) -> dict:
     """Stream the ``band`` rows of some shards into one staged part file."""
+    keep_freed_memory()
     paths = LakePaths(lake_url)
     fs = paths.fs
     run = paths.run(ingest_id)

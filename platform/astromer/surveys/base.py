@@ -111,10 +111,8 @@ class Batch:
         that a band is a zero-copy slice), observations sorted by time, with quality flags."""
         lengths = np.asarray(self.lengths, dtype=np.int64)
         mjd, mag, err = _concat(self.mjd), _concat(self.mag), _concat(self.err)
-        band_names = sorted(set(self.band))
-        if len(band_names) > 1:
-            codes = np.searchsorted(np.asarray(band_names, dtype=object), np.asarray(self.band, dtype=object))
-            order = np.argsort(codes, kind="stable")
+        order = band_order(self.band)          # None: one band, or a reader grouped them already
+        if order is not None:
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[order]
             lengths = lengths[order]
             new_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -152,6 +150,17 @@ class Batch:
             "ingest_id": pa.array([ingest_id] * n, type=pa.string()),
             "band": pa.array(self.band, type=pa.string()),
         }, schema=schema.SHARD)
+
+
+def band_order(bands: list) -> np.ndarray | None:
+    """Indices that group ``bands`` by name (sorted, stable), or None when they are grouped already."""
+    names = sorted(set(bands))
+    if len(names) < 2:
+        return None
+    codes = np.searchsorted(np.asarray(names, dtype=object), np.asarray(bands, dtype=object))
+    if (np.diff(codes) >= 0).all():
+        return None
+    return np.argsort(codes, kind="stable")
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
@@ -260,12 +269,19 @@ def _parse_rows(body: bytes, ncols: int, delimiter: bytes | None, name: str, qua
     return np.asarray(rows, dtype=np.float64)
 
 
+#: pyarrow CSV block size: a block is the unit its threads share out
+CSV_BLOCK_BYTES = 1 << 24
+
+
 def read_csv_columns(data: bytes, column_names: list[str], *, delimiter: str = ",",
                      header: bool = False, types: dict | None = None) -> pa.Table:
-    """pyarrow's multithreaded CSV parser over a whole buffer (raises on any malformed row)."""
+    """pyarrow's CSV parser over a whole buffer (raises on any malformed row).
+
+    pyarrow parses a block per thread; a buffer of one block gains nothing from its thread pool but
+    the handoffs (and a map task already runs beside others), so only larger buffers use threads."""
     read = pacsv.ReadOptions(column_names=None if header else column_names,
-                             autogenerate_column_names=False, use_threads=True,
-                             block_size=1 << 24)
+                             autogenerate_column_names=False, use_threads=len(data) > CSV_BLOCK_BYTES,
+                             block_size=CSV_BLOCK_BYTES)
     parse = pacsv.ParseOptions(delimiter=delimiter)
     convert = pacsv.ConvertOptions(column_types=types or {})
     return pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
@@ -640,14 +656,15 @@ class HeadedMembers:
         data = self.members.data
         return index, [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
 
-    def joined_bodies(self) -> bytes:
-        """Every body, each ending in a newline, in one buffer (one copy)."""
+    def joined_bodies(self, order: np.ndarray | None = None) -> bytes:
+        """Every body (in ``order`` if given), each ending in a newline, in one buffer (one copy)."""
         view = memoryview(self.members.data)
-        spans = zip(self.body_starts.tolist(), self.body_ends.tolist())
+        pick = slice(None) if order is None else order
+        spans = zip(self.body_starts[pick].tolist(), self.body_ends[pick].tolist())
         if not self.missing_newline.any():
             return b"".join([view[a:b] for a, b in spans])
         pieces = []
-        for (a, b), add in zip(spans, self.missing_newline.tolist()):
+        for (a, b), add in zip(spans, self.missing_newline[pick].tolist()):
             pieces.append(view[a:b])
             if add:
                 pieces.append(b"\n")
@@ -666,17 +683,20 @@ class HeadedMembers:
             lines.append(data[int(starts[at[0]]):int(ends[at[0]])].rstrip(b"\r"))
         return lines
 
-    def parse(self, keys: list[str], ncols: int, *, delimiter: bytes = b" ", quarantine: list | None = None
-              ) -> tuple[list[np.ndarray], np.ndarray]:
+    def parse(self, keys: list[str], ncols: int, *, delimiter: bytes = b" ", quarantine: list | None = None,
+              order: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
         """The bodies as ``ncols`` concatenated float64 columns and the row count of each body: one
         pyarrow parse of all bodies, or (any irregularity anywhere) :func:`parse_numeric` per body,
-        naming bad rows by their line in the file (``keys`` name the members)."""
-        columns = _parse_joined(self.joined_bodies(), int(self.rows.sum()), ncols, delimiter)
+        naming bad rows by their line in the file (``keys`` name the members). With ``order`` (member
+        indices) the bodies come out in that order: a reader that groups its curves by band before
+        parsing saves the shard a reshuffle of every observation."""
+        index = np.arange(len(self.members)) if order is None else np.asarray(order)
+        columns = _parse_joined(self.joined_bodies(order), int(self.rows.sum()), ncols, delimiter)
         if columns is not None:
-            return columns, self.rows.copy()
-        first_lines = (self.header_counts + 1).tolist()
-        return _parse_each([self.body(i) for i in range(len(self.members))], keys, ncols, delimiter,
-                           quarantine, first_lines)
+            return columns, self.rows[index]
+        first_lines = (self.header_counts + 1)[index].tolist()
+        return _parse_each([self.body(i) for i in index.tolist()], [keys[i] for i in index.tolist()], ncols,
+                           delimiter, quarantine, first_lines)
 
 
 def split_headed(members: Members, comment: bytes = b"#") -> HeadedMembers:
@@ -761,7 +781,9 @@ def input_member_block(item: Input, suffix: str) -> tuple[Members, list[str]]:
     if not is_archive(item.url):
         return Members.from_pairs([(item.key, read_bytes(item.url))]), [item.key]
     members = read_members(item.url)
-    members = members.take(np.array([basename(n).lower().endswith(suffix) for n in members.names], dtype=bool))
+    wanted = np.array([n.lower().endswith(suffix) for n in members.names], dtype=bool)
+    if not wanted.all():
+        members = members.take(wanted)
     return members, [f"{item.key}::{name}" for name in members.names]
 
 

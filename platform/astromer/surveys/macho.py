@@ -27,6 +27,7 @@ from astromer.surveys.base import (
     Members,
     Plan,
     add_parsed,
+    band_order,
     input_member_block,
     list_files,
     single_spaced,
@@ -60,7 +61,11 @@ def parse_members(members: Members, keys: list[str], batch: Batch) -> None:
     """Parse MACHO text files (``keys`` name them in provenance and quarantine rows) into ``batch``."""
     headed = split_headed(members)
     object_ids, bands, ras, decs = _identify_all(members, headed, keys, batch)
-    columns, lengths = headed.parse(keys, 3, delimiter=b" ", quarantine=batch.quarantine)
+    order = band_order(bands)      # parse grouped by band: the order of the shard's rows
+    columns, lengths = headed.parse(keys, 3, delimiter=b" ", quarantine=batch.quarantine, order=order)
+    if order is not None:
+        object_ids, bands, ras, decs, keys = ([values[i] for i in order.tolist()]
+                                              for values in (object_ids, bands, ras, decs, keys))
     add_parsed(batch, object_ids, bands, columns, lengths, keys, ras, decs)
 
 
@@ -83,6 +88,8 @@ def _identify_all(members, headed, keys, batch):
         field_, tile, seq, ra_hours, dec_deg, filt = fields
         ra_deg = (np.asarray(ra_hours) * 15.0).tolist()
         dec_deg = np.asarray(dec_deg).tolist()
+        if len(index) == n and ok_name.all():       # the regular case: every member named and headed
+            return objects, band_names, ra_deg, dec_deg
         for j, i in enumerate(index.tolist()):
             if ok_name[i]:
                 object_ids[i], bands[i] = objects[i], band_names[i]
