@@ -284,10 +284,7 @@ def read_csv_columns(data: bytes, column_names: list[str], *, delimiter: str = "
                              block_size=CSV_BLOCK_BYTES)
     parse = pacsv.ParseOptions(delimiter=delimiter)
     convert = pacsv.ConvertOptions(column_types=types or {})
-    # the system allocator: with :func:`astromer.ingest.keep_freed_memory` its freed pages serve the next
-    # parse (pyarrow's own pool hands them back to the kernel within milliseconds)
-    return pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert,
-                          memory_pool=pa.system_memory_pool())
+    return pacsv.read_csv(io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert)
 
 
 # ---------------------------------------------------------------------------------------------------
