@@ -266,7 +266,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-double", action="store_true", help="skip the doubled survey (memory check)")
     parser.add_argument("--generate-only", action="store_true", help="write the tar files and stop")
     args = parser.parse_args(argv)
+    from astromer.ingest import keep_freed_memory
 
+    keep_freed_memory()     # as the ingest command does, before any thread starts
     work = Path(args.workdir)
     sizes = [args.objects] if args.no_double else [args.objects, 2 * args.objects]
     folders = {}
