@@ -166,6 +166,20 @@ def test_macho_shard_groups_interleaved_bands_and_keeps_every_curve_whole():
         assert row["mag"] == rows[:, 1].astype(np.float32).tolist()
 
 
+def test_macho_member_names_split_like_the_file_name_rule():
+    names = ["lc_1.3444.614.R.mjd", "dir/sub/lc_1.2.3.B.mjd.gz", "lc_a.R.mjd.bz2", "lc_.R.mjd", "lc_a..mjd",
+             "lc_a.mjd", "lc_noband.mjd", "xlc_a.R.mjd", "lc_a.R.mjd\n", "lc_a b.R.mjd", "a/lc_b/c.R.mjd",
+             "lc_a.R.dat", "lc_a.R.mjd.gz.gz", "lc_x.y.z.mjd"]
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        for suffix in (".gz", ".bz2"):
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+                break
+        match = macho._NAME.match(base)
+        assert macho._object_and_band(name) == ((match["object"], match["band"]) if match else None), name
+
+
 def test_vectorised_name_rules_match_the_python_rules():
     objects = ["1.3444.614", "OGLE-LMC-CEP-0001", "a/b", "..", "a..b", "", "x" * 129, "x" * 128, "abc\n",
                "-lead", "ok:+", "é", None, "a b"]
