@@ -17,6 +17,7 @@ from astromer.surveys.base import (
     Batch,
     Members,
     _tar_members_walk,
+    band_order,
     split_headed,
     split_header,
     tar_members,
@@ -164,6 +165,12 @@ def test_macho_shard_groups_interleaved_bands_and_keeps_every_curve_whole():
         assert name.endswith(f".{row['band']}.mjd") and row["n_obs"] == len(rows)
         assert row["mjd"] == rows[:, 0].tolist()
         assert row["mag"] == rows[:, 1].astype(np.float32).tolist()
+
+
+def test_band_order_groups_stably_and_only_when_needed():
+    assert band_order(["R", "R"]) is None and band_order(["B", "B", "R"]) is None      # one band / grouped
+    assert band_order(["R", "B", "R", "B", "V"]).tolist() == [1, 3, 0, 2, 4]
+    assert band_order(["R", None, "B"]) is None                  # not names: left to the name checks
 
 
 def test_macho_member_names_split_like_the_file_name_rule():

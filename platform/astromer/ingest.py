@@ -134,7 +134,7 @@ def keep_freed_memory() -> None:
     30% of the map's CPU time. Fixing the mmap threshold at 32 MB and trimming the heap only above
     1 GB keeps those pages in the process for reuse. At most two heaps (arenas): with one per thread,
     each thread keeps its own high-water mark and the peak memory grew with the survey (x1.08-1.16
-    when it doubled, against x1.04-1.05 with two). glibc fixes its arena limit when a second thread
+    when it doubled, against x1.02-1.06 with two). glibc fixes its arena limit when a second thread
     first allocates, so the ``ingest`` command and the benchmark call this before anything starts a
     thread; :func:`run_ingest` and the tasks call it too (the thresholds still apply). Once per
     process; a no-op off glibc."""

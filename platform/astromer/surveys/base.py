@@ -153,10 +153,12 @@ class Batch:
 
 
 def band_order(bands: list) -> np.ndarray | None:
-    """Indices that group ``bands`` by name (sorted, stable), or None when they are grouped already."""
-    names = sorted(set(bands))
-    if len(names) < 2:
+    """Indices that group ``bands`` by name (sorted, stable), or None when they are grouped already (or
+    hold something other than names, which the name checks reject later)."""
+    names = set(bands)
+    if len(names) < 2 or not all(isinstance(b, str) for b in names):
         return None
+    names = sorted(names)
     codes = np.searchsorted(np.asarray(names, dtype=object), np.asarray(bands, dtype=object))
     if (np.diff(codes) >= 0).all():
         return None
