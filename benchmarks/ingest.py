@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from astromer.ingest import keep_freed_memory
 
-    keep_freed_memory()     # as the ingest command does, before any thread starts
+    keep_freed_memory()     # before the memory sampler and pyarrow start threads (see its docstring)
     work = Path(args.workdir)
     sizes = [args.objects] if args.no_double else [args.objects, 2 * args.objects]
     folders = {}

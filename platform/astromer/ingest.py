@@ -135,9 +135,9 @@ def keep_freed_memory() -> None:
     1 GB keeps those pages in the process for reuse. At most two heaps (arenas): with one per thread,
     each thread keeps its own high-water mark and the peak memory grew with the survey (x1.08-1.16
     when it doubled, against x1.02-1.06 with two). glibc fixes its arena limit when a second thread
-    first allocates, so the ``ingest`` command and the benchmark call this before anything starts a
-    thread; :func:`run_ingest` and the tasks call it too (the thresholds still apply). Once per
-    process; a no-op off glibc."""
+    first allocates, so :func:`run_ingest` calls this before it starts the local cluster (a caller
+    that starts threads of its own first, as the benchmark's memory sampler does, calls it earlier);
+    the tasks call it for worker processes. Once per process; a no-op off glibc."""
     global _HEAP_STEADY
     if _HEAP_STEADY:
         return

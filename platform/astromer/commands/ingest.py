@@ -48,9 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from astromer.ingest import DEFAULT_PART_BYTES, keep_freed_memory, run_ingest
+    from astromer.ingest import DEFAULT_PART_BYTES, run_ingest
 
-    keep_freed_memory()     # before any thread starts (see its docstring)
     options = {}
     if args.columns:
         options["columns"] = args.columns

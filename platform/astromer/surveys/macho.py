@@ -13,7 +13,6 @@ member-by-member path remains for whatever the fast one does not accept.
 from __future__ import annotations
 
 import io
-import re
 
 import numpy as np
 import pyarrow as pa
@@ -32,8 +31,6 @@ from astromer.surveys.base import (
     single_spaced,
     split_headed,
 )
-
-_NAME = re.compile(r"^lc_(?P<object>.+)\.(?P<band>[^.]+)\.mjd\Z")
 
 
 class MachoReader:
@@ -76,7 +73,7 @@ def _identify_all(members, headed, keys, batch):
     index, lines = headed.header_line(1)
     fields = _header_fields(lines)
     if fields is not None and n:
-        split = [_object_and_band(name) for name in members.names]
+        split = [_object_and_band(_uncompressed_basename(name)) for name in members.names]
         ok_name = np.array([pair is not None for pair in split], dtype=bool)
         objects = [pair[0] if pair else None for pair in split]
         band_names = [pair[1] if pair else None for pair in split]
@@ -93,23 +90,27 @@ def _identify_all(members, headed, keys, batch):
             ras[i], decs[i] = ra_deg[j], dec_deg[j]
             slow[i] = False
     for i in np.flatnonzero(slow).tolist():
-        object_ids[i], bands[i], ras[i], decs[i] = _identify(members.names[i].rsplit("/", 1)[-1],
+        object_ids[i], bands[i], ras[i], decs[i] = _identify(members.names[i],
                                                              headed.header_of(i), keys[i], batch)
     return object_ids, bands, ras, decs
 
 
-def _object_and_band(name: str) -> tuple[str, str] | None:
-    """``(object, band)`` of a member named ``[folders/]lc_<object>.<band>.mjd[.gz|.bz2]``, else None:
-    the rule of :data:`_NAME` with string methods (a regular expression costs several times more
-    over the many thousand names of an archive)."""
+def _uncompressed_basename(name: str) -> str:
+    """A member's file name without its folders and a ``.gz``/``.bz2`` suffix."""
     base = name.rsplit("/", 1)[-1]
     for suffix in (".gz", ".bz2"):
         if base.endswith(suffix):
             base = base[: -len(suffix)]
-            break
-    if not (base.startswith("lc_") and base.endswith(".mjd")):
+    return base
+
+
+def _object_and_band(filename: str) -> tuple[str, str] | None:
+    """``(object, band)`` of a file named ``lc_<object>.<band>.mjd`` (see
+    :func:`_uncompressed_basename`), else None. String methods, not a regular expression: that costs
+    several times more over the many thousand names of an archive."""
+    if not (filename.startswith("lc_") and filename.endswith(".mjd")):
         return None
-    obj, dot, band = base[3:-4].rpartition(".")
+    obj, dot, band = filename[3:-4].rpartition(".")
     return (obj, band) if dot and obj and band else None
 
 
@@ -140,13 +141,11 @@ def _header_fields(lines: list[bytes]):
             table.column("ra").to_numpy(), table.column("dec").to_numpy(), table.column("filter").to_pylist())
 
 
-def _identify(filename: str, header: list[bytes], source_file: str, batch: Batch):
+def _identify(name: str, header: list[bytes], source_file: str, batch: Batch):
     """Object id and band from the file name, RA/Dec (degrees) from the header when readable."""
-    for suffix in (".gz", ".bz2"):
-        if filename.endswith(suffix):
-            filename = filename[: -len(suffix)]
-    match = _NAME.match(filename)
-    object_id, band = (match["object"], match["band"]) if match else (filename.rsplit(".", 1)[0], "unknown")
+    filename = _uncompressed_basename(name)
+    match = _object_and_band(filename)
+    object_id, band = match if match else (filename.rsplit(".", 1)[0], "unknown")
     ra = dec = None
     values = header[1].lstrip(b"#").split() if len(header) >= 2 else []
     try:
