@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import duckdb
 import numpy as np
 import pyarrow.dataset as ds
 
 from astromer.lake.cleaning import CleaningStats, clean_curve
 from astromer.lake.paths import LakePaths, validate_band, validate_survey
+
+if TYPE_CHECKING:
+    import duckdb
 
 _HIVE = "hive_partitioning = true, hive_types_autocast = false, union_by_name = true"
 
@@ -29,6 +32,8 @@ def connect(lake: str | LakePaths, database: str = ":memory:", *, sandbox: bool 
     ``sandbox=True`` (what ``astromer lake query`` uses for SQL typed by users): on a local lake,
     DuckDB may then read only below the lake root, may not write files, and the setting is locked.
     """
+    import duckdb  # here, not at the top: Ray Data workers import the lake package and never query
+
     paths = lake if isinstance(lake, LakePaths) else LakePaths(lake)
     con = duckdb.connect(database)
     if not paths.is_local:
