@@ -106,6 +106,33 @@ def test_partition_selection(small_lake):
         LakePaths(str(small_lake)).lightcurves("../x")
 
 
+def test_read_lightcurves_reads_every_row_group_once(ray_local, small_lake, tmp_path):
+    from astromer.data import read_lightcurves, row_groups
+
+    spec = DataSpec(lake=str(small_lake))
+    units = row_groups(spec)
+    # one read unit per row group (row_group_size=50: 150 curves -> 3, 30 -> 1), survey and band from the folder
+    assert sorted((u["band"], u["row_group"]) for u in units) == [("B", 0), ("V", 0), ("V", 1), ("V", 2)]
+    assert {u["survey"] for u in units} == {"synthetic"}
+    ds = read_lightcurves(spec)
+    got = {(r["band"], r["object_id"]): r for r in ds.take_all()}
+    want = pa.concat_tables([pq.read_table(f) for f in sorted((small_lake / "lightcurves").rglob("*.parquet"))])
+    assert len(got) == want.num_rows == 180
+    for row in want.slice(0, 200).to_pylist():
+        band = "V" if row["object_id"].startswith("SYN-0-") else "B"
+        mine = got[(band, row["object_id"])]
+        assert mine["survey"] == "synthetic"
+        np.testing.assert_array_equal(mine["mjd"], row["mjd"])
+        np.testing.assert_array_equal(mine["quality"], row["quality"])
+    assert ds.materialize().num_blocks() == len(units)   # the stream can use one core per row group
+    # a selection names its partitions; an empty selection fails clearly
+    assert {u["band"] for u in row_groups(DataSpec(lake=str(small_lake), bands=["B"]))} == {"B"}
+    empty = tmp_path / "empty"
+    Path(LakePaths(str(empty)).lightcurves("synthetic", "V")).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no lightcurves files"):
+        row_groups(DataSpec(lake=str(empty)))
+
+
 def _collect(ds) -> dict[str, np.ndarray]:
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

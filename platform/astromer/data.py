@@ -118,22 +118,67 @@ def quiet_progress() -> None:
     ctx.print_on_execution_start = False
 
 
-def read_lightcurves(spec: DataSpec):
-    """A lazy Ray Dataset of the selected curves with columns object_id, mjd, mag, err, quality, survey, band."""
-    import ray.data
+def row_groups(spec: DataSpec) -> list[dict]:
+    """The read units of the selection: one per Parquet row group of every ``lightcurves`` file, with the
+    survey and band of its partition folder. Only the files' footers are read, once, here."""
+    import pyarrow.parquet as pq
 
     from astromer.lake.paths import LakePaths
 
+    paths = LakePaths(spec.lake)
+    units = []
+    for folder in partition_paths(spec.lake, spec.surveys, spec.bands):
+        survey, band = (part.split("=", 1)[1] for part in folder.rstrip("/").rsplit("/", 2)[-2:])
+        for file in sorted(paths.fs.glob(paths.lightcurves(survey, band) + "/*.parquet")):
+            with paths.fs.open(file, "rb") as handle:
+                count = pq.ParquetFile(handle).metadata.num_row_groups
+            units += [{"url": paths.url_of(file), "row_group": g, "survey": survey, "band": band}
+                      for g in range(count)]
+    if not units:
+        raise FileNotFoundError(f"{spec.lake}: no lightcurves files for surveys={spec.surveys} bands={spec.bands}")
+    return units
+
+
+def read_row_group(unit: dict):
+    """One read unit as an Arrow table of READ_COLUMNS plus survey and band (the body of the read tasks)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    url = str(unit["url"])
+    with fsspec.open(url, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        present = [c for c in READ_COLUMNS if c in parquet.schema_arrow.names]
+        table = parquet.read_row_group(int(unit["row_group"]), columns=present)
+    if "quality" not in present:      # a lake written without flags: the cleaning computes them
+        table = table.append_column("quality", pa.nulls(table.num_rows, pa.list_(pa.uint8())))
+    for name in ("survey", "band"):
+        table = table.append_column(name, pa.array([str(unit[name])] * table.num_rows, pa.string()))
+    return table.select(READ_COLUMNS + ["survey", "band"])
+
+
+def read_lightcurves(spec: DataSpec):
+    """A lazy Ray Dataset of the selected curves with columns object_id, mjd, mag, err, quality, survey, band.
+
+    One read task per Parquet row group (about two thousand curves), listed in the driver from the files'
+    footers. Ray Data's own Parquet reader packs row groups into 128 MiB read units, so a lake of a few
+    files was read, cleaned and windowed by one task at a time and the stream could not use more cores;
+    it also lists the folders again on every pass (every epoch)."""
+    import ray.data
+
     quiet_progress()
-    base = LakePaths(spec.lake)
-    ds = ray.data.read_parquet(
-        partition_paths(spec.lake, spec.surveys, spec.bands),
-        partitioning=ray.data.datasource.Partitioning("hive", base_dir=base.url_of(base.lightcurves())),
-        num_cpus=spec.data_cpus,
-    ).select_columns(READ_COLUMNS + ["survey", "band"])
+    units = row_groups(spec)
+    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        _read_units, batch_size=1, batch_format="pyarrow", num_cpus=spec.data_cpus)
     if spec.label_set:
         ds = _join_labels(ds, spec)
     return ds
+
+
+def _read_units(batch):
+    import pyarrow as pa
+
+    return pa.concat_tables([read_row_group(unit) for unit in batch.to_pylist()])
 
 
 def _join_labels(ds, spec: DataSpec):
