@@ -160,10 +160,10 @@ def read_row_group(unit: dict):
 def read_lightcurves(spec: DataSpec):
     """A lazy Ray Dataset of the selected curves with columns object_id, mjd, mag, err, quality, survey, band.
 
-    One read task per Parquet row group (about two thousand curves), listed in the driver from the files'
-    footers. Ray Data's own Parquet reader packs row groups into 128 MiB read units, so a lake of a few
-    files was read, cleaned and windowed by one task at a time and the stream could not use more cores;
-    it also lists the folders again on every pass (every epoch)."""
+    One read task per Parquet row group (about two thousand curves), listed once in the driver from the
+    files' footers; the cleaning and windowing run in the same task, so the stream uses as many cores as the
+    selection has row groups. Ray Data's own Parquet reader packs row groups into 128 MiB read units (a
+    whole small lake becomes one task) and lists the folders again on every pass."""
     import ray.data
 
     quiet_progress()
