@@ -124,7 +124,7 @@ def test_read_lightcurves_reads_every_row_group_once(ray_local, small_lake, tmp_
         assert mine["survey"] == "synthetic"
         np.testing.assert_array_equal(mine["mjd"], row["mjd"])
         np.testing.assert_array_equal(mine["quality"], row["quality"])
-    assert ds.materialize().num_blocks() == len(units)   # the stream can use one core per row group
+    assert ds.materialize().num_blocks() == len(units)   # one block per row group: the windows stream
     # a selection names its partitions; an empty selection fails clearly
     assert {u["band"] for u in row_groups(DataSpec(lake=str(small_lake), bands=["B"]))} == {"B"}
     empty = tmp_path / "empty"

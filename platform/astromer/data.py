@@ -160,10 +160,13 @@ def read_row_group(unit: dict):
 def read_lightcurves(spec: DataSpec):
     """A lazy Ray Dataset of the selected curves with columns object_id, mjd, mag, err, quality, survey, band.
 
-    One read task per Parquet row group (about two thousand curves), listed once in the driver from the
-    files' footers; the cleaning and windowing run in the same task, so the stream uses as many cores as the
-    selection has row groups. Ray Data's own Parquet reader packs row groups into 128 MiB read units (a
-    whole small lake becomes one task) and lists the folders again on every pass."""
+    The read units are the Parquet row groups (about two thousand curves each), listed once in the driver
+    from the files' footers. Ray Data fuses the read with the cleaning and windowing that follow and gives
+    each task as many units as the window map's batch size (256): a task streams through its row groups one
+    at a time, so it holds one row group, and only a lake of more row groups runs several tasks. Finer tasks
+    were slower on 2 cores (4 row groups per task: 3,200 windows/s against 4,700 on 224 row groups).
+    Ray Data's own Parquet reader lists the folders again on every pass and hands the windowing whole
+    128 MiB blocks, after the read of each has finished."""
     import ray.data
 
     quiet_progress()
