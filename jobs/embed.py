@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs reserved per actor")
     parser.add_argument("--threads", type=int, help="torch threads per actor (default: cores / actors)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU inference)")
+    parser.add_argument("--precision", choices=("bf16", "float32"), default="bf16",
+                        help="on GPUs: bf16 autocast (faster) or float32 (matches the CPU and the official "
+                             "outputs; bf16 put Astromer 1 5%% off them)")
     parser.add_argument("--curves-per-batch", type=int, default=128, help="curves per Ray Data batch")
     parser.add_argument("--batch-size", type=int, default=256, help="windows per model forward")
     parser.add_argument("--no-clean", dest="clean", action="store_false",
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         report = embed_survey(lake, args.model, survey, args.bands, name=args.name, batch_size=args.batch_size,
                               curves_per_batch=args.curves_per_batch, actors=args.actors,
                               cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-                              threads=args.threads,
+                              threads=args.threads, precision=args.precision,
                               clean=args.clean, detail_objects=args.detail_objects)
         summary = {k: v for k, v in report.items() if k != "bands"}
         summary["bands"] = {b: {k: (len(v) if k == "skipped" else v) for k, v in info.items()}

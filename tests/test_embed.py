@@ -91,6 +91,7 @@ def test_embed_job_writes_rows_replaces_on_rerun_and_writes_detail(ray_local, sm
     report = emb.embed_survey(lake, model_dir, SURVEY, name="tiny", curves_per_batch=5,
                               detail_objects=["twin-a"])
     assert len(curves) == 26 and report["rows"] == 24
+    assert report["device"] == "cpu" and report["precision"] == "float32"   # bf16 applies on GPUs only
     for band in ("g", "r"):
         (skipped,) = report["bands"][band]["skipped"]
         assert skipped["object_id"] == "bad-0" and "no usable observation" in skipped["reason"]
@@ -148,6 +149,14 @@ def test_embed_job_rejects_unknown_survey_and_band(small_lake):
         emb.embed_survey(lake, model_dir, "macho")
     with pytest.raises(FileNotFoundError, match=r"no band\(s\) \['z'\]"):
         emb.embed_survey(lake, model_dir, SURVEY, bands=["z"])
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        emb.embed_survey(lake, model_dir, SURVEY, precision="fp16")
+
+
+def test_embedder_precision_reaches_the_model(small_lake, tmp_path):
+    _, model_dir, _, _ = small_lake
+    assert emb.CurveEmbedder(model_dir, str(tmp_path), device="cpu").model.bf16_on_cuda
+    assert not emb.CurveEmbedder(model_dir, str(tmp_path), device="cpu", precision="float32").model.bf16_on_cuda
 
 
 def _write_embeddings(lake, model, version, survey, ids, vectors, band="V"):
