@@ -41,17 +41,12 @@ def bench_loop(config: dict) -> None:
     torch.manual_seed(0)
     device = ray.train.torch.get_device()
     model = build_model(cfg).to(device)
-    if cfg.compile:
-        model.compile_encoder()
     optimizer, scheduler = make_optimizer(model, cfg)
     world = ray.train.get_context().get_world_size()
     ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     if config["source"] == "memory":
         spec = DataSpec(lake="", window_length=model.config.window_length, mask=cfg.mask)
-        rng = np.random.default_rng(ray.train.get_context().get_world_rank())
-        curves = _memory_curves(cfg.batch_size * 4, rng)
-        pool = [{k: torch.as_tensor(v).to(device) for k, v in
-                 numpy_windows(curves[i::4], spec, rng).items()} for i in range(4)]
+        pool = _memory_batches(cfg.batch_size, spec, ray.train.get_context().get_world_rank(), device)
 
         def batches():
             while True:
@@ -75,6 +70,14 @@ def bench_loop(config: dict) -> None:
     if ray.train.get_context().get_world_rank() == 0:   # Ray Train keeps metrics only with checkpoints
         with open(config["out"], "w") as fh:
             json.dump({"windows_per_s": config["steps"] * cfg.batch_size * world / elapsed}, fh)
+
+
+def _memory_batches(batch_size: int, spec: DataSpec, seed: int, device, count: int = 4) -> list[dict]:
+    """``count`` masked training batches of synthetic curves on ``device`` (several, so that no cache of one
+    batch flatters the rate)."""
+    rng = np.random.default_rng(seed)
+    return [{k: torch.as_tensor(v).to(device) for k, v in
+             numpy_windows(_memory_curves(batch_size, rng), spec, rng).items()} for _ in range(count)]
 
 
 def _memory_curves(n: int, rng: np.random.Generator) -> list:
@@ -142,17 +145,13 @@ def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
 
 
 def gpu_memory_rate(args, spec: DataSpec, compile_encoder: bool) -> float:
-    """bf16 training windows/s on one GPU from in-memory batches (several, so no cache flatters it)."""
+    """bf16 training windows/s on one GPU from in-memory batches."""
     cfg = TrainConfig(preset=args.preset, batch_size=args.gpu_batch_size, warmup_steps=0, use_gpu=True,
                       compile=compile_encoder)
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
-    if compile_encoder:
-        model.compile_encoder()
     optimizer, scheduler = make_optimizer(model, cfg)
-    rng = np.random.default_rng(0)
-    pool = [{k: torch.as_tensor(v).cuda() for k, v in
-             numpy_windows(_memory_curves(args.gpu_batch_size, rng), spec, rng).items()} for _ in range(4)]
+    pool = _memory_batches(args.gpu_batch_size, spec, 0, "cuda")
     for step in range(WARMUP_STEPS + 2):          # the first steps compile (torch.compile) and tune kernels
         train_step(model, pool[step % 4], optimizer, scheduler, cfg, step=step + 1)
     torch.cuda.synchronize()

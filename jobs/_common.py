@@ -87,18 +87,9 @@ def complete(config: TrainConfig, prefix: str = "pretrain") -> TrainConfig:
 
 def count_curves(config: TrainConfig) -> int:
     """Number of light curves in the selection, from Parquet footers."""
-    import pyarrow.parquet as pq
-    from astromer.data import partition_paths
-    from astromer.lake.paths import LakePaths
+    from astromer.data import row_groups
 
-    paths = LakePaths(str(config.lake))
-    total = 0
-    for folder in partition_paths(str(config.lake), config.surveys, config.bands):
-        for name in paths.fs.find(folder):
-            if name.endswith(".parquet"):
-                with paths.fs.open(name, "rb") as fh:
-                    total += pq.ParquetFile(fh).metadata.num_rows
-    return total
+    return sum(unit["rows"] for unit in row_groups(config.data_spec()))
 
 
 def init_ray(config: TrainConfig) -> None:

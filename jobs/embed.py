@@ -21,6 +21,8 @@ from astromer import settings
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from astromer.embeddings import PRECISIONS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a model folder")
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs reserved per actor")
     parser.add_argument("--threads", type=int, help="torch threads per actor (default: cores / actors)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU inference)")
-    parser.add_argument("--precision", choices=("bf16", "float32"), default="bf16",
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
                         help="on GPUs: bf16 autocast (faster) or float32 (matches the CPU and the official "
                              "outputs; bf16 put Astromer 1 5%% off them)")
     parser.add_argument("--curves-per-batch", type=int, default=128, help="curves per Ray Data batch")

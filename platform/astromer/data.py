@@ -78,8 +78,8 @@ def split_of(survey: str, band: str, object_id: str, *, val_fraction: float, tes
 
 # --------------------------------------------------------------------------- read
 
-def partition_paths(lake: str, surveys: list[str] | None = None, bands: list[str] | None = None) -> list[str]:
-    """The existing ``lightcurves/survey=S/band=B`` folders for the selection (names validated)."""
+def partitions(lake: str, surveys: list[str] | None = None, bands: list[str] | None = None) -> list[tuple[str, str]]:
+    """(survey, band) of the existing ``lightcurves/survey=S/band=B`` folders for the selection."""
     from astromer.lake.paths import LakePaths
 
     paths = LakePaths(lake)
@@ -102,11 +102,19 @@ def partition_paths(lake: str, surveys: list[str] | None = None, bands: list[str
                 continue
             if wanted_bands is not None and bname.split("=", 1)[1] not in wanted_bands:
                 continue
-            out.append(paths.url_of(paths.lightcurves(survey, bname.split("=", 1)[1])))
+            out.append((survey, bname.split("=", 1)[1]))
     if not out:
         raise FileNotFoundError(f"{lake}: no lightcurves for surveys={surveys} bands={bands} "
                                 f"(found under {root}: {sorted(paths.fs.ls(root, detail=False))})")
     return out
+
+
+def partition_paths(lake: str, surveys: list[str] | None = None, bands: list[str] | None = None) -> list[str]:
+    """The existing ``lightcurves/survey=S/band=B`` folders for the selection (names validated), as URLs."""
+    from astromer.lake.paths import LakePaths
+
+    paths = LakePaths(lake)
+    return [paths.url_of(paths.lightcurves(survey, band)) for survey, band in partitions(lake, surveys, bands)]
 
 
 def quiet_progress() -> None:
@@ -120,20 +128,20 @@ def quiet_progress() -> None:
 
 def row_groups(spec: DataSpec) -> list[dict]:
     """The read units of the selection: one per Parquet row group of every ``lightcurves`` file, with the
-    survey and band of its partition folder. Only the files' footers are read, once, here."""
+    survey and band of its partition folder and its number of curves (``rows``). Only the files' footers
+    are read, once, here."""
     import pyarrow.parquet as pq
 
     from astromer.lake.paths import LakePaths
 
     paths = LakePaths(spec.lake)
     units = []
-    for folder in partition_paths(spec.lake, spec.surveys, spec.bands):
-        survey, band = (part.split("=", 1)[1] for part in folder.rstrip("/").rsplit("/", 2)[-2:])
+    for survey, band in partitions(spec.lake, spec.surveys, spec.bands):
         for file in sorted(paths.fs.glob(paths.lightcurves(survey, band) + "/*.parquet")):
             with paths.fs.open(file, "rb") as handle:
-                count = pq.ParquetFile(handle).metadata.num_row_groups
-            units += [{"url": paths.url_of(file), "row_group": g, "survey": survey, "band": band}
-                      for g in range(count)]
+                meta = pq.ParquetFile(handle).metadata
+            units += [{"url": paths.url_of(file), "row_group": g, "rows": meta.row_group(g).num_rows,
+                       "survey": survey, "band": band} for g in range(meta.num_row_groups)]
     if not units:
         raise FileNotFoundError(f"{spec.lake}: no lightcurves files for surveys={spec.surveys} bands={spec.bands}")
     return units

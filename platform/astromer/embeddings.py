@@ -279,9 +279,9 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, include_dashboard=False, configure_logging=False,
                  log_to_driver=False)
-    report = {"model": ref.name, "version": ref.version, "survey": survey, "bands": {},
-              "device": "cuda" if gpus_per_actor > 0 else "cpu",
-              "precision": precision if gpus_per_actor > 0 else "float32"}
+    device = "cuda" if gpus_per_actor > 0 else "cpu"
+    report = {"model": ref.name, "version": ref.version, "survey": survey, "bands": {}, "device": device,
+              "precision": precision if device == "cuda" else "float32"}
     try:
         # map: one Ray Data pipeline over the chosen bands (the band comes from each file's partition folder)
         sources = [paths.url_of(paths.lightcurves(survey, band)) for band in bands]
@@ -294,7 +294,7 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
             fn_constructor_kwargs=dict(model_dir=str(ref.model_dir), skipped_dir=paths.url_of(skipped_dir),
                                        batch_size=batch_size, clean=clean,
                                        threads=threads or max(1, (os.cpu_count() or 1) // max(1, actors)),
-                                       device="cuda" if gpus_per_actor > 0 else "cpu", precision=precision),
+                                       device=device, precision=precision),
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor or None)
         ds.write_parquet(paths.url_of(out), min_rows_per_file=50_000, compression=EMBEDDING_COMPRESSION)

@@ -189,7 +189,8 @@ def _init_config(init_from: str, tracking_uri: str | None = None) -> ModelConfig
 # --------------------------------------------------------------------------- model, optimiser, schedule
 
 def build_model(config: TrainConfig):
-    """A fresh model of the preset, or the model at ``config.init_from`` (registry URI or folder)."""
+    """A fresh model of the preset, or the model at ``config.init_from`` (registry URI or folder); its
+    encoder goes through torch.compile when ``config.compile``."""
     from astromer.model import Astromer
 
     if config.init_from:
@@ -202,13 +203,13 @@ def build_model(config: TrainConfig):
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = float(config.dropout)
-        return model
-    model = Astromer(config.model_config())
-    if config.time_attention_init:
-        from astromer.model import init_time_attention
+    else:
+        model = Astromer(config.model_config())
+        if config.time_attention_init:
+            from astromer.model import init_time_attention
 
-        init_time_attention(model.encoder, config.time_attention_init)
-    return model
+            init_time_attention(model.encoder, config.time_attention_init)
+    return model.compile_encoder() if config.compile else model
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig):
@@ -588,8 +589,6 @@ def worker_loop(config_dict: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(config).to(device)
-    if config.compile:
-        model.compile_encoder()
     optimizer, scheduler = make_optimizer(model, config)
     state = TrainState(mlflow_run_id=config.mlflow_run_id)
     checkpoint = ray.train.get_checkpoint()
