@@ -604,10 +604,30 @@ def parse_bodies(bodies: list[bytes], names: list[str], ncols: int, *, delimiter
     return _parse_each(bodies, names, ncols, delimiter, quarantine, first_lines)
 
 
+def compiled_text_parser():
+    """The compiled text helpers (``_textrows.c``), or None where they were not built or where
+    ``ASTROMER_COMPILED_TEXT=0`` asks for the numpy and pyarrow paths only (benchmarks, comparisons)."""
+    if os.environ.get("ASTROMER_COMPILED_TEXT", "1") == "0":
+        return None
+    try:
+        from astromer.surveys import _textrows
+    except ImportError:
+        return None
+    return _textrows
+
+
 def _parse_joined(text: bytes, rows: int, ncols: int, delimiter: bytes) -> list[np.ndarray] | None:
-    """``ncols`` float64 columns of ``text`` if pyarrow parses exactly ``rows`` rows of it, else None."""
+    """``ncols`` float64 columns of ``text`` if it parses as exactly ``rows`` rows, else None.
+
+    The compiled parser (when built) takes strictly regular text; whatever it declines goes to
+    pyarrow's parser, which accepts more (nan, inf, ...) and gives the same values on what both take."""
     if not rows:
         return None
+    compiled = compiled_text_parser()
+    if compiled is not None and len(delimiter) == 1:
+        out = np.empty((ncols, rows))
+        if compiled.parse_rows(text, out, ncols, delimiter.decode("latin-1")):
+            return list(out)
     names = [f"c{i}" for i in range(ncols)]
     try:
         table = read_csv_columns(text, names, delimiter=delimiter.decode(), types={c: pa.float64() for c in names})
@@ -685,6 +705,19 @@ class HeadedMembers:
             lines.append(data[int(starts[at[0]]):int(ends[at[0]])].rstrip(b"\r"))
         return lines
 
+    def _parse_in_place(self, index: np.ndarray, ncols: int, delimiter: bytes) -> list[np.ndarray] | None:
+        """The compiled parser over the bodies where they lie (no joined copy), or None."""
+        compiled = compiled_text_parser()
+        rows = int(self.rows.sum())
+        if compiled is None or not rows or len(delimiter) != 1:
+            return None
+        out = np.empty((ncols, rows))
+        starts = np.ascontiguousarray(self.body_starts[index], dtype=np.int64)
+        ends = np.ascontiguousarray(self.body_ends[index], dtype=np.int64)
+        if compiled.parse_spans(self.members.data, starts, ends, out, ncols, delimiter.decode("latin-1")):
+            return list(out)
+        return None
+
     def parse(self, keys: list[str], ncols: int, *, delimiter: bytes = b" ", quarantine: list | None = None,
               order: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
         """The bodies as ``ncols`` concatenated float64 columns and the row count of each body: one
@@ -693,7 +726,9 @@ class HeadedMembers:
         indices) the bodies come out in that order: a reader that groups its curves by band before
         parsing saves the shard a reshuffle of every observation."""
         index = np.arange(len(self.members)) if order is None else np.asarray(order)
-        columns = _parse_joined(self.joined_bodies(order), int(self.rows.sum()), ncols, delimiter)
+        columns = self._parse_in_place(index, ncols, delimiter)
+        if columns is None:
+            columns = _parse_joined(self.joined_bodies(order), int(self.rows.sum()), ncols, delimiter)
         if columns is not None:
             return columns, self.rows[index]
         first_lines = (self.header_counts + 1)[index].tolist()
@@ -705,8 +740,14 @@ def split_headed(members: Members, comment: bytes = b"#") -> HeadedMembers:
     """Find every member's leading ``comment`` lines and its body, for all members at once.
 
     Works on the newline positions of the whole buffer: the ``k``-th comment line of all members is
-    found with one ``searchsorted``, so the cost does not grow with the number of members.
+    found with one ``searchsorted``, so the cost does not grow with the number of members. The
+    compiled scan (when built) gives the same spans in one pass without the newline index.
     """
+    compiled = compiled_text_parser()
+    if compiled is not None and len(members) and len(comment) == 1:
+        found = _scan_compiled(compiled, members, comment)
+        if found is not None:
+            return found
     data = members.data
     buf = np.frombuffer(data, dtype=np.uint8)
     newlines = np.flatnonzero(buf == 10)
@@ -733,6 +774,28 @@ def split_headed(members: Members, comment: bytes = b"#") -> HeadedMembers:
     rows = np.searchsorted(newlines, ends) - np.searchsorted(newlines, line_start)
     missing = (ends > line_start) & (buf[np.maximum(ends - 1, 0)] != 10) if n else np.zeros(len(ends), bool)
     return HeadedMembers(members, levels, line_start, ends, rows + missing, missing)
+
+
+#: the most comment lines a member may start with for the compiled scan (more: the numpy path)
+SCAN_HEADER_LINES = 64
+
+
+def _scan_compiled(compiled, members: Members, comment: bytes) -> HeadedMembers | None:
+    n = len(members)
+    starts = np.ascontiguousarray(members.starts, dtype=np.int64)
+    sizes = np.ascontiguousarray(members.sizes, dtype=np.int64)
+    body_starts, rows, counts = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    missing = np.empty(n, np.uint8)
+    header_starts = np.empty((n, SCAN_HEADER_LINES), np.int64)
+    header_ends = np.empty((n, SCAN_HEADER_LINES), np.int64)
+    if not compiled.scan_members(members.data, starts, sizes, comment.decode("latin-1"), body_starts, rows,
+                                 missing, counts, header_starts, header_ends):
+        return None
+    levels = []
+    for k in range(int(counts.max())):
+        index = np.flatnonzero(counts > k)
+        levels.append((index, header_starts[index, k], header_ends[index, k]))
+    return HeadedMembers(members, levels, body_starts, starts + sizes, rows, missing.view(bool))
 
 
 def add_parsed(batch: Batch, object_ids: list, bands: list, columns: list[np.ndarray], lengths: np.ndarray,

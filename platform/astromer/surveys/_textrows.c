@@ -1,0 +1,289 @@
+/* The compiled halves of two vectorised steps of astromer.surveys.base, for text members (the
+ * files of an archive, held in one buffer): finding their comment headers and parsing their rows.
+ * Each returns False where its input is not what it handles; the caller then takes the numpy or
+ * pyarrow path, which gives the same result on whatever both accept. The loops run without the
+ * GIL, so the threads of one Dask worker work side by side.
+ *
+ *     scan_members(data, starts, sizes, comment, body_starts, rows, missing, header_counts,
+ *                  header_starts, header_ends) -> bool
+ *
+ * For member i (data[starts[i] : starts[i] + sizes[i]]): its leading lines that begin with the
+ * ``comment`` byte (at most max_lines = len(header_starts) // len(starts) of them, else False),
+ * as spans without their newline in header_starts/ends[i * max_lines + k]; where its body
+ * starts; how many lines the body holds (a last line without a newline counts, and sets
+ * missing[i]). The buffers are int64 (missing: uint8), filled in place.
+ *
+ *     parse_rows(text, out, ncols, delimiter) -> bool
+ *     parse_spans(data, starts, ends, out, ncols, delimiter) -> bool
+ *
+ * ``out`` is a writable C-contiguous float64 buffer of ncols * rows items, filled column by column
+ * (out[c * rows + r]). parse_rows reads ``rows`` lines from ``text``; parse_spans reads the spans
+ * data[starts[k]:ends[k]] one after the other as if they were joined, without joining them. A line
+ * is ``number (delimiter number){ncols-1}`` ended by "\n" or "\r\n" (the last line of the text or
+ * of a span may lack it); a number is ``[+-]? (digits [. digits?] | . digits) ([eE] [+-]? digits)?``.
+ *
+ * Anything else (an empty line, a doubled delimiter, a missing or extra field, nan, inf, text, more
+ * or fewer lines than ``rows``) returns False with ``out`` partly written: the caller then uses
+ * pyarrow's parser and, failing that, the row-by-row reader that names the bad rows. So these
+ * accept a subset of what pyarrow accepts and must give the same doubles on it: every value is
+ * correctly rounded, by exact arithmetic when the decimal fits (Clinger's fast path: a mantissa up
+ * to 2^53 times or divided by an exact power of ten up to 1e22) and by strtod in the "C" locale
+ * otherwise.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <locale.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const double exact_powers_of_ten[] = {
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
+    1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+};
+
+static locale_t c_locale;
+
+/* Parse one number starting at p (before end); on success store it, return the first byte after it. */
+static const char *parse_number(const char *p, const char *end, double *value)
+{
+    const char *start = p;
+    int negative = 0;
+    if (p < end && (*p == '-' || *p == '+')) {
+        negative = (*p == '-');
+        p++;
+    }
+    uint64_t mantissa = 0;
+    int significant = 0;     /* digits accumulated into the mantissa (leading zeros excluded) */
+    int dropped = 0;         /* digits past the 19 a uint64 holds */
+    int int_digits = 0, frac_digits = 0;
+    int scale = 0;           /* the value is mantissa * 10^scale */
+    while (p < end && (unsigned)(*p - '0') < 10) {
+        int digit = *p - '0';
+        if (significant < 19) {
+            mantissa = mantissa * 10 + (uint64_t)digit;
+            if (mantissa) significant++;
+        } else {
+            dropped++;
+            scale++;
+        }
+        int_digits++;
+        p++;
+    }
+    if (p < end && *p == '.') {
+        p++;
+        while (p < end && (unsigned)(*p - '0') < 10) {
+            int digit = *p - '0';
+            if (significant < 19) {
+                mantissa = mantissa * 10 + (uint64_t)digit;
+                if (mantissa) significant++;
+                scale--;
+            } else {
+                dropped++;
+            }
+            frac_digits++;
+            p++;
+        }
+    }
+    if (int_digits + frac_digits == 0) return NULL;
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        int exp_negative = 0, exp_digits = 0, exponent = 0;
+        if (p < end && (*p == '-' || *p == '+')) {
+            exp_negative = (*p == '-');
+            p++;
+        }
+        while (p < end && (unsigned)(*p - '0') < 10) {
+            if (exponent < 100000) exponent = exponent * 10 + (*p - '0');
+            exp_digits++;
+            p++;
+        }
+        if (!exp_digits) return NULL;
+        scale += exp_negative ? -exponent : exponent;
+    }
+    if (!dropped && mantissa <= (UINT64_C(1) << 53) && scale >= -22 && scale <= 22) {
+        double m = (double)mantissa;
+        double v = scale >= 0 ? m * exact_powers_of_ten[scale] : m / exact_powers_of_ten[-scale];
+        *value = negative ? -v : v;
+        return p;
+    }
+    /* the rare long or far-out decimal: the C library's correctly rounded strtod, "C" locale */
+    char token[128];
+    size_t length = (size_t)(p - start);
+    if (length >= sizeof token) return NULL;
+    memcpy(token, start, length);
+    token[length] = '\0';
+    char *stop = NULL;
+    *value = strtod_l(token, &stop, c_locale);
+    return stop == token + length ? p : NULL;
+}
+
+/* Parse the lines of [p, end) into rows first_row... of out; returns the next row, or -1. */
+static Py_ssize_t parse_lines(const char *p, const char *end, double *out, Py_ssize_t ncols, Py_ssize_t rows,
+                              Py_ssize_t row, char delimiter)
+{
+    while (p < end) {
+        if (row >= rows) return -1;
+        for (Py_ssize_t col = 0; col < ncols; col++) {
+            double value;
+            p = parse_number(p, end, &value);
+            if (!p) return -1;
+            out[col * rows + row] = value;
+            if (col + 1 < ncols) {
+                if (p >= end || *p != delimiter) return -1;
+                p++;
+            }
+        }
+        if (p < end) {
+            if (*p == '\r') p++;
+            if (p >= end || *p != '\n') return -1;
+            p++;
+        }
+        row++;
+    }
+    return row;
+}
+
+/* out's shape from its length, or -1 (with the error set) */
+static Py_ssize_t rows_of(Py_buffer *out, Py_ssize_t ncols, int delimiter)
+{
+    if (ncols <= 0 || delimiter > 127 || delimiter == '\n' || delimiter == '\r'
+        || out->len % ((Py_ssize_t)sizeof(double) * ncols) || !PyBuffer_IsContiguous(out, 'C')) {
+        PyErr_SetString(PyExc_ValueError, "out must be a C-contiguous float64 buffer of ncols * rows items");
+        return -1;
+    }
+    return out->len / (Py_ssize_t)sizeof(double) / ncols;
+}
+
+static PyObject *parse_rows(PyObject *self, PyObject *args)
+{
+    Py_buffer text, out;
+    int delimiter;
+    Py_ssize_t ncols;
+    if (!PyArg_ParseTuple(args, "y*w*nC", &text, &out, &ncols, &delimiter)) return NULL;
+    int ok = 0;
+    Py_ssize_t rows = rows_of(&out, ncols, delimiter);
+    if (rows >= 0) {
+        const char *data = (const char *)text.buf;
+        Py_BEGIN_ALLOW_THREADS
+        ok = rows > 0 && parse_lines(data, data + text.len, (double *)out.buf, ncols, rows, 0, (char)delimiter) == rows;
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&text);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(ok);
+}
+
+/* parse_rows over the spans data[starts[k]:ends[k]] one after the other, as if joined (each
+ * span's last line may lack its newline), without joining them */
+static PyObject *parse_spans(PyObject *self, PyObject *args)
+{
+    Py_buffer data, starts, ends, out;
+    int delimiter;
+    Py_ssize_t ncols;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nC", &data, &starts, &ends, &out, &ncols, &delimiter)) return NULL;
+    int ok = 0;
+    Py_ssize_t rows = rows_of(&out, ncols, delimiter);
+    if (rows >= 0 && (starts.len % 8 || ends.len != starts.len)) {
+        PyErr_SetString(PyExc_ValueError, "parse_spans: starts and ends must be int64 buffers of one length");
+    } else if (rows >= 0) {
+        const char *buf = (const char *)data.buf;
+        const int64_t *a = (const int64_t *)starts.buf, *b = (const int64_t *)ends.buf;
+        Py_ssize_t n = starts.len / 8;
+        Py_BEGIN_ALLOW_THREADS
+        Py_ssize_t row = 0;
+        for (Py_ssize_t k = 0; k < n && row >= 0; k++) {
+            if (a[k] < 0 || b[k] < a[k] || b[k] > data.len) row = -1;
+            else row = parse_lines(buf + a[k], buf + b[k], (double *)out.buf, ncols, rows, row, (char)delimiter);
+        }
+        ok = rows > 0 && row == rows;
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&ends);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *scan_members(PyObject *self, PyObject *args)
+{
+    Py_buffer data, starts, sizes, body_starts, rows, missing, header_counts, header_starts, header_ends;
+    int comment;
+    if (!PyArg_ParseTuple(args, "y*y*y*Cw*w*w*w*w*w*", &data, &starts, &sizes, &comment, &body_starts, &rows,
+                          &missing, &header_counts, &header_starts, &header_ends))
+        return NULL;
+    Py_buffer *all[] = {&data, &starts, &sizes, &body_starts, &rows, &missing, &header_counts, &header_starts,
+                        &header_ends};
+    Py_ssize_t n = starts.len / 8;
+    int ok = 0;
+    if (comment > 255 || starts.len % 8 || sizes.len != starts.len || body_starts.len != starts.len
+        || rows.len != starts.len || missing.len != n || header_counts.len != starts.len || n == 0
+        || header_starts.len != header_ends.len || header_starts.len % starts.len) {
+        PyErr_SetString(PyExc_ValueError, "scan_members: buffer sizes do not match");
+    } else {
+        const char *buf = (const char *)data.buf;
+        const int64_t *start_of = (const int64_t *)starts.buf, *size_of = (const int64_t *)sizes.buf;
+        int64_t *body = (int64_t *)body_starts.buf, *row_count = (int64_t *)rows.buf;
+        int64_t *counts = (int64_t *)header_counts.buf;
+        int64_t *h_start = (int64_t *)header_starts.buf, *h_end = (int64_t *)header_ends.buf;
+        uint8_t *no_newline = (uint8_t *)missing.buf;
+        Py_ssize_t max_lines = header_starts.len / starts.len;
+        Py_BEGIN_ALLOW_THREADS
+        ok = 1;
+        for (Py_ssize_t i = 0; i < n && ok; i++) {
+            int64_t pos = start_of[i], end = start_of[i] + size_of[i];
+            if (pos < 0 || size_of[i] < 0 || end > data.len) { ok = 0; break; }
+            int64_t count = 0;
+            while (pos < end && buf[pos] == (char)comment) {
+                if (count == max_lines) { ok = 0; break; }
+                const char *newline = memchr(buf + pos, '\n', (size_t)(end - pos));
+                int64_t line_end = newline ? (int64_t)(newline - buf) : end;
+                h_start[i * max_lines + count] = pos;
+                h_end[i * max_lines + count] = line_end;
+                count++;
+                pos = line_end + 1 < end ? line_end + 1 : end;
+            }
+            counts[i] = count;
+            body[i] = pos;
+            int64_t lines = 0;
+            const char *p = buf + pos, *stop = buf + end;
+            while (p < stop && (p = memchr(p, '\n', (size_t)(stop - p)))) {
+                lines++;
+                p++;
+            }
+            no_newline[i] = end > pos && buf[end - 1] != '\n';
+            row_count[i] = lines + no_newline[i];
+        }
+        Py_END_ALLOW_THREADS
+    }
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) PyBuffer_Release(all[k]);
+    if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(ok);
+}
+
+static PyMethodDef methods[] = {
+    {"parse_spans", parse_spans, METH_VARARGS,
+     "parse_spans(data, starts, ends, out, ncols, delimiter) -> bool: parse_rows over the spans of data, "
+     "one after the other, without joining them."},
+    {"scan_members", scan_members, METH_VARARGS,
+     "scan_members(data, starts, sizes, comment, body_starts, rows, missing, header_counts, header_starts, "
+     "header_ends) -> bool: find every member's comment header lines and count its body lines (see the "
+     "module source)."},
+    {"parse_rows", parse_rows, METH_VARARGS,
+     "parse_rows(text, out, ncols, delimiter) -> bool: fill out (float64, ncols x rows, column by column) "
+     "from strictly regular numeric rows; False where the text is not (see the module source)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_textrows", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__textrows(void)
+{
+    c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
+    if (!c_locale) return PyErr_NoMemory();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,125 @@
+"""The compiled text helpers (``astromer.surveys._textrows``) give exactly what the numpy and pyarrow
+paths give, and decline (so that those paths run) on whatever they do not handle."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+from astromer.surveys import get_reader
+from astromer.surveys.base import Input, Members, compiled_text_parser, split_headed
+from conftest import shared_path
+
+compiled = compiled_text_parser()
+
+
+def test_the_install_builds_the_compiled_helpers():
+    # the set-up compiles them (a C compiler is part of the supported environment); without them
+    # ingest still works, about a third slower (benchmarks/ingest.py)
+    assert compiled is not None
+
+
+def _pyarrow_columns(text: bytes, ncols: int) -> np.ndarray:
+    names = [f"c{i}" for i in range(ncols)]
+    table = pacsv.read_csv(io.BytesIO(text), read_options=pacsv.ReadOptions(column_names=names),
+                           parse_options=pacsv.ParseOptions(delimiter=" "),
+                           convert_options=pacsv.ConvertOptions(column_types={c: pa.float64() for c in names}))
+    return np.stack([table.column(c).to_numpy() for c in names])
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+@pytest.mark.parametrize("fmt", ["{!r}", "{:.3f}", "{:.12g}", "{:.17g}", "{:.6e}", "{:.25f}", "{:.0f}"])
+def test_parse_rows_gives_pyarrows_doubles_bit_for_bit(fmt):
+    rng = np.random.default_rng(len(fmt))
+    values = np.concatenate([rng.normal(50_000, 3_000, 3_000), rng.normal(0, 1, 3_000),
+                             rng.uniform(-1, 1, 3_000) * 10.0 ** rng.integers(-40, 40, 3_000)])
+    tokens = [fmt.format(float(v)) for v in values]
+    text = "\n".join(" ".join(tokens[i:i + 3]) for i in range(0, len(tokens), 3)).encode() + b"\n"
+    out = np.empty((3, len(tokens) // 3))
+    assert compiled.parse_rows(text, out, 3, " ")
+    expected = _pyarrow_columns(text, 3)
+    assert np.array_equal(out.view(np.int64), expected.view(np.int64))
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+@pytest.mark.parametrize("text", [
+    b"1 2 3\n\n4 5 6\n",        # empty line
+    b"1  2 3\n",                # doubled delimiter
+    b"1 2\n", b"1 2 3 4\n",     # missing or extra field
+    b"nan 1 2\n", b"1 inf 2\n", b"1 2 x\n", b"- 1 2\n", b"1e 1 2\n", b"1.2.3 1 2\n",
+    b"1 2 3\n4 5 6\n7 8 9\n",   # more lines than rows
+    b"1 2 3 \n",                # trailing delimiter
+])
+def test_parse_rows_declines_what_it_does_not_handle(text):
+    out = np.empty((3, 2))
+    assert not compiled.parse_rows(text, out, 3, " ")
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+def test_parse_rows_accepts_crlf_a_missing_last_newline_and_bare_decimals():
+    out = np.empty((3, 2))
+    assert compiled.parse_rows(b"1 2 3\r\n.5 5. -.5e1", out, 3, " ")
+    assert out.T.tolist() == [[1, 2, 3], [0.5, 5.0, -5.0]]
+
+
+def _random_member(rng) -> bytes:
+    parts = [b"#" + bytes(rng.choice(list(b"ab #\r\n"), int(rng.integers(0, 8)))) + b"\n"
+             for _ in range(int(rng.integers(0, 4)))]
+    parts += [rng.choice([b"1 2 3", b"4.5 -6 7e1", b"8 9", b"x y z", b""]) + (b"\n" if rng.random() < 0.9 else b"")
+              for _ in range(int(rng.integers(0, 5)))]
+    if rng.random() < 0.1:
+        parts.append(b"#")
+    return b"".join(parts)
+
+
+def _both_paths(monkeypatch, fn):
+    monkeypatch.setenv("ASTROMER_COMPILED_TEXT", "0")
+    python_path = fn()
+    monkeypatch.setenv("ASTROMER_COMPILED_TEXT", "1")
+    return python_path, fn()
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+def test_split_and_parse_agree_with_the_numpy_and_pyarrow_paths_on_random_members(monkeypatch):
+    rng = np.random.default_rng(7)
+    for trial in range(400):
+        pairs = [(f"m{i}", _random_member(rng)) for i in range(int(rng.integers(1, 6)))]
+        members = Members.from_pairs(pairs)
+        keys = [name for name, _ in pairs]
+        order = rng.permutation(len(pairs)) if rng.random() < 0.5 else None
+
+        def run(members=members, keys=keys, order=order):
+            headed = split_headed(members)
+            quarantine: list = []
+            columns, counts = headed.parse(keys, 3, quarantine=quarantine, order=order)
+            return headed, [c.tolist() for c in columns], counts.tolist(), quarantine
+
+        (a, a_cols, a_counts, a_q), (b, b_cols, b_counts, b_q) = _both_paths(monkeypatch, run)
+        assert a.body_starts.tolist() == b.body_starts.tolist(), (trial, pairs)
+        assert a.rows.tolist() == b.rows.tolist() and a.missing_newline.tolist() == b.missing_newline.tolist()
+        assert [[x.tolist() for x in level] for level in a.header_lines] == \
+            [[x.tolist() for x in level] for level in b.header_lines], (trial, pairs)
+        assert (a_cols, a_counts, a_q) == (b_cols, b_counts, b_q), (trial, pairs)
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+def test_more_header_lines_than_the_compiled_scan_holds_go_the_numpy_way(monkeypatch):
+    member = b"".join(b"#line %d\n" % i for i in range(100)) + b"1 2 3\n"
+    members = Members.from_pairs([("m", member), ("n", b"#h\n4 5 6\n")])
+    a, b = _both_paths(monkeypatch, lambda: split_headed(members))
+    assert len(a.header_lines) == len(b.header_lines) == 100
+    assert a.body_starts.tolist() == b.body_starts.tolist() and a.rows.tolist() == b.rows.tolist() == [1, 1]
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+def test_the_real_macho_sample_reads_the_same_either_way(monkeypatch):
+    reader = get_reader("macho")
+    folder = shared_path("data", "macho_sample")
+    for path in sorted(folder.glob("*.tar.bz2"))[:6]:
+        item = Input(key=path.name, url=str(path), size=os.path.getsize(path))
+        a, b = _both_paths(monkeypatch, lambda item=item: reader.read(item, {}).to_table(source_sha256="s",
+                                                                                      ingest_id="i"))
+        assert a.num_rows > 0 and a.equals(b), path.name
