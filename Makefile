@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 setup: $(VENV)/.installed
 
 # torch is pinned and installed first: any other torch request pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml setup.py platform/astromer/surveys/_textrows.c
+$(VENV)/.installed: pyproject.toml setup.py platform/astromer/_kernels.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0

@@ -20,8 +20,8 @@
    processes) from the tar files to the published lake (plan with sha256, map, reduce, finish), wall
    clock including the cluster start (its modules are imported before the clock, as pyarrow is for
    the baseline). Prints observations/s, bytes/s and the ratio to the baseline (target >= 0.5, and
-   >= 1 million observations/s on 2 cores). Then the same ingest without the compiled text helpers
-   (``ASTROMER_COMPILED_TEXT=0``), for what they gain.
+   >= 1 million observations/s on 2 cores). Then the same ingest without the compiled kernels
+   (``ASTROMER_COMPILED=0``), for what they gain.
 4. Memory: the same ingest of a survey twice as large; the peak resident memory of this process and
    all its children (sampled every 20 ms) must stay within 20% (flat as the survey grows).
 """
@@ -242,7 +242,7 @@ def ingest(tars: list[str], folder: Path, lake: Path, workers: int, processes: b
     import distributed  # noqa: F401 - imported before the clock, as pyarrow is for the baseline
     from astromer.ingest import run_ingest
 
-    os.environ["ASTROMER_COMPILED_TEXT"] = "1" if compiled else "0"     # worker processes inherit it
+    os.environ["ASTROMER_COMPILED"] = "1" if compiled else "0"     # worker processes inherit it
     shutil.rmtree(lake, ignore_errors=True)
     nbytes = sum(os.path.getsize(t) for t in tars)
     with PeakMemory() as memory:
@@ -311,8 +311,8 @@ def main(argv=None) -> int:
     python_paths = ingest(folders[args.objects][1], folders[args.objects][0], work / "lake-python-paths",
                           args.workers, args.processes, compiled=False)
     shutil.rmtree(work / "lake-python-paths", ignore_errors=True)
-    print(f"ingest    the same {args.objects:,} objects without the compiled text helpers "
-          f"(ASTROMER_COMPILED_TEXT=0: numpy split, pyarrow parse): {python_paths['seconds']:.2f} s = "
+    print(f"ingest    the same {args.objects:,} objects without the compiled kernels "
+          f"(ASTROMER_COMPILED=0: numpy and pyarrow twins): {python_paths['seconds']:.2f} s = "
           f"{python_paths['obs_per_s'] / 1e6:.3f} M obs/s; {python_paths['cpu']:.1f} CPU s; with them "
           f"x{r['obs_per_s'] / python_paths['obs_per_s']:.2f}")
     costs = byte_costs(folders[args.objects][1], work / f"lake-n{args.objects}")

@@ -29,6 +29,8 @@ import enum
 import numpy as np
 import pyarrow as pa
 
+from astromer.kernels import compiled_kernels
+
 
 class Quality(enum.IntFlag):
     """Per-observation flags (uint8). Zero means a clean observation."""
@@ -167,6 +169,11 @@ def _curve_percentiles(mag, good, offsets, lengths, quantiles):
     values = np.where(good, mag, np.inf)
     n_good = np.add.reduceat(good.astype(np.int64), starts) if n_curves and (lengths > 0).all() \
         else np.bincount(np.repeat(np.arange(n_curves), lengths)[good], minlength=n_curves)
+    kernels = compiled_kernels()
+    if kernels is not None and n_curves:
+        found = _percentiles_by_selection(kernels, values, starts, lengths, n_good, quantiles)
+        if found is not None:
+            return found
     width = int(lengths.max()) if n_curves else 0
     if n_curves and width * n_curves <= 2 * len(mag) + 4096:
         # curves of similar lengths: one row each in a padded matrix, sorted row by row
@@ -181,6 +188,32 @@ def _curve_percentiles(mag, good, offsets, lengths, quantiles):
     out = []
     for q in quantiles:
         value = _segment_percentile(flat, row_starts, n_good, q)
+        out.append(np.where(n_good > 0, value, -np.inf if q < 0.5 else np.inf))
+    return out
+
+
+def _percentiles_by_selection(kernels, values, starts, lengths, n_good, quantiles):
+    """:func:`_curve_percentiles` with the compiled kernel's selection of the two ranks each quantile
+    interpolates between, instead of sorting: the same values (those ranks' values are what the sort
+    puts there; the interpolation below is :func:`_segment_percentile`'s), or None if it declines."""
+    counts = np.maximum(n_good, 1)
+    ranks, fractions = [], []
+    for q in quantiles:
+        position = (counts - 1) * q
+        lo = np.floor(position).astype(np.int64)
+        ranks += [lo, np.minimum(lo + 1, counts - 1)]
+        fractions.append(position - lo)
+    ranks = np.ascontiguousarray(np.stack(ranks, axis=1), dtype=np.int64)
+    picked = np.empty(ranks.shape)
+    if not kernels.select_ranks(np.ascontiguousarray(values, dtype=np.float64),
+                                np.ascontiguousarray(starts, dtype=np.int64),
+                                np.ascontiguousarray(lengths, dtype=np.int64), ranks, picked):
+        return None
+    out = []
+    for j, (q, fraction) in enumerate(zip(quantiles, fractions)):
+        a, b = picked[:, 2 * j], picked[:, 2 * j + 1]
+        with np.errstate(invalid="ignore"):
+            value = a + (b - a) * fraction
         out.append(np.where(n_good > 0, value, -np.inf if q < 0.5 else np.inf))
     return out
 

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from astromer.kernels import compiled_kernels
 from astromer.lake import schema
 from astromer.lake.paths import is_valid_band, is_valid_object_id, valid_objects_and_bands
 
@@ -604,18 +605,6 @@ def parse_bodies(bodies: list[bytes], names: list[str], ncols: int, *, delimiter
     return _parse_each(bodies, names, ncols, delimiter, quarantine, first_lines)
 
 
-def compiled_text_parser():
-    """The compiled text helpers (``_textrows.c``), or None where they were not built or where
-    ``ASTROMER_COMPILED_TEXT=0`` asks for the numpy and pyarrow paths only (benchmarks, comparisons)."""
-    if os.environ.get("ASTROMER_COMPILED_TEXT", "1") == "0":
-        return None
-    try:
-        from astromer.surveys import _textrows
-    except ImportError:
-        return None
-    return _textrows
-
-
 def _parse_joined(text: bytes, rows: int, ncols: int, delimiter: bytes) -> list[np.ndarray] | None:
     """``ncols`` float64 columns of ``text`` if it parses as exactly ``rows`` rows, else None.
 
@@ -623,7 +612,7 @@ def _parse_joined(text: bytes, rows: int, ncols: int, delimiter: bytes) -> list[
     pyarrow's parser, which accepts more (nan, inf, ...) and gives the same values on what both take."""
     if not rows:
         return None
-    compiled = compiled_text_parser()
+    compiled = compiled_kernels()
     if compiled is not None and len(delimiter) == 1:
         out = np.empty((ncols, rows))
         if compiled.parse_rows(text, out, ncols, delimiter.decode("latin-1")):
@@ -707,7 +696,7 @@ class HeadedMembers:
 
     def _parse_in_place(self, index: np.ndarray, ncols: int, delimiter: bytes) -> list[np.ndarray] | None:
         """The compiled parser over the bodies where they lie (no joined copy), or None."""
-        compiled = compiled_text_parser()
+        compiled = compiled_kernels()
         rows = int(self.rows.sum())
         if compiled is None or not rows or len(delimiter) != 1:
             return None
@@ -743,7 +732,7 @@ def split_headed(members: Members, comment: bytes = b"#") -> HeadedMembers:
     found with one ``searchsorted``, so the cost does not grow with the number of members. The
     compiled scan (when built) gives the same spans in one pass without the newline index.
     """
-    compiled = compiled_text_parser()
+    compiled = compiled_kernels()
     if compiled is not None and len(members) and len(comment) == 1:
         found = _scan_compiled(compiled, members, comment)
         if found is not None:

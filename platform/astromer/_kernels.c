@@ -1,8 +1,9 @@
-/* The compiled halves of two vectorised steps of astromer.surveys.base, for text members (the
- * files of an archive, held in one buffer): finding their comment headers and parsing their rows.
- * Each returns False where its input is not what it handles; the caller then takes the numpy or
- * pyarrow path, which gives the same result on whatever both accept. The loops run without the
- * GIL, so the threads of one Dask worker work side by side.
+/* The ingest's compiled kernels (astromer.kernels): the twins of three vectorised numpy/pyarrow steps.
+ * Two serve the text readers (astromer.surveys.base), whose members (the files of an archive) lie
+ * in one buffer: finding their comment headers and parsing their rows. One serves the quality flags
+ * (astromer.lake.schema): order statistics inside each curve. Each gives exactly what its twin
+ * gives, or returns False where its input is not what it handles, and the caller then runs the
+ * twin. The loops run without the GIL, so the threads of one Dask worker work side by side.
  *
  *     scan_members(data, starts, sizes, comment, body_starts, rows, missing, header_counts,
  *                  header_starts, header_ends) -> bool
@@ -22,6 +23,14 @@
  * is ``number (delimiter number){ncols-1}`` ended by "\n" or "\r\n" (the last line of the text or
  * of a span may lack it); a number is ``[+-]? (digits [. digits?] | . digits) ([eE] [+-]? digits)?``.
  *
+ *     select_ranks(values, starts, lengths, ranks, out) -> bool
+ *
+ * For curve i (values[starts[i] : starts[i] + lengths[i]], float64) and each of its m ranks
+ * (ranks[i * m + j], int64, m = len(ranks) // len(starts)): the value of that rank in the curve's
+ * ascending order (what sorting the curve and indexing would give), into out[i * m + j]; NaN for a
+ * rank outside the curve. Quickselect on a copy of each curve: O(length) per rank instead of a sort.
+ * False (the caller sorts) if the values hold a NaN, whose place in an order is not defined.
+ *
  * Anything else (an empty line, a doubled delimiter, a missing or extra field, nan, inf, text, more
  * or fewer lines than ``rows``) returns False with ``out`` partly written: the caller then uses
  * pyarrow's parser and, failing that, the row-by-row reader that names the bad rows. So these
@@ -34,6 +43,7 @@
 #include <Python.h>
 
 #include <locale.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -265,7 +275,102 @@ static PyObject *scan_members(PyObject *self, PyObject *args)
     return PyBool_FromLong(ok);
 }
 
+static inline void swap_doubles(double *a, Py_ssize_t i, Py_ssize_t j)
+{
+    double t = a[i];
+    a[i] = a[j];
+    a[j] = t;
+}
+
+/* the k-th smallest of a[0..n) (a is reordered); Hoare partitions around a median of three */
+static double select_kth(double *a, Py_ssize_t n, Py_ssize_t k)
+{
+    Py_ssize_t lo = 0, hi = n - 1;
+    while (hi > lo) {
+        if (hi - lo < 16) {
+            for (Py_ssize_t i = lo + 1; i <= hi; i++) {
+                double v = a[i];
+                Py_ssize_t j = i - 1;
+                while (j >= lo && a[j] > v) {
+                    a[j + 1] = a[j];
+                    j--;
+                }
+                a[j + 1] = v;
+            }
+            return a[k];
+        }
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (a[mid] < a[lo]) swap_doubles(a, mid, lo);
+        if (a[hi] < a[lo]) swap_doubles(a, hi, lo);
+        if (a[hi] < a[mid]) swap_doubles(a, hi, mid);
+        double pivot = a[mid];
+        Py_ssize_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) {
+                swap_doubles(a, i, j);
+                i++;
+                j--;
+            }
+        }
+        if (k <= j) hi = j;
+        else if (k >= i) lo = i;
+        else return a[k];
+    }
+    return a[k];
+}
+
+static PyObject *select_ranks(PyObject *self, PyObject *args)
+{
+    Py_buffer values, starts, lengths, ranks, out;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*", &values, &starts, &lengths, &ranks, &out)) return NULL;
+    Py_buffer *all[] = {&values, &starts, &lengths, &ranks, &out};
+    Py_ssize_t n_curves = starts.len / 8, n_values = values.len / 8;
+    int ok = 0;
+    if (values.len % 8 || starts.len % 8 || lengths.len != starts.len || ranks.len != out.len || ranks.len % 8
+        || n_curves == 0 || (ranks.len / 8) % n_curves) {
+        PyErr_SetString(PyExc_ValueError, "select_ranks: buffer sizes do not match");
+    } else {
+        const double *v = (const double *)values.buf;
+        const int64_t *start_of = (const int64_t *)starts.buf, *length_of = (const int64_t *)lengths.buf;
+        const int64_t *rank = (const int64_t *)ranks.buf;
+        double *result = (double *)out.buf;
+        Py_ssize_t m = ranks.len / 8 / n_curves, longest = 0;
+        ok = 1;
+        for (Py_ssize_t i = 0; i < n_curves; i++) {
+            if (start_of[i] < 0 || length_of[i] < 0 || start_of[i] + length_of[i] > n_values) ok = 0;
+            else if (length_of[i] > longest) longest = length_of[i];
+        }
+        double *scratch = ok ? malloc(sizeof(double) * (size_t)(longest > 0 ? longest : 1)) : NULL;
+        if (ok && !scratch) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n_curves && ok; i++) {
+            Py_ssize_t length = length_of[i];
+            memcpy(scratch, v + start_of[i], sizeof(double) * (size_t)length);
+            for (Py_ssize_t k = 0; k < length; k++) {
+                if (scratch[k] != scratch[k]) ok = 0;      /* NaN */
+            }
+            for (Py_ssize_t j = 0; j < m && ok; j++) {
+                int64_t r = rank[i * m + j];
+                result[i * m + j] = (r >= 0 && r < length) ? select_kth(scratch, length, r) : NAN;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        free(scratch);
+    }
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) PyBuffer_Release(all[k]);
+    if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
+    {"select_ranks", select_ranks, METH_VARARGS,
+     "select_ranks(values, starts, lengths, ranks, out) -> bool: per curve, the values of the given ranks "
+     "in its ascending order (see the module source)."},
     {"parse_spans", parse_spans, METH_VARARGS,
      "parse_spans(data, starts, ends, out, ncols, delimiter) -> bool: parse_rows over the spans of data, "
      "one after the other, without joining them."},
@@ -279,9 +384,9 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_textrows", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__textrows(void)
+PyMODINIT_FUNC PyInit__kernels(void)
 {
     c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
     if (!c_locale) return PyErr_NoMemory();

@@ -1,4 +1,4 @@
-"""The compiled text helpers (``astromer.surveys._textrows``) give exactly what the numpy and pyarrow
+"""The compiled text helpers (``astromer._kernels``) give exactly what the numpy and pyarrow
 paths give, and decline (so that those paths run) on whatever they do not handle."""
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+from astromer.kernels import compiled_kernels
 from astromer.surveys import get_reader
-from astromer.surveys.base import Input, Members, compiled_text_parser, split_headed
+from astromer.surveys.base import Input, Members, split_headed
 from conftest import shared_path
 
-compiled = compiled_text_parser()
+compiled = compiled_kernels()
 
 
 def test_the_install_builds_the_compiled_helpers():
@@ -76,9 +77,9 @@ def _random_member(rng) -> bytes:
 
 
 def _both_paths(monkeypatch, fn):
-    monkeypatch.setenv("ASTROMER_COMPILED_TEXT", "0")
+    monkeypatch.setenv("ASTROMER_COMPILED", "0")
     python_path = fn()
-    monkeypatch.setenv("ASTROMER_COMPILED_TEXT", "1")
+    monkeypatch.setenv("ASTROMER_COMPILED", "1")
     return python_path, fn()
 
 
@@ -123,3 +124,49 @@ def test_the_real_macho_sample_reads_the_same_either_way(monkeypatch):
         a, b = _both_paths(monkeypatch, lambda item=item: reader.read(item, {}).to_table(source_sha256="s",
                                                                                       ingest_id="i"))
         assert a.num_rows > 0 and a.equals(b), path.name
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+def test_selected_percentiles_equal_the_sorted_ones_bit_for_bit(monkeypatch):
+    from astromer.lake import schema
+
+    rng = np.random.default_rng(11)
+    lengths = rng.integers(0, 300, 400)
+    lengths[[3, 50]] = 0                                          # empty curves
+    offsets = np.r_[0, np.cumsum(lengths)]
+    mag = np.round(rng.normal(15, 0.3, offsets[-1]), 2)            # many ties
+    good = rng.random(offsets[-1]) > 0.1
+    good[offsets[7]:offsets[8]] = False                           # a curve without any good row
+    for quantiles in [(0.01, 0.99), (0.5,), (0.0, 0.25, 1.0)]:
+        python_path, kernel_path = _both_paths(
+            monkeypatch, lambda q=quantiles: schema._curve_percentiles(mag, good, offsets, lengths, q))
+        for a, b in zip(python_path, kernel_path):
+            assert np.array_equal(a.view(np.int64), b.view(np.int64)), quantiles
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+def test_select_ranks_declines_nan_and_matches_a_sort():
+    values = np.array([3.0, 1.0, 2.0, 5.0, np.nan, 4.0])
+    starts, lengths = np.array([0, 3], np.int64), np.array([3, 3], np.int64)
+    ranks = np.array([0, 2, 0, 1], np.int64)
+    assert not compiled.select_ranks(values, starts, lengths, ranks, np.empty(4))
+    values[4] = -1.0
+    out = np.empty(4)
+    assert compiled.select_ranks(values, starts, lengths, ranks, out)
+    assert out.tolist() == [1.0, 3.0, -1.0, 4.0]
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=5_000)
+    ranks = rng.integers(0, 5_000, 50).astype(np.int64)
+    out = np.empty(50)
+    assert compiled.select_ranks(big, np.array([0], np.int64), np.array([5_000], np.int64), ranks, out)
+    assert out.tolist() == np.sort(big)[ranks].tolist()
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+def test_the_real_ogle_sample_reads_the_same_either_way(monkeypatch):
+    reader = get_reader("ogle")
+    plan = reader.plan(str(shared_path("data", "ogle4_lmc_cepheids")), {})
+    for item in plan.inputs[:3]:
+        a, b = _both_paths(monkeypatch, lambda item=item: reader.read(item, plan.context).to_table(
+            source_sha256="s", ingest_id="i"))
+        assert a.num_rows > 0 and a.equals(b), item.key
