@@ -659,13 +659,20 @@ class HeadedMembers:
             counts[index] += 1
         return counts
 
-    def header_line(self, level: int) -> tuple[np.ndarray, list[bytes]]:
-        """Which members have a ``level``-th comment line, and those lines (comment mark included)."""
+    def header_text(self, level: int, skip: int = 0) -> tuple[np.ndarray, bytes]:
+        """Which members have a ``level``-th comment line, and those lines joined, each without its
+        first ``skip`` bytes and ending in a newline: one gather, no list of lines."""
         if level >= len(self.header_lines):
-            return np.zeros(0, dtype=np.int64), []
+            return np.zeros(0, dtype=np.int64), b""
         index, starts, ends = self.header_lines[level]
-        data = self.members.data
-        return index, [data[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+        starts = np.minimum(starts + skip, ends)
+        lengths = ends - starts + 1                      # + the newline
+        total = int(lengths.sum())
+        line_starts = np.cumsum(lengths) - lengths
+        picks = np.arange(total) + np.repeat(starts - line_starts, lengths)
+        text = np.frombuffer(self.members.data, dtype=np.uint8)[np.minimum(picks, len(self.members.data) - 1)]
+        text[line_starts + lengths - 1] = 10
+        return index, text.tobytes()
 
     def joined_bodies(self, order: np.ndarray | None = None) -> bytes:
         """Every body (in ``order`` if given), each ending in a newline, in one buffer (one copy)."""

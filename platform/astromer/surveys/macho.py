@@ -70,8 +70,8 @@ def _identify_all(members, headed, keys, batch):
     object_ids, bands = [None] * n, [None] * n
     ras, decs = [None] * n, [None] * n
     slow = np.ones(n, dtype=bool)
-    index, lines = headed.header_line(1)
-    fields = _header_fields(lines)
+    index, text = headed.header_text(1, skip=1)
+    fields = _header_fields(text, len(index))
     if fields is not None and n:
         split = [_object_and_band(_uncompressed_basename(name)) for name in members.names]
         ok_name = np.array([pair is not None for pair in split], dtype=bool)
@@ -114,12 +114,12 @@ def _object_and_band(filename: str) -> tuple[str, str] | None:
     return (obj, band) if dot and obj and band else None
 
 
-def _header_fields(lines: list[bytes]):
-    """``field, tile, seq, ra_hours, dec_deg, filter`` columns of second header lines written the
-    regular way (``#`` then single-space separated values), or None to read them one by one."""
-    if not lines:
+def _header_fields(text: bytes, n_lines: int):
+    """``field, tile, seq, ra_hours, dec_deg, filter`` columns of the ``n_lines`` second header lines
+    in ``text`` (their ``#`` removed, one per line) when written the regular way (single-space
+    separated values), or None to read them one by one."""
+    if not n_lines:
         return None
-    text = b"\n".join(line[1:] for line in lines) + b"\n"
     if not single_spaced(text):
         return None
     names = ["field", "tile", "seq", "ra", "dec", "filter"]
@@ -134,7 +134,7 @@ def _header_fields(lines: list[bytes]):
                               "f4": pa.float64(), "f5": pa.string()}))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowKeyError, UnicodeDecodeError, KeyError):
         return None
-    if table.num_rows != len(lines) or any(table.column(i).null_count for i in range(6)):
+    if table.num_rows != n_lines or any(table.column(i).null_count for i in range(6)):
         return None
     table = table.rename_columns(names)
     return (table.column("field").to_pylist(), table.column("tile").to_pylist(), table.column("seq").to_pylist(),
