@@ -74,7 +74,7 @@ def test_dockerfile_installs_cuda_torch_2_13_and_the_repository():
     assert ("WORKDIR", IMAGE_WORKDIR) in instructions
     copied = copied_folders(instructions)
     assert {"pyproject.toml", "setup.py", "platform", "jobs", "ingest"} <= copied
-    # the compiled text helpers are built in the image (and a host's build is not copied in)
+    # the compiled kernels are built in the image (and a host's build is not copied in)
     assert "gcc" in runs[0] and "python3-dev" in runs[0] and "_kernels" in runs[package]
     for folder in copied:
         assert (ROOT / folder).exists(), f"Dockerfile copies {folder}, which is not in the repository"

@@ -1,5 +1,5 @@
-"""The compiled text helpers (``astromer._kernels``) give exactly what the numpy and pyarrow
-paths give, and decline (so that those paths run) on whatever they do not handle."""
+"""The compiled kernels (``astromer._kernels``) give exactly what their numpy and pyarrow twins
+give, and decline (so that the twins run) on whatever they do not handle."""
 from __future__ import annotations
 
 import io
@@ -17,7 +17,7 @@ from conftest import shared_path
 compiled = compiled_kernels()
 
 
-def test_the_install_builds_the_compiled_helpers():
+def test_the_install_builds_the_compiled_kernels():
     # the set-up compiles them (a C compiler is part of the supported environment); without them
     # ingest still works, about a third slower (benchmarks/ingest.py)
     assert compiled is not None
@@ -31,7 +31,7 @@ def _pyarrow_columns(text: bytes, ncols: int) -> np.ndarray:
     return np.stack([table.column(c).to_numpy() for c in names])
 
 
-@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 @pytest.mark.parametrize("fmt", ["{!r}", "{:.3f}", "{:.12g}", "{:.17g}", "{:.6e}", "{:.25f}", "{:.0f}"])
 def test_parse_rows_gives_pyarrows_doubles_bit_for_bit(fmt):
     rng = np.random.default_rng(len(fmt))
@@ -45,7 +45,7 @@ def test_parse_rows_gives_pyarrows_doubles_bit_for_bit(fmt):
     assert np.array_equal(out.view(np.int64), expected.view(np.int64))
 
 
-@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 @pytest.mark.parametrize("text", [
     b"1 2 3\n\n4 5 6\n",        # empty line
     b"1  2 3\n",                # doubled delimiter
@@ -59,7 +59,7 @@ def test_parse_rows_declines_what_it_does_not_handle(text):
     assert not compiled.parse_rows(text, out, 3, " ")
 
 
-@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 def test_parse_rows_accepts_crlf_a_missing_last_newline_and_bare_decimals():
     out = np.empty((3, 2))
     assert compiled.parse_rows(b"1 2 3\r\n.5 5. -.5e1", out, 3, " ")
@@ -83,7 +83,7 @@ def _both_paths(monkeypatch, fn):
     return python_path, fn()
 
 
-@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 def test_split_and_parse_agree_with_the_numpy_and_pyarrow_paths_on_random_members(monkeypatch):
     rng = np.random.default_rng(7)
     for trial in range(400):
@@ -106,7 +106,7 @@ def test_split_and_parse_agree_with_the_numpy_and_pyarrow_paths_on_random_member
         assert (a_cols, a_counts, a_q) == (b_cols, b_counts, b_q), (trial, pairs)
 
 
-@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 def test_more_header_lines_than_the_compiled_scan_holds_go_the_numpy_way(monkeypatch):
     member = b"".join(b"#line %d\n" % i for i in range(100)) + b"1 2 3\n"
     members = Members.from_pairs([("m", member), ("n", b"#h\n4 5 6\n")])
@@ -115,7 +115,7 @@ def test_more_header_lines_than_the_compiled_scan_holds_go_the_numpy_way(monkeyp
     assert a.body_starts.tolist() == b.body_starts.tolist() and a.rows.tolist() == b.rows.tolist() == [1, 1]
 
 
-@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 def test_the_real_macho_sample_reads_the_same_either_way(monkeypatch):
     reader = get_reader("macho")
     folder = shared_path("data", "macho_sample")
@@ -126,7 +126,7 @@ def test_the_real_macho_sample_reads_the_same_either_way(monkeypatch):
         assert a.num_rows > 0 and a.equals(b), path.name
 
 
-@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 def test_selected_percentiles_equal_the_sorted_ones_bit_for_bit(monkeypatch):
     from astromer.lake import schema
 
@@ -144,7 +144,7 @@ def test_selected_percentiles_equal_the_sorted_ones_bit_for_bit(monkeypatch):
             assert np.array_equal(a.view(np.int64), b.view(np.int64)), quantiles
 
 
-@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 def test_select_ranks_declines_nan_and_matches_a_sort():
     values = np.array([3.0, 1.0, 2.0, 5.0, np.nan, 4.0])
     starts, lengths = np.array([0, 3], np.int64), np.array([3, 3], np.int64)
@@ -162,7 +162,7 @@ def test_select_ranks_declines_nan_and_matches_a_sort():
     assert out.tolist() == np.sort(big)[ranks].tolist()
 
 
-@pytest.mark.skipif(compiled is None, reason="compiled helpers not built")
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 def test_the_real_ogle_sample_reads_the_same_either_way(monkeypatch):
     reader = get_reader("ogle")
     plan = reader.plan(str(shared_path("data", "ogle4_lmc_cepheids")), {})
