@@ -64,61 +64,41 @@ static const char *parse_number(const char *p, const char *end, double *value)
         negative = (*p == '-');
         p++;
     }
-    uint64_t mantissa = 0;
-    int significant = 0;     /* digits accumulated into the mantissa (leading zeros excluded) */
-    int dropped = 0;         /* digits past the 19 a uint64 holds */
-    int int_digits = 0, frac_digits = 0;
-    int scale = 0;           /* the value is mantissa * 10^scale */
-    while (p < end && (unsigned)(*p - '0') < 10) {
-        int digit = *p - '0';
-        if (significant < 19) {
-            mantissa = mantissa * 10 + (uint64_t)digit;
-            if (mantissa) significant++;
-        } else {
-            dropped++;
-            scale++;
-        }
-        int_digits++;
-        p++;
-    }
+    uint64_t mantissa = 0;   /* exact while there are at most 19 digits */
+    const char *digits = p;
+    while (p < end && (unsigned)(*p - '0') < 10) mantissa = mantissa * 10 + (uint64_t)(*p++ - '0');
+    Py_ssize_t n_digits = p - digits, frac_digits = 0;
     if (p < end && *p == '.') {
-        p++;
-        while (p < end && (unsigned)(*p - '0') < 10) {
-            int digit = *p - '0';
-            if (significant < 19) {
-                mantissa = mantissa * 10 + (uint64_t)digit;
-                if (mantissa) significant++;
-                scale--;
-            } else {
-                dropped++;
-            }
-            frac_digits++;
-            p++;
-        }
+        const char *fraction = ++p;
+        while (p < end && (unsigned)(*p - '0') < 10) mantissa = mantissa * 10 + (uint64_t)(*p++ - '0');
+        frac_digits = p - fraction;
+        n_digits += frac_digits;
     }
-    if (int_digits + frac_digits == 0) return NULL;
+    if (n_digits == 0) return NULL;
+    Py_ssize_t scale = -frac_digits;     /* the value is mantissa * 10^scale */
     if (p < end && (*p == 'e' || *p == 'E')) {
         p++;
-        int exp_negative = 0, exp_digits = 0, exponent = 0;
+        int exp_negative = 0;
+        Py_ssize_t exponent = 0;
         if (p < end && (*p == '-' || *p == '+')) {
             exp_negative = (*p == '-');
             p++;
         }
+        const char *exp_digits = p;
         while (p < end && (unsigned)(*p - '0') < 10) {
             if (exponent < 100000) exponent = exponent * 10 + (*p - '0');
-            exp_digits++;
             p++;
         }
-        if (!exp_digits) return NULL;
+        if (p == exp_digits) return NULL;
         scale += exp_negative ? -exponent : exponent;
     }
-    if (!dropped && mantissa <= (UINT64_C(1) << 53) && scale >= -22 && scale <= 22) {
+    if (n_digits <= 19 && mantissa <= (UINT64_C(1) << 53) && scale >= -22 && scale <= 22) {
         double m = (double)mantissa;
         double v = scale >= 0 ? m * exact_powers_of_ten[scale] : m / exact_powers_of_ten[-scale];
         *value = negative ? -v : v;
         return p;
     }
-    /* the rare long or far-out decimal: the C library's correctly rounded strtod, "C" locale */
+    /* a long or far-out decimal (rare): the C library's correctly rounded strtod, "C" locale */
     char token[128];
     size_t length = (size_t)(p - start);
     if (length >= sizeof token) return NULL;
