@@ -28,7 +28,8 @@
  * For curve i (values[starts[i] : starts[i] + lengths[i]], float64) and each of its m ranks
  * (ranks[i * m + j], int64, m = len(ranks) // len(starts)): the value of that rank in the curve's
  * ascending order (what sorting the curve and indexing would give), into out[i * m + j]; NaN for a
- * rank outside the curve. Quickselect on a copy of each curve: O(length) per rank instead of a sort.
+ * rank outside the curve. One pass per curve for ranks near either end (the percentiles of the
+ * quality flags), quickselect on a copy for the others: O(length) instead of a sort.
  * False (the caller sorts) if the values hold a NaN, whose place in an order is not defined.
  *
  * Anything else (an empty line, a doubled delimiter, a missing or extra field, nan, inf, text, more
@@ -301,6 +302,28 @@ static double select_kth(double *a, Py_ssize_t n, Py_ssize_t k)
     return a[k];
 }
 
+/* ranks this close to either end of a curve are read from a running buffer of its smallest or
+ * largest values (one pass, predictable branches); the others go through select_kth */
+#define EDGE_RANKS 16
+
+/* keep buf[0..*count) as the (at most ``size``) values that come first in ascending (ascending=1) or
+ * descending order among those offered so far */
+static inline void offer(double *buf, Py_ssize_t *count, Py_ssize_t size, double v, int ascending)
+{
+    Py_ssize_t n = *count;
+    if (n == size) {
+        if (ascending ? !(v < buf[n - 1]) : !(v > buf[n - 1])) return;
+        n--;
+    }
+    Py_ssize_t j = n - 1;
+    while (j >= 0 && (ascending ? buf[j] > v : buf[j] < v)) {
+        buf[j + 1] = buf[j];
+        j--;
+    }
+    buf[j + 1] = v;
+    *count = n + 1;
+}
+
 static PyObject *select_ranks(PyObject *self, PyObject *args)
 {
     Py_buffer values, starts, lengths, ranks, out;
@@ -328,15 +351,35 @@ static PyObject *select_ranks(PyObject *self, PyObject *args)
             ok = 0;
         }
         Py_BEGIN_ALLOW_THREADS
+        double low[EDGE_RANKS], high[EDGE_RANKS];
         for (Py_ssize_t i = 0; i < n_curves && ok; i++) {
-            Py_ssize_t length = length_of[i];
-            memcpy(scratch, v + start_of[i], sizeof(double) * (size_t)length);
-            for (Py_ssize_t k = 0; k < length; k++) {
-                if (scratch[k] != scratch[k]) ok = 0;      /* NaN */
-            }
-            for (Py_ssize_t j = 0; j < m && ok; j++) {
+            Py_ssize_t length = length_of[i], n_low = 0, n_high = 0, want_low = 0, want_high = 0;
+            const double *curve = v + start_of[i];
+            int middle = 0;
+            for (Py_ssize_t j = 0; j < m; j++) {
                 int64_t r = rank[i * m + j];
-                result[i * m + j] = (r >= 0 && r < length) ? select_kth(scratch, length, r) : NAN;
+                if (r < 0 || r >= length) continue;
+                if (r < EDGE_RANKS) { if (r + 1 > want_low) want_low = r + 1; }
+                else if (length - 1 - r < EDGE_RANKS) { if (length - r > want_high) want_high = length - r; }
+                else middle = 1;
+            }
+            for (Py_ssize_t k = 0; k < length; k++) {
+                double x = curve[k];
+                if (x != x) { ok = 0; break; }              /* NaN: no defined order */
+                if (want_low) offer(low, &n_low, want_low, x, 1);
+                if (want_high) offer(high, &n_high, want_high, x, 0);
+            }
+            if (!ok) break;
+            if (middle) memcpy(scratch, curve, sizeof(double) * (size_t)length);
+            for (Py_ssize_t j = 0; j < m; j++) {
+                int64_t r = rank[i * m + j];
+                double value = NAN;
+                if (r >= 0 && r < length) {
+                    if (r < EDGE_RANKS) value = low[r];
+                    else if (length - 1 - r < EDGE_RANKS) value = high[length - 1 - r];
+                    else value = select_kth(scratch, length, r);
+                }
+                result[i * m + j] = value;
             }
         }
         Py_END_ALLOW_THREADS
