@@ -225,3 +225,14 @@ def test_percentiles_of_the_padded_sort_equal_the_global_sort():
         assert np.allclose(got, reference, rtol=0, atol=1e-12)
         other = schema._segment_percentile(flat, offsets[:-1], n_good, q)
         assert np.allclose(np.where(n_good > 0, other, got), got, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("extra", [[], ["notes.txt"], ["lc_odd\nlc_1.2.3.R.mjd"]])
+def test_macho_names_in_one_pass_follow_the_name_by_name_rule(extra):
+    names = ["lc_1.3444.614.B.mjd", "lc_1.3444.614.R.mjd.gz", "dir/lc_x/lc_2.1.5.V.mjd.bz2", "lc_a.b.c.R.mjd",
+             "lc_1.2.3.R.mjd.gz.gz", "lc_.B.mjd", "lc_a..mjd", "x/lc_1.2.3.mjd", "dir.lc_1/lc_9.9.9.B.mjd",
+             "lc_1.2.3.B.MJD", "lc_1.2.3.B.mjd\r"] + extra
+    expected = [macho._object_and_band(macho._uncompressed_basename(n)) for n in names]
+    assert macho._objects_and_bands(names) == expected
+    regular = [n for n, e in zip(names, expected) if e is not None]
+    assert len(regular) >= 5 and macho._objects_and_bands(regular) == [e for e in expected if e is not None]
