@@ -22,6 +22,9 @@
    the baseline). Prints observations/s, bytes/s and the ratio to the baseline (target >= 0.5, and
    >= 1 million observations/s on 2 cores). Then the same ingest without the compiled kernels
    (``ASTROMER_COMPILED=0``), for what they gain.
+   The baseline and the ingest alternate for ``--repeats`` rounds (default 3) and each side's best
+   round is compared, as timeit does: the machine may be shared, and both sides drift by 10 to 20%
+   from minute to minute. Every round's ratio is printed too.
 4. Memory: the same ingest of a survey twice as large; the peak resident memory of this process and
    all its children (sampled every 20 ms) must stay within 20% (flat as the survey grows).
 """
@@ -199,11 +202,16 @@ class PeakMemory:
     used meanwhile by this process and its children (the machine is shared: wall-clock rates
     depend on the neighbours, CPU-time rates much less)."""
 
-    def __init__(self, interval: float = 0.02):
+    def __init__(self, interval: float = 0.02, children: bool = True):
         import psutil
 
         self.process = psutil.Process()
         self.interval = interval
+        # listing the children scans every process of the machine: only where there are any (worker
+        # processes), and then once a second, so that the sampler does not slow the threads it measures
+        self.children = children
+        self.kids: list = []
+        self.listed = 0.0
         self.peak = 0
         self.child_cpu: dict[int, float] = {}
         self._stop = threading.Event()
@@ -211,7 +219,9 @@ class PeakMemory:
 
     def _sample(self) -> int:
         total = 0
-        for proc in [self.process, *self.process.children(recursive=True)]:
+        if self.children and time.monotonic() - self.listed > 1.0:
+            self.kids, self.listed = self.process.children(recursive=True), time.monotonic()
+        for proc in [self.process, *self.kids]:
             try:
                 total += proc.memory_info().rss
                 if proc.pid != self.process.pid:
@@ -245,7 +255,7 @@ def ingest(tars: list[str], folder: Path, lake: Path, workers: int, processes: b
     os.environ["ASTROMER_COMPILED"] = "1" if compiled else "0"     # worker processes inherit it
     shutil.rmtree(lake, ignore_errors=True)
     nbytes = sum(os.path.getsize(t) for t in tars)
-    with PeakMemory() as memory:
+    with PeakMemory(children=processes) as memory:
         t0 = time.perf_counter()
         result = run_ingest("macho", str(folder), str(lake), progress=False,
                             workers=workers, processes=processes,
@@ -267,6 +277,8 @@ def main(argv=None) -> int:
     parser.add_argument("--processes", action="store_true",
                         help="--workers Dask worker processes instead of one in-process worker with threads")
     parser.add_argument("--workdir", default=os.environ.get("ASTROMER_BENCH_DIR", "/tmp/astromer-bench-ingest"))
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of baseline then ingest; each side's best round is compared")
     parser.add_argument("--no-double", action="store_true", help="skip the doubled survey (memory check)")
     parser.add_argument("--generate-only", action="store_true", help="write the tar files and stop")
     args = parser.parse_args(argv)
@@ -282,8 +294,18 @@ def main(argv=None) -> int:
     if args.generate_only:
         return 0
     folder, tars = folders[args.objects]
-    base = pyarrow_baseline(tars)
-    print(f"baseline  pyarrow.csv parse of the same rows (default options, multithreaded): {base['rows']:,} rows, "
+    # the machine may be shared and its speed drifts by 10-20% from minute to minute: the baseline and
+    # the ingest alternate for --repeats rounds, and each side's best round is compared (timeit's rule)
+    rounds = []
+    for k in range(args.repeats):
+        b = pyarrow_baseline(tars)
+        i = ingest(tars, folder, work / f"lake-n{args.objects}", args.workers, args.processes)
+        rounds.append((b, i))
+        print(f"round {k + 1}   pyarrow parse {b['seconds']:.2f} s = {b['rows_per_s'] / 1e6:.3f} M rows/s; ingest "
+              f"{i['seconds']:.2f} s = {i['obs_per_s'] / 1e6:.3f} M obs/s; ratio {i['obs_per_s'] / b['rows_per_s']:.2f}")
+    base = max((b for b, _ in rounds), key=lambda b: b["rows_per_s"])
+    print(f"baseline  pyarrow.csv parse of the same rows (default options, multithreaded), best of {args.repeats}: "
+          f"{base['rows']:,} rows, "
           f"{base['bytes'] / 1e6:,.1f} MB in {base['seconds']:.2f} s = {base['rows_per_s'] / 1e6:.3f} M rows/s, "
           f"{base['bytes_per_s'] / 1e6:.1f} MB/s; {base['cpu']:.2f} CPU s = {base['rows_per_cpu_s'] / 1e6:.3f} M rows "
           f"per CPU second")
@@ -294,11 +316,11 @@ def main(argv=None) -> int:
     print(f"baseline  pyarrow.csv.read_csv per .mjd file (as written, skip_rows=3): {per_file['rows']:,} rows in "
           f"{per_file['seconds']:.2f} s = {per_file['rows_per_s'] / 1e6:.3f} M rows/s, "
           f"{per_file['bytes_per_s'] / 1e6:.1f} MB/s; {per_file['rows_per_cpu_s'] / 1e6:.3f} M rows per CPU second")
-    results = {}
-    for n in sizes:
+    results = {args.objects: max((i for _, i in rounds), key=lambda i: i["obs_per_s"])}
+    for n in sizes[1:]:
         folder, tars = folders[n]
-        r = ingest(tars, folder, work / f"lake-n{n}", args.workers, args.processes)
-        results[n] = r
+        results[n] = ingest(tars, folder, work / f"lake-n{n}", args.workers, args.processes)
+    for n, r in results.items():
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in r["stages"].items())
         if not args.processes:
             stages += "; CPU " + ", ".join(f"{k} {v:.1f}s" for k, v in r["stage_cpu"].items())
@@ -306,7 +328,7 @@ def main(argv=None) -> int:
               f"{r['bytes'] / 1e6:,.1f} MB in {r['seconds']:.2f} s ({stages}) = "
               f"{r['obs_per_s'] / 1e6:.3f} M obs/s, {r['bytes_per_s'] / 1e6:.1f} MB/s; "
               f"{r['cpu']:.1f} CPU s = {r['obs_per_cpu_s'] / 1e6:.3f} M obs per CPU second; "
-              f"peak RSS {r['peak_rss'] / 2**20:,.0f} MiB")
+              f"peak RSS {r['peak_rss'] / 2**20:,.0f} MiB" + (f" (best of {args.repeats})" if n == args.objects else ""))
     r = results[args.objects]
     python_paths = ingest(folders[args.objects][1], folders[args.objects][0], work / "lake-python-paths",
                           args.workers, args.processes, compiled=False)
@@ -322,7 +344,9 @@ def main(argv=None) -> int:
           f"(shards + lake) {costs['write_s']:.2f} s: {moving:.2f} CPU s before any parsing, against "
           f"{base['cpu']:.2f} CPU s for pyarrow's whole parse")
     ratio = r["obs_per_s"] / base["rows_per_s"]
-    print(f"ratio     end-to-end / pyarrow parse = {ratio:.2f} (target >= 0.5; "
+    paired = sorted(i["obs_per_s"] / b["rows_per_s"] for b, i in rounds)
+    print(f"ratio     end-to-end / pyarrow parse, best against best = {ratio:.2f} (target >= 0.5; round by round "
+          f"{', '.join(f'{x:.2f}' for x in paired)}, median {float(np.median(paired)):.2f}; "
           f"{r['obs_per_s'] / one_block['rows_per_s']:.2f} against the one-block parse); "
           f"{r['obs_per_s'] / 1e6:.2f} M obs/s (target >= 1.0 on 2 cores)")
     print(f"ratio     end-to-end / pyarrow per-file parse = {r['obs_per_s'] / per_file['rows_per_s']:.2f} (wall), "
@@ -333,8 +357,9 @@ def main(argv=None) -> int:
           f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     ok = ratio >= 0.5 and r["obs_per_s"] >= 1e6
     if len(sizes) == 2:
-        growth = results[sizes[1]]["peak_rss"] / results[sizes[0]]["peak_rss"]
-        print(f"memory    peak RSS {results[sizes[0]]['peak_rss'] / 2**20:,.0f} MiB -> "
+        small = min(i["peak_rss"] for _, i in rounds)       # the lowest peak: the strictest comparison
+        growth = results[sizes[1]]["peak_rss"] / small
+        print(f"memory    peak RSS {small / 2**20:,.0f} MiB (lowest of {args.repeats}) -> "
               f"{results[sizes[1]]['peak_rss'] / 2**20:,.0f} MiB when the survey doubles: x{growth:.2f} "
               f"(target <= 1.20)")
         ok = ok and growth <= 1.2

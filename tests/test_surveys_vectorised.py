@@ -236,3 +236,27 @@ def test_macho_names_in_one_pass_follow_the_name_by_name_rule(extra):
     assert macho._objects_and_bands(names) == expected
     regular = [n for n, e in zip(names, expected) if e is not None]
     assert len(regular) >= 5 and macho._objects_and_bands(regular) == [e for e in expected if e is not None]
+
+
+@pytest.mark.parametrize("names", [
+    [b"lc_1.B.mjd", b"dir/lc_2.R.mjd", b"caf\xc3\xa9.mjd", b"bad\xff\xfe.mjd"],
+    [b"lc_1.B.mjd", b"cut\0garbage"],
+    [b"line\nbreak.mjd", b"lc_1.B.mjd"],
+    [b"a\xc3", b"\xa9b"],                                 # a multi-byte character split across two names
+    [],
+])
+def test_tar_names_decoded_in_one_pass_equal_name_by_name(names):
+    from astromer.surveys.base import _decode_names
+
+    assert _decode_names(names) == [n.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") for n in names]
+
+
+@pytest.mark.parametrize("names,expected", [
+    (["a.mjd", "b.MJD", "dir/c.mjd"], True), (["a.mjd", "b.txt"], False), (["a.mjd\nb.mjd", "c.mjd"], False),
+    (["a.mjd.gz"], False), ([], True),
+])
+def test_every_name_ends_with_the_suffix(names, expected):
+    from astromer.surveys.base import _all_end_with
+
+    assert _all_end_with(names, ".mjd") is expected
+    assert not expected or all(n.lower().endswith(".mjd") for n in names)    # True is never wrong

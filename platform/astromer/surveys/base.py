@@ -463,8 +463,16 @@ def tar_members(data: bytes) -> Members:
     if posix.any():
         prefixes = heads[:, 345:500].copy().view("S155").ravel().tolist()
         names = [p + b"/" + n if p and is_posix else n for n, p, is_posix in zip(names, prefixes, posix.tolist())]
-    names = [n.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") for n in names]
-    return Members(data, names, starts.astype(np.int64), sizes.astype(np.int64))
+    return Members(data, _decode_names(names), starts.astype(np.int64), sizes.astype(np.int64))
+
+
+def _decode_names(names: list[bytes]) -> list[str]:
+    """Tar member names as text (cut at a NUL; undecodable bytes kept as surrogates): one decode of
+    all names joined by newlines where none holds a newline or a NUL, else name by name."""
+    joined = b"\n".join(names)
+    if joined.count(b"\n") == len(names) - 1 and b"\0" not in joined and names:
+        return joined.decode("utf-8", "surrogateescape").split("\n")
+    return [n.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") for n in names]
 
 
 def _tar_members_walk(data: bytes) -> Members:
@@ -842,10 +850,18 @@ def input_member_block(item: Input, suffix: str) -> tuple[Members, list[str]]:
     if not is_archive(item.url):
         return Members.from_pairs([(item.key, read_bytes(item.url))]), [item.key]
     members = read_members(item.url)
-    wanted = np.array([n.lower().endswith(suffix) for n in members.names], dtype=bool)
-    if not wanted.all():
-        members = members.take(wanted)
+    if not _all_end_with(members.names, suffix):
+        members = members.take(np.array([n.lower().endswith(suffix) for n in members.names], dtype=bool))
     return members, [f"{item.key}::{name}" for name in members.names]
+
+
+def _all_end_with(names: list[str], suffix: str) -> bool:
+    """True when one pass over the names joined shows that every name ends in ``suffix``
+    (case-insensitive); False otherwise, names holding a newline included (check them one by one)."""
+    if not names:
+        return True
+    joined = "\n".join(names).lower() + "\n"
+    return joined.count("\n") == len(names) and joined.count(suffix.lower() + "\n") == len(names)
 
 
 def input_members(item: Input, suffix: str) -> list[tuple[str, str, bytes]]:
