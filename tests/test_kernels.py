@@ -170,3 +170,11 @@ def test_the_real_ogle_sample_reads_the_same_either_way(monkeypatch):
         a, b = _both_paths(monkeypatch, lambda item=item: reader.read(item, plan.context).to_table(
             source_sha256="s", ingest_id="i"))
         assert a.num_rows > 0 and a.equals(b), item.key
+
+
+@pytest.mark.parametrize("delimiter", [b"\xa0", b"\n"])
+def test_delimiters_the_kernels_do_not_take_go_the_pyarrow_way(delimiter):
+    members = Members.from_pairs([("m", b"#h\n1" + delimiter + b"2" + delimiter + b"3\n")])
+    quarantine: list = []
+    columns, counts = split_headed(members).parse(["m"], 3, delimiter=delimiter, quarantine=quarantine)
+    assert counts.tolist() == [len(columns[0])]     # no error escapes; pyarrow or the row reader decides

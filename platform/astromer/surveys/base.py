@@ -613,17 +613,25 @@ def parse_bodies(bodies: list[bytes], names: list[str], ncols: int, *, delimiter
     return _parse_each(bodies, names, ncols, delimiter, quarantine, first_lines)
 
 
-def _parse_joined(text: bytes, rows: int, ncols: int, delimiter: bytes) -> list[np.ndarray] | None:
+def _kernel_delimiter(delimiter: bytes) -> str | None:
+    """The delimiter as the compiled parser takes it (one ASCII character other than a line end), or None."""
+    return delimiter.decode("ascii") if len(delimiter) == 1 and delimiter < b"\x80" \
+        and delimiter not in b"\r\n" else None
+
+
+def _parse_joined(text: bytes, rows: int, ncols: int, delimiter: bytes,
+                  try_compiled: bool = True) -> list[np.ndarray] | None:
     """``ncols`` float64 columns of ``text`` if it parses as exactly ``rows`` rows, else None.
 
-    The compiled parser (when built) takes strictly regular text; whatever it declines goes to
-    pyarrow's parser, which accepts more (nan, inf, ...) and gives the same values on what both take."""
+    The compiled parser (when built, and unless the caller has just tried it) takes strictly regular
+    text; whatever it declines goes to pyarrow's parser, which accepts more (nan, inf, ...) and gives
+    the same values on what both take."""
     if not rows:
         return None
-    compiled = compiled_kernels()
-    if compiled is not None and len(delimiter) == 1:
+    compiled = compiled_kernels() if try_compiled else None
+    if compiled is not None and _kernel_delimiter(delimiter) is not None:
         out = np.empty((ncols, rows))
-        if compiled.parse_rows(text, out, ncols, delimiter.decode("latin-1")):
+        if compiled.parse_rows(text, out, ncols, _kernel_delimiter(delimiter)):
             return list(out)
     names = [f"c{i}" for i in range(ncols)]
     try:
@@ -713,12 +721,12 @@ class HeadedMembers:
         """The compiled parser over the bodies where they lie (no joined copy), or None."""
         compiled = compiled_kernels()
         rows = int(self.rows.sum())
-        if compiled is None or not rows or len(delimiter) != 1:
+        if compiled is None or not rows or _kernel_delimiter(delimiter) is None:
             return None
         out = np.empty((ncols, rows))
         starts = np.ascontiguousarray(self.body_starts[index], dtype=np.int64)
         ends = np.ascontiguousarray(self.body_ends[index], dtype=np.int64)
-        if compiled.parse_spans(self.members.data, starts, ends, out, ncols, delimiter.decode("latin-1")):
+        if compiled.parse_spans(self.members.data, starts, ends, out, ncols, _kernel_delimiter(delimiter)):
             return list(out)
         return None
 
@@ -732,7 +740,8 @@ class HeadedMembers:
         index = np.arange(len(self.members)) if order is None else np.asarray(order)
         columns = self._parse_in_place(index, ncols, delimiter)
         if columns is None:
-            columns = _parse_joined(self.joined_bodies(order), int(self.rows.sum()), ncols, delimiter)
+            columns = _parse_joined(self.joined_bodies(order), int(self.rows.sum()), ncols, delimiter,
+                                    try_compiled=False)
         if columns is not None:
             return columns, self.rows[index]
         first_lines = (self.header_counts + 1)[index].tolist()
