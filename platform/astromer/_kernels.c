@@ -44,6 +44,9 @@
 #include <Python.h>
 
 #include <locale.h>
+#ifdef __APPLE__
+#include <xlocale.h> /* strtod_l, newlocale */
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
