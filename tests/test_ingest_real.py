@@ -213,3 +213,24 @@ def test_readme_example_queries_run_on_the_real_lake(lake, capsys):
     assert ["asas", "class", "Mira", "91"] in rows
     assert ["55262.0065", "17.639", "0.018", "0"] in rows   # OGLE-LMC-CEP-0001's first epoch on the MJD scale
     assert ["macho", "15118", "73", "0", "0", "316"] in rows   # 73 errors above 1, flagged
+
+
+def test_row_groups_hold_many_curves_even_from_one_object_per_input(lake, client, tmp_path, monkeypatch):
+    # MACHO ships one archive per object: its shards hold a curve or two, and the reduce gathers them into
+    # row groups of ROW_GROUP_CURVES (here 4, to see the cut on the 19-curve sample)
+    root, _ = lake
+    paths = LakePaths(str(root))
+    for band, curves in (("B", 9), ("R", 10)):
+        meta = pq.ParquetFile(Path(paths.lightcurves("macho", band)) / "part-00000.parquet").metadata
+        assert (meta.num_rows, meta.num_row_groups) == (curves, 1)
+    import astromer.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "ROW_GROUP_CURVES", 4)
+    small = tmp_path / "lake"
+    run_ingest("macho", str(shared_path("data", "macho_sample")), str(small), client=client, progress=False)
+    for band, sizes in (("B", [4, 4, 1]), ("R", [4, 4, 2])):
+        meta = pq.ParquetFile(Path(LakePaths(str(small)).lightcurves("macho", band)) / "part-00000.parquet").metadata
+        assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == sizes
+    same = [pq.read_table(Path(p.lightcurves("macho", b)) / "part-00000.parquet") for p in (paths, LakePaths(str(small)))
+            for b in ("B", "R")]
+    assert same[0].equals(same[2]) and same[1].equals(same[3])

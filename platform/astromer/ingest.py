@@ -220,8 +220,21 @@ def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[in
         return {"band": band, "part": part, "curves": meta.num_rows, "path": out}
     writer = ParquetPartWriter(fs, out, schema.LIGHTCURVES)
     try:
+        # row groups of ROW_GROUP_CURVES curves across shard boundaries: a survey of one small input per
+        # object (MACHO's archives) would otherwise get a row group per curve
+        pending: list[pa.Table] = []
+        pending_rows = 0
         for index in shard_indices:
-            writer.write(read_arrow(fs, shard_path(run, index, band)), row_group_size=ROW_GROUP_CURVES)
+            shard = read_arrow(fs, shard_path(run, index, band))
+            pending.append(shard)
+            pending_rows += shard.num_rows
+            if pending_rows >= ROW_GROUP_CURVES:
+                table = pa.concat_tables(pending)
+                full = pending_rows - pending_rows % ROW_GROUP_CURVES
+                writer.write(table.slice(0, full), row_group_size=ROW_GROUP_CURVES)
+                pending, pending_rows = [table.slice(full)], pending_rows - full
+        if pending_rows:
+            writer.write(pa.concat_tables(pending), row_group_size=ROW_GROUP_CURVES)
         writer.close()
     except BaseException:
         writer.abort()
