@@ -39,3 +39,18 @@ def test_part_cutter_cuts_parts_while_markers_arrive_as_if_the_map_had_finished(
             streamed += closed
         streamed += cutter.flush()
         assert sorted(streamed) == sorted(reference(markers, part_bytes))
+
+
+def test_small_inputs_share_tasks_and_large_or_unsized_ones_do_not():
+    from astromer.ingest import TASK_INPUT_BYTES, input_groups
+    from astromer.surveys.base import Input
+
+    tiny = [Input(key=f"t{i}", url=f"t{i}", size=10_000) for i in range(2000)]
+    groups = input_groups(tiny, threads=2)
+    assert [i for g in groups for i in g] == list(range(2000))             # every input once, in order
+    assert len(groups) == 8 and max(map(len, groups)) == 250               # about four tasks per thread
+    assert len(input_groups(tiny[:19], threads=2)) == 7                    # a small survey still spreads out
+    big = [Input(key=f"b{i}", url=f"b{i}", size=TASK_INPUT_BYTES // 2 + 1) for i in range(6)]
+    assert input_groups(big, threads=2) == [[i] for i in range(6)]
+    unsized = [Input(key="a", url="a", size=10), Input(key="s", url="s", size=0), Input(key="b", url="b", size=10)]
+    assert input_groups(unsized * 3, threads=1) == [[0], [1], [2, 3], [4], [5, 6], [7], [8]]   # "s" alone

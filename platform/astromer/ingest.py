@@ -3,7 +3,8 @@
     plan    list the inputs of a source, checksum them (on the workers), derive the ingest id
             (a hash of survey, reader version, options and every input's key and sha256)
     map     parse each input into shards (one Arrow IPC file per band) under
-            ``_ingest/runs/<id>/shards/`` and write its marker;
+            ``_ingest/runs/<id>/shards/`` and write its marker (small inputs share a Dask task,
+            :func:`input_groups`; shards and markers stay per input);
             inputs whose marker exists are skipped, so a killed run resumes where it stopped
     reduce  compact the shards, band by band, into parts of about ``part_bytes``, streamed row group
             by row group into ``_ingest/runs/<id>/staging/``
@@ -120,6 +121,45 @@ def checksum_task(item: Input, reader_name: str) -> str:
         while chunk := handle.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+#: small inputs share a map task (and a checksum task) up to these bounds: Dask's cost per task, a few
+#: milliseconds, would otherwise outweigh the work of a survey shipped as one small archive per object
+TASK_INPUT_BYTES = 32 << 20
+TASK_MAX_INPUTS = 256
+
+
+def input_groups(inputs: list[Input], threads: int) -> list[list[int]]:
+    """Consecutive inputs (plan order) grouped into tasks of at most :data:`TASK_INPUT_BYTES` and
+    :data:`TASK_MAX_INPUTS` inputs, and few enough per task that every thread gets about four tasks. An
+    input of unknown size (a simulated partition, say) gets a task of its own."""
+    cap = max(1, min(TASK_MAX_INPUTS, -(-len(inputs) // (4 * max(1, threads)))))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for index, item in enumerate(inputs):
+        item_size = int(item.size or 0)
+        if current and (not item_size or size + item_size > TASK_INPUT_BYTES or len(current) >= cap):
+            groups.append(current)
+            current, size = [], 0
+        current.append(index)
+        size += item_size
+        if not item_size:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def checksum_group(items: list[Input], reader_name: str) -> list[str]:
+    return [checksum_task(item, reader_name) for item in items]
+
+
+def map_group(reader_name: str, entries: list[tuple[int, Input, str]], context: dict, lake_url: str,
+              ingest_id: str) -> list[dict]:
+    """:func:`map_task` for each ``(index, input, sha256)`` of a group, in order; markers stay per input."""
+    return [map_task(reader_name, item, index, sha, context, lake_url, ingest_id) for index, item, sha in entries]
 
 
 _HEAP_STEADY = False
@@ -314,6 +354,8 @@ def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = No
 
 
 def _progress(iterable, total, desc, enabled, stream):
+    """A tqdm bar over ``iterable`` (None: a bar to update by hand), or the iterable itself (None) when
+    progress is off."""
     if not enabled:
         return iterable
     from tqdm import tqdm
@@ -336,8 +378,11 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     keys = [i.key for i in plan.inputs]
     if len(set(keys)) != len(keys):
         raise ValueError("the plan has duplicate input keys")
-    shas = client.gather(client.map(checksum_task, plan.inputs, reader_name=survey, pure=False)) \
-        if plan.inputs else []
+    threads = sum(client.nthreads().values()) or 1
+    groups = input_groups(plan.inputs, threads)
+    shas = [sha for group_shas in client.gather(client.map(
+        checksum_group, [[plan.inputs[i] for i in group] for group in groups], reader_name=survey, pure=False))
+        for sha in group_shas]
     ingest_id = ingest_id_of(survey, out_survey, options, list(zip(keys, shas)))
     run = paths.run(ingest_id)
     stages["plan"] = time.perf_counter() - t0
@@ -357,11 +402,11 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     # map tasks (the parts are the same as if every map task had finished first).
     t0, c0 = time.perf_counter(), time.process_time()
     context = client.scatter(plan.context, broadcast=True) if plan.context else {}
-    futures = [client.submit(map_task, survey, item, index, sha, context, lake, ingest_id, pure=False,
-                             key=f"map-{ingest_id}-{index}")
-               for index, (item, sha) in enumerate(zip(plan.inputs, shas))]
-    markers = [None] * len(futures)
-    position = {f.key: i for i, f in enumerate(futures)}
+    futures = [client.submit(map_group, survey, [(i, plan.inputs[i], shas[i]) for i in group], context, lake,
+                             ingest_id, pure=False, key=f"map-{ingest_id}-{group[0]}")
+               for group in groups]
+    markers = [None] * len(plan.inputs)
+    group_of = {f.key: group for f, group in zip(futures, groups)}
     cutter = PartCutter(part_bytes)
     reduce_futures = []
 
@@ -371,11 +416,18 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
                               for band, part, indices in groups)
 
     in_order = 0
-    for future in _progress(as_completed(futures), len(futures), f"map {out_survey}", progress, stream):
-        markers[position[future.key]] = future.result()
+    bar = _progress(None, len(markers), f"map {out_survey}", progress, stream)
+    for future in as_completed(futures):
+        group = group_of[future.key]
+        for index, marker in zip(group, future.result()):
+            markers[index] = marker
+        if bar is not None:
+            bar.update(len(group))
         while in_order < len(markers) and markers[in_order] is not None:
             submit_reduce(cutter.add(markers[in_order]))
             in_order += 1
+    if bar is not None:
+        bar.close()
     submit_reduce(cutter.flush())
     stages["map"] = time.perf_counter() - t0
     stage_cpu["map"] = time.process_time() - c0
