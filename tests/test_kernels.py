@@ -23,6 +23,11 @@ def test_the_install_builds_the_compiled_kernels():
     assert compiled is not None
 
 
+def parse_rows(text: bytes, out: np.ndarray, ncols: int, delimiter: str) -> bool:
+    """The compiled parser over one whole text (a single span)."""
+    return compiled.parse_spans(text, np.array([0]), np.array([len(text)]), out, ncols, delimiter)
+
+
 def _pyarrow_columns(text: bytes, ncols: int) -> np.ndarray:
     names = [f"c{i}" for i in range(ncols)]
     table = pacsv.read_csv(io.BytesIO(text), read_options=pacsv.ReadOptions(column_names=names),
@@ -40,7 +45,7 @@ def test_parse_rows_gives_pyarrows_doubles_bit_for_bit(fmt):
     tokens = [fmt.format(float(v)) for v in values]
     text = "\n".join(" ".join(tokens[i:i + 3]) for i in range(0, len(tokens), 3)).encode() + b"\n"
     out = np.empty((3, len(tokens) // 3))
-    assert compiled.parse_rows(text, out, 3, " ")
+    assert parse_rows(text, out, 3, " ")
     expected = _pyarrow_columns(text, 3)
     assert np.array_equal(out.view(np.int64), expected.view(np.int64))
 
@@ -56,13 +61,13 @@ def test_parse_rows_gives_pyarrows_doubles_bit_for_bit(fmt):
 ])
 def test_parse_rows_declines_what_it_does_not_handle(text):
     out = np.empty((3, 2))
-    assert not compiled.parse_rows(text, out, 3, " ")
+    assert not parse_rows(text, out, 3, " ")
 
 
 @pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 def test_parse_rows_accepts_crlf_a_missing_last_newline_and_bare_decimals():
     out = np.empty((3, 2))
-    assert compiled.parse_rows(b"1 2 3\r\n.5 5. -.5e1", out, 3, " ")
+    assert parse_rows(b"1 2 3\r\n.5 5. -.5e1", out, 3, " ")
     assert out.T.tolist() == [[1, 2, 3], [0.5, 5.0, -5.0]]
 
 

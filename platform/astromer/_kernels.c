@@ -14,14 +14,21 @@
  * starts; how many lines the body holds (a last line without a newline counts, and sets
  * missing[i]). The buffers are int64 (missing: uint8), filled in place.
  *
- *     parse_rows(text, out, ncols, delimiter) -> bool
  *     parse_spans(data, starts, ends, out, ncols, delimiter) -> bool
  *
  * ``out`` is a writable C-contiguous float64 buffer of ncols * rows items, filled column by column
- * (out[c * rows + r]). parse_rows reads ``rows`` lines from ``text``; parse_spans reads the spans
- * data[starts[k]:ends[k]] one after the other as if they were joined, without joining them. A line
- * is ``number (delimiter number){ncols-1}`` ended by "\n" or "\r\n" (the last line of the text or
- * of a span may lack it); a number is ``[+-]? (digits [. digits?] | . digits) ([eE] [+-]? digits)?``.
+ * (out[c * rows + r]) from ``rows`` lines: the spans data[starts[k]:ends[k]] (int64) read one after
+ * the other as if they were joined, without joining them (one span: a whole text). A line is
+ * ``number (delimiter number){ncols-1}`` ended by "\n" or "\r\n" (the last line of a span may
+ * lack it); a number is ``[+-]? (digits [. digits?] | . digits) ([eE] [+-]? digits)?``.
+ *
+ * Anything else (an empty line, a doubled delimiter, a missing or extra field, nan, inf, text, more
+ * or fewer lines than ``rows``) returns False with ``out`` partly written: the caller then uses
+ * pyarrow's parser and, failing that, the row-by-row reader that names the bad rows. So it
+ * accepts a subset of what pyarrow accepts and must give the same doubles on it: every value is
+ * correctly rounded, by exact arithmetic when the decimal fits (Clinger's fast path: a mantissa up
+ * to 2^53 times or divided by an exact power of ten up to 1e22) and by strtod in the "C" locale
+ * otherwise.
  *
  *     select_ranks(values, starts, lengths, ranks, out) -> bool
  *
@@ -31,14 +38,6 @@
  * rank outside the curve. One pass per curve for ranks near either end (the percentiles of the
  * quality flags), quickselect on a copy for the others: O(length) instead of a sort.
  * False (the caller sorts) if the values hold a NaN, whose place in an order is not defined.
- *
- * Anything else (an empty line, a doubled delimiter, a missing or extra field, nan, inf, text, more
- * or fewer lines than ``rows``) returns False with ``out`` partly written: the caller then uses
- * pyarrow's parser and, failing that, the row-by-row reader that names the bad rows. So these
- * accept a subset of what pyarrow accepts and must give the same doubles on it: every value is
- * correctly rounded, by exact arithmetic when the decimal fits (Clinger's fast path: a mantissa up
- * to 2^53 times or divided by an exact power of ten up to 1e22) and by strtod in the "C" locale
- * otherwise.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -150,28 +149,8 @@ static Py_ssize_t rows_of(Py_buffer *out, Py_ssize_t ncols, int delimiter)
     return out->len / (Py_ssize_t)sizeof(double) / ncols;
 }
 
-static PyObject *parse_rows(PyObject *self, PyObject *args)
-{
-    Py_buffer text, out;
-    int delimiter;
-    Py_ssize_t ncols;
-    if (!PyArg_ParseTuple(args, "y*w*nC", &text, &out, &ncols, &delimiter)) return NULL;
-    int ok = 0;
-    Py_ssize_t rows = rows_of(&out, ncols, delimiter);
-    if (rows >= 0) {
-        const char *data = (const char *)text.buf;
-        Py_BEGIN_ALLOW_THREADS
-        ok = rows > 0 && parse_lines(data, data + text.len, (double *)out.buf, ncols, rows, 0, (char)delimiter) == rows;
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&text);
-    PyBuffer_Release(&out);
-    if (PyErr_Occurred()) return NULL;
-    return PyBool_FromLong(ok);
-}
-
-/* parse_rows over the spans data[starts[k]:ends[k]] one after the other, as if joined (each
- * span's last line may lack its newline), without joining them */
+/* the spans data[starts[k]:ends[k]] one after the other, as if joined (each span's last line may
+ * lack its newline), without joining them */
 static PyObject *parse_spans(PyObject *self, PyObject *args)
 {
     Py_buffer data, starts, ends, out;
@@ -398,15 +377,13 @@ static PyMethodDef methods[] = {
      "select_ranks(values, starts, lengths, ranks, out) -> bool: per curve, the values of the given ranks "
      "in its ascending order (see the module source)."},
     {"parse_spans", parse_spans, METH_VARARGS,
-     "parse_spans(data, starts, ends, out, ncols, delimiter) -> bool: parse_rows over the spans of data, "
-     "one after the other, without joining them."},
+     "parse_spans(data, starts, ends, out, ncols, delimiter) -> bool: fill out (float64, ncols x rows, column "
+     "by column) from the strictly regular numeric rows of the spans of data, read one after the other; "
+     "False where they are not (see the module source)."},
     {"scan_members", scan_members, METH_VARARGS,
      "scan_members(data, starts, sizes, comment, body_starts, rows, missing, header_counts, header_starts, "
      "header_ends) -> bool: find every member's comment header lines and count its body lines (see the "
      "module source)."},
-    {"parse_rows", parse_rows, METH_VARARGS,
-     "parse_rows(text, out, ncols, delimiter) -> bool: fill out (float64, ncols x rows, column by column) "
-     "from strictly regular numeric rows; False where the text is not (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 

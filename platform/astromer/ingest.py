@@ -139,14 +139,12 @@ def input_groups(inputs: list[Input], threads: int) -> list[list[int]]:
     size = 0
     for index, item in enumerate(inputs):
         item_size = int(item.size or 0)
-        if current and (not item_size or size + item_size > TASK_INPUT_BYTES or len(current) >= cap):
+        # a group of size 0 holds one unsized input: it takes no other
+        if current and (not item_size or not size or size + item_size > TASK_INPUT_BYTES or len(current) >= cap):
             groups.append(current)
             current, size = [], 0
         current.append(index)
         size += item_size
-        if not item_size:
-            groups.append(current)
-            current, size = [], 0
     if current:
         groups.append(current)
     return groups
@@ -353,14 +351,13 @@ def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = No
     return _run(survey, source, lake, options, out_survey, client, progress, part_bytes, stream)
 
 
-def _progress(iterable, total, desc, enabled, stream):
-    """A tqdm bar over ``iterable`` (None: a bar to update by hand), or the iterable itself (None) when
-    progress is off."""
+def _progress_bar(total, desc, enabled, stream):
+    """A tqdm bar of ``total`` inputs to update by hand, or None when progress is off."""
     if not enabled:
-        return iterable
+        return None
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, file=stream, unit="input", leave=False)
+    return tqdm(total=total, desc=desc, file=stream, unit="input", leave=False)
 
 
 def _run(survey, source, lake, options, out_survey, client, progress, part_bytes, stream) -> IngestResult:
@@ -416,7 +413,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
                               for band, part, indices in groups)
 
     in_order = 0
-    bar = _progress(None, len(markers), f"map {out_survey}", progress, stream)
+    bar = _progress_bar(len(markers), f"map {out_survey}", progress, stream)
     for future in as_completed(futures):
         group = group_of[future.key]
         for index, marker in zip(group, future.result()):

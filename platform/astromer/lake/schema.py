@@ -169,53 +169,59 @@ def _curve_percentiles(mag, good, offsets, lengths, quantiles):
     values = np.where(good, mag, np.inf)
     n_good = np.add.reduceat(good.astype(np.int64), starts) if n_curves and (lengths > 0).all() \
         else np.bincount(np.repeat(np.arange(n_curves), lengths)[good], minlength=n_curves)
+    ranks = [_percentile_ranks(n_good, q) for q in quantiles]
+    pairs = _selected_pairs(values, starts, lengths, ranks) if n_curves else None
+    if pairs is None:
+        width = int(lengths.max()) if n_curves else 0
+        if n_curves and width * n_curves <= 2 * len(mag) + 4096:
+            # curves of similar lengths: one row each in a padded matrix, sorted row by row
+            # (many short sorts are several times faster than one sort of everything)
+            padded = np.full(n_curves * width, np.inf)
+            padded[np.arange(len(mag)) + np.repeat(np.arange(n_curves) * width - starts, lengths)] = values
+            padded = padded.reshape(n_curves, width)
+            padded.sort(axis=1)
+            flat, row_starts = padded.ravel(), np.arange(n_curves) * width
+        else:
+            flat, row_starts = _sorted_within_curves(mag, good, offsets, lengths), starts
+        pairs = [_pair_at(flat, row_starts, lo, hi) for lo, hi, _ in ranks]
+    return [np.where(n_good > 0, _interpolate(a, b, fraction), -np.inf if q < 0.5 else np.inf)
+            for q, (_, _, fraction), (a, b) in zip(quantiles, ranks, pairs)]
+
+
+def _percentile_ranks(counts, q):
+    """numpy's linear interpolation: the two ranks the ``q`` quantile of ``counts`` values lies between,
+    and the fraction of the way from the first to the second."""
+    counts = np.maximum(counts, 1)
+    position = (counts - 1) * q
+    lo = np.floor(position).astype(np.int64)
+    return lo, np.minimum(lo + 1, counts - 1), position - lo
+
+
+def _pair_at(sorted_values, starts, lo, hi):
+    """The values of ranks ``lo`` and ``hi`` of each segment of ``sorted_values`` starting at ``starts``."""
+    n = len(sorted_values)
+    return sorted_values[np.minimum(starts + lo, n - 1)], sorted_values[np.minimum(starts + hi, n - 1)]
+
+
+def _interpolate(a, b, fraction):
+    with np.errstate(invalid="ignore"):
+        return a + (b - a) * fraction
+
+
+def _selected_pairs(values, starts, lengths, ranks):
+    """:func:`_pair_at` for every ``(lo, hi, fraction)`` of ``ranks`` by the compiled rank selection,
+    without sorting (the values of those ranks are what the sort puts there), or None where the kernels
+    are not built or decline."""
     kernels = compiled_kernels()
-    if kernels is not None and n_curves:
-        found = _percentiles_by_selection(kernels, values, starts, lengths, n_good, quantiles)
-        if found is not None:
-            return found
-    width = int(lengths.max()) if n_curves else 0
-    if n_curves and width * n_curves <= 2 * len(mag) + 4096:
-        # curves of similar lengths: one row each in a padded matrix, sorted row by row
-        # (many short sorts are several times faster than one sort of everything)
-        padded = np.full(n_curves * width, np.inf)
-        padded[np.arange(len(mag)) + np.repeat(np.arange(n_curves) * width - starts, lengths)] = values
-        padded = padded.reshape(n_curves, width)
-        padded.sort(axis=1)
-        flat, row_starts = padded.ravel(), np.arange(n_curves) * width
-    else:
-        flat, row_starts = _sorted_within_curves(mag, good, offsets, lengths), starts
-    out = []
-    for q in quantiles:
-        value = _segment_percentile(flat, row_starts, n_good, q)
-        out.append(np.where(n_good > 0, value, -np.inf if q < 0.5 else np.inf))
-    return out
-
-
-def _percentiles_by_selection(kernels, values, starts, lengths, n_good, quantiles):
-    """:func:`_curve_percentiles` with the compiled kernel's selection of the two ranks each quantile
-    interpolates between, instead of sorting: the same values (those ranks' values are what the sort
-    puts there; the interpolation below is :func:`_segment_percentile`'s), or None if it declines."""
-    counts = np.maximum(n_good, 1)
-    ranks, fractions = [], []
-    for q in quantiles:
-        position = (counts - 1) * q
-        lo = np.floor(position).astype(np.int64)
-        ranks += [lo, np.minimum(lo + 1, counts - 1)]
-        fractions.append(position - lo)
-    ranks = np.ascontiguousarray(np.stack(ranks, axis=1), dtype=np.int64)
-    picked = np.empty(ranks.shape)
+    if kernels is None:
+        return None
+    wanted = np.ascontiguousarray(np.stack([r for lo, hi, _ in ranks for r in (lo, hi)], axis=1), dtype=np.int64)
+    picked = np.empty(wanted.shape)
     if not kernels.select_ranks(np.ascontiguousarray(values, dtype=np.float64),
                                 np.ascontiguousarray(starts, dtype=np.int64),
-                                np.ascontiguousarray(lengths, dtype=np.int64), ranks, picked):
+                                np.ascontiguousarray(lengths, dtype=np.int64), wanted, picked):
         return None
-    out = []
-    for j, (q, fraction) in enumerate(zip(quantiles, fractions)):
-        a, b = picked[:, 2 * j], picked[:, 2 * j + 1]
-        with np.errstate(invalid="ignore"):
-            value = a + (b - a) * fraction
-        out.append(np.where(n_good > 0, value, -np.inf if q < 0.5 else np.inf))
-    return out
+    return [(picked[:, 2 * j], picked[:, 2 * j + 1]) for j in range(len(ranks))]
 
 
 def _sorted_within_curves(mag, good, offsets, lengths):
@@ -240,12 +246,5 @@ def _sorted_within_curves(mag, good, offsets, lengths):
 
 
 def _segment_percentile(sorted_values, starts, counts, q):
-    pos = (np.maximum(counts, 1) - 1) * q
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, np.maximum(counts, 1) - 1)
-    frac = pos - lo
-    n = len(sorted_values)
-    a = sorted_values[np.minimum(starts + lo, n - 1)]
-    b = sorted_values[np.minimum(starts + hi, n - 1)]
-    with np.errstate(invalid="ignore"):
-        return a + (b - a) * frac
+    lo, hi, fraction = _percentile_ranks(counts, q)
+    return _interpolate(*_pair_at(sorted_values, starts, lo, hi), fraction)

@@ -607,32 +607,35 @@ def parse_bodies(bodies: list[bytes], names: list[str], ncols: int, *, delimiter
     """
     fixed = [b if b.endswith(b"\n") or not b else b + b"\n" for b in bodies]
     counts = np.fromiter((b.count(b"\n") for b in fixed), dtype=np.int64, count=len(fixed))
-    columns = _parse_joined(b"".join(fixed), int(counts.sum()), ncols, delimiter)
+    text, rows = b"".join(fixed), int(counts.sum())
+    columns = _parse_compiled(text, np.array([0]), np.array([len(text)]), rows, ncols, delimiter)
+    if columns is None:
+        columns = _parse_joined(text, rows, ncols, delimiter)
     if columns is not None:
         return columns, counts
     return _parse_each(bodies, names, ncols, delimiter, quarantine, first_lines)
 
 
-def _kernel_delimiter(delimiter: bytes) -> str | None:
-    """The delimiter as the compiled parser takes it (one ASCII character other than a line end), or None."""
-    return delimiter.decode("ascii") if len(delimiter) == 1 and delimiter < b"\x80" \
-        and delimiter not in b"\r\n" else None
+def _parse_compiled(data: bytes, starts: np.ndarray, ends: np.ndarray, rows: int, ncols: int,
+                    delimiter: bytes) -> list[np.ndarray] | None:
+    """``ncols`` float64 columns of the spans ``data[starts[k]:ends[k]]``, read one after the other, by the
+    compiled parser (when built): None where it declines (anything but strictly regular rows, or not
+    exactly ``rows`` of them) or cannot take the delimiter (one ASCII character other than a line end)."""
+    compiled = compiled_kernels()
+    if compiled is None or not rows or len(delimiter) != 1 or delimiter >= b"\x80" or delimiter in b"\r\n":
+        return None
+    out = np.empty((ncols, rows))
+    if compiled.parse_spans(data, np.ascontiguousarray(starts, dtype=np.int64),
+                            np.ascontiguousarray(ends, dtype=np.int64), out, ncols, delimiter.decode("ascii")):
+        return list(out)
+    return None
 
 
-def _parse_joined(text: bytes, rows: int, ncols: int, delimiter: bytes,
-                  try_compiled: bool = True) -> list[np.ndarray] | None:
-    """``ncols`` float64 columns of ``text`` if it parses as exactly ``rows`` rows, else None.
-
-    The compiled parser (when built, and unless the caller has just tried it) takes strictly regular
-    text; whatever it declines goes to pyarrow's parser, which accepts more (nan, inf, ...) and gives
-    the same values on what both take."""
+def _parse_joined(text: bytes, rows: int, ncols: int, delimiter: bytes) -> list[np.ndarray] | None:
+    """``ncols`` float64 columns of ``text`` if pyarrow parses exactly ``rows`` rows of it, else None (it
+    accepts more than :func:`_parse_compiled`: nan, inf, ...; the same values on what both take)."""
     if not rows:
         return None
-    compiled = compiled_kernels() if try_compiled else None
-    if compiled is not None and _kernel_delimiter(delimiter) is not None:
-        out = np.empty((ncols, rows))
-        if compiled.parse_rows(text, out, ncols, _kernel_delimiter(delimiter)):
-            return list(out)
     names = [f"c{i}" for i in range(ncols)]
     try:
         table = read_csv_columns(text, names, delimiter=delimiter.decode(), types={c: pa.float64() for c in names})
@@ -717,31 +720,20 @@ class HeadedMembers:
             lines.append(data[int(starts[at[0]]):int(ends[at[0]])].rstrip(b"\r"))
         return lines
 
-    def _parse_in_place(self, index: np.ndarray, ncols: int, delimiter: bytes) -> list[np.ndarray] | None:
-        """The compiled parser over the bodies where they lie (no joined copy), or None."""
-        compiled = compiled_kernels()
-        rows = int(self.rows.sum())
-        if compiled is None or not rows or _kernel_delimiter(delimiter) is None:
-            return None
-        out = np.empty((ncols, rows))
-        starts = np.ascontiguousarray(self.body_starts[index], dtype=np.int64)
-        ends = np.ascontiguousarray(self.body_ends[index], dtype=np.int64)
-        if compiled.parse_spans(self.members.data, starts, ends, out, ncols, _kernel_delimiter(delimiter)):
-            return list(out)
-        return None
-
     def parse(self, keys: list[str], ncols: int, *, delimiter: bytes = b" ", quarantine: list | None = None,
               order: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:
         """The bodies as ``ncols`` concatenated float64 columns and the row count of each body: one
-        pyarrow parse of all bodies, or (any irregularity anywhere) :func:`parse_numeric` per body,
+        compiled parse of all bodies where they lie, else one pyarrow parse of them joined, else (any
+        irregularity anywhere) :func:`parse_numeric` per body,
         naming bad rows by their line in the file (``keys`` name the members). With ``order`` (member
         indices) the bodies come out in that order: a reader that groups its curves by band before
         parsing saves the shard a reshuffle of every observation."""
         index = np.arange(len(self.members)) if order is None else np.asarray(order)
-        columns = self._parse_in_place(index, ncols, delimiter)
+        rows = int(self.rows.sum())
+        columns = _parse_compiled(self.members.data, self.body_starts[index], self.body_ends[index], rows, ncols,
+                                  delimiter)
         if columns is None:
-            columns = _parse_joined(self.joined_bodies(order), int(self.rows.sum()), ncols, delimiter,
-                                    try_compiled=False)
+            columns = _parse_joined(self.joined_bodies(order), rows, ncols, delimiter)
         if columns is not None:
             return columns, self.rows[index]
         first_lines = (self.header_counts + 1)[index].tolist()
@@ -864,13 +856,20 @@ def input_member_block(item: Input, suffix: str) -> tuple[Members, list[str]]:
     return members, [f"{item.key}::{name}" for name in members.names]
 
 
+def one_per_line(names: list[str]) -> str | None:
+    """``names`` joined by newlines, for one pass over all of them (a count, a regular expression), or
+    None where a name holds a newline: then they go one by one."""
+    text = "\n".join(names)
+    return text if text.count("\n") == len(names) - 1 else None
+
+
 def _all_end_with(names: list[str], suffix: str) -> bool:
     """True when one pass over the names joined shows that every name ends in ``suffix``
     (case-insensitive); False otherwise, names holding a newline included (check them one by one)."""
     if not names:
         return True
-    joined = "\n".join(names).lower() + "\n"
-    return joined.count("\n") == len(names) and joined.count(suffix.lower() + "\n") == len(names)
+    text = one_per_line(names)
+    return text is not None and (text.lower() + "\n").count(suffix.lower() + "\n") == len(names)
 
 
 def input_members(item: Input, suffix: str) -> list[tuple[str, str, bytes]]:

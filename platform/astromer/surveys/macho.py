@@ -29,6 +29,7 @@ from astromer.surveys.base import (
     band_order,
     input_member_block,
     list_files,
+    one_per_line,
     single_spaced,
     split_headed,
 )
@@ -104,8 +105,8 @@ def _objects_and_bands(names: list[str]) -> list[tuple[str, str] | None]:
     """``(object, band)`` of every member name (None where the name does not follow the rule): one
     regular-expression pass over the names joined by newlines when every one of them matches (the
     archive of a survey), else name by name."""
-    text = "\n".join(names)
-    if text.count("\n") == len(names) - 1:
+    text = one_per_line(names)
+    if text is not None:
         found = _NAME_LINE.findall(text)
         if len(found) == len(names):
             return found
