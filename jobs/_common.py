@@ -142,14 +142,16 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     """Train with Ray (TorchTrainer over the lake's datasets), then log and register the final model from the
     driver. Returns a summary dict (also printed as JSON by the jobs)."""
     import ray.train
-    from astromer.data import make_datasets
+    from astromer.data import make_datasets, read_lightcurves
     from mlflow.tracking import MlflowClient
     from ray.train.torch import TorchTrainer
 
     init_ray(config)
     config.mlflow_run_id = start_mlflow_run(config)
-    cleaning = log_cleaning(config) if config.count_cleaning else None
-    datasets = make_datasets(config.data_spec())
+    spec = config.data_spec()
+    source = read_lightcurves(spec)        # the lake's row groups listed once, for the count and the training
+    cleaning = log_cleaning(config, source) if config.count_cleaning else None
+    datasets = make_datasets(spec, source)
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config=config.to_dict(),
@@ -182,14 +184,15 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     return summary
 
 
-def log_cleaning(config: TrainConfig) -> dict:
-    """Count what the paper's cleaning keeps of the selected curves (per split) and log it to the run:
+def log_cleaning(config: TrainConfig, source=None) -> dict:
+    """Count what the paper's cleaning keeps of the selected curves (per split; over ``source``, the job's
+    read of the lake, when given) and log it to the run:
     metrics ``cleaning_<split>_<count>`` and the whole report as ``cleaning.json``."""
     from astromer.data import cleaning_report
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    report = cleaning_report(config.data_spec())
+    report = cleaning_report(config.data_spec(), source)
     now = int(time.time() * 1000)
     metrics = []
     for split, counts in sorted(report.items()):

@@ -363,9 +363,10 @@ def window_dataset(spec: DataSpec, split: str, source=None):
                               batch_format="numpy", batch_size=256, num_cpus=spec.data_cpus)
 
 
-def make_datasets(spec: DataSpec) -> dict:
-    """{'train', 'val', 'test'} lazy datasets over one read of the lake."""
-    source = read_lightcurves(spec)
+def make_datasets(spec: DataSpec, source=None) -> dict:
+    """{'train', 'val', 'test'} lazy datasets over one read of the lake (``source``, else
+    :func:`read_lightcurves`)."""
+    source = read_lightcurves(spec) if source is None else source
     return {split: window_dataset(spec, split, source) for split in SPLITS}
 
 
