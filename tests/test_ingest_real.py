@@ -6,6 +6,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -110,14 +111,22 @@ def test_labels_and_coordinates(lake):
     assert n == 104
 
 
-def test_files_are_plain_hive_partitioned_zstd_parquet(lake):
+def test_files_are_plain_hive_partitioned_lz4_parquet_with_split_floats(lake):
     root, _ = lake
     paths = LakePaths(str(root))
     files = sorted(Path(paths.lightcurves()).rglob("*"))
     parquet = [f for f in files if f.is_file()]
     assert parquet and all(f.name.startswith("part-") and f.suffix == ".parquet" for f in parquet)
     meta = pq.ParquetFile(parquet[0]).metadata
-    assert meta.row_group(0).column(0).compression == "ZSTD"
+    columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i)
+               for i in range(meta.num_columns)}
+    assert {c.compression for c in columns.values()} == {"LZ4"}
+    # the float lists are byte-stream split, the flags and the strings are not
+    assert all("BYTE_STREAM_SPLIT" in columns[f"{name}.list.element"].encodings for name in ("mjd", "mag", "err"))
+    assert "BYTE_STREAM_SPLIT" not in columns["quality.list.element"].encodings
+    # and DuckDB, which every lake user queries through, names the codec the LZ4_RAW of the format
+    codecs = duckdb.sql(f"SELECT DISTINCT compression FROM parquet_metadata('{parquet[0]}')").fetchall()
+    assert codecs == [("LZ4_RAW",)]
     names = pq.read_schema(parquet[0]).names
     assert names[:4] == ["object_id", "ra", "dec", "mjd"] and "survey" not in names and "band" not in names
     manifest = pq.read_table(Path(paths.ingest("ogle")) / "manifest.parquet").to_pylist()

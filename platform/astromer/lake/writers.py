@@ -21,6 +21,16 @@ PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=[
                        "status"], write_statistics=True)
 
 
+#: the ``lightcurves`` files: LZ4 (LZ4_RAW in the file) over byte-stream-split floats. Splitting a float
+#: column into its byte planes puts the slowly varying exponent and high mantissa bytes side by side, where
+#: a fast codec finds them; measured on 4,000 MACHO-format curves (525,000 observations), against the zstd
+#: level 1 of plain floats used before: the same size (6.24 against 6.21 MB), 24% less CPU to write (34 against
+#: 45 ms) and 35% less to read (16 against 25 ms). ``compression="zstd"`` with the same split gives 16% smaller
+#: files at the old write cost. DuckDB, pyarrow, Polars and Spark 3.4+ read both.
+LIGHTCURVE_CODEC = "lz4"
+LIGHTCURVE_SPLIT_FLOATS = ["mjd.list.element", "mag.list.element", "err.list.element"]
+
+
 def tmp_name(path: str) -> str:
     return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
 
@@ -57,13 +67,16 @@ def write_parquet(fs, table: pa.Table, path: str, *, row_group_size: int | None 
 class ParquetPartWriter:
     """Stream row groups into one Parquet file, published atomically by :meth:`close`."""
 
-    def __init__(self, fs, path: str, schema: pa.Schema, compression: str = "zstd", compression_level: int = 1):
+    def __init__(self, fs, path: str, schema: pa.Schema, compression: str = LIGHTCURVE_CODEC,
+                 compression_level: int | None = None, byte_stream_split: list[str] | None = None):
         self.fs, self.path = fs, path
         fs.makedirs(os.path.dirname(path), exist_ok=True)
         self.tmp = tmp_name(path)
         self.handle = fs.open(self.tmp, "wb")
         options = dict(PARQUET_OPTIONS, compression=compression, compression_level=compression_level)
         options["use_dictionary"] = [c for c in options["use_dictionary"] if c in schema.names]
+        if byte_stream_split:
+            options["use_byte_stream_split"] = byte_stream_split
         self.writer = pq.ParquetWriter(self.handle, schema, **options)
         self.rows = 0
         self.bytes = 0
