@@ -52,5 +52,9 @@ def test_small_inputs_share_tasks_and_large_or_unsized_ones_do_not():
     assert len(input_groups(tiny[:19], threads=2)) == 7                    # a small survey still spreads out
     big = [Input(key=f"b{i}", url=f"b{i}", size=TASK_INPUT_BYTES // 2 + 1) for i in range(6)]
     assert input_groups(big, threads=2) == [[i] for i in range(6)]
+    # the checksums take more bytes per task (reading and hashing is all they do)
+    many_big = big * 4
+    assert len(input_groups(many_big, threads=2)) == 24
+    assert input_groups(many_big, threads=2, max_bytes=2 * TASK_INPUT_BYTES)[:2] == [[0, 1, 2], [3, 4, 5]]
     unsized = [Input(key="a", url="a", size=10), Input(key="s", url="s", size=0), Input(key="b", url="b", size=10)]
     assert input_groups(unsized * 3, threads=1) == [[0], [1], [2, 3], [4], [5, 6], [7], [8]]   # "s" alone
