@@ -58,7 +58,7 @@ from astromer.surveys.base import ArchiveError, Batch, Input
 
 READER_VERSION = "1"
 ROW_GROUP_CURVES = 2048
-DEFAULT_PART_BYTES = 192 << 20   # Arrow bytes per part: about 128 MB of zstd Parquet (times barely compress)
+DEFAULT_PART_BYTES = 192 << 20   # Arrow bytes per part: about 128 MB of Parquet (times barely compress)
 
 log = logging.getLogger("astromer.ingest")
 
