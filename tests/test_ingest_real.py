@@ -124,6 +124,9 @@ def test_files_are_plain_hive_partitioned_lz4_parquet_with_split_floats(lake):
     # the float lists are byte-stream split, the flags and the strings are not
     assert all("BYTE_STREAM_SPLIT" in columns[f"{name}.list.element"].encodings for name in ("mjd", "mag", "err"))
     assert "BYTE_STREAM_SPLIT" not in columns["quality.list.element"].encodings
+    # row groups can be pruned by object and length; the observation lists carry no statistics
+    assert columns["object_id"].is_stats_set and columns["n_obs"].statistics.has_min_max
+    assert not any(columns[f"{name}.list.element"].is_stats_set for name in ("mjd", "mag", "err", "quality"))
     # and DuckDB, which every lake user queries through, names the codec the LZ4_RAW of the format
     codecs = duckdb.sql(f"SELECT DISTINCT compression FROM parquet_metadata('{parquet[0]}')").fetchall()
     assert codecs == [("LZ4_RAW",)]
@@ -243,3 +246,23 @@ def test_row_groups_hold_many_curves_even_from_one_object_per_input(lake, client
     same = [pq.read_table(Path(p.lightcurves("macho", b)) / "part-00000.parquet") for p in (paths, LakePaths(str(small)))
             for b in ("B", "R")]
     assert same[0].equals(same[2]) and same[1].equals(same[3])
+
+
+def test_a_staged_part_frees_its_shards_and_a_resumed_reduce_finds_it(tmp_path):
+    # the shards of a whole survey never sit on disk at once: a reduce deletes a part's shards once the
+    # part is staged, and the same reduce run again (a resumed run) returns the staged part
+    from astromer.ingest import map_task, reduce_task, shard_path
+    from astromer.surveys import get_reader
+
+    lake = str(tmp_path / "lake")
+    plan = get_reader("macho").plan(str(shared_path("data", "macho_sample")), {})
+    markers = [map_task("macho", item, i, "0" * 64, plan.context, lake, "run1") for i, item in enumerate(plan.inputs)]
+    run = LakePaths(lake).run("run1")
+    indices = [m["index"] for m in markers if "R" in m["bands"]]
+    shards = [Path(shard_path(run, i, "R")) for i in indices]
+    assert len(shards) == 10 and all(p.exists() for p in shards)
+    staged = reduce_task(lake, "run1", "R", indices, 0)
+    assert staged["curves"] == 10 and Path(staged["path"]).exists()
+    assert not any(p.exists() for p in shards)
+    assert all(Path(shard_path(run, i, "B")).exists() for i in indices if "B" in markers[i]["bands"])
+    assert reduce_task(lake, "run1", "R", indices, 0) == staged

@@ -7,7 +7,9 @@
             :func:`input_groups`; shards and markers stay per input);
             inputs whose marker exists are skipped, so a killed run resumes where it stopped
     reduce  compact the shards, band by band, into parts of about ``part_bytes``, streamed row group
-            by row group into ``_ingest/runs/<id>/staging/``
+            by row group into ``_ingest/runs/<id>/staging/``; a part's shards are deleted once it is
+            staged (a resumed run finds the staged part), so the shards of a whole survey never sit on
+            disk at once
     finish  verify the counts, publish every part with an atomic rename into
             ``lightcurves/survey=<s>/band=<b>/``, write ``labels``, the manifest (inputs + sha256),
             the quarantine report and the run record; print the summary table
@@ -45,6 +47,7 @@ from astromer.lake import schema
 from astromer.lake.paths import LakePaths, validate_survey
 from astromer.lake.writers import (
     LIGHTCURVE_SPLIT_FLOATS,
+    LIGHTCURVE_STATISTICS,
     ParquetPartWriter,
     publish,
     read_arrow,
@@ -260,7 +263,8 @@ def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[in
     if fs.exists(out):
         meta = pq.read_metadata(fs.open(out, "rb"))
         return {"band": band, "part": part, "curves": meta.num_rows, "path": out}
-    writer = ParquetPartWriter(fs, out, schema.LIGHTCURVES, byte_stream_split=LIGHTCURVE_SPLIT_FLOATS)
+    writer = ParquetPartWriter(fs, out, schema.LIGHTCURVES, byte_stream_split=LIGHTCURVE_SPLIT_FLOATS,
+                               statistics=LIGHTCURVE_STATISTICS)
     try:
         # row groups of ROW_GROUP_CURVES curves across shard boundaries: a survey of one small input per
         # object (MACHO's archives) would otherwise get a row group per curve
@@ -281,6 +285,8 @@ def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[in
     except BaseException:
         writer.abort()
         raise
+    for index in shard_indices:
+        fs.rm(shard_path(run, index, band))
     return {"band": band, "part": part, "curves": writer.rows, "path": out}
 
 

@@ -29,6 +29,10 @@ PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=[
 #: files at the old write cost. DuckDB, pyarrow, Polars and Spark 3.4+ read both.
 LIGHTCURVE_CODEC = "lz4"
 LIGHTCURVE_SPLIT_FLOATS = ["mjd.list.element", "mag.list.element", "err.list.element"]
+#: min/max statistics for the row-level columns, which readers prune row groups by (an object, a sky
+#: region, a length); none for the elements of the observation lists, which no reader prunes by and which
+#: cost 8% of the encoding
+LIGHTCURVE_STATISTICS = ["object_id", "ra", "dec", "n_obs", "source_file", "source_sha256", "ingest_id"]
 
 
 def tmp_name(path: str) -> str:
@@ -68,7 +72,8 @@ class ParquetPartWriter:
     """Stream row groups into one Parquet file, published atomically by :meth:`close`."""
 
     def __init__(self, fs, path: str, schema: pa.Schema, compression: str = LIGHTCURVE_CODEC,
-                 compression_level: int | None = None, byte_stream_split: list[str] | None = None):
+                 compression_level: int | None = None, byte_stream_split: list[str] | None = None,
+                 statistics: list[str] | bool = True):
         self.fs, self.path = fs, path
         fs.makedirs(os.path.dirname(path), exist_ok=True)
         self.tmp = tmp_name(path)
@@ -77,6 +82,7 @@ class ParquetPartWriter:
         options["use_dictionary"] = [c for c in options["use_dictionary"] if c in schema.names]
         if byte_stream_split:
             options["use_byte_stream_split"] = byte_stream_split
+        options["write_statistics"] = statistics
         self.writer = pq.ParquetWriter(self.handle, schema, **options)
         self.rows = 0
         self.bytes = 0
