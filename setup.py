@@ -6,4 +6,4 @@ twins (the same values, about 30% slower; see benchmarks/ingest.py). Everything 
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("astromer._kernels", ["platform/astromer/_kernels.c"],
-                             extra_compile_args=["-O3"], optional=True)])
+                             extra_compile_args=["-O3", "-ffp-contract=off"], optional=True)])

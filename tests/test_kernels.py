@@ -149,6 +149,54 @@ def test_selected_percentiles_equal_the_sorted_ones_bit_for_bit(monkeypatch):
             assert np.array_equal(a.view(np.int64), b.view(np.int64)), quantiles
 
 
+def _random_curves(rng, sorted_in_time=True):
+    lengths = rng.integers(0, 400, 40)
+    lengths[[0, 7]] = 0, 3_000            # an empty curve; one long enough for quickselect (1% rank > 16)
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    n = int(offsets[-1])
+    mjd = np.concatenate([np.sort(rng.uniform(0, 100, k)) for k in lengths])
+    mjd[: n // 2] = np.round(mjd[: n // 2])                               # duplicate times
+    mag = np.round(rng.normal(15, 1, n), 1)                                # ties
+    err = rng.choice([0.01, 0.2, 1.0, 1.5, 0.0, -0.1], n, p=[0.6, 0.2, 0.05, 0.05, 0.05, 0.05])
+    mag[rng.integers(0, n, 20)] = np.nan
+    err[rng.integers(0, n, 5)] = np.inf
+    mjd[rng.integers(0, n, 5)] = np.nan
+    err[offsets[3]:offsets[4]] = 2.0                                     # a curve without a good row
+    if not sorted_in_time:
+        lo = offsets[5]
+        mjd[lo], mjd[lo + 1] = mjd[lo + 1] + 1.0, mjd[lo]
+    return mjd, mag, err, offsets
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_quality_flags_equal_the_numpy_ones(monkeypatch, seed):
+    from astromer.lake import schema
+
+    mjd, mag, err, offsets = _random_curves(np.random.default_rng(seed))
+    python_path, kernel_path = _both_paths(
+        monkeypatch, lambda: schema.quality_flags(mjd.copy(), mag.copy(), err.copy(), offsets))
+    assert schema._flags_compiled(mjd, mag, err, offsets) is not None           # the kernel took them
+    flags = kernel_path[3]
+    assert np.array_equal(python_path[3], flags)
+    for bit in (schema.Quality.NONFINITE, schema.Quality.ERR_NONPOSITIVE, schema.Quality.ERR_ABOVE_ONE,
+                schema.Quality.DUPLICATE_TIME, schema.Quality.MAG_PERCENTILE):
+        assert (flags & bit).any(), bit                                          # every flag occurs
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
+def test_compiled_quality_flags_decline_a_curve_out_of_time_order(monkeypatch):
+    from astromer.lake import schema
+
+    mjd, mag, err, offsets = _random_curves(np.random.default_rng(9), sorted_in_time=False)
+    assert schema._flags_compiled(mjd, mag, err, offsets) is None
+    python_path, kernel_path = _both_paths(
+        monkeypatch, lambda: schema.quality_flags(mjd.copy(), mag.copy(), err.copy(), offsets))
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(python_path, kernel_path))
+    moved = np.flatnonzero(kernel_path[3] & schema.Quality.UNSORTED_SOURCE)
+    assert len(moved) >= 2 and offsets[5] <= moved.min() and moved.max() < offsets[6]     # that curve only
+
+
 @pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 def test_select_ranks_declines_nan_and_matches_a_sort():
     values = np.array([3.0, 1.0, 2.0, 5.0, np.nan, 4.0])

@@ -1,7 +1,8 @@
-/* The ingest's compiled kernels (astromer.kernels): the twins of three vectorised numpy/pyarrow steps.
+/* The ingest's compiled kernels (astromer.kernels): the twins of four vectorised numpy/pyarrow steps.
  * Two serve the text readers (astromer.surveys.base), whose members (the files of an archive) lie
- * in one buffer: finding their comment headers and parsing their rows. One serves the quality flags
- * (astromer.lake.schema): order statistics inside each curve. Each gives exactly what its twin
+ * in one buffer: finding their comment headers and parsing their rows. Two serve the quality flags
+ * (astromer.lake.schema): order statistics inside each curve, and the whole flagging of curves in
+ * time order. Each gives exactly what its twin
  * gives, or returns False where its input is not what it handles, and the caller then runs the
  * twin. The loops run without the GIL, so the threads of one Dask worker work side by side.
  *
@@ -38,6 +39,17 @@
  * rank outside the curve. One pass per curve for ranks near either end (the percentiles of the
  * quality flags), quickselect on a copy for the others: O(length) instead of a sort.
  * False (the caller sorts) if the values hold a NaN, whose place in an order is not defined.
+ *
+ *     flag_curves(mjd, mag, err, offsets, flags, low_q, high_q, nonfinite, err_nonpositive,
+ *                 err_above_one, duplicate_time, mag_percentile) -> bool
+ *
+ * The quality flags of astromer.lake.schema.quality_flags for curves already in time order, in one
+ * pass per curve: curve i is [offsets[i], offsets[i+1]) of the float64 columns; flags (uint8) gets
+ * the given bits: a non-finite value; err <= 0; err > 1; a time equal to the curve's previous one
+ * (their difference is zero); a good magnitude (none of those) outside the curve's [low_q, high_q]
+ * quantiles of its good magnitudes, interpolated as numpy's percentile does (the ranks from the
+ * running buffers or quickselect above). False, with flags partly written, if a curve steps back in
+ * time: the numpy twin then sorts it and flags it UNSORTED_SOURCE.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -372,7 +384,105 @@ static PyObject *select_ranks(PyObject *self, PyObject *args)
     return PyBool_FromLong(ok);
 }
 
+/* numpy's linear interpolation of the q quantile of n values: ranks lo and hi, and the fraction between */
+static inline void percentile_ranks(Py_ssize_t n, double q, Py_ssize_t *lo, Py_ssize_t *hi, double *fraction)
+{
+    Py_ssize_t count = n > 1 ? n : 1;
+    double position = (double)(count - 1) * q;
+    double floor_position = floor(position);
+    *lo = (Py_ssize_t)floor_position;
+    *hi = *lo + 1 < count - 1 ? *lo + 1 : count - 1;
+    *fraction = position - floor_position;
+}
+
+static PyObject *flag_curves(PyObject *self, PyObject *args)
+{
+    Py_buffer mjd_b, mag_b, err_b, offsets_b, flags_b;
+    double low_q, high_q;
+    int bit_nonfinite, bit_err_nonpositive, bit_err_above_one, bit_duplicate, bit_outside;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*ddiiiii", &mjd_b, &mag_b, &err_b, &offsets_b, &flags_b, &low_q,
+                          &high_q, &bit_nonfinite, &bit_err_nonpositive, &bit_err_above_one, &bit_duplicate,
+                          &bit_outside)) return NULL;
+    Py_buffer *all[] = {&mjd_b, &mag_b, &err_b, &offsets_b, &flags_b};
+    Py_ssize_t n = mjd_b.len / 8, n_curves = offsets_b.len / 8 - 1;
+    int ok = 0;
+    if (mjd_b.len % 8 || mag_b.len != mjd_b.len || err_b.len != mjd_b.len || flags_b.len != n
+        || offsets_b.len % 8 || n_curves < 0) {
+        PyErr_SetString(PyExc_ValueError, "flag_curves: buffer sizes do not match");
+    } else {
+        const double *mjd = mjd_b.buf, *mag = mag_b.buf, *err = err_b.buf;
+        const int64_t *offsets = offsets_b.buf;
+        uint8_t *flags = flags_b.buf;
+        const uint8_t cleaning = (uint8_t)(bit_nonfinite | bit_err_nonpositive | bit_err_above_one | bit_duplicate);
+        Py_ssize_t longest = 0;
+        ok = n_curves == 0 ? n == 0 : offsets[0] == 0 && offsets[n_curves] == n;
+        for (Py_ssize_t i = 0; i < n_curves && ok; i++) {
+            if (offsets[i + 1] < offsets[i]) ok = 0;
+            else if (offsets[i + 1] - offsets[i] > longest) longest = offsets[i + 1] - offsets[i];
+        }
+        double *good = ok ? malloc(sizeof(double) * (size_t)(longest > 0 ? longest : 1)) : NULL;
+        if (ok && !good) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        double low[EDGE_RANKS], high[EDGE_RANKS];
+        for (Py_ssize_t c = 0; c < n_curves && ok; c++) {
+            Py_ssize_t lo = offsets[c], hi = offsets[c + 1], n_good = 0;
+            for (Py_ssize_t i = lo; i < hi; i++) {
+                uint8_t f = 0;
+                if (!isfinite(mjd[i]) || !isfinite(mag[i]) || !isfinite(err[i])) f |= bit_nonfinite;
+                if (err[i] <= 0) f |= bit_err_nonpositive;
+                if (err[i] > 1) f |= bit_err_above_one;
+                if (i > lo) {
+                    double step = mjd[i] - mjd[i - 1];
+                    if (step < 0) { ok = 0; break; }
+                    if (step == 0) f |= bit_duplicate;
+                }
+                flags[i] = f;
+                if (!(f & cleaning)) good[n_good++] = mag[i];
+            }
+            if (!ok || n_good == 0) continue;        /* no good magnitude: nothing is outside */
+            Py_ssize_t rank[4];
+            double fraction[2], bound[2];
+            percentile_ranks(n_good, low_q, &rank[0], &rank[1], &fraction[0]);
+            percentile_ranks(n_good, high_q, &rank[2], &rank[3], &fraction[1]);
+            double value[4];
+            Py_ssize_t want_low = 0, want_high = 0;
+            for (int j = 0; j < 4; j++) {
+                if (rank[j] < EDGE_RANKS) { if (rank[j] + 1 > want_low) want_low = rank[j] + 1; }
+                else if (n_good - 1 - rank[j] < EDGE_RANKS) { if (n_good - rank[j] > want_high) want_high = n_good - rank[j]; }
+            }
+            Py_ssize_t n_low = 0, n_high = 0;
+            if (want_low || want_high) {
+                for (Py_ssize_t k = 0; k < n_good; k++) {
+                    if (want_low) offer(low, &n_low, want_low, good[k], 1);
+                    if (want_high) offer(high, &n_high, want_high, good[k], 0);
+                }
+            }
+            for (int j = 0; j < 4; j++) {
+                if (rank[j] < EDGE_RANKS) value[j] = low[rank[j]];
+                else if (n_good - 1 - rank[j] < EDGE_RANKS) value[j] = high[n_good - 1 - rank[j]];
+                else value[j] = select_kth(good, n_good, rank[j]);     /* reorders good: done with it after */
+            }
+            bound[0] = value[0] + (value[1] - value[0]) * fraction[0];
+            bound[1] = value[2] + (value[3] - value[2]) * fraction[1];
+            for (Py_ssize_t i = lo; i < hi; i++)
+                if (!(flags[i] & cleaning) && (mag[i] < bound[0] || mag[i] > bound[1])) flags[i] |= bit_outside;
+        }
+        Py_END_ALLOW_THREADS
+        free(good);
+    }
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) PyBuffer_Release(all[k]);
+    if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
+    {"flag_curves", flag_curves, METH_VARARGS,
+     "flag_curves(mjd, mag, err, offsets, flags, low_q, high_q, nonfinite, err_nonpositive, err_above_one, "
+     "duplicate_time, mag_percentile) -> bool: the quality flags of curves in time order (see the module "
+     "source); False where a curve steps back in time."},
     {"select_ranks", select_ranks, METH_VARARGS,
      "select_ranks(values, starts, lengths, ranks, out) -> bool: per curve, the values of the given ranks "
      "in its ascending order (see the module source)."},

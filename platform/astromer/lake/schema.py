@@ -119,6 +119,9 @@ def quality_flags(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray,
     lengths = np.diff(offsets)
     if n == 0:
         return mjd, mag, err, np.zeros(0, dtype=np.uint8)
+    flags = _flags_compiled(mjd, mag, err, offsets)
+    if flags is not None:
+        return mjd, mag, err, flags
     # inner[i]: observations i and i+1 belong to the same curve
     inner = np.ones(n - 1, dtype=bool)
     last = offsets[1:-1] - 1
@@ -159,6 +162,21 @@ def quality_flags(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray,
         outside = (mag < np.repeat(lo_q, lengths)) | (mag > np.repeat(hi_q, lengths))
     flags |= bits(good & outside, Quality.MAG_PERCENTILE)
     return mjd, mag, err, flags
+
+
+def _flags_compiled(mjd, mag, err, offsets) -> np.ndarray | None:
+    """The flags by the compiled kernel (one pass per curve), or None where it is not built, the columns
+    are not float64, or a curve is out of time order (the numpy path sorts it and says so)."""
+    kernels = compiled_kernels()
+    columns = (mjd, mag, err)
+    if kernels is None or not all(c.dtype == np.float64 and c.flags.c_contiguous for c in columns):
+        return None
+    flags = np.empty(len(mjd), dtype=np.uint8)
+    if kernels.flag_curves(mjd, mag, err, np.ascontiguousarray(offsets, dtype=np.int64), flags, 0.01, 0.99,
+                           int(Quality.NONFINITE), int(Quality.ERR_NONPOSITIVE), int(Quality.ERR_ABOVE_ONE),
+                           int(Quality.DUPLICATE_TIME), int(Quality.MAG_PERCENTILE)):
+        return flags
+    return None
 
 
 def _curve_percentiles(mag, good, offsets, lengths, quantiles):
