@@ -231,3 +231,49 @@ def test_delimiters_the_kernels_do_not_take_go_the_pyarrow_way(delimiter):
     quarantine: list = []
     columns, counts = split_headed(members).parse(["m"], 3, delimiter=delimiter, quarantine=quarantine)
     assert counts.tolist() == [len(columns[0])]     # no error escapes; pyarrow or the row reader decides
+
+
+def _tar_bytes(members, fmt, trailer=b""):
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("a-folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    return buffer.getvalue() + trailer
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
+def test_the_compiled_tar_index_equals_the_numpy_one_and_declines_the_same_archives():
+    import tarfile
+
+    from astromer.surveys.base import _tar_headers_compiled, _tar_headers_numpy
+
+    rng = np.random.default_rng(5)
+    members = [(f"dir{i % 3}/lc_{i}.R.mjd", rng.bytes(int(rng.integers(0, 3000)))) for i in range(200)]
+    members.append(("x" * 90 + "/" + "y" * 60 + ".mjd", b"long name\n"))       # the prefix field
+    fake = bytearray(1024)
+    fake[257:262] = b"ustar"                                                      # a body that looks like a header
+
+    def both(raw):
+        blocks = np.frombuffer(raw, dtype=np.uint8, count=len(raw) // 512 * 512).reshape(-1, 512)
+        return _tar_headers_compiled(raw, len(blocks)), _tar_headers_numpy(raw, blocks)
+
+    kernel, numpy_index = both(_tar_bytes(members, tarfile.USTAR_FORMAT))
+    assert kernel is not None and all(np.array_equal(a, b) for a, b in zip(kernel, numpy_index))
+    assert len(kernel[0]) == 202 and kernel[2][-1] == ord("5")                  # the folder is listed too
+    kernel, numpy_index = both(_tar_bytes([("a.mjd", bytes(fake))] + members[:3], tarfile.USTAR_FORMAT))
+    assert kernel is not None and numpy_index is None           # the walk from header to header is not fooled
+    for raw in (_tar_bytes(members, tarfile.GNU_FORMAT),        # a long name: an 'L' header
+                _tar_bytes(members, tarfile.PAX_FORMAT),        # pax headers
+                _tar_bytes(members[:3], tarfile.USTAR_FORMAT, trailer=b"\1" * 512),    # bytes after the end
+                _tar_bytes(members[:3], tarfile.USTAR_FORMAT)[:3000]):                 # cut inside a member
+        assert both(raw)[0] is None
+    damaged = bytearray(_tar_bytes(members[:3], tarfile.USTAR_FORMAT))
+    damaged[200] ^= 1                                                             # the checksum no longer holds
+    assert both(bytes(damaged)) == (None, None)

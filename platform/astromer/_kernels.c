@@ -1,10 +1,19 @@
-/* The ingest's compiled kernels (astromer.kernels): the twins of four vectorised numpy/pyarrow steps.
- * Two serve the text readers (astromer.surveys.base), whose members (the files of an archive) lie
- * in one buffer: finding their comment headers and parsing their rows. Two serve the quality flags
+/* The ingest's compiled kernels (astromer.kernels): the twins of five vectorised numpy/pyarrow steps.
+ * Three serve the text readers (astromer.surveys.base), whose members (the files of an archive) lie
+ * in one buffer: indexing the tar headers, finding the members' comment headers and parsing their rows. Two serve the quality flags
  * (astromer.lake.schema): order statistics inside each curve, and the whole flagging of curves in
  * time order. Each gives exactly what its twin
  * gives, or returns False where its input is not what it handles, and the caller then runs the
  * twin. The loops run without the GIL, so the threads of one Dask worker work side by side.
+ *
+ *     tar_headers(data, header_blocks, sizes, typeflags) -> int
+ *
+ * Walk the 512-byte ustar headers of an uncompressed tar held in data, header to header: the block
+ * index of each header, its member's size and type flag go into the int64 buffers (room for as many
+ * headers as data has blocks); returns how many. Returns -1 (the caller then takes the numpy index or
+ * the member-by-member walk) unless every header carries the ustar magic, a plain octal size (11 digits
+ * and a NUL or space) and a correct checksum, no GNU long name or pax header (L, K, x, g) comes, every
+ * member lies inside data, and nothing but zero bytes follows the first zero block.
  *
  *     scan_members(data, starts, sizes, comment, body_starts, rows, missing, header_counts,
  *                  header_starts, header_ends) -> bool
@@ -478,7 +487,61 @@ static PyObject *flag_curves(PyObject *self, PyObject *args)
     return PyBool_FromLong(ok);
 }
 
+static PyObject *tar_headers(PyObject *self, PyObject *args)
+{
+    Py_buffer data, heads_b, sizes_b, types_b;
+    if (!PyArg_ParseTuple(args, "y*w*w*w*", &data, &heads_b, &sizes_b, &types_b)) return NULL;
+    Py_buffer *all[] = {&data, &heads_b, &sizes_b, &types_b};
+    Py_ssize_t count = -1;
+    if (heads_b.len % 8 || sizes_b.len != heads_b.len || types_b.len != heads_b.len) {
+        PyErr_SetString(PyExc_ValueError, "tar_headers: header_blocks, sizes and typeflags must be int64 of one length");
+    } else {
+        const unsigned char *d = data.buf;
+        int64_t *heads = heads_b.buf, *sizes = sizes_b.buf, *types = types_b.buf;
+        Py_ssize_t capacity = heads_b.len / 8, n_blocks = data.len / 512, block = 0, n = 0;
+        int ok = n_blocks > 0;
+        Py_BEGIN_ALLOW_THREADS
+        while (ok && block < n_blocks) {
+            const unsigned char *h = d + block * 512;
+            unsigned sum = 0;
+            for (int k = 0; k < 512; k++) sum += h[k];
+            if (sum == 0) break;                  /* the end: only zero bytes may follow (below) */
+            if (memcmp(h + 257, "ustar", 5) != 0 || n == capacity) { ok = 0; break; }
+            int64_t size = 0, check = 0;
+            for (int k = 124; k < 135 && ok; k++) {
+                if (h[k] < '0' || h[k] > '7') ok = 0;
+                else size = size * 8 + (h[k] - '0');
+            }
+            for (int k = 148; k < 154 && ok; k++) {
+                if (h[k] < '0' || h[k] > '7') ok = 0;
+                else check = check * 8 + (h[k] - '0');
+            }
+            if (!ok || (h[135] != 0 && h[135] != ' ')) { ok = 0; break; }
+            unsigned field = 0;                     /* the checksum counts its own field as eight spaces */
+            for (int k = 148; k < 156; k++) field += h[k];
+            unsigned char type = h[156];
+            if ((int64_t)(sum - field + 8 * 32) != check || type == 'L' || type == 'K' || type == 'x' || type == 'g'
+                || (block + 1) * 512 + size > data.len) { ok = 0; break; }
+            heads[n] = block;
+            sizes[n] = size;
+            types[n] = type;
+            n++;
+            block += 1 + (size + 511) / 512;
+        }
+        if (ok && block * 512 > data.len) ok = 0;       /* the last member's padding is cut off */
+        for (Py_ssize_t k = block * 512; k < data.len && ok; k++) ok = d[k] == 0;
+        Py_END_ALLOW_THREADS
+        count = ok && n > 0 ? n : -1;
+    }
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) PyBuffer_Release(all[k]);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromSsize_t(count);
+}
+
 static PyMethodDef methods[] = {
+    {"tar_headers", tar_headers, METH_VARARGS,
+     "tar_headers(data, header_blocks, sizes, typeflags) -> int: walk the ustar headers of an uncompressed "
+     "tar in memory; how many, or -1 where they are not all regular (see the module source)."},
     {"flag_curves", flag_curves, METH_VARARGS,
      "flag_curves(mjd, mag, err, offsets, flags, low_q, high_q, nonfinite, err_nonpositive, err_above_one, "
      "duplicate_time, mag_percentile) -> bool: the quality flags of curves in time order (see the module "

@@ -422,27 +422,60 @@ _REGULAR = (ord("0"), 0, ord("7"))
 def tar_members(data: bytes) -> Members:
     """Index the regular files of an uncompressed tar held in memory.
 
-    The 512-byte ustar headers are read for all members at once with numpy (an archive of a
-    survey holds many thousands of small files; a per-member Python loop would cost more than
-    parsing them). The vectorised index is accepted only when it is self-consistent: every header
-    carries the ustar magic, a plain octal size and a correct checksum, each header's size leads
-    exactly to the next header, and nothing but zero blocks follows the last member. Anything else
-    (GNU long names, pax headers, old v7 archives, damage) goes through the member-by-member walk,
-    which raises :class:`ArchiveError` on a truncated or corrupt archive.
+    The 512-byte ustar headers are read for all members at once: by the compiled walk from header to
+    header where it is built (``tar_headers``), else with numpy (an archive of a survey holds many
+    thousands of small files; a per-member Python loop would cost more than parsing them). Either index
+    is accepted only when it is self-consistent: every header carries the ustar magic, a plain octal
+    size and a correct checksum, each header's size leads exactly to the next header, and nothing but
+    zero blocks follows the last member. Anything else (GNU long names, pax headers, old v7 archives,
+    damage) goes through the member-by-member walk, which raises :class:`ArchiveError` on a truncated
+    or corrupt archive.
     """
     n_blocks = len(data) // 512
     if n_blocks == 0:
         return _tar_members_walk(data)
     blocks = np.frombuffer(data, dtype=np.uint8, count=n_blocks * 512).reshape(n_blocks, 512)
+    found = _tar_headers_compiled(data, n_blocks)
+    if found is None:
+        found = _tar_headers_numpy(data, blocks)
+        if found is None:
+            return _tar_members_walk(data)
+    heads_at, sizes, typeflag = found
+    regular = np.isin(typeflag, _REGULAR)
+    heads_at, sizes = heads_at[regular], sizes[regular]
+    starts = (heads_at + 1) * 512
+    # numpy's fixed-width bytes drop the NUL padding of the name fields
+    names = blocks[heads_at, :100].view("S100").ravel().tolist()
+    posix = blocks[heads_at, 262] == 0                 # "ustar\0": the prefix field holds a folder
+    if posix.any():
+        prefixes = blocks[heads_at, 345:500].view("S155").ravel().tolist()
+        names = [p + b"/" + n if p and is_posix else n for n, p, is_posix in zip(names, prefixes, posix.tolist())]
+    return Members(data, _decode_names(names), starts.astype(np.int64), sizes.astype(np.int64))
+
+
+def _tar_headers_compiled(data: bytes, n_blocks: int):
+    """(header block indices, sizes, type flags) of every member by the compiled walk, or None where it
+    is not built or declines."""
+    kernels = compiled_kernels()
+    if kernels is None:
+        return None
+    heads_at, sizes, typeflag = (np.empty(n_blocks, dtype=np.int64) for _ in range(3))
+    count = kernels.tar_headers(data, heads_at, sizes, typeflag)
+    return None if count < 0 else (heads_at[:count], sizes[:count], typeflag[:count])
+
+
+def _tar_headers_numpy(data: bytes, blocks: np.ndarray):
+    """:func:`_tar_headers_compiled` with numpy: every block that carries the ustar magic is taken for a
+    header, and the index is kept only if those headers chain exactly."""
     heads_at = np.flatnonzero((blocks[:, 257:262] == _USTAR).all(axis=1))
     if len(heads_at) == 0 or heads_at[0] != 0:
-        return _tar_members_walk(data)
+        return None
     heads = blocks[heads_at]
     digits = heads[:, 124:135].astype(np.int64) - 48
     check_digits = heads[:, 148:154].astype(np.int64) - 48
     if (digits < 0).any() or (digits > 7).any() or (check_digits < 0).any() or (check_digits > 7).any() \
             or not np.isin(heads[:, 135], (0, 32)).all():
-        return _tar_members_walk(data)
+        return None
     sizes = digits @ _OCTAL11
     # the checksum is the sum of the header's bytes with its own field counted as eight spaces
     computed = heads.sum(axis=1, dtype=np.int64) - heads[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
@@ -450,20 +483,11 @@ def tar_members(data: bytes) -> Members:
     typeflag = heads[:, 156]
     if not np.array_equal(computed, check_digits @ _OCTAL6) or not np.array_equal(following[:-1], heads_at[1:]) \
             or np.isin(typeflag, np.frombuffer(b"LKxg", dtype=np.uint8)).any():
-        return _tar_members_walk(data)
+        return None
     end = int(following[-1]) * 512
     if int(heads_at[-1]) * 512 + 512 + int(sizes[-1]) > len(data) or data.count(0, end) != len(data) - end:
-        return _tar_members_walk(data)
-    regular = np.isin(typeflag, _REGULAR)
-    heads, sizes = heads[regular], sizes[regular]
-    starts = (heads_at[regular] + 1) * 512
-    # numpy's fixed-width bytes drop the NUL padding of the name fields
-    names = heads[:, :100].copy().view("S100").ravel().tolist()
-    posix = heads[:, 262] == 0                         # "ustar\0": the prefix field holds a folder
-    if posix.any():
-        prefixes = heads[:, 345:500].copy().view("S155").ravel().tolist()
-        names = [p + b"/" + n if p and is_posix else n for n, p, is_posix in zip(names, prefixes, posix.tolist())]
-    return Members(data, _decode_names(names), starts.astype(np.int64), sizes.astype(np.int64))
+        return None
+    return heads_at, sizes, typeflag
 
 
 def _decode_names(names: list[bytes]) -> list[str]:
