@@ -1,7 +1,7 @@
 """The one compiled part: the ingest's kernels (``astromer.kernels``), used when they are built.
 
 It is optional: without a C compiler the install goes on and the ingest runs their numpy and pyarrow
-twins (the same values, about 30% slower; see benchmarks/ingest.py). Everything else is in pyproject.toml.
+twins (the same values, about 1.6 times as long; see benchmarks/ingest.py). Everything else is in pyproject.toml.
 """
 from setuptools import Extension, setup
 

@@ -19,7 +19,7 @@ compiled = compiled_kernels()
 
 def test_the_install_builds_the_compiled_kernels():
     # the set-up compiles them (a C compiler is part of the supported environment); without them
-    # ingest still works, about a third slower (benchmarks/ingest.py)
+    # ingest still works, taking about 1.6 times as long (benchmarks/ingest.py)
     assert compiled is not None
 
 
