@@ -47,8 +47,6 @@ import pyarrow.parquet as pq
 from astromer.lake import schema
 from astromer.lake.paths import LakePaths, _protocols, validate_survey
 from astromer.lake.writers import (
-    LIGHTCURVE_SPLIT_FLOATS,
-    LIGHTCURVE_STATISTICS,
     ParquetPartWriter,
     publish,
     read_arrow,
@@ -272,8 +270,7 @@ def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[in
     if fs.exists(out):
         meta = pq.read_metadata(fs.open(out, "rb"))
         return {"band": band, "part": part, "curves": meta.num_rows, "path": out}
-    writer = ParquetPartWriter(fs, out, schema.LIGHTCURVES, byte_stream_split=LIGHTCURVE_SPLIT_FLOATS,
-                               statistics=LIGHTCURVE_STATISTICS)
+    writer = ParquetPartWriter(fs, out, schema.LIGHTCURVES)
     try:
         # row groups of ROW_GROUP_CURVES curves across shard boundaries: a survey of one small input per
         # object (MACHO's archives) would otherwise get a row group per curve

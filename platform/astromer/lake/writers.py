@@ -21,18 +21,19 @@ PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, use_dictionary=[
                        "status"], write_statistics=True)
 
 
-#: the ``lightcurves`` files: LZ4 (LZ4_RAW in the file) over byte-stream-split floats. Splitting a float
-#: column into its byte planes puts the slowly varying exponent and high mantissa bytes side by side, where
-#: a fast codec finds them; measured on 4,000 MACHO-format curves (525,000 observations), against the zstd
-#: level 1 of plain floats used before: the same size (6.24 against 6.21 MB), 24% less CPU to write (34 against
-#: 45 ms) and 35% less to read (16 against 25 ms). ``compression="zstd"`` with the same split gives 16% smaller
-#: files at the old write cost. DuckDB, pyarrow, Polars and Spark 3.4+ read both.
-LIGHTCURVE_CODEC = "lz4"
-LIGHTCURVE_SPLIT_FLOATS = ["mjd.list.element", "mag.list.element", "err.list.element"]
-#: min/max statistics for the row-level columns, which readers prune row groups by (an object, a sky
-#: region, a length); none for the elements of the observation lists, which no reader prunes by and which
-#: cost 8% of the encoding
-LIGHTCURVE_STATISTICS = ["object_id", "ra", "dec", "n_obs", "source_file", "source_sha256", "ingest_id"]
+#: how the ``lightcurves`` parts are encoded: LZ4 (LZ4_RAW in the file) over byte-stream-split floats.
+#: Splitting a float column into its byte planes puts the slowly varying exponent and high mantissa bytes
+#: side by side, where a fast codec finds them; measured on 4,000 MACHO-format curves (525,000
+#: observations), against the zstd level 1 of plain floats used before: the same size (6.24 against
+#: 6.21 MB), 24% less CPU to write (34 against 45 ms) and 35% less to read (16 against 25 ms); zstd over
+#: the split floats gives 16% smaller files at the old write cost. DuckDB, pyarrow, Polars and Spark 3.4+
+#: read both. Min/max statistics go with the row-level columns, which readers prune row groups by (an
+#: object, a sky region, a length), not with the elements of the observation lists, which no reader
+#: prunes by and which cost 8% of the encoding.
+LIGHTCURVE_PARQUET = dict(
+    compression="lz4", compression_level=None,
+    use_byte_stream_split=["mjd.list.element", "mag.list.element", "err.list.element"],
+    write_statistics=["object_id", "ra", "dec", "n_obs", "source_file", "source_sha256", "ingest_id"])
 
 
 def tmp_name(path: str) -> str:
@@ -71,18 +72,14 @@ def write_parquet(fs, table: pa.Table, path: str, *, row_group_size: int | None 
 class ParquetPartWriter:
     """Stream row groups into one Parquet file, published atomically by :meth:`close`."""
 
-    def __init__(self, fs, path: str, schema: pa.Schema, compression: str = LIGHTCURVE_CODEC,
-                 compression_level: int | None = None, byte_stream_split: list[str] | None = None,
-                 statistics: list[str] | bool = True):
+    def __init__(self, fs, path: str, schema: pa.Schema, **options):
+        """``options`` for :class:`pyarrow.parquet.ParquetWriter`; by default :data:`LIGHTCURVE_PARQUET`."""
         self.fs, self.path = fs, path
         fs.makedirs(os.path.dirname(path), exist_ok=True)
         self.tmp = tmp_name(path)
         self.handle = fs.open(self.tmp, "wb")
-        options = dict(PARQUET_OPTIONS, compression=compression, compression_level=compression_level)
+        options = dict(PARQUET_OPTIONS, **(options or LIGHTCURVE_PARQUET))
         options["use_dictionary"] = [c for c in options["use_dictionary"] if c in schema.names]
-        if byte_stream_split:
-            options["use_byte_stream_split"] = byte_stream_split
-        options["write_statistics"] = statistics
         self.writer = pq.ParquetWriter(self.handle, schema, **options)
         self.rows = 0
         self.bytes = 0
