@@ -1,13 +1,29 @@
 """Shared fixtures. Real Ray, MLflow, DuckDB, Dask and Zarr run here on small data; nothing is mocked."""
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ASTROMER_SHARED", ROOT.parent / "shared"))
+
+
+def tar_bytes(members: list[tuple[str, bytes]], fmt=tarfile.USTAR_FORMAT) -> bytes:
+    """An uncompressed tar in memory of ``(name, data)`` regular files, then a folder entry."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("a-folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    return buffer.getvalue()
 
 
 def shared_path(*parts: str) -> Path:

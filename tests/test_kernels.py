@@ -12,7 +12,7 @@ import pytest
 from astromer.kernels import compiled_kernels
 from astromer.surveys import get_reader
 from astromer.surveys.base import Input, Members, split_headed
-from conftest import shared_path
+from conftest import shared_path, tar_bytes
 
 compiled = compiled_kernels()
 
@@ -233,21 +233,6 @@ def test_delimiters_the_kernels_do_not_take_go_the_pyarrow_way(delimiter):
     assert counts.tolist() == [len(columns[0])]     # no error escapes; pyarrow or the row reader decides
 
 
-def _tar_bytes(members, fmt, trailer=b""):
-    import tarfile
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        folder = tarfile.TarInfo("a-folder")
-        folder.type = tarfile.DIRTYPE
-        tar.addfile(folder)
-    return buffer.getvalue() + trailer
-
-
 @pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 def test_the_compiled_tar_index_equals_the_numpy_one_and_declines_the_same_archives():
     import tarfile
@@ -264,16 +249,16 @@ def test_the_compiled_tar_index_equals_the_numpy_one_and_declines_the_same_archi
         blocks = np.frombuffer(raw, dtype=np.uint8, count=len(raw) // 512 * 512).reshape(-1, 512)
         return _tar_headers_compiled(raw, len(blocks)), _tar_headers_numpy(raw, blocks)
 
-    kernel, numpy_index = both(_tar_bytes(members, tarfile.USTAR_FORMAT))
+    kernel, numpy_index = both(tar_bytes(members, tarfile.USTAR_FORMAT))
     assert kernel is not None and all(np.array_equal(a, b) for a, b in zip(kernel, numpy_index))
     assert len(kernel[0]) == 202 and kernel[2][-1] == ord("5")                  # the folder is listed too
-    kernel, numpy_index = both(_tar_bytes([("a.mjd", bytes(fake))] + members[:3], tarfile.USTAR_FORMAT))
+    kernel, numpy_index = both(tar_bytes([("a.mjd", bytes(fake))] + members[:3], tarfile.USTAR_FORMAT))
     assert kernel is not None and numpy_index is None           # the walk from header to header is not fooled
-    for raw in (_tar_bytes(members, tarfile.GNU_FORMAT),        # a long name: an 'L' header
-                _tar_bytes(members, tarfile.PAX_FORMAT),        # pax headers
-                _tar_bytes(members[:3], tarfile.USTAR_FORMAT, trailer=b"\1" * 512),    # bytes after the end
-                _tar_bytes(members[:3], tarfile.USTAR_FORMAT)[:3000]):                 # cut inside a member
+    for raw in (tar_bytes(members, tarfile.GNU_FORMAT),        # a long name: an 'L' header
+                tar_bytes(members, tarfile.PAX_FORMAT),        # pax headers
+                tar_bytes(members[:3], tarfile.USTAR_FORMAT) + b"\1" * 512,    # bytes after the end
+                tar_bytes(members[:3], tarfile.USTAR_FORMAT)[:3000]):                 # cut inside a member
         assert both(raw)[0] is None
-    damaged = bytearray(_tar_bytes(members[:3], tarfile.USTAR_FORMAT))
+    damaged = bytearray(tar_bytes(members[:3], tarfile.USTAR_FORMAT))
     damaged[200] ^= 1                                                             # the checksum no longer holds
     assert both(bytes(damaged)) == (None, None)

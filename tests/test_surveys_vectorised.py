@@ -23,20 +23,7 @@ from astromer.surveys.base import (
     split_header,
     tar_members,
 )
-from conftest import shared_path
-
-
-def _tar(members: list[tuple[str, bytes]], fmt=tarfile.USTAR_FORMAT) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        folder = tarfile.TarInfo("a-folder")
-        folder.type = tarfile.DIRTYPE
-        tar.addfile(folder)
-    return buffer.getvalue()
+from conftest import shared_path, tar_bytes
 
 
 def _as_pairs(members: Members) -> list[tuple[str, bytes]]:
@@ -48,7 +35,7 @@ def test_tar_index_matches_tarfile_in_every_format(fmt):
     rng = np.random.default_rng(0)
     members = [(f"dir{i % 3}/lc_{i}.R.mjd", rng.bytes(int(rng.integers(0, 3000)))) for i in range(300)]
     members.append(("x" * 90 + "/" + "y" * 60 + ".mjd", b"long name\n"))     # prefix field / long name
-    raw = _tar(members, fmt)
+    raw = tar_bytes(members, fmt)
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
         expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
     assert _as_pairs(tar_members(raw)) == expected
@@ -59,7 +46,7 @@ def test_tar_index_falls_back_when_a_body_looks_like_a_header():
     # a member whose content holds a fake ustar magic exactly where a header would carry it
     fake = bytearray(1024)
     fake[257:262] = b"ustar"
-    raw = _tar([("a.mjd", bytes(fake)), ("b.mjd", b"1 2 3\n")])
+    raw = tar_bytes([("a.mjd", bytes(fake)), ("b.mjd", b"1 2 3\n")])
     assert _as_pairs(tar_members(raw)) == [("a.mjd", bytes(fake)), ("b.mjd", b"1 2 3\n")]
 
 
