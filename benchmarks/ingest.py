@@ -258,9 +258,10 @@ def ingest(tars: list[str], folder: Path, lake: Path, workers: int, processes: b
     import subprocess
 
     env = dict(os.environ, ASTROMER_COMPILED="1" if compiled else "0")     # worker processes inherit it
-    command = [sys.executable, os.path.abspath(__file__), "--measure-ingest", json.dumps(
-        {"tars": tars, "folder": str(folder), "lake": str(lake), "workers": workers, "processes": processes})]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    # the spec goes through standard input: a survey of small archives lists more paths than a command line holds
+    spec = {"tars": tars, "folder": str(folder), "lake": str(lake), "workers": workers, "processes": processes}
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure-ingest"], input=json.dumps(spec),
+                          env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the ingest process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -311,12 +312,12 @@ def main(argv=None) -> int:
                         help="rounds of baseline then ingest; each side's best round is compared")
     parser.add_argument("--no-double", action="store_true", help="skip the doubled survey (memory check)")
     parser.add_argument("--generate-only", action="store_true", help="write the tar files and stop")
-    parser.add_argument("--measure-ingest", metavar="JSON", help=argparse.SUPPRESS)   # the child of ingest()
+    parser.add_argument("--measure-ingest", action="store_true", help=argparse.SUPPRESS)   # the child of ingest()
     args = parser.parse_args(argv)
     if args.measure_ingest:
         import json
 
-        print(json.dumps(measure_ingest(json.loads(args.measure_ingest))))
+        print(json.dumps(measure_ingest(json.load(sys.stdin))))
         return 0
     work = Path(args.workdir)
     sizes = [args.objects] if args.no_double else [args.objects, 2 * args.objects]
