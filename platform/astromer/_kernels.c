@@ -327,6 +327,43 @@ static inline void offer(double *buf, Py_ssize_t *count, Py_ssize_t size, double
     *count = n + 1;
 }
 
+/* the values of ranks[0..m) in the ascending order of values[0..n) into out (NaN for a rank outside
+ * [0, n)); ranks near either end from running buffers, the others by quickselect on scratch (a copy of
+ * the values, or the values themselves when scratch is them: then they are reordered). Returns 0 if a
+ * value is NaN, whose place in an order is not defined. */
+static int values_of_ranks(const double *values, Py_ssize_t n, const int64_t *ranks, Py_ssize_t m, double *out,
+                           double *scratch)
+{
+    double low[EDGE_RANKS], high[EDGE_RANKS];
+    Py_ssize_t n_low = 0, n_high = 0, want_low = 0, want_high = 0;
+    int middle = 0;
+    for (Py_ssize_t j = 0; j < m; j++) {
+        int64_t r = ranks[j];
+        if (r < 0 || r >= n) continue;
+        if (r < EDGE_RANKS) { if (r + 1 > want_low) want_low = r + 1; }
+        else if (n - 1 - r < EDGE_RANKS) { if (n - r > want_high) want_high = n - r; }
+        else middle = 1;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        double x = values[k];
+        if (x != x) return 0;
+        if (want_low) offer(low, &n_low, want_low, x, 1);
+        if (want_high) offer(high, &n_high, want_high, x, 0);
+    }
+    if (middle && scratch != values) memcpy(scratch, values, sizeof(double) * (size_t)n);
+    for (Py_ssize_t j = 0; j < m; j++) {
+        int64_t r = ranks[j];
+        double value = NAN;
+        if (r >= 0 && r < n) {
+            if (r < EDGE_RANKS) value = low[r];
+            else if (n - 1 - r < EDGE_RANKS) value = high[n - 1 - r];
+            else value = select_kth(scratch, n, r);
+        }
+        out[j] = value;
+    }
+    return 1;
+}
+
 static PyObject *select_ranks(PyObject *self, PyObject *args)
 {
     Py_buffer values, starts, lengths, ranks, out;
@@ -354,37 +391,8 @@ static PyObject *select_ranks(PyObject *self, PyObject *args)
             ok = 0;
         }
         Py_BEGIN_ALLOW_THREADS
-        double low[EDGE_RANKS], high[EDGE_RANKS];
-        for (Py_ssize_t i = 0; i < n_curves && ok; i++) {
-            Py_ssize_t length = length_of[i], n_low = 0, n_high = 0, want_low = 0, want_high = 0;
-            const double *curve = v + start_of[i];
-            int middle = 0;
-            for (Py_ssize_t j = 0; j < m; j++) {
-                int64_t r = rank[i * m + j];
-                if (r < 0 || r >= length) continue;
-                if (r < EDGE_RANKS) { if (r + 1 > want_low) want_low = r + 1; }
-                else if (length - 1 - r < EDGE_RANKS) { if (length - r > want_high) want_high = length - r; }
-                else middle = 1;
-            }
-            for (Py_ssize_t k = 0; k < length; k++) {
-                double x = curve[k];
-                if (x != x) { ok = 0; break; }              /* NaN: no defined order */
-                if (want_low) offer(low, &n_low, want_low, x, 1);
-                if (want_high) offer(high, &n_high, want_high, x, 0);
-            }
-            if (!ok) break;
-            if (middle) memcpy(scratch, curve, sizeof(double) * (size_t)length);
-            for (Py_ssize_t j = 0; j < m; j++) {
-                int64_t r = rank[i * m + j];
-                double value = NAN;
-                if (r >= 0 && r < length) {
-                    if (r < EDGE_RANKS) value = low[r];
-                    else if (length - 1 - r < EDGE_RANKS) value = high[length - 1 - r];
-                    else value = select_kth(scratch, length, r);
-                }
-                result[i * m + j] = value;
-            }
-        }
+        for (Py_ssize_t i = 0; i < n_curves && ok; i++)
+            ok = values_of_ranks(v + start_of[i], length_of[i], rank + i * m, m, result + i * m, scratch);
         Py_END_ALLOW_THREADS
         free(scratch);
     }
@@ -394,12 +402,12 @@ static PyObject *select_ranks(PyObject *self, PyObject *args)
 }
 
 /* numpy's linear interpolation of the q quantile of n values: ranks lo and hi, and the fraction between */
-static inline void percentile_ranks(Py_ssize_t n, double q, Py_ssize_t *lo, Py_ssize_t *hi, double *fraction)
+static inline void percentile_ranks(Py_ssize_t n, double q, int64_t *lo, int64_t *hi, double *fraction)
 {
     Py_ssize_t count = n > 1 ? n : 1;
     double position = (double)(count - 1) * q;
     double floor_position = floor(position);
-    *lo = (Py_ssize_t)floor_position;
+    *lo = (int64_t)floor_position;
     *hi = *lo + 1 < count - 1 ? *lo + 1 : count - 1;
     *fraction = position - floor_position;
 }
@@ -435,7 +443,6 @@ static PyObject *flag_curves(PyObject *self, PyObject *args)
             ok = 0;
         }
         Py_BEGIN_ALLOW_THREADS
-        double low[EDGE_RANKS], high[EDGE_RANKS];
         for (Py_ssize_t c = 0; c < n_curves && ok; c++) {
             Py_ssize_t lo = offsets[c], hi = offsets[c + 1], n_good = 0;
             for (Py_ssize_t i = lo; i < hi; i++) {
@@ -452,28 +459,12 @@ static PyObject *flag_curves(PyObject *self, PyObject *args)
                 if (!(f & cleaning)) good[n_good++] = mag[i];
             }
             if (!ok || n_good == 0) continue;        /* no good magnitude: nothing is outside */
-            Py_ssize_t rank[4];
+            int64_t rank[4];
             double fraction[2], bound[2];
             percentile_ranks(n_good, low_q, &rank[0], &rank[1], &fraction[0]);
             percentile_ranks(n_good, high_q, &rank[2], &rank[3], &fraction[1]);
             double value[4];
-            Py_ssize_t want_low = 0, want_high = 0;
-            for (int j = 0; j < 4; j++) {
-                if (rank[j] < EDGE_RANKS) { if (rank[j] + 1 > want_low) want_low = rank[j] + 1; }
-                else if (n_good - 1 - rank[j] < EDGE_RANKS) { if (n_good - rank[j] > want_high) want_high = n_good - rank[j]; }
-            }
-            Py_ssize_t n_low = 0, n_high = 0;
-            if (want_low || want_high) {
-                for (Py_ssize_t k = 0; k < n_good; k++) {
-                    if (want_low) offer(low, &n_low, want_low, good[k], 1);
-                    if (want_high) offer(high, &n_high, want_high, good[k], 0);
-                }
-            }
-            for (int j = 0; j < 4; j++) {
-                if (rank[j] < EDGE_RANKS) value[j] = low[rank[j]];
-                else if (n_good - 1 - rank[j] < EDGE_RANKS) value[j] = high[n_good - 1 - rank[j]];
-                else value[j] = select_kth(good, n_good, rank[j]);     /* reorders good: done with it after */
-            }
+            values_of_ranks(good, n_good, rank, 4, value, good);     /* good magnitudes are finite */
             bound[0] = value[0] + (value[1] - value[0]) * fraction[0];
             bound[1] = value[2] + (value[3] - value[2]) * fraction[1];
             for (Py_ssize_t i = lo; i < hi; i++)
