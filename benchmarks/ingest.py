@@ -202,16 +202,16 @@ def byte_costs(tars: list[str], lake: Path) -> dict:
 class PeakMemory:
     """Peak of (RSS of this process + all its children), sampled in a thread; also the CPU seconds
     used meanwhile by this process and its children (the machine is shared: wall-clock rates
-    depend on the neighbours, CPU-time rates much less)."""
+    depend on the neighbours, CPU-time rates much less). For ingests with worker processes; a
+    threaded ingest reads its own high-water mark instead (:func:`measure_ingest`)."""
 
-    def __init__(self, interval: float = 0.02, children: bool = True):
+    def __init__(self, interval: float = 0.02):
         import psutil
 
         self.process = psutil.Process()
         self.interval = interval
-        # listing the children scans every process of the machine: only where there are any (worker
-        # processes), and then once a second, so that the sampler does not slow the threads it measures
-        self.children = children
+        # listing the children scans every process of the machine: once a second, so that the sampler
+        # does not slow the processes it measures
         self.kids: list = []
         self.listed = 0.0
         self.peak = 0
@@ -221,7 +221,7 @@ class PeakMemory:
 
     def _sample(self) -> int:
         total = 0
-        if self.children and time.monotonic() - self.listed > 1.0:
+        if time.monotonic() - self.listed > 1.0:
             self.kids, self.listed = self.process.children(recursive=True), time.monotonic()
         for proc in [self.process, *self.kids]:
             try:
@@ -281,7 +281,7 @@ def measure_ingest(spec: dict) -> dict:
     tars, lake, processes = spec["tars"], Path(spec["lake"]), spec["processes"]
     shutil.rmtree(lake, ignore_errors=True)
     nbytes = sum(os.path.getsize(t) for t in tars)
-    sampler = PeakMemory(children=True) if processes else contextlib.nullcontext()
+    sampler = PeakMemory() if processes else contextlib.nullcontext()
     cpu0 = time.process_time()
     with sampler:
         t0 = time.perf_counter()

@@ -291,8 +291,7 @@ def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[in
     except BaseException:
         writer.abort()
         raise
-    for index in shard_indices:
-        fs.rm(shard_path(run, index, band))
+    fs.rm([shard_path(run, index, band) for index in shard_indices])
     return {"band": band, "part": part, "curves": writer.rows, "path": out}
 
 
