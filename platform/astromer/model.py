@@ -46,7 +46,8 @@ class PositionalEncoding(nn.Module):
 
     def forward(self, times: Tensor) -> Tensor:
         t = times.float().unsqueeze(-1)                        # [B, L, 1]
-        if t.requires_grad and torch.is_grad_enabled():        # (out= below does not support autograd)
+        # out= below supports neither autograd nor torch.compile (a graph break per call)
+        if (t.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return torch.stack((torch.sin(t * self.omega_even), torch.cos(t * self.omega_odd)), -1).flatten(-2)
         pe = t.new_empty(*times.shape, 2 * self.omega_even.numel())                    # [B, L, D]
         torch.sin(t * self.omega_even, out=pe[..., 0::2])      # even dims 0, 2, 4, ...
@@ -91,7 +92,9 @@ class MultiHeadAttention(nn.Module):
         """Q, K and V weights stacked for one matmul, [3D, D] and [3D]. Without autograd the stack is
         cached and rebuilt only when a weight changes (in-place updates bump the tensor version)."""
         params = (self.wq.weight, self.wk.weight, self.wv.weight, self.wq.bias, self.wk.bias, self.wv.bias)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        # Under torch.compile the stack is part of the graph (a cached tensor made there would be a graph
+        # output: with CUDA graphs the next replay overwrites it).
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return torch.cat(params[:3]), torch.cat(params[3:])
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if self._qkv_cache is None or self._qkv_cache[0] != key:
