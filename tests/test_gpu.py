@@ -1,5 +1,6 @@
 """The model on a CUDA device: float32 equals the float64 reference, bf16 autocast stays within bf16's
-error, the official Astromer 1 outputs are reproduced on the GPU, and a bf16 training step learns.
+error, the official Astromer 1 outputs are reproduced on the GPU, a bf16 training step learns (also with
+CUDA graphs), and a non-finite step is skipped on the device and reported by the next read.
 
 Skipped where no CUDA device is present (CI has none); run them on a GPU machine with
 ``pytest tests/test_gpu.py``.
@@ -12,7 +13,15 @@ import pytest
 import torch
 from astromer.config import ModelConfig
 from astromer.model import Astromer
-from astromer.train import TrainConfig, build_model, make_optimizer, train_step
+from astromer.train import (
+    NonFiniteLossError,
+    StepMetrics,
+    TrainConfig,
+    build_model,
+    evaluate,
+    make_optimizer,
+    train_step,
+)
 from astromer.weights import import_official
 from conftest import shared_path
 
@@ -83,22 +92,73 @@ def test_official_astromer1_outputs_on_cuda(tmp_path):
     assert 1e-4 < err < 0.08, err
 
 
+def _sine_batch(cfg: TrainConfig, n: int, seed: int) -> dict:
+    from astromer.data import DataSpec, numpy_windows
+
+    rng = np.random.default_rng(seed)
+    spec = DataSpec(lake="", window_length=200, mask=cfg.mask)
+    curves = []
+    for _ in range(n):
+        t = np.sort(rng.uniform(50000, 51000, 300))
+        curves.append((t, (0.5 * np.sin(2 * np.pi * t / rng.uniform(0.3, 20))).astype(np.float32),
+                       np.full(300, 0.02, np.float32)))
+    return {k: torch.as_tensor(v).cuda() for k, v in numpy_windows(curves, spec, rng).items()}
+
+
 def test_bf16_training_step_on_cuda_learns_a_fixed_batch():
     torch.manual_seed(0)
     cfg = TrainConfig(preset="astromer2", batch_size=64, warmup_steps=0, lr=1e-3, use_gpu=True)
     model = build_model(cfg).cuda()
     optimizer, scheduler = make_optimizer(model, cfg)
-    rng = np.random.default_rng(0)
-    from astromer.data import DataSpec, numpy_windows
-
-    spec = DataSpec(lake="", window_length=model.config.window_length, mask=cfg.mask)
-    curves = []
-    for _ in range(cfg.batch_size):
-        t = np.sort(rng.uniform(50000, 51000, 300))
-        curves.append((t, (0.5 * np.sin(2 * np.pi * t / rng.uniform(0.3, 20))).astype(np.float32),
-                       np.full(300, 0.02, np.float32)))
-    batch = {k: torch.as_tensor(v).cuda() for k, v in numpy_windows(curves, spec, rng).items()}
+    batch = _sine_batch(cfg, cfg.batch_size, 0)
     losses = [train_step(model, batch, optimizer, scheduler, cfg, step=s)["loss"] for s in range(1, 41)]
     assert all(np.isfinite(losses))
     assert all(p.dtype == torch.float32 for p in model.parameters())   # master weights stay float32
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_steps_read_every_few_steps_learn_and_evaluate(mode):
+    # The job's GPU path: fused AdamW, figures kept on the device and read every 5 steps, the compiled
+    # encoder (with CUDA graphs for reduce-overhead), an evaluation of another batch size in between.
+    torch.manual_seed(0)
+    cfg = TrainConfig(preset="astromer2", batch_size=64, warmup_steps=0, lr=1e-3, use_gpu=True, compile=True,
+                      compile_mode=mode)
+    model = build_model(cfg).cuda()
+    optimizer, scheduler = make_optimizer(model, cfg)
+    assert optimizer.defaults["fused"]
+    batch, val = _sine_batch(cfg, 64, 0), _sine_batch(cfg, 24, 1)
+    steps, means = StepMetrics(), []
+    for s in range(1, 41):
+        assert train_step(model, batch, optimizer, scheduler, cfg, step=s, into=steps) is None
+        if s % 5 == 0:
+            read = steps.read()
+            assert read["steps"] == 5
+            means.append(read["loss"])
+        if s == 20:
+            scores = evaluate(model, [val], "val")
+            assert np.isfinite(scores["val_rmse"])
+    assert all(np.isfinite(means))
+    assert means[-1] < 0.7 * means[0], means
+    again = evaluate(model, [val], "val")
+    assert again["val_rmse"] < scores["val_rmse"]
+
+
+def test_non_finite_step_is_skipped_on_the_device_and_raised_at_the_read():
+    torch.manual_seed(0)
+    cfg = TrainConfig(preset="astromer2", batch_size=32, warmup_steps=0, use_gpu=True)
+    model = build_model(cfg).cuda()
+    optimizer, scheduler = make_optimizer(model, cfg)
+    good, bad = _sine_batch(cfg, 32, 0), _sine_batch(cfg, 32, 1)
+    bad["target"][3, 0], bad["probed"][3, 0] = float("nan"), True
+    steps = StepMetrics()
+    train_step(model, good, optimizer, scheduler, cfg, step=1, into=steps)
+    steps.read()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
+    train_step(model, bad, optimizer, scheduler, cfg, step=2, epoch=0, batch_index=7, into=steps)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())     # no update
+    assert all(torch.equal(m, optimizer.state[p]["exp_avg"]) for m, p in zip(moments, model.parameters()))
+    train_step(model, good, optimizer, scheduler, cfg, step=3, into=steps)          # later steps go on
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 2 \(epoch 0, batch 7\)"):
+        steps.read()

@@ -97,6 +97,32 @@ def test_nan_loss_raises_naming_step_and_batch_without_update():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_step_metrics_read_means_and_a_cpu_nan_still_raises_at_once():
+    from astromer.train import StepMetrics
+
+    config = TrainConfig(preset="tiny", warmup_steps=0)
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer, scheduler = make_optimizer(model, config)
+    assert not optimizer.defaults.get("fused")            # on a CPU: no device-side skip, so no deferral
+    batches = [_batch(config, seed=s) for s in range(3)]
+    steps = StepMetrics()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = [train_step(model, b, optimizer, scheduler, config, step=i + 1) for i, b in enumerate(batches)]
+    model.load_state_dict(state)
+    optimizer, scheduler = make_optimizer(model, config)
+    for i, b in enumerate(batches):
+        assert train_step(model, b, optimizer, scheduler, config, step=i + 1, into=steps) is None
+    read = steps.read()
+    assert read["steps"] == 3 and steps.read() == {}
+    for name in ("loss", "rmse", "r2"):
+        assert read[name] == pytest.approx(np.mean([e[name] for e in expected]), rel=1e-5)
+    bad = _batch(config)
+    bad["target"][3, 0], bad["probed"][3, 0] = float("nan"), True
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 9 \(epoch 1, batch 2\)"):
+        train_step(model, bad, optimizer, scheduler, config, step=9, epoch=1, batch_index=2, into=steps)
+
+
 def test_checkpoint_round_trip_continues_identically(tmp_path, monkeypatch):
     config = TrainConfig(preset="tiny", warmup_steps=3, max_steps=20)
     torch.manual_seed(1)
