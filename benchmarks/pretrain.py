@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from astromer.config import PRESETS
 from astromer.data import DataSpec, iter_batches, make_datasets, numpy_windows
-from astromer.train import TrainConfig, build_model, make_optimizer, train_step
+from astromer.train import StepMetrics, TrainConfig, build_model, make_optimizer, train_step
 
 WARMUP_STEPS = 3
 
@@ -59,11 +59,14 @@ def bench_loop(config: dict) -> None:
                 yield from iter_batches(shard, cfg.batch_size, drop_last=True, device=device)
 
     total = WARMUP_STEPS + config["steps"]
-    t0 = None
+    t0, steps = None, StepMetrics()        # read back every log_every steps, as the job's loop does
     for step, batch in enumerate(batches(), start=1):
         if step == WARMUP_STEPS + 1:
+            steps.read()
             t0 = time.perf_counter()
-        train_step(ddp, batch, optimizer, scheduler, cfg, step=step)
+        train_step(ddp, batch, optimizer, scheduler, cfg, step=step, into=steps)
+        if step % cfg.log_every == 0 or step == total:
+            steps.read()
         if step == total:
             break
     elapsed = time.perf_counter() - t0
@@ -144,35 +147,44 @@ def matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
-def gpu_memory_rate(args, spec: DataSpec, compile_encoder: bool) -> float:
+# The GPU step variants: name -> (torch.compile on, compile mode)
+GPU_VARIANTS = {"eager": (False, "default"), "compiled": (True, "default"), "graphs": (True, "reduce-overhead")}
+
+
+def gpu_memory_rate(args, spec: DataSpec, variant: str) -> float:
     """bf16 training windows/s on one GPU from in-memory batches."""
+    compiled, mode = GPU_VARIANTS[variant]
     cfg = TrainConfig(preset=args.preset, batch_size=args.gpu_batch_size, warmup_steps=0, use_gpu=True,
-                      compile=compile_encoder)
+                      compile=compiled, compile_mode=mode)
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
     optimizer, scheduler = make_optimizer(model, cfg)
     pool = _memory_batches(args.gpu_batch_size, spec, 0, "cuda")
+    steps = StepMetrics()
     for step in range(WARMUP_STEPS + 2):          # the first steps compile (torch.compile) and tune kernels
-        train_step(model, pool[step % 4], optimizer, scheduler, cfg, step=step + 1)
-    torch.cuda.synchronize()
+        train_step(model, pool[step % 4], optimizer, scheduler, cfg, step=step + 1, into=steps)
+    steps.read()
     t0 = time.perf_counter()
     for step in range(args.gpu_steps):
-        train_step(model, pool[step % 4], optimizer, scheduler, cfg, step=step + WARMUP_STEPS + 3)
-    torch.cuda.synchronize()
+        train_step(model, pool[step % 4], optimizer, scheduler, cfg, step=step + WARMUP_STEPS + 3, into=steps)
+        if (step + 1) % cfg.log_every == 0:
+            steps.read()
+    steps.read()
     return args.gpu_steps * args.gpu_batch_size / (time.perf_counter() - t0)
 
 
 def gpu_branch(args, spec: DataSpec, datasets: dict) -> dict:
-    """bf16 training throughput on one GPU from in-memory tensors (eager and compiled), MFU against the
+    """bf16 training throughput on one GPU from in-memory tensors (eager, compiled, compiled with CUDA
+    graphs), MFU against the
     datasheet peak and the measured matmul rate, the Ray Data stream alone at the GPU batch size, and one
     GPU worker fed by Ray Data (TorchTrainer, the job's data path)."""
     flops = attention_flops_per_window(PRESETS[args.preset]())
     out = {"gpu_name": torch.cuda.get_device_name(), "gpu_matmul_tflops": matmul_tflops()}
     print(f"{out['gpu_name']}: bf16 matmul {out['gpu_matmul_tflops']:.0f} TFLOP/s measured "
           f"(datasheet {args.gpu_peak_tflops:.0f}); {flops / 1e9:.2f} GFLOP per training window", flush=True)
-    for label, compiled in (("eager", False), ("compiled", True)):
+    for label in GPU_VARIANTS:
         try:
-            rate = gpu_memory_rate(args, spec, compiled)
+            rate = gpu_memory_rate(args, spec, label)
         except Exception as exc:                   # noqa: BLE001 - report the variant, keep the others
             print(f"GPU {label}: failed ({type(exc).__name__}: {exc})", flush=True)
             continue
@@ -182,13 +194,13 @@ def gpu_branch(args, spec: DataSpec, datasets: dict) -> dict:
               f"{100 * out[f'gpu_{label}_mfu']:.1f}% of the datasheet (target >= 35%), "
               f"{100 * rate * flops / (out['gpu_matmul_tflops'] * 1e12):.1f}% of the measured matmul rate",
               flush=True)
-    best = max(("eager", "compiled"), key=lambda k: out.get(f"gpu_{k}_windows_per_s", 0.0))
+    best = max(GPU_VARIANTS, key=lambda k: out.get(f"gpu_{k}_windows_per_s", 0.0))
     out["gpu_best"] = best
     out["gpu_stream_windows_per_s"] = stream_rate(datasets, args.gpu_batch_size, min_windows=20 * args.gpu_batch_size)
     print(f"Ray Data stream alone at batch {args.gpu_batch_size}: {out['gpu_stream_windows_per_s']:8.0f} windows/s",
           flush=True)
     fed_cfg = TrainConfig(preset=args.preset, batch_size=args.gpu_batch_size, warmup_steps=0, use_gpu=True,
-                          cpus_per_worker=1, compile=best == "compiled")
+                          cpus_per_worker=1, compile=GPU_VARIANTS[best][0], compile_mode=GPU_VARIANTS[best][1])
     fed = train_rate(fed_cfg, "ray", 1, args.gpu_steps, datasets)
     out["gpu_ray_data_windows_per_s"] = fed
     out["gpu_fed_ratio"] = fed / out[f"gpu_{best}_windows_per_s"]
