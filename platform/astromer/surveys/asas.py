@@ -12,10 +12,10 @@ from astromer.surveys.base import (
     Batch,
     Input,
     Plan,
+    add_labels,
     add_parsed,
     basename,
-    input_members,
-    parse_bodies,
+    parse_time_mag_err_members,
     plan_inputs,
 )
 
@@ -40,15 +40,9 @@ class AsasReader:
         return Plan(inputs=inputs, context={"classes": classes}, label_sets=(LABEL_SET,))
 
     def read(self, item: Input, context: dict) -> Batch:
-        batch = Batch()
-        members = input_members(item, ".dat")
-        classes = context.get("classes", {})
-        columns, lengths = parse_bodies([m[2] for m in members], [m[0] for m in members], 3, delimiter=b",",
-                                        quarantine=batch.quarantine)
+        batch, members, columns, lengths = parse_time_mag_err_members(item, b",")
         object_ids = [basename(name).rsplit(".dat", 1)[0] for _, name, _ in members]
         accepted = add_parsed(batch, object_ids, ["V"] * len(members), columns, lengths, [m[0] for m in members],
                               time_offset=HJD2450000_TO_MJD)
-        for object_id, ok in zip(object_ids, accepted):
-            if ok and object_id in classes:
-                batch.labels.append((object_id, LABEL_SET, classes[object_id]))
+        add_labels(batch, object_ids, accepted, LABEL_SET, context.get("classes", {}).get)
         return batch

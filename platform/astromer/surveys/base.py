@@ -900,3 +900,22 @@ def input_members(item: Input, suffix: str) -> list[tuple[str, str, bytes]]:
     """(provenance key, member name, bytes) of :func:`input_member_block`, one member at a time."""
     members, keys = input_member_block(item, suffix)
     return [(key, name, data) for key, (name, data) in zip(keys, members.pairs())]
+
+
+def parse_time_mag_err_members(item: Input, delimiter: bytes) -> tuple[Batch, list, list[np.ndarray], np.ndarray]:
+    """The start of a reader whose members are header-less ``.dat`` rows of time, magnitude and error
+    (ASAS, OGLE): a fresh batch (bad members already quarantined in it), the members as
+    :func:`input_members` gives them, the three parsed columns and each member's row count."""
+    batch = Batch()
+    members = input_members(item, ".dat")
+    columns, lengths = parse_bodies([m[2] for m in members], [m[0] for m in members], 3, delimiter=delimiter,
+                                    quarantine=batch.quarantine)
+    return batch, members, columns, lengths
+
+
+def add_labels(batch: Batch, object_ids: list, accepted, label_set: str, label_of) -> None:
+    """A label for each accepted curve whose object ``label_of(object_id)`` names one (None: no label)."""
+    for object_id, ok in zip(object_ids, accepted):
+        label = label_of(object_id) if ok else None
+        if label:
+            batch.labels.append((object_id, label_set, label))

@@ -11,10 +11,10 @@ from astromer.surveys.base import (
     Batch,
     Input,
     Plan,
+    add_labels,
     add_parsed,
     basename,
-    input_members,
-    parse_bodies,
+    parse_time_mag_err_members,
     plan_inputs,
 )
 
@@ -47,11 +47,8 @@ class OgleReader:
         return Plan(inputs=inputs, context={"ident": ident}, label_sets=(LABEL_SET,))
 
     def read(self, item: Input, context: dict) -> Batch:
-        batch = Batch()
-        members = input_members(item, ".dat")
+        batch, members, columns, lengths = parse_time_mag_err_members(item, b" ")
         ident = context.get("ident", {})
-        columns, lengths = parse_bodies([m[2] for m in members], [m[0] for m in members], 3, delimiter=b" ",
-                                        quarantine=batch.quarantine)
         object_ids, bands, ras, decs = [], [], [], []
         for _, name, _ in members:
             object_id = basename(name).split(".dat")[0]
@@ -63,8 +60,5 @@ class OgleReader:
             decs.append(dec)
         accepted = add_parsed(batch, object_ids, bands, columns, lengths, [m[0] for m in members], ras, decs,
                               time_offset=HJD2450000_TO_MJD)
-        for object_id, ok in zip(object_ids, accepted):
-            mode = ident.get(object_id, (None,))[0]
-            if ok and mode:
-                batch.labels.append((object_id, LABEL_SET, mode))
+        add_labels(batch, object_ids, accepted, LABEL_SET, lambda object_id: ident.get(object_id, (None,))[0])
         return batch
