@@ -6,7 +6,10 @@ In one run, on the same model, batch size and lake:
   2. the same TorchTrainer fed from in-memory tensors (the ceiling: no data pipeline at all);
   3. the ratio 1 / 2 per worker count (target >= 0.9);
   4. the Ray Data window stream alone, without training (target >= 5x what one worker consumes);
-  5. with CUDA: windows/s of one GPU in bf16, model-FLOP utilisation, and whether Ray Data keeps it fed.
+  5. with CUDA: windows/s of one GPU in bf16 (eager, compiled, compiled with CUDA graphs), model-FLOP
+     utilisation, and whether Ray Data keeps the fastest of them fed.
+
+Every trainer runs the job's step: figures kept on the device and read every ``log_every`` steps.
 
     python benchmarks/pretrain.py [--lake LAKE] [--preset astromer2] [--batch-size 16] [--steps 12]
 
