@@ -264,8 +264,9 @@ class StepMetrics:
     """The training steps' loss, RMSE and R2 on the probed subset, summed on the device where they are
     computed until ``read``. Reading a number back from a GPU waits for all the work queued before it, and
     the GPU then idles while the next step is launched; the job's loop reads once per ``log_every`` steps
-    instead of after every step (with the fused optimiser, on one H200 at batch 512: 25,100 against 23,300
-    windows/s, and 32,800 with CUDA graphs; docs/performance.md). On a CPU it changes nothing.
+    instead of after every step (with the fused optimiser, on one H200 at batch 512: 25,100 and 28,900
+    against 23,300 windows/s, and 32,500 to 32,800 with CUDA graphs; docs/performance.md). On a CPU it
+    changes nothing.
 
     A step whose loss was not finite adds nothing; ``read`` raises NonFiniteLossError naming the first such
     step (its update was skipped on the device, see ``train_step``)."""
