@@ -22,7 +22,7 @@ GPU time.
 
     python benchmarks/gpu_step.py [--batch 512] [--steps 30] [--variants attention,job,graphs,...] [--out DIR]
 
-Needs torch only (no Ray, no MLflow). ``--device cpu --batch 4 --steps 2 --variants job,nosync`` runs
+Needs torch only (no Ray, no MLflow). ``--device cpu --batch 4 --steps 2 --variants before,job`` runs
 the same code on a CPU as a smoke test.
 """
 from __future__ import annotations
@@ -69,6 +69,7 @@ class Step:
         self.metrics = StepMetrics()
         self.loss_fn = None
         if name in WHOLE:
+            # train_step calls the model and the loss apart; compiling them as one graph needs its own step
             model = self.model
 
             def forward_loss(batch):
@@ -96,9 +97,8 @@ class Step:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            self.metrics.add(torch.stack([loss.detach().float()] * 3), torch.isfinite(loss), self.step_no, 0, 0)
-        if self.step_no % self.cfg.log_every == 0:
-            self.last_loss = self.metrics.read()["loss"]
+        if self.step_no % self.cfg.log_every == 0:      # read back as often as the job's loop does
+            self.last_loss = float(loss) if self.loss_fn is not None else self.metrics.read()["loss"]
 
 
 def _pe_before(self, times):
@@ -149,13 +149,18 @@ def time_variant(name: str, args, device, flops: float, peak: float, matmul: flo
         model_module.PositionalEncoding.forward, model_module.F = saved
 
 
-def _time_steps(name, args, device, flops, peak, matmul, batch, t_build) -> dict:
+def warmed_step(name: str, batch: int, device) -> tuple[Step, list[dict]]:
+    """A variant's step after its warm-up steps (compilation, kernel tuning), and its in-memory batches."""
     step = Step(name, batch, device)
-    spec = step.cfg.data_spec()
-    pool = _memory_batches(batch, spec, 0, device)
+    pool = _memory_batches(batch, step.cfg.data_spec(), 0, device)
     for i in range(WARMUP):
         step(pool[i % len(pool)])
     sync(device)
+    return step, pool
+
+
+def _time_steps(name, args, device, flops, peak, matmul, batch, t_build) -> dict:
+    step, pool = warmed_step(name, batch, device)
     warm_s = time.perf_counter() - t_build
     times = []
     for _rep in range(3):              # three timed rounds: the median, and the spread for the noise
@@ -237,11 +242,7 @@ def profile(args, device, out_dir: str | None) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    step = Step("job", args.batch, device)
-    pool = _memory_batches(args.batch, step.cfg.data_spec(), 0, device)
-    for i in range(WARMUP):
-        step(pool[i % len(pool)])
-    sync(device)
+    step, pool = warmed_step("job", args.batch, device)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(5):
             step(pool[i % len(pool)])

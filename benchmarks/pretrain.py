@@ -178,9 +178,8 @@ def gpu_memory_rate(args, spec: DataSpec, variant: str) -> float:
 
 def gpu_branch(args, spec: DataSpec, datasets: dict) -> dict:
     """bf16 training throughput on one GPU from in-memory tensors (eager, compiled, compiled with CUDA
-    graphs), MFU against the
-    datasheet peak and the measured matmul rate, the Ray Data stream alone at the GPU batch size, and one
-    GPU worker fed by Ray Data (TorchTrainer, the job's data path)."""
+    graphs), MFU against the datasheet peak and the measured matmul rate, the Ray Data stream alone at the
+    GPU batch size, and one GPU worker fed by Ray Data (TorchTrainer, the job's data path)."""
     flops = attention_flops_per_window(PRESETS[args.preset]())
     out = {"gpu_name": torch.cuda.get_device_name(), "gpu_matmul_tflops": matmul_tflops()}
     print(f"{out['gpu_name']}: bf16 matmul {out['gpu_matmul_tflops']:.0f} TFLOP/s measured "
