@@ -5,13 +5,16 @@ In one run, on the same model, batch size and lake:
   1. training windows/s with 1 and with 2 CPU workers fed by Ray Data (get_dataset_shard + iter_torch_batches);
   2. the same TorchTrainer fed from in-memory tensors (the ceiling: no data pipeline at all);
   3. the ratio 1 / 2 per worker count (target >= 0.9);
-  4. the Ray Data window stream alone, without training (target >= 5x what one worker consumes);
+  4. the Ray Data window stream alone, without training (target >= 5x what one worker consumes), and at the
+     GPU batch size once per number of read tasks in ``--stream-tasks`` (default: one task, then the job's
+     default of half the cluster's CPUs), for how the stream scales with the cores it gets;
   5. with CUDA: windows/s of one GPU in bf16 (eager, compiled, compiled with CUDA graphs), model-FLOP
      utilisation, and whether Ray Data keeps the fastest of them fed.
 
 Every trainer runs the job's step: figures kept on the device and read every ``log_every`` steps.
 
     python benchmarks/pretrain.py [--lake LAKE] [--preset astromer2] [--batch-size 16] [--steps 12]
+                                  [--stream-tasks 1,0] [--stream-only]
 
 Without --lake a synthetic lake is ingested into a temporary folder (astromer.ingest, survey synthetic).
 """
@@ -28,7 +31,7 @@ import time
 import numpy as np
 import torch
 from astromer.config import PRESETS
-from astromer.data import DataSpec, iter_batches, make_datasets, numpy_windows
+from astromer.data import DataSpec, iter_batches, make_datasets, numpy_windows, read_task_count, row_groups
 from astromer.train import StepMetrics, TrainConfig, build_model, make_optimizer, train_step
 
 WARMUP_STEPS = 3
@@ -176,6 +179,28 @@ def gpu_memory_rate(args, spec: DataSpec, variant: str) -> float:
     return args.gpu_steps * args.gpu_batch_size / (time.perf_counter() - t0)
 
 
+def stream_by_tasks(args, spec: DataSpec) -> dict:
+    """The stream alone at the GPU batch size for each read-task count of ``--stream-tasks`` (0: the job's
+    default), two passes over the lake each (or 20 batches, if more)."""
+    import dataclasses
+
+    out = {}
+    units = len(row_groups(spec))
+    for requested in [int(t) for t in args.stream_tasks.split(",") if t.strip()]:
+        tasks_spec = dataclasses.replace(spec, read_tasks=requested)
+        tasks = read_task_count(tasks_spec, units)
+        rate = stream_rate(make_datasets(tasks_spec), args.gpu_batch_size,
+                           min_windows=max(20 * args.gpu_batch_size, 2 * sum_rows(tasks_spec)))
+        out[f"stream_{tasks}_tasks_windows_per_s"] = rate
+        print(f"Ray Data stream alone at batch {args.gpu_batch_size}, {tasks} read task(s) over {units} row "
+              f"groups{' (the default)' if requested == 0 else ''}: {rate:8.0f} windows/s", flush=True)
+    return out
+
+
+def sum_rows(spec: DataSpec) -> int:
+    return sum(int(u["rows"]) for u in row_groups(spec))
+
+
 def gpu_branch(args, spec: DataSpec, datasets: dict) -> dict:
     """bf16 training throughput on one GPU from in-memory tensors (eager, compiled, compiled with CUDA
     graphs), MFU against the datasheet peak and the measured matmul rate, the Ray Data stream alone at the
@@ -222,6 +247,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-steps", type=int, default=30)
     parser.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU-worker measurements")
+    parser.add_argument("--stream-tasks", default="1,0",
+                        help="read-task counts for the stream alone at the GPU batch size (0: the job's default)")
+    parser.add_argument("--stream-only", action="store_true", help="only the stream by read tasks")
     args = parser.parse_args(argv)
 
     import ray
@@ -244,6 +272,10 @@ def main(argv=None) -> int:
     results: dict[str, float] = {}
     print(f"lake {lake}; preset {args.preset}; batch {args.batch_size}/worker; {args.steps} timed steps "
           f"after {WARMUP_STEPS} warm-up steps; torch {torch.__version__}", flush=True)
+    if args.stream_only:
+        print(json.dumps({k: round(v, 3) for k, v in stream_by_tasks(args, spec).items()}))
+        ray.shutdown()
+        return 0
     for workers in () if args.gpu_only else (1, 2):
         results[f"memory_{workers}w"] = train_rate(cfg, "memory", workers, args.steps, None)
         results[f"ray_data_{workers}w"] = train_rate(cfg, "ray", workers, args.steps, datasets)
@@ -256,6 +288,7 @@ def main(argv=None) -> int:
         results["stream_vs_one_worker"] = results["stream"] / results["ray_data_1w"]
         print(f"Ray Data stream alone: {results['stream']:8.1f} windows/s = {results['stream_vs_one_worker']:.1f}x "
               "one worker's consumption (target >= 5x)", flush=True)
+    results.update(stream_by_tasks(args, spec))
     if torch.cuda.is_available():
         results.update(gpu_branch(args, spec, datasets))
     else:

@@ -114,23 +114,41 @@ def test_read_lightcurves_reads_every_row_group_once(ray_local, small_lake, tmp_
     # one read unit per row group (row_group_size=50: 150 curves -> 3, 30 -> 1), survey and band from the folder
     assert sorted((u["band"], u["row_group"]) for u in units) == [("B", 0), ("V", 0), ("V", 1), ("V", 2)]
     assert {u["survey"] for u in units} == {"synthetic"}
-    ds = read_lightcurves(spec)
-    got = {(r["band"], r["object_id"]): r for r in ds.take_all()}
     want = pa.concat_tables([pq.read_table(f) for f in sorted((small_lake / "lightcurves").rglob("*.parquet"))])
-    assert len(got) == want.num_rows == 180
-    for row in want.slice(0, 200).to_pylist():
-        band = "V" if row["object_id"].startswith("SYN-0-") else "B"
-        mine = got[(band, row["object_id"])]
-        assert mine["survey"] == "synthetic"
-        np.testing.assert_array_equal(mine["mjd"], row["mjd"])
-        np.testing.assert_array_equal(mine["quality"], row["quality"])
-    assert ds.materialize().num_blocks() == len(units)   # one block per row group: the windows stream
+    for tasks in (1, 3):       # one task streams through every row group; three split them
+        ds = read_lightcurves(DataSpec(lake=str(small_lake), read_tasks=tasks))
+        rows = ds.take_all()
+        got = {(r["band"], r["object_id"]): r for r in rows}
+        assert len(rows) == len(got) == want.num_rows == 180     # every curve once
+        for row in want.to_pylist():
+            band = "V" if row["object_id"].startswith("SYN-0-") else "B"
+            mine = got[(band, row["object_id"])]
+            assert mine["survey"] == "synthetic"
+            np.testing.assert_array_equal(mine["mjd"], row["mjd"])
+            np.testing.assert_array_equal(mine["quality"], row["quality"])
+        assert f"{tasks} tasks executed" in ds.stats()
     # a selection names its partitions; an empty selection fails clearly
     assert {u["band"] for u in row_groups(DataSpec(lake=str(small_lake), bands=["B"]))} == {"B"}
     empty = tmp_path / "empty"
     Path(LakePaths(str(empty)).lightcurves("synthetic", "V")).mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no lightcurves files"):
         row_groups(DataSpec(lake=str(empty)))
+
+
+def test_split_units_keeps_order_and_balances_rows():
+    from astromer.data import read_task_count, split_units
+
+    units = [{"url": f"f{i // 4}", "row_group": i % 4, "rows": rows} for i, rows in enumerate([2048] * 10 + [500, 30])]
+    for tasks in (1, 2, 3, 5, 12, 40):
+        runs = split_units(units, tasks)
+        assert [u for run in runs for u in run] == units            # every unit once, in lake order
+        assert len(runs) == min(tasks, len(units))
+        share = sum(u["rows"] for u in units) / len(runs)
+        assert all(sum(u["rows"] for u in run) < share + 2048 for run in runs)   # a share and one row group
+    assert [len(r) for r in split_units(units, 2)] == [6, 6]
+    assert read_task_count(DataSpec(lake="x", read_tasks=3), units=2) == 2   # never more tasks than row groups
+    assert read_task_count(DataSpec(lake="x", read_tasks=3), units=10) == 3
+    assert read_task_count(DataSpec(lake="x"), units=10) >= 1
 
 
 def _collect(ds) -> dict[str, np.ndarray]:

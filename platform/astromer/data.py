@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ class DataSpec:
     label_set: str | None = None          # finetuning: keep only curves with a label in this set
     labels: list[str] | None = None       # ... and (optionally) only these labels
     data_cpus: float = 0.25               # CPUs reserved per data task (leave room for the trainers)
+    read_tasks: int = 0                   # tasks that read and window the curves; 0: half the cluster's CPUs
 
     def __post_init__(self):
         if isinstance(self.mask, dict):
@@ -165,31 +167,75 @@ def read_row_group(unit: dict):
     return table.select(READ_COLUMNS + ["survey", "band"])
 
 
+#: Ray Data's block size for the curve and window streams. Its default (128 MiB) holds a task's output back
+#: until about 33,000 windows are made, so the trainers got the first batch of an epoch only then, and in
+#: bursts after it; 8 MiB is about one row group's windows (2,048 curves).
+STREAM_BLOCK_BYTES = 8 << 20
+
+
+def read_task_count(spec: DataSpec, units: int) -> int:
+    """How many tasks read the lake: ``spec.read_tasks``, or half the Ray cluster's CPUs (the other half is
+    left to the trainers and to the collation of their batches), at least 1 and at most one per row group."""
+    tasks = spec.read_tasks
+    if tasks <= 0:
+        import ray
+
+        cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else (os.cpu_count() or 1)
+        tasks = int(cpus) // 2
+    return max(1, min(int(tasks), units))
+
+
+def split_units(units: list[dict], tasks: int) -> list[list[dict]]:
+    """``units`` cut into ``tasks`` runs of consecutive row groups (a task reads neighbouring row groups of
+    the same files) of about equal row counts: a run closes once it reaches its share of the rows, or when
+    each run still to come needs one of the units left."""
+    tasks = max(1, min(tasks, len(units)))
+    total = sum(int(u["rows"]) for u in units)
+    runs: list[list[dict]] = []
+    current: list[dict] = []
+    done = 0
+    for i, unit in enumerate(units):
+        current.append(unit)
+        done += int(unit["rows"])
+        runs_to_come = tasks - len(runs) - 1
+        if runs_to_come and (done * tasks >= total * (len(runs) + 1) or len(units) - i - 1 == runs_to_come):
+            runs.append(current)
+            current = []
+    return runs + [current] if current else runs
+
+
 def read_lightcurves(spec: DataSpec):
     """A lazy Ray Dataset of the selected curves with columns object_id, mjd, mag, err, quality, survey, band.
 
     The read units are the Parquet row groups (about two thousand curves each), listed once in the driver
-    from the files' footers. Ray Data fuses the read with the cleaning and windowing that follow and gives
-    each task as many units as the window map's batch size (256): a task streams through its row groups one
-    at a time, so it holds one row group, and only a lake of more row groups runs several tasks. Finer tasks
-    were slower on 2 cores (4 row groups per task: 3,200 windows/s against 4,700 on 224 row groups).
-    Ray Data's own Parquet reader lists the folders again on every pass and hands the windowing whole
-    128 MiB blocks, after the read of each has finished."""
+    from the files' footers, and cut into :func:`read_task_count` runs of consecutive row groups. Each task
+    streams through its run one row group at a time, and Ray Data fuses the cleaning and windowing that
+    follow into the same task, so a task holds one row group's curves and windows at a time, and its
+    windows leave in blocks of :data:`STREAM_BLOCK_BYTES`.
+
+    On 2 cores, streaming alone at batch 512 from a lake of 224 row groups (docs/performance.md): two tasks
+    gave 1.3 to 2.0 times what one did. Before, Ray Data bundled up to 256 row groups (the window map's batch
+    size) into a single task, which sent its windows in 128 MiB blocks. Ray Data's own Parquet reader lists
+    the folders again on every pass and hands the windowing whole 128 MiB blocks, after the read of each
+    has finished."""
     import ray.data
 
     quiet_progress()
     units = row_groups(spec)
-    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        _read_units, batch_size=1, batch_format="pyarrow", num_cpus=spec.data_cpus)
+    runs = split_units(units, read_task_count(spec, len(units)))
+    ds = ray.data.from_items([{"units": run} for run in runs], override_num_blocks=len(runs))
+    ds.context.target_max_block_size = STREAM_BLOCK_BYTES      # this dataset and those derived from it
+    ds = ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", num_cpus=spec.data_cpus)
     if spec.label_set:
         ds = _join_labels(ds, spec)
     return ds
 
 
 def _read_units(batch):
-    import pyarrow as pa
-
-    return pa.concat_tables([read_row_group(unit) for unit in batch.to_pylist()])
+    """Yield the row groups of a run one at a time (the task never holds more than one)."""
+    for run in batch.column("units").to_pylist():
+        for unit in run:
+            yield read_row_group(unit)
 
 
 def _join_labels(ds, spec: DataSpec):
@@ -360,7 +406,7 @@ def window_dataset(spec: DataSpec, split: str, source=None):
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
     source = read_lightcurves(spec) if source is None else source
     return source.map_batches(make_windows, fn_kwargs={"spec": spec, "split": split, "fixed": split != "train"},
-                              batch_format="numpy", batch_size=256, num_cpus=spec.data_cpus)
+                              batch_format="numpy", batch_size=None, num_cpus=spec.data_cpus)
 
 
 def make_datasets(spec: DataSpec, source=None) -> dict:

@@ -89,6 +89,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5           # laptop defaults: 2 workers + the data tasks fit 2 cores
     data_cpus: float = 0.25
+    read_tasks: int = 0                     # tasks reading and windowing the lake; 0: half the cluster's CPUs
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_failures: int = 2
@@ -143,7 +144,7 @@ class TrainConfig:
                         test_fraction=self.test_fraction, seed=self.seed, clean=self.clean,
                         drop_noisy=self.drop_noisy,
                         min_observations=self.min_observations, label_set=self.label_set,
-                        labels=self.labels, data_cpus=self.data_cpus)
+                        labels=self.labels, data_cpus=self.data_cpus, read_tasks=self.read_tasks)
 
     def _window_length(self) -> int:
         if self.init_from:
