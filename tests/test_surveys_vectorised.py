@@ -10,7 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from astromer.lake import schema
+from astromer.lake import paths, schema
 from astromer.lake.paths import is_valid_object_id, valid_objects_and_bands, validate_band
 from astromer.surveys import macho
 from astromer.surveys.base import (
@@ -113,7 +113,9 @@ def test_headed_parse_in_a_given_order_equals_reordering_afterwards(with_bad_mem
                                                       if with_bad_member else [])
 
 
-def test_macho_identity_fast_path_matches_the_member_by_member_rule():
+@pytest.mark.parametrize("small_lines", [macho.SMALL_HEADER_LINES, 0])   # small archives, and pyarrow's path
+def test_macho_identity_fast_path_matches_the_member_by_member_rule(monkeypatch, small_lines):
+    monkeypatch.setattr(macho, "SMALL_HEADER_LINES", small_lines)
     raw = bz2.decompress(shared_path("data", "macho_sample", "lc_1.3444.614.tar.bz2").read_bytes())
     real = tar_members(raw)
     header_2 = b"#Field Tile Seq RA(hour) Dec(deg) Filter mean_Mag med_Mag mean_(B-R) med_(B-R)\n"
@@ -180,7 +182,9 @@ def test_macho_member_names_split_like_the_file_name_rule():
             (match["object"], match["band"]) if match else None), name
 
 
-def test_vectorised_name_rules_match_the_python_rules():
+@pytest.mark.parametrize("small_batch", [paths.SMALL_BATCH, 0])    # name by name, and pyarrow's regexes
+def test_vectorised_name_rules_match_the_python_rules(monkeypatch, small_batch):
+    monkeypatch.setattr(paths, "SMALL_BATCH", small_batch)
     objects = ["1.3444.614", "OGLE-LMC-CEP-0001", "a/b", "..", "a..b", "", "x" * 129, "x" * 128, "abc\n",
                "-lead", "ok:+", "é", None, "a b"]
     bands = ["R", "B", "I", "r/..", "", "V_1", "g", "x" * 17, "R\n", "R", "R", "R", "R", "R"]

@@ -257,7 +257,8 @@ def map_task(reader_name: str, item: Input, index: int, sha256: str, context: di
 
 
 def shard_path(run: str, index: int, band: str) -> str:
-    return f"{run}/shards/{index:06d}/band={band}.arrow"
+    # flat, beside the labels shard: a folder per input cost a mkdir per input (0.4 ms for a small archive)
+    return f"{run}/shards/{index:06d}.band={band}.arrow"
 
 
 def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[int], part: int) -> dict:

@@ -63,9 +63,16 @@ def is_valid_band(name: str) -> bool:
     return isinstance(name, str) and bool(_BAND.fullmatch(name)) and ".." not in name
 
 
+#: below this many names the per-name checks are cheaper than pyarrow's vectorised ones
+SMALL_BATCH = 64
+
+
 def valid_objects_and_bands(object_ids: list, bands: list) -> np.ndarray:
     """``is_valid_object_id(o) and band is valid`` for many curves at once (pyarrow's RE2 over the
-    whole list; the patterns are anchored, and RE2's ``$`` matches only at the very end)."""
+    whole list; the patterns are anchored, and RE2's ``$`` matches only at the very end). A few names (an
+    archive of one object) are checked one by one: pyarrow's five calls cost about 0.9 ms whatever the length."""
+    if len(object_ids) < SMALL_BATCH:
+        return np.array([is_valid_object_id(o) and is_valid_band(b) for o, b in zip(object_ids, bands)], dtype=bool)
     try:
         ids = pa.array(object_ids, type=pa.string())
         names = pa.array(bands, type=pa.string())
