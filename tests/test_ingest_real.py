@@ -186,12 +186,25 @@ def test_an_existing_scheduler_is_used_by_address(lake, client, tmp_path):
     assert (result.curves, result.observations, result.labels) == (2_415, 136_196, 483)
 
 
-def test_worker_processes_give_the_same_lake(lake, tmp_path):
-    """The same ingest on a cluster of two worker processes writes byte-identical files."""
+def test_worker_processes_give_the_same_lake(lake, tmp_path, monkeypatch):
+    """A survey of many small archives gets a cluster of worker processes by itself (here "many" is lowered to
+    the sample's 10 archives), and they write byte-identical files."""
+    import io
+
+    from astromer import ingest
+    from astromer.surveys.base import Input
+
+    assert not ingest.many_small_inputs([Input(key="a", url="a", size=15_000)] * (ingest.MANY_INPUTS - 1))
+    assert ingest.many_small_inputs([Input(key="a", url="a", size=15_000)] * ingest.MANY_INPUTS)
+    assert not ingest.many_small_inputs([Input(key="a", url="a", size=7 << 20)] * ingest.MANY_INPUTS)
+    assert not ingest.many_small_inputs([Input(key="a", url="a", size=0)] * ingest.MANY_INPUTS)   # unsized
+    monkeypatch.setattr(ingest, "MANY_INPUTS", 10)
     root, _ = lake
     fresh = tmp_path / "procs"
-    result = run_ingest("macho", str(shared_path(*SOURCES["macho"])), str(fresh), workers=2, processes=True,
-                        progress=False)
+    stream = io.StringIO()
+    result = run_ingest("macho", str(shared_path(*SOURCES["macho"])), str(fresh), workers=2, progress=False,
+                        stream=stream)
+    assert "10 small inputs: the local cluster runs worker processes" in stream.getvalue()
     assert (result.curves, result.observations) == (19, 15_118)
     rel = "lightcurves/survey=macho"
     a = {p.relative_to(root): p.read_bytes() for p in (Path(root) / rel).rglob("*.parquet")}

@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     parser.add_argument("--workers", type=int, default=None,
                         help="local cluster: threads (default: one per core), or worker processes with --processes")
-    parser.add_argument("--processes", action="store_true",
-                        help="local cluster: worker processes instead of threads in this process")
+    parser.add_argument("--processes", action=argparse.BooleanOptionalAction, default=None,
+                        help="local cluster: worker processes instead of threads in this process (default: "
+                             "processes for a survey of many small inputs, such as MACHO's archives)")
     parser.add_argument("--threads", type=int, default=None, help="local cluster with --processes: threads per worker")
     parser.add_argument("--part-mb", type=int, default=None, help="target part size (Arrow MB)")
     parser.add_argument("--no-progress", action="store_true")
