@@ -185,20 +185,17 @@ def stream_by_tasks(args, spec: DataSpec) -> dict:
     import dataclasses
 
     out = {}
-    units = len(row_groups(spec))
+    units = row_groups(spec)
+    curves = sum(int(u["rows"]) for u in units)
     for requested in [int(t) for t in args.stream_tasks.split(",") if t.strip()]:
         tasks_spec = dataclasses.replace(spec, read_tasks=requested)
-        tasks = read_task_count(tasks_spec, units)
+        tasks = read_task_count(tasks_spec, len(units))
         rate = stream_rate(make_datasets(tasks_spec), args.gpu_batch_size,
-                           min_windows=max(20 * args.gpu_batch_size, 2 * sum_rows(tasks_spec)))
-        out[f"stream_{tasks}_tasks_windows_per_s"] = rate
-        print(f"Ray Data stream alone at batch {args.gpu_batch_size}, {tasks} read task(s) over {units} row "
+                           min_windows=max(20 * args.gpu_batch_size, 2 * curves))
+        out[f"stream_{'default_' if requested == 0 else ''}{tasks}_tasks_windows_per_s"] = rate
+        print(f"Ray Data stream alone at batch {args.gpu_batch_size}, {tasks} read task(s) over {len(units)} row "
               f"groups{' (the default)' if requested == 0 else ''}: {rate:8.0f} windows/s", flush=True)
     return out
-
-
-def sum_rows(spec: DataSpec) -> int:
-    return sum(int(u["rows"]) for u in row_groups(spec))
 
 
 def gpu_branch(args, spec: DataSpec, datasets: dict) -> dict:
