@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import mmap
 import os
 import sys
 import time
@@ -121,12 +120,11 @@ def checksum_task(item: Input, reader_name: str) -> str:
         return reader.checksum(item)
     fs, path = fsspec.core.url_to_fs(item.url)
     if "file" in _protocols(fs):
-        # a local file is hashed where the page cache holds it: reading it into buffers first cost
-        # 40% more CPU (1.11 against 0.70 CPU-s for 860 MB)
-        with open(path, "rb") as handle:
-            if os.fstat(handle.fileno()).st_size:           # an empty file cannot be mapped
-                with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                    return hashlib.sha256(mapped).hexdigest()
+        # hashlib's own loop reads into one 256 KiB buffer that stays in the cache: 0.72 CPU-s for 860 MB,
+        # as fast as hashing a memory map (0.71), where 4 MiB reads took 1.1-1.2. A memory map ended the whole
+        # job with SIGBUS when an input was truncated while it was hashed; a short read cannot.
+        with open(path, "rb", buffering=0) as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
     digest = hashlib.sha256()
     with fs.open(path, "rb") as handle:
         while chunk := handle.read(1 << 22):
