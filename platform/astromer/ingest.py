@@ -242,7 +242,7 @@ def map_task(reader_name: str, item: Input, index: int, sha256: str, context: di
     if batch.labels:
         labels = pa.table({"object_id": [x[0] for x in batch.labels], "label_set": [x[1] for x in batch.labels],
                            "label": [x[2] for x in batch.labels]}, schema=schema.LABELS)
-        write_parquet(fs, labels, f"{run}/shards/{index:06d}.labels.parquet")
+        write_parquet(fs, labels, labels_shard_path(run, index))
     marker = {
         "index": index, "input": item.key, "url": item.url, "size": item.size, "sha256": sha256,
         "curves": int(table.num_rows), "observations": int(table.column("n_obs").to_numpy().sum()),
@@ -255,8 +255,12 @@ def map_task(reader_name: str, item: Input, index: int, sha256: str, context: di
 
 
 def shard_path(run: str, index: int, band: str) -> str:
-    # flat, beside the labels shard: a folder per input cost a mkdir per input (0.4 ms for a small archive)
+    # flat, beside the labels shards: a folder per input cost a mkdir per input (0.4 ms for a small archive)
     return f"{run}/shards/{index:06d}.band={band}.arrow"
+
+
+def labels_shard_path(run: str, index: int) -> str:
+    return f"{run}/shards/{index:06d}.labels.parquet"
 
 
 def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[int], part: int) -> dict:
@@ -583,7 +587,7 @@ def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) ->
     # labels: one file per survey, first label per (object, label set) in input order
     label_tables = []
     for m in markers:
-        path = f"{run}/shards/{m['index']:06d}.labels.parquet"
+        path = labels_shard_path(run, m["index"])
         if m["labels"] and fs.exists(path):
             with fs.open(path, "rb") as handle:
                 label_tables.append(pq.read_table(handle))

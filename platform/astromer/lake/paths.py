@@ -71,12 +71,14 @@ def valid_objects_and_bands(object_ids: list, bands: list) -> np.ndarray:
     """``is_valid_object_id(o) and band is valid`` for many curves at once (pyarrow's RE2 over the
     whole list; the patterns are anchored, and RE2's ``$`` matches only at the very end). A few names (an
     archive of one object) are checked one by one: pyarrow's five calls cost about 0.9 ms whatever the length."""
-    if len(object_ids) < SMALL_BATCH:
-        return np.array([is_valid_object_id(o) and is_valid_band(b) for o, b in zip(object_ids, bands)], dtype=bool)
-    try:
-        ids = pa.array(object_ids, type=pa.string())
-        names = pa.array(bands, type=pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+    one_by_one = len(object_ids) < SMALL_BATCH
+    if not one_by_one:
+        try:
+            ids = pa.array(object_ids, type=pa.string())
+            names = pa.array(bands, type=pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError):      # not all strings
+            one_by_one = True
+    if one_by_one:
         return np.array([is_valid_object_id(o) and is_valid_band(b) for o, b in zip(object_ids, bands)], dtype=bool)
     ok = pc.and_(pc.match_substring_regex(ids, _OBJECT.pattern), pc.invert(pc.match_substring(ids, "..")))
     ok = pc.and_(ok, pc.match_substring_regex(names, _BAND.pattern))
