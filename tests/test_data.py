@@ -217,3 +217,42 @@ def _rejected(root: Path) -> int:
         result = clean_curve(np.array(mjd), np.array(mag), np.array(err), np.array(quality, np.uint8))
         rejected += (not result.usable) or result.keep.sum() < 10
     return rejected
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_flat_training_windows_match_the_curve_by_curve_ones(tmp_path, clean):
+    """make_windows on an Arrow batch (the stream's: all curves at once) against the same batch as numpy
+    columns (curve by curve): the same curves, each window a slice of its cleaned curve, centred the same."""
+    from astromer.data import read_row_group, row_groups
+    from astromer.lake.cleaning import clean_curve
+
+    root = write_lake(tmp_path / "lake", 200, band="V", seed=5, n_obs=(4, 400), amplitude=(0.02, 2.0))
+    spec = DataSpec(lake=str(root), window_length=LENGTH, val_fraction=0.2, test_fraction=0.1, clean=clean)
+    table = pa.concat_tables([read_row_group(u) for u in row_groups(spec)])
+    table = table.append_column("label", pa.array([f"class-{i % 3}" for i in range(table.num_rows)]))
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    flat, one_by_one = make_windows(table, spec, "train", False), make_windows(columns, spec, "train", False)
+    assert list(flat["object_id"]) == list(one_by_one["object_id"]) and len(flat["object_id"]) > 60
+    assert list(flat["label"]) == list(one_by_one["label"])
+    np.testing.assert_array_equal(flat["padding"].sum(1), one_by_one["padding"].sum(1))
+    rows = {o: i for i, o in enumerate(columns["object_id"])}
+    for k, object_id in enumerate(flat["object_id"]):
+        i = rows[object_id]
+        mjd, mag = np.asarray(columns["mjd"][i]), np.asarray(columns["mag"][i], np.float32)
+        err = np.asarray(columns["err"][i], np.float32)
+        keep = (clean_curve(mjd, mag, err, np.asarray(columns["quality"][i], np.uint8)).keep if clean
+                else np.isfinite(mjd) & np.isfinite(mag) & np.isfinite(err))
+        real = ~flat["padding"][k]
+        n = int(real.sum())
+        # the window's times, centred, are a contiguous run of the kept times, centred
+        kept_times = mjd[keep]
+        starts = [s for s in range(len(kept_times) - n + 1)
+                  if np.allclose(kept_times[s:s + n] - kept_times[s:s + n].mean(), flat["times"][k][real], atol=1e-3)]
+        assert len(starts) == 1 and n == min(len(kept_times), LENGTH), object_id
+        s = starts[0]
+        np.testing.assert_allclose(flat["target"][k][real], mag[keep][s:s + n] - mag[keep][s:s + n].mean(), atol=1e-5)
+        np.testing.assert_array_equal(flat["errs"][k][real], err[keep][s:s + n])
+    # a batch without flags (a lake written without them) goes curve by curve, computing them as the ingest does
+    no_flags = table.set_column(table.column_names.index("quality"), "quality",
+                                pa.nulls(table.num_rows, pa.list_(pa.uint8())))
+    assert list(make_windows(no_flags, spec, "train", False)["object_id"]) == list(flat["object_id"])

@@ -192,3 +192,43 @@ def test_similar_command_calls_the_embeddings_search(tmp_path, capsys):
     assert rc == 0
     lines = [line for line in out.splitlines() if "| R" in line]
     assert [line.split("|")[1].strip() for line in lines] == ["b", "d"]
+
+
+@pytest.mark.parametrize("source", ["ogle", "asas"])
+def test_clean_curves_decides_every_real_curve_as_clean_curve_does(source):
+    """The flat cleaning of the training stream against the curve-by-curve one, on the real OGLE-IV Cepheids
+    and ASAS variables (both rules: with and without the noise criteria), plus curves built to be noisy,
+    constant or too short."""
+    from astromer.lake.cleaning import clean_curves, segment_sums
+    from astromer.lake.schema import quality_flags
+    from astromer.surveys import get_reader
+
+    folder = {"ogle": ("data", "ogle4_lmc_cepheids"), "asas": ("data", "asas_richards2012")}[source]
+    reader = get_reader(source)
+    plan = reader.plan(str(shared_path(*folder)), {})
+    table = reader.read(plan.inputs[0], plan.context).to_table(source_sha256="s", ingest_id="i")
+    curves = [(np.asarray(m, np.float64), np.asarray(q, np.uint8)) for m, q in
+              zip(table.column("mag").to_pylist()[:1500], table.column("quality").to_pylist()[:1500])]
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 100, 300))
+    spiky = rng.normal(0, 0.01, t.size)
+    spiky[rng.choice(t.size, 12, replace=False)] += 1.5                     # all three criteria: noisy
+    for mag in (spiky, np.full(t.size, 15.0), spiky[:4]):                   # noisy, std 0, too short
+        *_, quality = quality_flags(t[:mag.size].copy(), mag.copy(), np.full(mag.size, 0.02), np.array([0, mag.size]))
+        curves.append((mag, quality))
+    offsets = np.concatenate([[0], np.cumsum([len(m) for m, _ in curves])])
+    mag = np.concatenate([m for m, _ in curves]).astype(np.float32)
+    quality = np.concatenate([q for _, q in curves])
+    for drop_noisy in (True, False):
+        keep, n_kept, usable = clean_curves(mag, quality, offsets, drop_noisy=drop_noisy)
+        verdicts = []
+        for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+            one = clean_curve(np.arange(b - a, dtype=float), mag[a:b], np.full(b - a, 0.1), quality[a:b],
+                              drop_noisy=drop_noisy)
+            assert usable[i] == one.usable and n_kept[i] == one.keep.sum(), (i, one.reason)
+            np.testing.assert_array_equal(keep[a:b], one.keep)
+            verdicts.append(one.reason)
+        assert verdicts[-3:] == (["noisy", None, "too_few_observations"] if drop_noisy
+                                 else [None, None, "too_few_observations"])
+        assert usable[:-3].sum() >= 0.9 * (len(curves) - 3) > 700     # nearly every real curve is usable
+    assert segment_sums(np.array([1, 2, 3, 4]), np.array([0, 0, 2, 2, 4])).tolist() == [0, 3, 0, 7]

@@ -132,3 +132,31 @@ def test_probe_selection_is_uniform():
     p = probe(np.zeros((2000, 20), np.float32), padding, rng=rng)
     freq = p.probed.mean(0)
     assert np.abs(freq - 0.5).max() < 0.05
+
+
+def test_random_windows_cut_each_curve_as_random_window_does():
+    """The flat twin: every window is a contiguous slice of its own curve, centred as random_window centres
+    it, shorter curves whole and padded, and the start uniform over the curve's possible starts."""
+    from astromer.windows import random_windows
+
+    lengths = [1000, 50, 203, 200, 1, 350]
+    curves = [make_curve(n, seed=i) for i, n in enumerate(lengths)]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = [np.concatenate([c[k] for c in curves]) for k in range(3)]
+    rng = np.random.default_rng(0)
+    starts = [set() for _ in lengths]
+    for _ in range(60):
+        w = random_windows(*flat, offsets, length=200, rng=rng)
+        assert w.times.shape == (len(lengths), 200) and w.times.dtype == np.float32
+        for i, (mjd, mag, err) in enumerate(curves):
+            s, n_valid = int(w.start[i]), min(lengths[i], 200)
+            starts[i].add(s)
+            assert w.n_valid[i] == n_valid and 0 <= s <= max(lengths[i] - 200, 0)
+            want = curve_windows(mjd[s:s + 200], mag[s:s + 200], err[s:s + 200], length=200, validate=False)
+            np.testing.assert_allclose(w.times[i], want.times[0], atol=2e-6)
+            np.testing.assert_allclose(w.mags[i], want.mags[0], atol=2e-6)
+            np.testing.assert_array_equal(w.errs[i], want.errs[0])
+            np.testing.assert_array_equal(w.padding[i], want.padding[0])
+    assert starts[2] == {0, 1, 2, 3} and starts[3] == {0} and starts[1] == {0} and len(starts[0]) > 40
+    with pytest.raises(ValueError, match="curve 1 has no observation"):
+        random_windows(*flat, np.array([0, 10, 10]), length=200, rng=rng)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from astromer.config import MaskConfig
-from astromer.windows import probe, random_window
+from astromer.windows import probe, random_window, random_windows
 
 READ_COLUMNS = ["object_id", "mjd", "mag", "err", "quality"]
 BATCH_COLUMNS = ("times", "mags_in", "target", "errs", "padding", "hidden", "probed")
@@ -258,15 +258,17 @@ def _join_labels(ds, spec: DataSpec):
                          f"labels={spec.labels}")
     lookup = {(s, o): lab for s, o, lab in zip(frame["survey"], frame["object_id"], frame["label"])}
 
-    def attach(batch: dict) -> dict:
-        labels = np.array([lookup.get((s, o)) for s, o in zip(batch["survey"], batch["object_id"])],
-                          dtype=object)
-        keep = np.array([lab is not None for lab in labels], bool)
-        out = {k: v[keep] for k, v in batch.items()}
-        out["label"] = labels[keep].astype(str)
-        return out
+    def attach(batch):
+        # Arrow in and out: the curves keep their list columns for the windowing's flat path
+        import pyarrow as pa
 
-    return ds.map_batches(attach, batch_format="numpy", num_cpus=spec.data_cpus)
+        labels = [lookup.get((s, o)) for s, o in zip(batch.column("survey").to_pylist(),
+                                                      batch.column("object_id").to_pylist())]
+        keep = pa.array([lab is not None for lab in labels], pa.bool_())
+        return batch.filter(keep).append_column("label", pa.array([lab for lab in labels if lab is not None],
+                                                                  pa.string()))
+
+    return ds.map_batches(attach, batch_format="pyarrow", batch_size=None, num_cpus=spec.data_cpus)
 
 
 # --------------------------------------------------------------------------- clean + window
@@ -347,7 +349,18 @@ def make_windows(batch: dict, spec: DataSpec, split: str, fixed: bool) -> dict:
     ``fixed=False`` (training): new entropy on every call, so every pass over the data (every epoch) draws
     new windows and new selections. ``fixed=True`` (validation, test): each curve's generator is seeded by
     its hash, so every pass sees the same windows and selections.
+
+    ``batch`` is a dict of numpy columns or an Arrow table (what the stream passes). The training windows of
+    an Arrow batch are cut for all its curves at once (:func:`_random_windows_flat`); the fixed windows,
+    seeded curve by curve, and a batch the fast path declines, go curve by curve.
     """
+    import pyarrow as pa
+
+    if isinstance(batch, pa.Table):
+        flat = None if fixed else _flat_curves(batch)
+        if flat is not None:
+            return _random_windows_flat(batch, flat, spec, split)
+        batch = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
     length = spec.window_length
     rng = np.random.default_rng()
     in_split = [i for i in range(len(batch["object_id"]))
@@ -390,6 +403,71 @@ def make_windows(batch: dict, spec: DataSpec, split: str, fixed: bool) -> dict:
     return out
 
 
+FLAT_COLUMNS = ("mjd", "mag", "err", "quality")
+
+
+def _flat_curves(table) -> tuple[dict, np.ndarray] | None:
+    """The list columns of an Arrow batch as flat numpy arrays with one offsets array ({name: values},
+    offsets), or None where a curve is null, a value is null (a lake written without flags, say) or the
+    columns disagree on a curve's length: the curve-by-curve path handles those."""
+    import pyarrow as pa
+
+    values, offsets = {}, None
+    for name in FLAT_COLUMNS:
+        column = table.column(name)
+        array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)) or array.null_count:
+            return None
+        own = np.asarray(array.offsets, np.int64)
+        child = array.values.slice(int(own[0]), int(own[-1] - own[0]))
+        if child.null_count:
+            return None
+        own = own - own[0]
+        if offsets is None:
+            offsets = own
+        elif not np.array_equal(offsets, own):
+            return None
+        values[name] = child.to_numpy(zero_copy_only=False)
+    return values, offsets
+
+
+def _random_windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: str) -> dict:
+    """Training windows of one Arrow batch, all curves at once: the split, the cleaning
+    (:func:`astromer.lake.cleaning.clean_curves`) and the windows (:func:`astromer.windows.random_windows`)
+    as :func:`make_windows` draws them curve by curve (the same decisions, windows of the same law), in
+    about a tenth of the time."""
+    from astromer.lake.cleaning import clean_curves, segment_sums
+
+    values, offsets = flat
+    rng = np.random.default_rng()
+    ids = table.column("object_id").to_pylist()
+    surveys, bands = table.column("survey").to_pylist(), table.column("band").to_pylist()
+    in_split = np.array([split_of(s, b, o, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,
+                                  seed=spec.seed) == split for s, b, o in zip(surveys, bands, ids)], bool)
+    mjd = np.asarray(values["mjd"], np.float64)
+    mag = np.asarray(values["mag"], np.float32)
+    err = np.asarray(values["err"], np.float32)
+    if spec.clean:
+        keep, n_kept, usable = clean_curves(mag, values["quality"], offsets, drop_noisy=spec.drop_noisy)
+    else:
+        keep = np.isfinite(mjd) & np.isfinite(mag) & np.isfinite(err)
+        n_kept, usable = segment_sums(keep, offsets, np.int64), np.ones(len(ids), bool)
+    chosen = in_split & usable & (n_kept >= max(spec.min_observations, 1))       # [B]
+    rows = np.flatnonzero(chosen)
+    if rows.size == 0:
+        return _empty_batch(spec.window_length, with_label="label" in table.column_names)
+    take = keep & np.repeat(chosen, np.diff(offsets))                            # [N] kept rows of chosen curves
+    w = random_windows(mjd[take], mag[take], err[take], np.concatenate([[0], np.cumsum(n_kept[rows])]),
+                       length=spec.window_length, rng=rng)
+    p = probe(w.mags, w.padding, rng=rng, config=spec.mask)
+    out = {"times": w.times, "mags_in": p.mags_in, "target": w.mags, "errs": w.errs, "padding": w.padding,
+           "hidden": p.hidden, "probed": p.probed, "object_id": np.asarray([ids[i] for i in rows]).astype(str)}
+    if "label" in table.column_names:
+        labels = table.column("label").to_pylist()
+        out["label"] = np.asarray([labels[i] for i in rows]).astype(str)
+    return out
+
+
 def _empty_batch(length: int, with_label: bool = False) -> dict:
     f = np.zeros((0, length), np.float32)
     b = np.zeros((0, length), bool)
@@ -406,7 +484,7 @@ def window_dataset(spec: DataSpec, split: str, source=None):
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
     source = read_lightcurves(spec) if source is None else source
     return source.map_batches(make_windows, fn_kwargs={"spec": spec, "split": split, "fixed": split != "train"},
-                              batch_format="numpy", batch_size=None, num_cpus=spec.data_cpus)
+                              batch_format="pyarrow", batch_size=None, num_cpus=spec.data_cpus)
 
 
 def make_datasets(spec: DataSpec, source=None) -> dict:

@@ -189,6 +189,37 @@ def random_window(mjd, mag, err, *, length: int = 200, rng: np.random.Generator,
     return window
 
 
+def random_windows(times: np.ndarray, mags: np.ndarray, errs: np.ndarray, offsets: np.ndarray, *,
+                   length: int = 200, rng: np.random.Generator) -> Windows:
+    """One random window per curve, for many curves at once: the vectorised twin of :func:`random_window`.
+
+    The curves are given flat: curve ``i`` is ``times[offsets[i]:offsets[i + 1]]`` (and the same of
+    ``mags`` and ``errs``), each with at least one observation. Each window is a uniformly drawn contiguous
+    slice of ``length`` observations (all of a shorter curve), centred in float64 as ``random_window``
+    centres it (the means may differ from its pairwise sums in the last bit). A Python loop over the curves
+    costs about 90 microseconds a curve; this is one gather over a [curves, length] index matrix.
+    """
+    offsets = np.asarray(offsets, np.int64)
+    n = np.diff(offsets)                                          # [B] observations per curve
+    if (n <= 0).any():
+        raise ValueError(f"random_windows: curve {int(np.argmax(n <= 0))} has no observation")
+    b = n.shape[0]
+    start = rng.integers(0, np.maximum(n - length + 1, 1))       # [B] uniform in [0, n - L]
+    n_valid = np.minimum(n, length)                               # [B]
+    cols = np.arange(length)
+    padding = cols[None, :] >= n_valid[:, None]                   # [B, L]
+    index = np.where(padding, 0, offsets[:-1, None] + start[:, None] + cols[None, :])   # [B, L] flat rows
+    t = np.where(padding, 0.0, np.asarray(times, np.float64)[index])                    # [B, L] float64
+    m = np.where(padding, 0.0, np.asarray(mags, np.float32)[index].astype(np.float64))
+    t_mean = t.sum(axis=1) / n_valid                              # [B]
+    m_mean = m.sum(axis=1) / n_valid
+    out_t = np.where(padding, 0.0, t - t_mean[:, None]).astype(np.float32)
+    out_m = np.where(padding, 0.0, m - m_mean[:, None]).astype(np.float32)
+    out_e = np.where(padding, np.float32(0), np.asarray(errs, np.float32)[index])
+    return Windows(times=out_t, mags=out_m, errs=out_e, padding=padding, n_valid=n_valid.astype(np.int32),
+                   start=start, curve=np.arange(b, dtype=np.int64))
+
+
 @dataclass
 class Probe:
     """The pretraining selection for a batch of windows."""

@@ -96,6 +96,55 @@ def clean_curve(mjd, mag, err, quality=None, *, drop_noisy: bool = True, noise_r
     return CleanResult(keep, True, None)
 
 
+def segment_sums(values: np.ndarray, offsets: np.ndarray, dtype=None) -> np.ndarray:
+    """Sum of ``values[offsets[i]:offsets[i + 1]]`` for every i (0 for an empty segment), in one pass."""
+    offsets = np.asarray(offsets, np.int64)
+    lengths = np.diff(offsets)
+    out = np.zeros(len(lengths), dtype or np.asarray(values).dtype)
+    full = lengths > 0
+    if full.any():      # reduceat reads an empty segment as one value: leave those out (their sum is 0)
+        out[full] = np.add.reduceat(values, offsets[:-1][full], dtype=dtype)
+    return out
+
+
+def clean_curves(mag: np.ndarray, quality: np.ndarray, offsets: np.ndarray, *, drop_noisy: bool = True,
+                 min_obs: int = MIN_OBS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`clean_curve` for many curves at once, given flat: curve ``i`` is ``mag[offsets[i]:offsets[i + 1]]``
+    with its flags ``quality[...]``. Returns ``keep`` (bool, per observation), ``n_kept`` and ``usable`` (per
+    curve): the decisions :func:`clean_curve` makes (rule ``"all"``).
+
+    The noise moments come from segment sums, whose rounding differs from the per-curve means; a curve
+    whose statistics lie within a relative 1e-9 of a threshold is decided by :func:`noise_reason` itself,
+    so the decisions are the same."""
+    offsets = np.asarray(offsets, np.int64)
+    keep = (np.asarray(quality, np.uint8) & CLEANING_MASK) == 0                 # [N]
+    n_kept = segment_sums(keep, offsets, np.int64)                             # [B]
+    usable = n_kept >= min_obs
+    if not drop_noisy or not usable.any():
+        return keep, n_kept, usable
+    # population moments of the kept magnitudes of each curve, over the kept values packed curve by curve
+    values = np.asarray(mag, np.float64)[keep]                                 # [K]
+    packed = np.concatenate([[0], np.cumsum(n_kept)])
+    count = np.maximum(n_kept, 1).astype(np.float64)
+    mean = segment_sums(values, packed) / count
+    centred = values - np.repeat(mean, n_kept)
+    square = centred * centred
+    m2 = segment_sums(square, packed) / count
+    m3 = segment_sums(square * centred, packed) / count
+    m4 = segment_sums(square * square, packed) / count
+    std = np.sqrt(m2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        skew = np.where(std > 0, m3 / std ** 3, 0.0)
+        kurt = np.where(std > 0, m4 / std ** 4 - 3.0, 0.0)
+    noisy = (std > STD_MAX) & (np.abs(skew) > SKEWNESS_MAX) & (np.abs(kurt) > KURTOSIS_MAX)
+    close = ((np.abs(std - STD_MAX) <= 1e-9 * STD_MAX) | (np.abs(np.abs(skew) - SKEWNESS_MAX) <= 1e-9 * SKEWNESS_MAX)
+             | (np.abs(np.abs(kurt) - KURTOSIS_MAX) <= 1e-9 * KURTOSIS_MAX) | (std < 1e-12)) & usable
+    for i in np.flatnonzero(close):
+        a, b = offsets[i], offsets[i + 1]
+        noisy[i] = noise_reason(np.asarray(mag[a:b], np.float64)[keep[a:b]]) is not None
+    return keep, n_kept, usable & ~noisy
+
+
 def noise_statistics(values: np.ndarray) -> tuple[float, float, float]:
     """(std, skewness, excess kurtosis) of magnitudes (population moments)."""
     centred = values - values.mean()
