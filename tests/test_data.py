@@ -256,3 +256,40 @@ def test_flat_training_windows_match_the_curve_by_curve_ones(tmp_path, clean):
     no_flags = table.set_column(table.column_names.index("quality"), "quality",
                                 pa.nulls(table.num_rows, pa.list_(pa.uint8())))
     assert list(make_windows(no_flags, spec, "train", False)["object_id"]) == list(flat["object_id"])
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_flat_cleaning_counts_match_the_curve_by_curve_ones(tmp_path, clean):
+    """count_cleaning on an Arrow batch (all curves at once) against the same batch as numpy columns."""
+    import json
+
+    from astromer.data import count_cleaning, read_row_group, row_groups
+
+    root = write_lake(tmp_path / "lake", 200, band="V", seed=6, n_obs=(3, 300), amplitude=(0.02, 2.0))
+    spec = DataSpec(lake=str(root), val_fraction=0.2, test_fraction=0.2, min_observations=12, clean=clean)
+    table = pa.concat_tables([read_row_group(u) for u in row_groups(spec)])
+    # one curve made noisy by a few extreme one-sided points (all three criteria)
+    rng = np.random.default_rng(1)
+    t = np.sort(rng.uniform(50000, 50100, 300))
+    spiky = 15 + rng.normal(0, 0.01, t.size)
+    spiky[rng.choice(t.size, 12, replace=False)] += 1.5
+    mjd, mag, err, quality = quality_flags(t, spiky, np.full(t.size, 0.02), np.array([0, t.size]))
+    extra = pa.table({"object_id": ["SPIKY"], "mjd": [mjd], "mag": [mag.astype(np.float32)],
+                      "err": [err.astype(np.float32)], "quality": [quality], "survey": ["synthetic"], "band": ["V"]},
+                     schema=table.schema)
+    table = pa.concat_tables([table, extra])
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+    def report(batch):
+        out = count_cleaning(batch, spec)
+        return {str(s): json.loads(str(j)) for s, j in zip(out["split"], out["stats"])}
+
+    flat, one_by_one = report(table), report(columns)
+    assert flat == one_by_one
+    rejected = {r for split in flat.values() for r in split["rejected_curves"]}
+    assert sum(split["curves"] for split in flat.values()) == 201
+    if clean:
+        assert {"too_few_observations", "fewer_than_min_observations", "noisy"} <= rejected
+        assert any(split["dropped_by_flag"] for split in flat.values())
+    else:
+        assert rejected == {"fewer_than_min_observations"}

@@ -308,8 +308,15 @@ def _clean_rows(batch: dict, spec: DataSpec, rows) -> Iterator[tuple[int, np.nda
 def count_cleaning(batch: dict, spec: DataSpec) -> dict:
     """What the cleaning does to one batch of curves, per split: one row per split holding the
     :class:`astromer.lake.cleaning.CleaningStats` counts as JSON (merged by :func:`cleaning_report`)."""
+    import pyarrow as pa
+
     from astromer.lake.cleaning import CleaningStats
 
+    if isinstance(batch, pa.Table):
+        flat = _flat_curves(batch)
+        if flat is not None:
+            return _count_cleaning_flat(batch, flat, spec)
+        batch = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
     stats: dict[str, CleaningStats] = {}
     for i in range(len(batch["object_id"])):
         split = split_of(batch["survey"][i], batch["band"][i], batch["object_id"][i],
@@ -321,12 +328,52 @@ def count_cleaning(batch: dict, spec: DataSpec) -> dict:
             "stats": np.asarray([json.dumps(stats[s].as_dict()) for s in splits], dtype=str)}
 
 
+def _count_cleaning_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec) -> dict:
+    """:func:`count_cleaning` for all the curves of an Arrow batch at once (the same counts)."""
+    from astromer.lake.cleaning import MIN_OBS, CleaningStats, clean_curves, segment_sums
+    from astromer.lake.schema import CLEANING_MASK, Quality
+
+    values, offsets = flat
+    splits = np.array([split_of(s, b, o, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,
+                                seed=spec.seed) for s, b, o in zip(table.column("survey").to_pylist(),
+                                                                     table.column("band").to_pylist(),
+                                                                     table.column("object_id").to_pylist())])
+    lengths = np.diff(offsets)
+    if spec.clean:
+        quality = np.asarray(values["quality"], np.uint8)
+        _, n_kept, usable = clean_curves(np.asarray(values["mag"], np.float32), quality, offsets,
+                                         drop_noisy=spec.drop_noisy)
+        reason = np.where(usable, "", np.where(n_kept < MIN_OBS, "too_few_observations", "noisy"))
+        hits = {flag.name: segment_sums((quality & flag.value) != 0, offsets, np.int64)
+                for flag in Quality if flag.value & CLEANING_MASK}
+    else:      # finite values only; no flag drops anything
+        keep = (np.isfinite(np.asarray(values["mjd"], np.float64)) & np.isfinite(np.asarray(values["mag"], np.float32))
+                & np.isfinite(np.asarray(values["err"], np.float32)))
+        n_kept, usable = segment_sums(keep, offsets, np.int64), np.ones(len(lengths), bool)
+        reason, hits = np.full(len(lengths), "", dtype=object), {}
+    short = usable & (n_kept < spec.min_observations)
+    reason = np.where(short, "fewer_than_min_observations", reason)
+    usable = usable & ~short
+    names = sorted(set(splits.tolist()))
+    stats = []
+    for split in names:
+        mine = splits == split
+        rejected = reason[mine & ~usable]
+        stats.append(CleaningStats(
+            curves=int(mine.sum()), usable_curves=int((mine & usable).sum()), observations=int(lengths[mine].sum()),
+            kept_observations=int(n_kept[mine & usable].sum()),
+            dropped_by_flag={name: int(h[mine].sum()) for name, h in hits.items() if h[mine].any()},
+            rejected_curves={str(r): int((rejected == r).sum()) for r in sorted(set(rejected.tolist()))}))
+    return {"split": np.asarray(names, dtype=str),
+            "stats": np.asarray([json.dumps(s.as_dict()) for s in stats], dtype=str)}
+
+
 def cleaning_report(spec: DataSpec, source=None) -> dict:
     """The effect of the cleaning on the selected curves, per split (train/val/test) and in total, counted
     over one read of the lake: curves, usable curves, observations and kept observations, observations
     carrying each dropping flag, curves rejected per reason."""
     source = read_lightcurves(spec) if source is None else source
-    rows = source.map_batches(count_cleaning, fn_kwargs={"spec": spec}, batch_format="numpy", batch_size=512,
+    rows = source.map_batches(count_cleaning, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None,
                               num_cpus=spec.data_cpus).take_all()
     report: dict[str, dict] = {}
     for row in rows:
