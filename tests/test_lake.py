@@ -232,3 +232,4 @@ def test_clean_curves_decides_every_real_curve_as_clean_curve_does(source):
                                  else [None, None, "too_few_observations"])
         assert usable[:-3].sum() >= 0.9 * (len(curves) - 3) > 700     # nearly every real curve is usable
     assert segment_sums(np.array([1, 2, 3, 4]), np.array([0, 0, 2, 2, 4])).tolist() == [0, 3, 0, 7]
+    assert segment_sums(np.array([True, True, False]), np.array([0, 2, 3])).tolist() == [2, 0]

@@ -305,9 +305,10 @@ def _clean_rows(batch: dict, spec: DataSpec, rows) -> Iterator[tuple[int, np.nda
             yield i, mjd[result.keep], mag[result.keep], err[result.keep]
 
 
-def count_cleaning(batch: dict, spec: DataSpec) -> dict:
-    """What the cleaning does to one batch of curves, per split: one row per split holding the
-    :class:`astromer.lake.cleaning.CleaningStats` counts as JSON (merged by :func:`cleaning_report`)."""
+def count_cleaning(batch, spec: DataSpec) -> dict:
+    """What the cleaning does to one batch of curves (a dict of numpy columns or an Arrow table), per split:
+    one row per split holding the :class:`astromer.lake.cleaning.CleaningStats` counts as JSON (merged by
+    :func:`cleaning_report`). An Arrow batch is counted for all its curves at once where it can be."""
     import pyarrow as pa
 
     from astromer.lake.cleaning import CleaningStats
@@ -390,7 +391,7 @@ def _merge_counts(into: dict, counts: dict) -> None:
             into[key] = into.get(key, 0) + value
 
 
-def make_windows(batch: dict, spec: DataSpec, split: str, fixed: bool) -> dict:
+def make_windows(batch, spec: DataSpec, split: str, fixed: bool) -> dict:
     """Curves of one split -> one window each with its probe selection.
 
     ``fixed=False`` (training): new entropy on every call, so every pass over the data (every epoch) draws
@@ -481,8 +482,8 @@ def _flat_curves(table) -> tuple[dict, np.ndarray] | None:
 def _random_windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: str) -> dict:
     """Training windows of one Arrow batch, all curves at once: the split, the cleaning
     (:func:`astromer.lake.cleaning.clean_curves`) and the windows (:func:`astromer.windows.random_windows`)
-    as :func:`make_windows` draws them curve by curve (the same decisions, windows of the same law), in
-    about a tenth of the time."""
+    as :func:`make_windows` draws them curve by curve (the same decisions, windows of the same law), in a
+    fifth to a quarter of the time (docs/performance.md)."""
     from astromer.lake.cleaning import clean_curves, segment_sums
 
     values, offsets = flat

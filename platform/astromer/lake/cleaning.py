@@ -97,10 +97,14 @@ def clean_curve(mjd, mag, err, quality=None, *, drop_noisy: bool = True, noise_r
 
 
 def segment_sums(values: np.ndarray, offsets: np.ndarray, dtype=None) -> np.ndarray:
-    """Sum of ``values[offsets[i]:offsets[i + 1]]`` for every i (0 for an empty segment), in one pass."""
+    """Sum of ``values[offsets[i]:offsets[i + 1]]`` for every i (0 for an empty segment), in one pass;
+    booleans are counted (int64) unless ``dtype`` says otherwise."""
+    values = np.asarray(values)
+    if dtype is None and values.dtype == bool:
+        dtype = np.int64
     offsets = np.asarray(offsets, np.int64)
     lengths = np.diff(offsets)
-    out = np.zeros(len(lengths), dtype or np.asarray(values).dtype)
+    out = np.zeros(len(lengths), dtype or values.dtype)
     full = lengths > 0
     if full.any():      # reduceat reads an empty segment as one value: leave those out (their sum is 0)
         out[full] = np.add.reduceat(values, offsets[:-1][full], dtype=dtype)
