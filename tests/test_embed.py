@@ -208,3 +208,47 @@ def test_readme_sql_example_runs(tmp_path):
     assert rows[0][1] == "a2" and rows[0][3] == pytest.approx(1.0, abs=1e-6)
     assert len(rows) == 3
     assert isinstance(con, duckdb.DuckDBPyConnection)
+
+
+@pytest.mark.parametrize("rule", ["astromer2", "astromer1"])
+def test_embed_table_all_at_once_equals_curve_by_curve(rule):
+    """The job's flat path (cleaning, windows for the whole batch) against the curve-by-curve one: the same
+    rows, reasons, counts and windows, embeddings equal to float32 rounding; a batch with times out of order
+    after the cleaning goes curve by curve."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    curves = [_curve(rng, int(n), period=rng.uniform(0.3, 50), amp=rng.uniform(0.05, 1))
+              for n in rng.integers(1, 300, 40)]
+    rows = []
+    for i, (t, m, e) in enumerate(curves):
+        q = np.zeros(len(t), np.uint8)
+        q[rng.random(len(t)) < 0.1] = Quality.ERR_ABOVE_ONE        # some observations flagged
+        if i == 7:
+            q[:] = Quality.NONFINITE                                 # a curve with nothing left
+        m = m.copy()
+        m[rng.random(len(t)) < 0.05] = np.nan                       # NaN magnitudes are never seen
+        rows.append({"object_id": f"o{i}", "mjd": t, "mag": m, "err": e, "quality": q})
+    table = pa.Table.from_pylist(rows)
+    table = table.cast(pa.schema([("object_id", pa.string()), ("mjd", pa.list_(pa.float64())),
+                                  ("mag", pa.list_(pa.float32())), ("err", pa.list_(pa.float32())),
+                                  ("quality", pa.list_(pa.uint8()))]))
+    torch.manual_seed(0)
+    model = Astromer(ModelConfig(**{**ModelConfig.tiny().to_dict(), "window_rule": rule}))
+    flat = emb._flat_embedding(model, table, 16, True)
+    one = emb._curve_by_curve_embedding(model, table, 16, True)
+    assert flat[0] == one[0] and flat[1] == one[1] and flat[1][7] is not None
+    np.testing.assert_array_equal(flat[2], one[2])
+    np.testing.assert_array_equal(flat[3], one[3])
+    np.testing.assert_allclose(flat[4], one[4], rtol=1e-4, atol=1e-5)
+    # through embed_table, the rows are the same either way
+    schema = emb.embeddings_schema(model.config.d_model, model.config.n_layers + 1)
+    out, skipped = emb.embed_table(model, table, "V", schema, batch_size=16)
+    assert out.column("object_id").to_pylist() == [f"o{i}" for i in one[0]] and skipped.num_rows == 1
+    # a duplicate time the flags did not catch: the flat path declines, the curve-by-curve one keeps the first
+    t, m, e = curves[0]
+    twice = pa.Table.from_pylist([{"object_id": "dup", "mjd": np.r_[t[:5], t[4:]], "mag": np.r_[m[:5], m[4:]],
+                                   "err": np.r_[e[:5], e[4:]], "quality": np.zeros(len(t) + 1, np.uint8)}])
+    assert emb._flat_embedding(model, twice, 16, True) is None
+    out, _ = emb.embed_table(model, twice, "V", schema, batch_size=16)
+    assert out.column("n_obs").to_pylist() == [int(np.isfinite(m).sum())]

@@ -160,3 +160,22 @@ def test_random_windows_cut_each_curve_as_random_window_does():
     assert starts[2] == {0, 1, 2, 3} and starts[3] == {0} and starts[1] == {0} and len(starts[0]) > 40
     with pytest.raises(ValueError, match="curve 1 has no observation"):
         random_windows(*flat, np.array([0, 10, 10]), length=200, rng=rng)
+
+
+@pytest.mark.parametrize("rule", ["astromer2", "astromer1"])
+def test_flat_windows_are_the_windows_of_curves_windows(rule):
+    from astromer.windows import flat_windows
+
+    lengths = [450, 200, 1, 401, 37, 1000]
+    curves = [make_curve(n, seed=i) for i, n in enumerate(lengths)]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = flat_windows(*(np.concatenate([c[k] for c in curves]) for k in range(3)), offsets, length=200, rule=rule)
+    want = curves_windows(curves, length=200, rule=rule)
+    for name in ("n_valid", "start", "curve", "padding", "errs"):
+        np.testing.assert_array_equal(getattr(flat, name), getattr(want, name), err_msg=name)
+    if rule == "astromer1":           # the parity rule stays bit for bit
+        assert flat.times.tobytes() == want.times.tobytes() and flat.mags.tobytes() == want.mags.tobytes()
+    else:
+        np.testing.assert_allclose(flat.times, want.times, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(flat.mags, want.mags, atol=1e-6, rtol=0)
+        assert flat.curve.tolist() == [0, 0, 0, 1, 2, 3, 3, 3, 4, 5, 5, 5, 5, 5]

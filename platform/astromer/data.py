@@ -314,7 +314,7 @@ def count_cleaning(batch, spec: DataSpec) -> dict:
     from astromer.lake.cleaning import CleaningStats
 
     if isinstance(batch, pa.Table):
-        flat = _flat_curves(batch)
+        flat = flat_curves(batch)
         if flat is not None:
             return _count_cleaning_flat(batch, flat, spec)
         batch = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
@@ -405,7 +405,7 @@ def make_windows(batch, spec: DataSpec, split: str, fixed: bool) -> dict:
     import pyarrow as pa
 
     if isinstance(batch, pa.Table):
-        flat = None if fixed else _flat_curves(batch)
+        flat = None if fixed else flat_curves(batch)
         if flat is not None:
             return _random_windows_flat(batch, flat, spec, split)
         batch = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
@@ -454,14 +454,15 @@ def make_windows(batch, spec: DataSpec, split: str, fixed: bool) -> dict:
 FLAT_COLUMNS = ("mjd", "mag", "err", "quality")
 
 
-def _flat_curves(table) -> tuple[dict, np.ndarray] | None:
-    """The list columns of an Arrow batch as flat numpy arrays with one offsets array ({name: values},
-    offsets), or None where a curve is null, a value is null (a lake written without flags, say) or the
-    columns disagree on a curve's length: the curve-by-curve path handles those."""
+def flat_curves(table, columns=FLAT_COLUMNS) -> tuple[dict, np.ndarray] | None:
+    """The list ``columns`` of an Arrow batch of curves as flat numpy arrays with one offsets array
+    ({name: values}, offsets: curve ``i`` is ``values[name][offsets[i]:offsets[i + 1]]``), or None where a
+    curve is null, a value is null (a lake written without flags, say) or the columns disagree on a curve's
+    length: the curve-by-curve paths handle those."""
     import pyarrow as pa
 
     values, offsets = {}, None
-    for name in FLAT_COLUMNS:
+    for name in columns:
         column = table.column(name)
         array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)) or array.null_count:

@@ -150,12 +150,70 @@ def embed_table(model, batch: pa.Table, bands: Sequence[str] | str, schema: pa.S
     """Embed the curves of one Arrow batch (the body of the Ray map stage, usable without Ray).
 
     ``bands``: the band of every row (or one band for all). Returns the embedded rows and the skipped curves
-    (object_id, band, reason)."""
+    (object_id, band, reason). The curves are cleaned and cut into windows all at once
+    (:func:`_flat_embedding`); a batch that path declines (null values, times out of order after the
+    cleaning) goes curve by curve (:func:`usable_curve`)."""
     bands = [bands] * batch.num_rows if isinstance(bands, str) else list(bands)
+    ids = np.array(batch.column("object_id").to_pylist(), dtype=object)
+    done = _flat_embedding(model, batch, batch_size, clean)
+    rows, reasons, n_obs, n_windows, layers = done if done is not None else \
+        _curve_by_curve_embedding(model, batch, batch_size, clean)
+    d, k = model.config.d_model, model.config.n_layers + 1
+    # fixed-size lists without nulls (Parquet readers mishandle null fixed-size lists)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(layers.reshape(-1), pa.float32()), d)
+    layer_means = pa.FixedSizeListArray.from_arrays(vectors, k)
+    last = pa.FixedSizeListArray.from_arrays(pa.array(layers[:, -1].reshape(-1), pa.float32()), d)
+    table = pa.Table.from_arrays([
+        pa.array(ids[rows].tolist() if rows else [], pa.string()), pa.array([bands[i] for i in rows], pa.string()),
+        pa.array(n_obs[rows]), pa.array(n_windows[rows]), last, layer_means,
+    ], schema=schema)
+    bad = [i for i in range(batch.num_rows) if reasons[i] is not None]
+    skipped = pa.Table.from_pylist([{"object_id": ids[i], "band": bands[i], "reason": reasons[i]} for i in bad],
+                                   schema=SKIPPED_SCHEMA)
+    return table, skipped
+
+
+def _flat_embedding(model, batch: pa.Table, batch_size: int, clean: bool):
+    """(rows, reasons, n_obs, n_windows, layers) of :func:`embed_table` for all the curves at once: the
+    observations :func:`usable_curve` keeps (the lake's flags, finite values) taken from the flat columns,
+    every window cut in one gather (:func:`astromer.windows.flat_windows`), then the encoder. None where the
+    curve-by-curve path must decide: null values, or kept times that do not strictly increase."""
+    from astromer.data import flat_curves
+    from astromer.lake.cleaning import segment_sums
+    from astromer.lake.schema import CLEANING_MASK
+    from astromer.windows import flat_windows
+
+    names = [c for c in ("mjd", "mag", "err", "quality") if c in batch.schema.names]
+    flat = flat_curves(batch, names) if {"mjd", "mag"} <= set(names) else None
+    if flat is None:
+        return None
+    values, offsets = flat
+    mjd, mag = np.asarray(values["mjd"], np.float64), np.asarray(values["mag"], np.float32)
+    err = np.asarray(values["err"], np.float32) if "err" in values else np.zeros_like(mag)
+    keep = np.isfinite(mjd) & np.isfinite(mag)
+    if clean and "quality" in values:
+        keep &= (np.asarray(values["quality"], np.uint8) & CLEANING_MASK) == 0
+    n_kept = segment_sums(keep, offsets)                                         # [B]
+    packed = np.concatenate([[0], np.cumsum(n_kept)])
+    mjd, mag, err = mjd[keep], mag[keep], err[keep]
+    steps = np.diff(mjd)
+    inside = np.ones(len(steps), bool)                       # steps between two curves do not count
+    inside[packed[1:-1][(packed[1:-1] > 0) & (packed[1:-1] < len(mjd))] - 1] = False
+    if (steps[inside] <= 0).any():
+        return None
+    windows = flat_windows(mjd, mag, err, packed, length=model.config.window_length, rule=model.config.window_rule)
+    rows = np.flatnonzero(n_kept > 0)
+    layers = model.embed_windows(windows, len(n_kept), batch_size=batch_size, all_layers=True)
+    reasons = [None if n else "no usable observation after cleaning" for n in n_kept.tolist()]
+    n_windows = np.bincount(windows.curve, minlength=len(n_kept)).astype(np.int32)
+    return rows.tolist(), reasons, n_kept.astype(np.int32), n_windows, layers[rows].astype(np.float32)
+
+
+def _curve_by_curve_embedding(model, batch: pa.Table, batch_size: int, clean: bool):
+    """(rows, reasons, n_obs, n_windows, layers) of :func:`embed_table`, one curve at a time."""
     from astromer.windows import window_starts
 
-    cols = {name: batch.column(name).to_pylist() if name == "object_id" else batch.column(name)
-            for name in READ_COLUMNS if name in batch.schema.names}
+    cols = {name: batch.column(name) for name in READ_COLUMNS if name in batch.schema.names}
     n = batch.num_rows
     curves, rows, reasons = [], [], [None] * n
     n_obs = np.zeros(n, np.int32)
@@ -177,19 +235,7 @@ def embed_table(model, batch: pa.Table, bands: Sequence[str] | str, schema: pa.S
     layers = np.zeros((len(rows), k, d), np.float32)
     if curves:
         layers = model.embed(curves, batch_size=batch_size, all_layers=True).astype(np.float32)
-    # fixed-size lists without nulls (Parquet readers mishandle null fixed-size lists)
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(layers.reshape(-1), pa.float32()), d)
-    layer_means = pa.FixedSizeListArray.from_arrays(vectors, k)
-    last = pa.FixedSizeListArray.from_arrays(pa.array(layers[:, -1].reshape(-1), pa.float32()), d)
-    ids = np.array(cols["object_id"], dtype=object)
-    table = pa.Table.from_arrays([
-        pa.array(ids[rows].tolist() if rows else [], pa.string()), pa.array([bands[i] for i in rows], pa.string()),
-        pa.array(n_obs[rows]), pa.array(n_windows[rows]), last, layer_means,
-    ], schema=schema)
-    bad = [i for i in range(n) if reasons[i] is not None]
-    skipped = pa.Table.from_pylist([{"object_id": ids[i], "band": bands[i], "reason": reasons[i]} for i in bad],
-                                   schema=SKIPPED_SCHEMA)
-    return table, skipped
+    return rows, reasons, n_obs, n_windows, layers
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from astromer.config import ModelConfig
-from astromer.windows import curves_windows
+from astromer.windows import Windows, curves_windows
 
 # Logit added to a masked key with key masking. Finite, so a row whose keys are all masked still gets a
 # (uniform) softmax instead of NaN; exp(-1e9) is exactly 0 next to any real logit, as with -inf.
@@ -337,15 +337,23 @@ class Astromer(nn.Module):
         block's output, [N, D]; with ``all_layers`` the same for the input embedding and every block,
         [N, n_layers + 1, D]. ``curves`` is a sequence of (mjd, mag) or (mjd, mag, err) arrays; windows
         follow ``config.window_rule``. ``progress`` shows a tqdm bar over the batches."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: expected a positive integer")
         curves = list(curves)
         windows = curves_windows(curves, length=self.config.window_length, rule=self.config.window_rule)
-        n_curves, d = len(curves), self.config.d_model
+        return self.embed_windows(windows, len(curves), batch_size=batch_size, all_layers=all_layers,
+                                  progress=progress)
+
+    def embed_windows(self, windows: Windows, n_curves: int, batch_size: int = 256, all_layers: bool = False,
+                      progress: bool = False) -> np.ndarray:
+        """:meth:`embed` from windows already cut (``windows.curve`` in ``[0, n_curves)``: a curve without a
+        window gets zeros), as the embedding job cuts them for a whole batch of curves at once."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected a positive integer")
+        d = self.config.d_model
         n_out = self.config.n_layers + 1 if all_layers else 1
-        sums = torch.zeros(n_curves, n_out, d, dtype=torch.float64)
-        counts = torch.zeros(n_curves, dtype=torch.float64)
         device = next(self.parameters()).device
+        # the sums stay on the model's device: nothing waits for the GPU until the end
+        sums = torch.zeros(n_curves, n_out, d, dtype=torch.float64, device=device)
+        counts = torch.zeros(n_curves, dtype=torch.float64, device=device)
         was_training = self.training
         self.eval()
         try:
@@ -366,13 +374,12 @@ class Astromer(nn.Module):
                     layers = out if all_layers else [out]                              # n_out x [b, L, D]
                     real = (~padding).to(torch.float32).unsqueeze(1)                    # [b, 1, L]
                     pooled = torch.stack([torch.bmm(real, h.float()).squeeze(1) for h in layers], 1)
-                    pooled = pooled.double().cpu()                                      # [b, n_out, D]
-                    curve = torch.from_numpy(part.curve)
-                    sums.index_add_(0, curve, pooled)
-                    counts.index_add_(0, curve, torch.from_numpy(part.n_valid).double())
+                    curve = torch.from_numpy(part.curve).to(device)
+                    sums.index_add_(0, curve, pooled.double())                          # [N, n_out, D]
+                    counts.index_add_(0, curve, torch.from_numpy(part.n_valid).to(device).double())
         finally:
             self.train(was_training)
-        emb = (sums / counts.clamp_min(1)[:, None, None]).float().numpy()
+        emb = (sums / counts.clamp_min(1)[:, None, None]).float().cpu().numpy()
         return emb if all_layers else emb[:, 0]
 
     # ---- validation ------------------------------------------------------------------------------
