@@ -8,13 +8,14 @@ In one run, on the same model, batch size and lake:
   4. the Ray Data window stream alone, without training (target >= 5x what one worker consumes), and at the
      GPU batch size once per number of read tasks in ``--stream-tasks`` (default: one task, then the job's
      default of half the cluster's CPUs), for how the stream scales with the cores it gets;
-  5. with CUDA: windows/s of one GPU in bf16 (eager, compiled, compiled with CUDA graphs), model-FLOP
-     utilisation, and whether Ray Data keeps the fastest of them fed.
+  5. with CUDA: windows/s of one GPU in bf16 (eager, compiled, compiled with CUDA graphs; ``--gpu-variants``
+     picks some), model-FLOP utilisation, and whether Ray Data keeps the fastest of them fed.
 
 Every trainer runs the job's step: figures kept on the device and read every ``log_every`` steps.
 
     python benchmarks/pretrain.py [--lake LAKE] [--preset astromer2] [--batch-size 16] [--steps 12]
                                   [--stream-tasks 1,0] [--stream-only]
+    python benchmarks/pretrain.py --gpu-only --lake LAKE --stream-tasks 1,4,8,0 --gpu-variants graphs   # a GPU
 
 Without --lake a synthetic lake is ingested into a temporary folder (astromer.ingest, survey synthetic).
 """
