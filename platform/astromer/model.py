@@ -351,9 +351,11 @@ class Astromer(nn.Module):
         d = self.config.d_model
         n_out = self.config.n_layers + 1 if all_layers else 1
         device = next(self.parameters()).device
-        # the sums stay on the model's device: nothing waits for the GPU until the end
-        sums = torch.zeros(n_curves, n_out, d, dtype=torch.float64, device=device)
-        counts = torch.zeros(n_curves, dtype=torch.float64, device=device)
+        # the sums stay on the model's device, so nothing waits for the GPU until the end (in float64 where
+        # the device has it: Apple's MPS does not)
+        total = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+        sums = torch.zeros(n_curves, n_out, d, dtype=total, device=device)
+        counts = torch.zeros(n_curves, dtype=total, device=device)
         was_training = self.training
         self.eval()
         try:
@@ -375,8 +377,8 @@ class Astromer(nn.Module):
                     real = (~padding).to(torch.float32).unsqueeze(1)                    # [b, 1, L]
                     pooled = torch.stack([torch.bmm(real, h.float()).squeeze(1) for h in layers], 1)
                     curve = torch.from_numpy(part.curve).to(device)
-                    sums.index_add_(0, curve, pooled.double())                          # [N, n_out, D]
-                    counts.index_add_(0, curve, torch.from_numpy(part.n_valid).to(device).double())
+                    sums.index_add_(0, curve, pooled.to(total))                         # [N, n_out, D]
+                    counts.index_add_(0, curve, torch.from_numpy(part.n_valid).to(device, total))
         finally:
             self.train(was_training)
         emb = (sums / counts.clamp_min(1)[:, None, None]).float().cpu().numpy()
