@@ -179,3 +179,19 @@ def test_flat_windows_are_the_windows_of_curves_windows(rule):
         np.testing.assert_allclose(flat.times, want.times, atol=1e-5, rtol=0)
         np.testing.assert_allclose(flat.mags, want.mags, atol=1e-6, rtol=0)
         assert flat.curve.tolist() == [0, 0, 0, 1, 2, 3, 3, 3, 4, 5, 5, 5, 5, 5]
+
+
+def test_seeded_probe_gives_each_window_its_own_selection():
+    from astromer.windows import seeded_probe
+
+    rng = np.random.default_rng(0)
+    mags = rng.normal(0, 1, (30, 64)).astype(np.float32)
+    padding = np.arange(64)[None, :] >= rng.integers(2, 65, 30)[:, None]
+    seeds = rng.integers(0, 2**63, 30).tolist()
+    together = seeded_probe(mags, padding, seeds)
+    for k, seed in enumerate(seeds):
+        alone = probe(mags[k:k + 1], padding[k:k + 1], rng=np.random.default_rng(seed))
+        for name in ("mags_in", "hidden", "probed"):
+            np.testing.assert_array_equal(getattr(together, name)[k], getattr(alone, name)[0], err_msg=name)
+    with pytest.raises(ValueError, match="29 seeds for 30 windows"):
+        seeded_probe(mags, padding, seeds[:-1])

@@ -398,16 +398,16 @@ def make_windows(batch, spec: DataSpec, split: str, fixed: bool) -> dict:
     new windows and new selections. ``fixed=True`` (validation, test): each curve's generator is seeded by
     its hash, so every pass sees the same windows and selections.
 
-    ``batch`` is a dict of numpy columns or an Arrow table (what the stream passes). The training windows of
-    an Arrow batch are cut for all its curves at once (:func:`_random_windows_flat`); the fixed windows,
-    seeded curve by curve, and a batch the fast path declines, go curve by curve.
+    ``batch`` is a dict of numpy columns or an Arrow table (what the stream passes). The windows of an Arrow
+    batch are cut for all its curves at once (:func:`_windows_flat`); a batch that path declines goes curve
+    by curve.
     """
     import pyarrow as pa
 
     if isinstance(batch, pa.Table):
-        flat = None if fixed else flat_curves(batch)
+        flat = flat_curves(batch)
         if flat is not None:
-            return _random_windows_flat(batch, flat, spec, split)
+            return _windows_flat(batch, flat, spec, split, fixed)
         batch = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
     length = spec.window_length
     rng = np.random.default_rng()
@@ -480,35 +480,53 @@ def flat_curves(table, columns=FLAT_COLUMNS) -> tuple[dict, np.ndarray] | None:
     return values, offsets
 
 
-def _random_windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: str) -> dict:
-    """Training windows of one Arrow batch, all curves at once: the split, the cleaning
-    (:func:`astromer.lake.cleaning.clean_curves`) and the windows (:func:`astromer.windows.random_windows`)
-    as :func:`make_windows` draws them curve by curve (the same decisions, windows of the same law), in a
-    fifth to a quarter of the time (docs/performance.md)."""
+def _windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: str, fixed: bool) -> dict:
+    """:func:`make_windows` for all the curves of one Arrow batch at once: the split, the cleaning
+    (:func:`astromer.lake.cleaning.clean_curves`, the same decisions), the windows (one gather) and the
+    probe selection. Training windows are drawn as the curve-by-curve path draws them (windows of the same
+    law), in a fifth to a quarter of the time (docs/performance.md). Fixed windows take their start and
+    selection from the same per-curve generators as the curve-by-curve path (the same windows, centred up
+    to the last bit of the means)."""
     from astromer.lake.cleaning import clean_curves, segment_sums
+    from astromer.windows import seeded_probe, windows_at
 
     values, offsets = flat
-    rng = np.random.default_rng()
+    length = spec.window_length
     ids = table.column("object_id").to_pylist()
     surveys, bands = table.column("survey").to_pylist(), table.column("band").to_pylist()
     in_split = np.array([split_of(s, b, o, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,
                                   seed=spec.seed) == split for s, b, o in zip(surveys, bands, ids)], bool)
-    mjd = np.asarray(values["mjd"], np.float64)
-    mag = np.asarray(values["mag"], np.float32)
-    err = np.asarray(values["err"], np.float32)
+    # only the split's curves go on (a tenth of the batch for validation)
+    lengths = np.diff(offsets)
+    members = np.flatnonzero(in_split)                                          # [S] rows of the batch
+    observations = np.repeat(in_split, lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths[members])])
+    mjd = np.asarray(values["mjd"], np.float64)[observations]
+    mag = np.asarray(values["mag"], np.float32)[observations]
+    err = np.asarray(values["err"], np.float32)[observations]
     if spec.clean:
-        keep, n_kept, usable = clean_curves(mag, values["quality"], offsets, drop_noisy=spec.drop_noisy)
+        keep, n_kept, usable = clean_curves(mag, np.asarray(values["quality"])[observations], offsets,
+                                            drop_noisy=spec.drop_noisy)
     else:
         keep = np.isfinite(mjd) & np.isfinite(mag) & np.isfinite(err)
-        n_kept, usable = segment_sums(keep, offsets, np.int64), np.ones(len(ids), bool)
-    chosen = in_split & usable & (n_kept >= max(spec.min_observations, 1))       # [B]
-    rows = np.flatnonzero(chosen)
-    if rows.size == 0:
-        return _empty_batch(spec.window_length, with_label="label" in table.column_names)
-    take = keep & np.repeat(chosen, np.diff(offsets))                            # [N] kept rows of chosen curves
-    w = random_windows(mjd[take], mag[take], err[take], np.concatenate([[0], np.cumsum(n_kept[rows])]),
-                       length=spec.window_length, rng=rng)
-    p = probe(w.mags, w.padding, rng=rng, config=spec.mask)
+        n_kept, usable = segment_sums(keep, offsets, np.int64), np.ones(len(members), bool)
+    chosen = usable & (n_kept >= max(spec.min_observations, 1))                # [S]
+    if not chosen.any():
+        return _empty_batch(length, with_label="label" in table.column_names)
+    take = keep & np.repeat(chosen, np.diff(offsets))                            # kept rows of chosen curves
+    packed = np.concatenate([[0], np.cumsum(n_kept[chosen])])
+    n_kept, rows = n_kept[chosen], members[chosen]                               # rows: of the batch
+    if fixed:
+        # each curve's own generator, seeded by its hash: the draws random_window and probe make for it
+        seeds = [curve_hash(surveys[i], bands[i], ids[i], spec.seed + 1) for i in rows.tolist()]
+        start = [int(np.random.default_rng(seed).integers(0, n - length + 1)) if n > length else 0
+                 for seed, n in zip(seeds, n_kept.tolist())]
+        w = windows_at(mjd[take], mag[take], err[take], packed, np.asarray(start, np.int64), length=length)
+        p = seeded_probe(w.mags, w.padding, [seed ^ 0x5EED for seed in seeds], config=spec.mask)
+    else:
+        rng = np.random.default_rng()
+        w = random_windows(mjd[take], mag[take], err[take], packed, length=length, rng=rng)
+        p = probe(w.mags, w.padding, rng=rng, config=spec.mask)
     out = {"times": w.times, "mags_in": p.mags_in, "target": w.mags, "errs": w.errs, "padding": w.padding,
            "hidden": p.hidden, "probed": p.probed, "object_id": np.asarray([ids[i] for i in rows]).astype(str)}
     if "label" in table.column_names:

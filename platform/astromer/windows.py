@@ -218,8 +218,19 @@ def random_windows(times: np.ndarray, mags: np.ndarray, errs: np.ndarray, offset
     n = np.diff(offsets)                                          # [B] observations per curve
     if (n <= 0).any():
         raise ValueError(f"random_windows: curve {int(np.argmax(n <= 0))} has no observation")
-    start = rng.integers(0, np.maximum(n - length + 1, 1))       # [B] uniform in [0, n - L]
-    n_valid = np.minimum(n, length)                               # [B]
+    return windows_at(times, mags, errs, offsets, rng.integers(0, np.maximum(n - length + 1, 1)), length=length)
+
+
+def windows_at(times: np.ndarray, mags: np.ndarray, errs: np.ndarray, offsets: np.ndarray, start: np.ndarray, *,
+               length: int = 200) -> Windows:
+    """The window of each curve (given flat, as in :func:`random_windows`) that begins at its observation
+    ``start[i]``: ``length`` observations, or all from there to the curve's end, centred in float64."""
+    offsets = np.asarray(offsets, np.int64)
+    start = np.asarray(start, np.int64)
+    n = np.diff(offsets)
+    if ((start < 0) | (start >= np.maximum(n, 1))).any():
+        raise ValueError("windows_at: a window starts outside its curve")
+    n_valid = np.minimum(n - start, length)                       # [B]
     t, m, e, padding = _gather_windows(times, mags, errs, offsets[:-1] + start, n_valid, length)
     return Windows(times=t, mags=m, errs=e, padding=padding, n_valid=n_valid.astype(np.int32), start=start,
                    curve=np.arange(len(n), dtype=np.int64))
@@ -280,17 +291,46 @@ def probe(mags: np.ndarray, padding: np.ndarray, *, rng: np.random.Generator,
     ceil(same*count) keep their value, then ceil(random*remaining) take the magnitude of a random other
     real observation of the same window; the rest are hidden.
     """
+    mags, padding = _probe_inputs(mags, padding)
+    return _probe(mags, padding, rng.random(mags.shape), rng.random, config)
+
+
+def seeded_probe(mags: np.ndarray, padding: np.ndarray, seeds, config: MaskConfig = MaskConfig()) -> Probe:
+    """:func:`probe` of each window with a generator of its own: window ``k`` gets exactly the selection of
+    ``probe(mags[k:k+1], padding[k:k+1], rng=np.random.default_rng(seeds[k]))``, so that a fixed window's
+    selection does not depend on the batch it is cut in. Only the draws go window by window."""
+    mags, padding = _probe_inputs(mags, padding)
+    b, length = mags.shape
+    seeds = list(seeds)
+    if len(seeds) != b:
+        raise ValueError(f"seeded_probe: {len(seeds)} seeds for {b} windows")
+    _, _, n_random = probe_counts((~padding).sum(axis=1), config)
+    keys, picks = np.empty((b, length)), []
+    for k, seed in enumerate(seeds):
+        generator = np.random.default_rng(seed)
+        keys[k] = generator.random(length)                  # the draws probe makes, in its order
+        picks.append(generator.random(int(n_random[k])))
+    picks = np.concatenate(picks) if picks else np.zeros(0)
+    return _probe(mags, padding, keys, lambda count: picks[:count], config)
+
+
+def _probe_inputs(mags, padding) -> tuple[np.ndarray, np.ndarray]:
     mags = np.asarray(mags, np.float32)
     padding = np.asarray(padding, bool)
     if mags.shape != padding.shape or mags.ndim != 2:
         raise ValueError(f"probe: mags {mags.shape} and padding {padding.shape} must both be [B, L]")
+    return mags, padding
+
+
+def _probe(mags: np.ndarray, padding: np.ndarray, keys: np.ndarray, draw, config: MaskConfig) -> Probe:
+    """The selection from ``keys`` (uniforms [B, L]) and ``draw(count)`` (the uniforms that pick the random
+    replacements, in row-major order of the replaced positions)."""
     b, length = mags.shape
     real = ~padding
     n_valid = real.sum(axis=1)
     n_probed, n_same, n_random = probe_counts(n_valid, config)
 
     # A random rank for every real observation (padding ranks last): the first n_probed are probed.
-    keys = rng.random((b, length))
     keys[padding] = np.inf
     order = np.argsort(keys, axis=1)
     rank = np.empty_like(order)
@@ -306,7 +346,7 @@ def probe(mags: np.ndarray, padding: np.ndarray, *, rng: np.random.Generator,
         real_positions = np.argsort(padding, axis=1, kind="stable")  # real positions first, in order
         own_rank = np.cumsum(real, axis=1) - 1                        # index of each real obs among reals
         n_other = n_valid[rows] - 1
-        pick = np.floor(rng.random(rows.size) * n_other).astype(np.int64)
+        pick = np.floor(draw(rows.size) * n_other).astype(np.int64)
         pick = pick + (pick >= own_rank[rows, cols])
         mags_in[rows, cols] = mags[rows, real_positions[rows, pick]]
     return Probe(mags_in=mags_in, hidden=hidden, probed=probed)
