@@ -159,7 +159,9 @@ def read_row_group(unit: dict):
     with fsspec.open(url, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         present = [c for c in READ_COLUMNS if c in parquet.schema_arrow.names]
-        table = parquet.read_row_group(int(unit["row_group"]), columns=present)
+        # one thread: a read task is one core's worth, and several run at once; Arrow's pool of threads
+        # in each task cost CPU and, on 2 cores, 13 to 23% of the stream (docs/performance.md)
+        table = parquet.read_row_group(int(unit["row_group"]), columns=present, use_threads=False)
     if "quality" not in present:      # a lake written without flags: the cleaning computes them
         table = table.append_column("quality", pa.nulls(table.num_rows, pa.list_(pa.uint8())))
     for name in ("survey", "band"):
