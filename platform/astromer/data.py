@@ -319,7 +319,7 @@ def count_cleaning(batch, spec: DataSpec) -> dict:
         flat = flat_curves(batch)
         if flat is not None:
             return _count_cleaning_flat(batch, flat, spec)
-        batch = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
+        batch = _numpy_columns(batch)
     stats: dict[str, CleaningStats] = {}
     for i in range(len(batch["object_id"])):
         split = split_of(batch["survey"][i], batch["band"][i], batch["object_id"][i],
@@ -333,26 +333,19 @@ def count_cleaning(batch, spec: DataSpec) -> dict:
 
 def _count_cleaning_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec) -> dict:
     """:func:`count_cleaning` for all the curves of an Arrow batch at once (the same counts)."""
-    from astromer.lake.cleaning import MIN_OBS, CleaningStats, clean_curves, segment_sums
+    from astromer.lake.cleaning import MIN_OBS, CleaningStats, segment_sums
     from astromer.lake.schema import CLEANING_MASK, Quality
 
     values, offsets = flat
-    splits = np.array([split_of(s, b, o, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,
-                                seed=spec.seed) for s, b, o in zip(table.column("survey").to_pylist(),
-                                                                     table.column("band").to_pylist(),
-                                                                     table.column("object_id").to_pylist())])
+    splits = _splits(spec, *_identities(table))
     lengths = np.diff(offsets)
+    _, n_kept, usable = _clean_flat(values["mjd"], values["mag"], values["err"], values["quality"], offsets, spec)
     if spec.clean:
         quality = np.asarray(values["quality"], np.uint8)
-        _, n_kept, usable = clean_curves(np.asarray(values["mag"], np.float32), quality, offsets,
-                                         drop_noisy=spec.drop_noisy)
         reason = np.where(usable, "", np.where(n_kept < MIN_OBS, "too_few_observations", "noisy"))
         hits = {flag.name: segment_sums((quality & flag.value) != 0, offsets, np.int64)
                 for flag in Quality if flag.value & CLEANING_MASK}
     else:      # finite values only; no flag drops anything
-        keep = (np.isfinite(np.asarray(values["mjd"], np.float64)) & np.isfinite(np.asarray(values["mag"], np.float32))
-                & np.isfinite(np.asarray(values["err"], np.float32)))
-        n_kept, usable = segment_sums(keep, offsets, np.int64), np.ones(len(lengths), bool)
         reason, hits = np.full(len(lengths), "", dtype=object), {}
     short = usable & (n_kept < spec.min_observations)
     reason = np.where(short, "fewer_than_min_observations", reason)
@@ -410,7 +403,7 @@ def make_windows(batch, spec: DataSpec, split: str, fixed: bool) -> dict:
         flat = flat_curves(batch)
         if flat is not None:
             return _windows_flat(batch, flat, spec, split, fixed)
-        batch = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
+        batch = _numpy_columns(batch)
     length = spec.window_length
     rng = np.random.default_rng()
     in_split = [i for i in range(len(batch["object_id"]))
@@ -482,6 +475,34 @@ def flat_curves(table, columns=FLAT_COLUMNS) -> tuple[dict, np.ndarray] | None:
     return values, offsets
 
 
+def _numpy_columns(table) -> dict:
+    """An Arrow batch as the dict of numpy columns the curve-by-curve paths take."""
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _identities(table) -> tuple[list, list, list]:
+    """(object ids, surveys, bands) of the curves of an Arrow batch."""
+    return tuple(table.column(name).to_pylist() for name in ("object_id", "survey", "band"))
+
+
+def _splits(spec: DataSpec, ids: list, surveys: list, bands: list) -> np.ndarray:
+    """The split ('train', 'val' or 'test') of every curve."""
+    return np.array([split_of(s, b, o, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,
+                              seed=spec.seed) for o, s, b in zip(ids, surveys, bands)])
+
+
+def _clean_flat(mjd, mag, err, quality, offsets: np.ndarray, spec: DataSpec):
+    """(keep, n_kept, usable) of flat curves, as :func:`_clean_curve` decides them one by one (before its
+    ``min_observations`` check): the paper's cleaning, or with ``clean=False`` finite values only."""
+    from astromer.lake.cleaning import clean_curves, segment_sums
+
+    if spec.clean:
+        return clean_curves(np.asarray(mag, np.float32), quality, offsets, drop_noisy=spec.drop_noisy)
+    keep = np.isfinite(np.asarray(mjd, np.float64)) & np.isfinite(np.asarray(mag, np.float32)) \
+        & np.isfinite(np.asarray(err, np.float32))
+    return keep, segment_sums(keep, offsets, np.int64), np.ones(len(offsets) - 1, bool)
+
+
 def _windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: str, fixed: bool) -> dict:
     """:func:`make_windows` for all the curves of one Arrow batch at once: the split, the cleaning
     (:func:`astromer.lake.cleaning.clean_curves`, the same decisions), the windows (one gather) and the
@@ -489,29 +510,19 @@ def _windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: s
     law), in a fifth to a quarter of the time (docs/performance.md). Fixed windows take their start and
     selection from the same per-curve generators as the curve-by-curve path (the same windows, centred up
     to the last bit of the means)."""
-    from astromer.lake.cleaning import clean_curves, segment_sums
     from astromer.windows import seeded_probe, windows_at
 
     values, offsets = flat
     length = spec.window_length
-    ids = table.column("object_id").to_pylist()
-    surveys, bands = table.column("survey").to_pylist(), table.column("band").to_pylist()
-    in_split = np.array([split_of(s, b, o, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,
-                                  seed=spec.seed) == split for s, b, o in zip(surveys, bands, ids)], bool)
+    ids, surveys, bands = _identities(table)
+    in_split = _splits(spec, ids, surveys, bands) == split
     # only the split's curves go on (a tenth of the batch for validation)
     lengths = np.diff(offsets)
     members = np.flatnonzero(in_split)                                          # [S] rows of the batch
     observations = np.repeat(in_split, lengths)
     offsets = np.concatenate([[0], np.cumsum(lengths[members])])
-    mjd = np.asarray(values["mjd"], np.float64)[observations]
-    mag = np.asarray(values["mag"], np.float32)[observations]
-    err = np.asarray(values["err"], np.float32)[observations]
-    if spec.clean:
-        keep, n_kept, usable = clean_curves(mag, np.asarray(values["quality"])[observations], offsets,
-                                            drop_noisy=spec.drop_noisy)
-    else:
-        keep = np.isfinite(mjd) & np.isfinite(mag) & np.isfinite(err)
-        n_kept, usable = segment_sums(keep, offsets, np.int64), np.ones(len(members), bool)
+    mjd, mag, err, quality = (np.asarray(values[name])[observations] for name in FLAT_COLUMNS)
+    keep, n_kept, usable = _clean_flat(mjd, mag, err, quality, offsets, spec)
     chosen = usable & (n_kept >= max(spec.min_observations, 1))                # [S]
     if not chosen.any():
         return _empty_batch(length, with_label="label" in table.column_names)

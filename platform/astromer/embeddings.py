@@ -196,10 +196,9 @@ def _flat_embedding(model, batch: pa.Table, batch_size: int, clean: bool):
     n_kept = segment_sums(keep, offsets)                                         # [B]
     packed = np.concatenate([[0], np.cumsum(n_kept)])
     mjd, mag, err = mjd[keep], mag[keep], err[keep]
-    steps = np.diff(mjd)
-    inside = np.ones(len(steps), bool)                       # steps between two curves do not count
-    inside[packed[1:-1][(packed[1:-1] > 0) & (packed[1:-1] < len(mjd))] - 1] = False
-    if (steps[inside] <= 0).any():
+    first = np.zeros(len(mjd), bool)                         # the step into a curve's first value does not count
+    first[packed[:-1][n_kept > 0]] = True
+    if ((np.diff(mjd) <= 0) & ~first[1:]).any():
         return None
     windows = flat_windows(mjd, mag, err, packed, length=model.config.window_length, rule=model.config.window_rule)
     rows = np.flatnonzero(n_kept > 0)
