@@ -147,8 +147,8 @@ class Batch:
             "n_obs": pa.array(lengths.astype(np.int32), type=pa.int32()),
             "quality": lists(flags, pa.uint8()),
             "source_file": pa.array(self.source_file, type=pa.string()),
-            "source_sha256": pa.array([source_sha256] * n, type=pa.string()),
-            "ingest_id": pa.array([ingest_id] * n, type=pa.string()),
+            "source_sha256": pa.repeat(pa.scalar(source_sha256, pa.string()), n),   # no list of n references
+            "ingest_id": pa.repeat(pa.scalar(ingest_id, pa.string()), n),
             "band": pa.array(self.band, type=pa.string()),
         }, schema=schema.SHARD)
 
