@@ -159,8 +159,8 @@ def band_order(bands: list) -> np.ndarray | None:
     names = set(bands)
     if len(names) < 2 or not all(isinstance(b, str) for b in names):
         return None
-    names = sorted(names)
-    codes = np.searchsorted(np.asarray(names, dtype=object), np.asarray(bands, dtype=object))
+    code = {name: k for k, name in enumerate(sorted(names))}     # a dict lookup per curve: half the time of
+    codes = np.fromiter(map(code.__getitem__, bands), dtype=np.int64, count=len(bands))   # object searchsorted
     if (np.diff(codes) >= 0).all():
         return None
     return np.argsort(codes, kind="stable")

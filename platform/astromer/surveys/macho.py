@@ -60,7 +60,8 @@ def parse_members(members: Members, keys: list[str], batch: Batch) -> None:
     order = band_order(bands)      # parse grouped by band: the order of the shard's rows
     columns, lengths = headed.parse(keys, 3, delimiter=b" ", quarantine=batch.quarantine, order=order)
     if order is not None:
-        object_ids, bands, ras, decs, keys = ([values[i] for i in order.tolist()]
+        pick = order.tolist()          # once, not once per list
+        object_ids, bands, ras, decs, keys = ([values[i] for i in pick]
                                               for values in (object_ids, bands, ras, decs, keys))
     add_parsed(batch, object_ids, bands, columns, lengths, keys, ras, decs)
 
