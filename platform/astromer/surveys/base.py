@@ -159,8 +159,9 @@ def band_order(bands: list) -> np.ndarray | None:
     names = set(bands)
     if len(names) < 2 or not all(isinstance(b, str) for b in names):
         return None
-    code = {name: k for k, name in enumerate(sorted(names))}     # a dict lookup per curve: half the time of
-    codes = np.fromiter(map(code.__getitem__, bands), dtype=np.int64, count=len(bands))   # object searchsorted
+    # a dict lookup per curve: half the time of numpy's searchsorted over object arrays
+    code = {name: k for k, name in enumerate(sorted(names))}
+    codes = np.fromiter(map(code.__getitem__, bands), dtype=np.int64, count=len(bands))
     if (np.diff(codes) >= 0).all():
         return None
     return np.argsort(codes, kind="stable")
