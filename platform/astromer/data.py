@@ -311,15 +311,12 @@ def count_cleaning(batch, spec: DataSpec) -> dict:
     """What the cleaning does to one batch of curves (a dict of numpy columns or an Arrow table), per split:
     one row per split holding the :class:`astromer.lake.cleaning.CleaningStats` counts as JSON (merged by
     :func:`cleaning_report`). An Arrow batch is counted for all its curves at once where it can be."""
-    import pyarrow as pa
-
     from astromer.lake.cleaning import CleaningStats
 
-    if isinstance(batch, pa.Table):
-        flat = flat_curves(batch)
-        if flat is not None:
-            return _count_cleaning_flat(batch, flat, spec)
-        batch = _numpy_columns(batch)
+    flat, columns = _flat_or_columns(batch)
+    if flat is not None:
+        return _count_cleaning_flat(batch, flat, spec)
+    batch = columns
     stats: dict[str, CleaningStats] = {}
     for i in range(len(batch["object_id"])):
         split = split_of(batch["survey"][i], batch["band"][i], batch["object_id"][i],
@@ -397,13 +394,10 @@ def make_windows(batch, spec: DataSpec, split: str, fixed: bool) -> dict:
     batch are cut for all its curves at once (:func:`_windows_flat`); a batch that path declines goes curve
     by curve.
     """
-    import pyarrow as pa
-
-    if isinstance(batch, pa.Table):
-        flat = flat_curves(batch)
-        if flat is not None:
-            return _windows_flat(batch, flat, spec, split, fixed)
-        batch = _numpy_columns(batch)
+    flat, columns = _flat_or_columns(batch)
+    if flat is not None:
+        return _windows_flat(batch, flat, spec, split, fixed)
+    batch = columns
     length = spec.window_length
     rng = np.random.default_rng()
     in_split = [i for i in range(len(batch["object_id"]))
@@ -473,6 +467,17 @@ def flat_curves(table, columns=FLAT_COLUMNS) -> tuple[dict, np.ndarray] | None:
             return None
         values[name] = child.to_numpy(zero_copy_only=False)
     return values, offsets
+
+
+def _flat_or_columns(batch) -> tuple[tuple[dict, np.ndarray] | None, dict | None]:
+    """(the flat curves of an Arrow batch, None) where the all-at-once paths take it, else (None, the dict of
+    numpy columns the curve-by-curve paths take): a numpy batch as it is, an Arrow one converted."""
+    import pyarrow as pa
+
+    if not isinstance(batch, pa.Table):
+        return None, batch
+    flat = flat_curves(batch)
+    return (flat, None) if flat is not None else (None, _numpy_columns(batch))
 
 
 def _numpy_columns(table) -> dict:
