@@ -229,6 +229,19 @@ def test_macho_names_in_one_pass_follow_the_name_by_name_rule(extra):
     assert len(regular) >= 5 and macho._objects_and_bands(regular) == [e for e in expected if e is not None]
 
 
+def test_macho_flat_names_by_string_methods_match_the_regular_expression():
+    # no folder and no compression suffix: the string-method path, which must agree with the pattern
+    names = ["lc_1.3444.614.B.mjd", "lc_a.b.c.R.mjd", "lc_.B.mjd", "lc_a..mjd", "lc_1.2.3.B.MJD", "lc_x.mjd",
+             "lc_1.2.3.B.mjd\r", "xlc_1.2.3.B.mjd", "lc_1.2.3.B.mjdx", "lc_\u00e9t\u00e9.V.mjd", "lc_1 2.R.mjd"]
+    expected = [macho._object_and_band(macho._uncompressed_basename(n)) for n in names]
+    assert macho._objects_and_bands(names) == expected
+    regular = [n for n, e in zip(names, expected) if e is not None]
+    assert len(regular) >= 4
+    assert macho._objects_and_bands(regular) == macho._NAME_LINE.findall("\n".join(regular))
+    assert all(e is None for n, e in zip(names, expected) if n not in regular)
+    assert len(macho._NAME_LINE.findall("\n".join(names))) == len(regular)
+
+
 @pytest.mark.parametrize("names", [
     [b"lc_1.B.mjd", b"dir/lc_2.R.mjd", b"caf\xc3\xa9.mjd", b"bad\xff\xfe.mjd"],
     [b"lc_1.B.mjd", b"cut\0garbage"],
