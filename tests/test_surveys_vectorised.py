@@ -264,3 +264,25 @@ def test_every_name_ends_with_the_suffix(names, expected):
 
     assert _all_end_with(names, ".mjd") is expected
     assert not expected or all(n.lower().endswith(".mjd") for n in names)    # True is never wrong
+
+
+def test_shard_table_leaves_the_callers_arrays_alone_and_takes_read_only_blocks():
+    # to_table sorts curves in place: a curve added one by one is the batch's own copy, and a block that
+    # arrives read-only (a zero-copy view of an Arrow column) is copied before it is sorted
+    mjd = np.array([3.0, 1.0, 2.0])
+    mag = np.array([10.0, 11.0, 12.0])
+    batch = Batch()
+    assert batch.add_curve("a", "V", mjd, mag, np.full(3, 0.1), source_file="f")
+    table = batch.to_table(source_sha256="0" * 64, ingest_id="x")
+    assert table.column("mjd")[0].values.to_pylist() == [1.0, 2.0, 3.0]
+    assert mjd.tolist() == [3.0, 1.0, 2.0] and mag.tolist() == [10.0, 11.0, 12.0]
+
+    frozen = [np.array(c, dtype=np.float64) for c in ([2.0, 1.0, 5.0], [7.0, 8.0, 9.0], [0.1, 0.2, 0.3])]
+    for column in frozen:
+        column.flags.writeable = False
+    block = Batch()
+    block.add_block(["b"], ["V"], [3], *frozen, source_files=["g"])
+    table = block.to_table(source_sha256="0" * 64, ingest_id="x")
+    assert table.column("mjd")[0].values.to_pylist() == [1.0, 2.0, 5.0]
+    assert table.column("mag")[0].values.to_pylist() == [8.0, 7.0, 9.0]
+    assert frozen[0].tolist() == [2.0, 1.0, 5.0]

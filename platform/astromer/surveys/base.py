@@ -85,13 +85,15 @@ class Batch:
         self.dec.append(dec)
         self.source_file.append(source_file)
         self.lengths.append(len(mjd))
-        self.mjd.append(np.asarray(mjd, dtype=np.float64))
-        self.mag.append(np.asarray(mag, dtype=np.float64))
-        self.err.append(np.asarray(err, dtype=np.float64))
+        # copies: the batch owns its arrays, which to_table may sort in place
+        self.mjd.append(np.array(mjd, dtype=np.float64))
+        self.mag.append(np.array(mag, dtype=np.float64))
+        self.err.append(np.array(err, dtype=np.float64))
         return True
 
     def add_block(self, object_ids, bands, lengths, mjd, mag, err, *, source_files, ras=None, decs=None):
-        """Add many already-validated curves whose observations are concatenated (fast path)."""
+        """Add many already-validated curves whose observations are concatenated (fast path). The batch
+        takes the arrays over (to_table may sort them in place): pass arrays no one else holds."""
         n = len(object_ids)
         self.object_id.extend(object_ids)
         self.band.extend(bands)
@@ -168,6 +170,10 @@ def band_order(bands: list) -> np.ndarray | None:
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """One float64 array of the batch's parts. A single part (a reader's block: one parse of a whole archive)
+    is the array itself: the batch owns it, and copying an archive's three columns costs about 1.4 ms."""
+    if len(parts) == 1 and parts[0].dtype == np.float64 and parts[0].flags.c_contiguous and parts[0].flags.writeable:
+        return parts[0]
     return np.concatenate(parts).astype(np.float64, copy=False) if parts else np.zeros(0)
 
 
