@@ -229,8 +229,8 @@ def test_macho_names_in_one_pass_follow_the_name_by_name_rule(extra):
     assert len(regular) >= 5 and macho._objects_and_bands(regular) == [e for e in expected if e is not None]
 
 
-def test_macho_flat_names_by_string_methods_match_the_regular_expression():
-    # no folder and no compression suffix: the string-method path, which must agree with the pattern
+def test_macho_flat_names_by_the_simpler_pattern_match_the_general_one():
+    # no folder and no compression suffix: the flat pattern, which must agree with the general one
     names = ["lc_1.3444.614.B.mjd", "lc_a.b.c.R.mjd", "lc_.B.mjd", "lc_a..mjd", "lc_1.2.3.B.MJD", "lc_x.mjd",
              "lc_1.2.3.B.mjd\r", "xlc_1.2.3.B.mjd", "lc_1.2.3.B.mjdx", "lc_\u00e9t\u00e9.V.mjd", "lc_1 2.R.mjd"]
     expected = [macho._object_and_band(macho._uncompressed_basename(n)) for n in names]

@@ -102,6 +102,9 @@ def _identify_all(members, headed, keys, batch):
 #: :func:`_object_and_band` of :func:`_uncompressed_basename`, for one name per line (the folders go
 #: one at a time: a single ``[^\n]*/`` runs to the line's end and backtracks, twice as slow)
 _NAME_LINE = re.compile(r"^(?:[^\n/]*/)*lc_([^/\n]+)\.([^./\n]+)\.mjd(?:\.gz|\.bz2)?$", re.MULTILINE)
+#: the same for names without folders or a compression suffix (a survey's archive), which need no
+#: alternatives: 1.4 against 2.3 ms for 4,000 names
+_FLAT_NAME_LINE = re.compile(r"^lc_(.+)\.([^.\n]+)\.mjd$", re.MULTILINE)
 
 
 def _objects_and_bands(names: list[str]) -> list[tuple[str, str] | None]:
@@ -110,11 +113,8 @@ def _objects_and_bands(names: list[str]) -> list[tuple[str, str] | None]:
     archive of a survey), else name by name."""
     text = one_per_line(names)
     if text is not None:
-        if "/" not in text and ".gz" not in text and ".bz2" not in text:
-            # flat names without a compression suffix (a survey's archive): string methods name by name
-            # take a third of the regular expression's time (0.9 against 2.3 ms for 4,000 names)
-            return [_object_and_band(name) for name in names]
-        found = _NAME_LINE.findall(text)
+        flat = "/" not in text and ".gz" not in text and ".bz2" not in text
+        found = (_FLAT_NAME_LINE if flat else _NAME_LINE).findall(text)
         if len(found) == len(names):
             return found
     return [_object_and_band(_uncompressed_basename(name)) for name in names]
