@@ -262,3 +262,63 @@ def test_the_compiled_tar_index_equals_the_numpy_one_and_declines_the_same_archi
     damaged = bytearray(tar_bytes(members[:3], tarfile.USTAR_FORMAT))
     damaged[200] ^= 1                                                             # the checksum no longer holds
     assert both(bytes(damaged)) == (None, None)
+
+
+def _line_fields(lines: list[bytes], columns: list[int]):
+    data = b"\n".join(lines) + b"\n"
+    starts = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]]).astype(np.int64)
+    ends = starts + np.array([len(line) for line in lines], dtype=np.int64)
+    out = np.full((len(columns), len(lines)), np.nan)
+    return compiled.line_fields(data, starts, ends, np.array(columns, dtype=np.int64), out), out
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
+def test_line_fields_reads_regular_lines_as_python_does_and_declines_the_rest():
+    rng = np.random.default_rng(3)
+    formats = ["{:.5f}", "{:.4f}", "{!r}", "{:.6e}", "{:+.3f}", "{:.0f}"]
+    lines, expected = [], []
+    for k in range(500):
+        ra, dec = rng.uniform(0, 24), rng.uniform(-90, 90)
+        ra_text, dec_text = formats[k % 6].format(ra), formats[(k + 1) % 6].format(dec)
+        lines.append(f"{k} 3 {k % 7} {ra_text} {dec_text} R -4.1 x".encode())
+        expected.append((float(ra_text), float(dec_text)))
+    count, out = _line_fields(lines, [3, 4])
+    assert count == 8
+    assert np.array_equal(out.T.view(np.int64), np.array(expected).view(np.int64))
+    good = b"1 0 0 4.92779 -66.2816 B"
+    for bad in [b"1 0 0 4.9  -66.2816 B", b"1 0 0 4.9 -66.2816 B ", b" 1 0 0 4.9 -66.2816 B",
+                b"1\t0 0 4.9 -66.2816 B", b'1 0 "0" 4.9 -66.2816 B', "1 0 0 4.9 -66.2816 \u00e9".encode(),
+                b"1 0 0 4.9 -66.2816", b"1 0 0 4.9 -66.2816 B extra", b"1 0 0 nan -66.2816 B",
+                b"1 0 0 4.9h -66.2816 B", b"1 0 0 4.9 -66.2816 B\r", b""]:
+        assert _line_fields([good, bad], [3, 4])[0] == -1, bad
+        assert _line_fields([bad, good], [3, 4])[0] == -1, bad
+    assert _line_fields([good, good], [3, 4])[0] == 6
+
+
+@pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
+def test_macho_names_and_coordinates_agree_either_way_on_random_archives(monkeypatch):
+    from astromer.surveys import macho
+
+    rng = np.random.default_rng(11)
+    second_lines = [b"#1 0 %d 4.92779 -66.2816 %s -4.178 -4.178 0.000 0.000", b"#1 0 %d 4.9 -66.28 %s",
+                    b"#1 0 %d  4.9 -66.28 %s", b"#1 0 %d 4.9 nan %s", b"#1 0 %d 4.9 %s", b"#MJD Mag %d Err %s"]
+    for trial in range(200):
+        n = int(rng.integers(1, 40))
+        pairs = []
+        for i in range(n):
+            band = "BR"[i % 2]
+            line = second_lines[0 if rng.random() < 0.8 else int(rng.integers(1, len(second_lines)))]
+            header = b"#Field Tile Seq RA Dec Filter\n" + line % (i, band.encode()) + b"\n#MJD Mag Err\n"
+            name = f"lc_1.0.{i}.{band}.mjd" if rng.random() < 0.95 else f"odd_{i}.mjd"
+            pairs.append((name, header + b"48802.1 -4.1 0.1\n"))
+        members = Members.from_pairs(pairs)
+        keys = [f"in::{name}" for name, _ in pairs]
+
+        def run(members=members, keys=keys):
+            from astromer.surveys.base import Batch
+            batch = Batch()
+            found = macho._identify_all(members, split_headed(members), keys, batch)
+            return found, batch.quarantine
+
+        a, b = _both_paths(monkeypatch, run)
+        assert repr(a) == repr(b), (trial, pairs)      # repr: a nan Dec equals itself

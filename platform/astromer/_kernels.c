@@ -40,6 +40,17 @@
  * to 2^53 times or divided by an exact power of ten up to 1e22) and by strtod in the "C" locale
  * otherwise.
  *
+ *     line_fields(data, starts, ends, columns, out) -> int
+ *
+ * The fields of the lines data[starts[k]:ends[k]] (int64 spans, no newline), split at single spaces:
+ * for each wanted field columns[j] (int64) the number it holds goes into out[j * lines + k] (float64,
+ * read as parse_spans reads a number). Returns how many fields every line holds, or -1 unless every
+ * line is strictly regular: printable ASCII without a double quote, fields separated by exactly one
+ * space (none empty, no leading or trailing space), the same number of fields on every line, more
+ * than every wanted column, and each wanted field a number and nothing else. The caller then reads the lines
+ * with pyarrow's CSV reader or one by one (the compiled reading accepts a subset of what those accept
+ * and gives the same values on it).
+ *
  *     select_ranks(values, starts, lengths, ranks, out) -> bool
  *
  * For curve i (values[starts[i] : starts[i] + lengths[i]], float64) and each of its m ranks
@@ -224,6 +235,57 @@ static int64_t count_newlines(const char *p, const char *stop)
 #endif
     for (; p < stop; p++) lines += (*p == '\n');
     return lines;
+}
+
+static PyObject *line_fields(PyObject *self, PyObject *args)
+{
+    Py_buffer data, starts, ends, columns, out;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*", &data, &starts, &ends, &columns, &out)) return NULL;
+    Py_buffer *all[] = {&data, &starts, &ends, &columns, &out};
+    Py_ssize_t lines = starts.len / 8, wanted = columns.len / 8, fields_per_line = -1;
+    if (starts.len % 8 || ends.len != starts.len || columns.len % 8 || out.len != 8 * lines * wanted) {
+        PyErr_SetString(PyExc_ValueError, "line_fields: buffer sizes do not match");
+    } else {
+        const char *buf = data.buf;
+        const int64_t *a = starts.buf, *b = ends.buf, *column = columns.buf;
+        double *values = out.buf;
+        int64_t highest = -1;
+        for (Py_ssize_t j = 0; j < wanted; j++) if (column[j] > highest) highest = column[j];
+        Py_BEGIN_ALLOW_THREADS
+        int ok = lines > 0;
+        for (Py_ssize_t k = 0; k < lines && ok; k++) {
+            if (a[k] < 0 || b[k] <= a[k] || b[k] > data.len) { ok = 0; break; }
+            const char *p = buf + a[k], *end = buf + b[k];
+            Py_ssize_t field = 0;
+            while (ok) {                                   /* one field [p, stop) per turn */
+                const char *stop = p;
+                while (stop < end && *stop != ' ') {
+                    unsigned char c = (unsigned char)*stop;
+                    if (c < 0x21 || c > 0x7e || c == '"') { ok = 0; break; }
+                    stop++;
+                }
+                if (!ok || stop == p) { ok = 0; break; }   /* a bad byte, or an empty field */
+                for (Py_ssize_t j = 0; j < wanted; j++) {
+                    if (column[j] != field) continue;
+                    double value;
+                    if (parse_number(p, stop, &value) != stop) { ok = 0; break; }
+                    values[j * lines + k] = value;
+                }
+                field++;
+                if (stop == end) break;
+                p = stop + 1;                              /* past the single space */
+                if (p == end) ok = 0;                      /* a trailing space */
+            }
+            if (!ok) break;
+            if (fields_per_line < 0) fields_per_line = field;
+            if (field != fields_per_line || field <= highest) ok = 0;
+        }
+        if (!ok) fields_per_line = -1;
+        Py_END_ALLOW_THREADS
+    }
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) PyBuffer_Release(all[k]);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromSsize_t(fields_per_line);
 }
 
 static PyObject *scan_members(PyObject *self, PyObject *args)
@@ -561,6 +623,9 @@ static PyMethodDef methods[] = {
      "parse_spans(data, starts, ends, out, ncols, delimiter) -> bool: fill out (float64, ncols x rows, column "
      "by column) from the strictly regular numeric rows of the spans of data, read one after the other; "
      "False where they are not (see the module source)."},
+    {"line_fields", line_fields, METH_VARARGS,
+     "line_fields(data, starts, ends, columns, out) -> int: the numbers in the wanted fields of strictly "
+     "regular single-space separated lines; how many fields each line holds, or -1 (see the module source)."},
     {"scan_members", scan_members, METH_VARARGS,
      "scan_members(data, starts, sizes, comment, body_starts, rows, missing, header_counts, header_starts, "
      "header_ends) -> bool: find every member's comment header lines and count its body lines (see the "

@@ -724,6 +724,21 @@ class HeadedMembers:
         text[line_starts + lengths - 1] = 10
         return index, text.tobytes()
 
+    def header_numbers(self, level: int, columns: list[int], skip: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+        """Which members have a ``level``-th comment line, and the numbers in the given fields of those lines
+        (without their first ``skip`` bytes; ``len(columns)`` float64 rows), read in place by the compiled
+        kernel where every line is strictly regular (single spaces, printable ASCII, as many fields on each);
+        None where it declines or is not built: :meth:`header_text` and a CSV reader then take the lines."""
+        compiled = compiled_kernels()
+        if compiled is None or level >= len(self.header_lines):
+            return None
+        index, starts, ends = self.header_lines[level]
+        out = np.empty((len(columns), len(index)))
+        if compiled.line_fields(self.members.data, np.ascontiguousarray(np.minimum(starts + skip, ends), np.int64),
+                                np.ascontiguousarray(ends, np.int64), np.asarray(columns, np.int64), out) < 0:
+            return None
+        return index, out
+
     def joined_bodies(self, order: np.ndarray | None = None) -> bytes:
         """Every body (in ``order`` if given), each ending in a newline, in one buffer (one copy)."""
         view = memoryview(self.members.data)

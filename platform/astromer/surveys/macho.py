@@ -70,6 +70,14 @@ def _identify_all(members, headed, keys, batch):
     """Object ids and bands from the member names, RA/Dec (degrees) from the second header line,
     vectorised; members the fast path cannot read go through :func:`_identify` one by one."""
     n = len(members)
+    numbers = headed.header_numbers(1, [3, 4], skip=1) if n else None
+    if numbers is not None and len(numbers[0]) == n:
+        # the regular case read in place: every member headed by regular lines (RA and Dec only)
+        split = _objects_and_bands(members.names)
+        if all(pair is not None for pair in split):
+            ra_hours, dec_deg = numbers[1]
+            return [pair[0] for pair in split], [pair[1] for pair in split], (ra_hours * 15.0).tolist(), \
+                dec_deg.tolist()
     object_ids, bands = [None] * n, [None] * n
     ras, decs = [None] * n, [None] * n
     slow = np.ones(n, dtype=bool)
