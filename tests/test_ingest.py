@@ -49,7 +49,12 @@ def test_small_inputs_share_tasks_and_large_or_unsized_ones_do_not():
     groups = input_groups(tiny, threads=2)
     assert [i for g in groups for i in g] == list(range(2000))             # every input once, in order
     assert len(groups) == 8 and max(map(len, groups)) == 250               # about four tasks per thread
-    assert len(input_groups(tiny[:19], threads=2)) == 7                    # a small survey still spreads out
+    few = input_groups(tiny[:19], threads=2)                               # a small survey still spreads out
+    assert len(few) == 8 and {len(g) for g in few} == {2, 3}
+    # even groups: 50 archives hashed on two threads, no group of one left for the end
+    archives = [Input(key=f"a{i}", url=f"a{i}", size=17_000_000) for i in range(50)]
+    hashed = input_groups(archives, threads=2, max_bytes=256 << 20)
+    assert [i for g in hashed for i in g] == list(range(50)) and {len(g) for g in hashed} == {6, 7}
     big = [Input(key=f"b{i}", url=f"b{i}", size=TASK_INPUT_BYTES // 2 + 1) for i in range(6)]
     assert input_groups(big, threads=2) == [[i] for i in range(6)]
     # the checksums take more bytes per task (reading and hashing is all they do)
@@ -57,4 +62,4 @@ def test_small_inputs_share_tasks_and_large_or_unsized_ones_do_not():
     assert len(input_groups(many_big, threads=2)) == 24
     assert input_groups(many_big, threads=2, max_bytes=2 * TASK_INPUT_BYTES)[:2] == [[0, 1, 2], [3, 4, 5]]
     unsized = [Input(key="a", url="a", size=10), Input(key="s", url="s", size=0), Input(key="b", url="b", size=10)]
-    assert input_groups(unsized * 3, threads=1) == [[0], [1], [2, 3], [4], [5, 6], [7], [8]]   # "s" alone
+    assert input_groups(unsized * 3, threads=1) == [[0], [1], [2], [3], [4], [5, 6], [7], [8]]   # "s" alone
