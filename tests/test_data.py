@@ -316,3 +316,22 @@ def test_flat_fixed_windows_are_the_curve_by_curve_ones(tmp_path, split):
     again = make_windows(table, spec, split, True)
     for name in ("times", "mags_in", "probed", "hidden"):
         np.testing.assert_array_equal(again[name], flat[name])
+
+
+def test_parts_written_with_nullable_observation_elements_read_in_the_lakes_types(tmp_path):
+    # lakes written before the observations' elements were declared non-null: their units come out in
+    # the same types as the new parts', so that Ray Data can put both in one block
+    from astromer.data import read_row_group
+
+    write_lake(tmp_path, 20, band="V", seed=0)
+    new_file = next((tmp_path / "lightcurves").rglob("*.parquet"))
+    old_schema = pa.schema([pa.field(f.name, pa.list_(f.type.value_type), nullable=f.nullable)
+                            if pa.types.is_list(f.type) else f for f in LIGHTCURVES])
+    old_file = new_file.with_name("part-old.parquet")
+    pq.write_table(pq.read_table(new_file).cast(old_schema), old_file)
+    assert pq.read_schema(old_file).field("mjd").type.value_field.nullable
+    assert not pq.read_schema(new_file).field("mjd").type.value_field.nullable
+    units = [read_row_group({"url": str(path), "row_group": 0, "survey": "synthetic", "band": "V"})
+             for path in (old_file, new_file)]
+    assert units[0].schema == units[1].schema and units[0].equals(units[1])
+    assert pa.concat_tables(units).num_rows == 2 * units[0].num_rows

@@ -155,6 +155,8 @@ def read_row_group(unit: dict):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from astromer.lake.schema import LIGHTCURVES
+
     url = str(unit["url"])
     with fsspec.open(url, "rb") as handle:
         parquet = pq.ParquetFile(handle)
@@ -163,10 +165,14 @@ def read_row_group(unit: dict):
         # in each task cost CPU and, on 2 cores, 13 to 23% of the stream (docs/performance.md)
         table = parquet.read_row_group(int(unit["row_group"]), columns=present, use_threads=False)
     if "quality" not in present:      # a lake written without flags: the cleaning computes them
-        table = table.append_column("quality", pa.nulls(table.num_rows, pa.list_(pa.uint8())))
+        table = table.append_column("quality", pa.nulls(table.num_rows, LIGHTCURVES.field("quality").type))
     for name in ("survey", "band"):
         table = table.append_column(name, pa.array([str(unit[name])] * table.num_rows, pa.string()))
-    return table.select(READ_COLUMNS + ["survey", "band"])
+    table = table.select(READ_COLUMNS + ["survey", "band"])
+    # every unit in the lake's types, whatever wrote its file (parts written before the observations'
+    # elements were declared non-null): Ray Data may put the units of several files in one block
+    return table.cast(pa.schema([pa.field(f.name, LIGHTCURVES.field(f.name).type if f.name in LIGHTCURVES.names
+                                          else f.type) for f in table.schema]))
 
 
 #: Ray Data's block size for the curve and window streams. Its default (128 MiB) holds a task's output back

@@ -134,9 +134,10 @@ class Batch:
 
         def lists(values, typ):
             arr = pa.array(values, type=typ)
-            cls = pa.ListArray if offs.type == pa.int32() else pa.LargeListArray
-            out = cls.from_arrays(offs, arr)
-            return out if offs.type == pa.int32() else out.cast(pa.list_(typ))
+            list_type = schema.observations(typ)
+            if offs.type == pa.int32():
+                return pa.ListArray.from_arrays(offs, arr, type=list_type)
+            return pa.LargeListArray.from_arrays(offs, arr).cast(list_type)
 
         n = len(lengths)
         return pa.table({
