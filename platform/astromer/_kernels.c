@@ -1,6 +1,7 @@
-/* The ingest's compiled kernels (astromer.kernels): the twins of five vectorised numpy/pyarrow steps.
- * Three serve the text readers (astromer.surveys.base), whose members (the files of an archive) lie
- * in one buffer: indexing the tar headers, finding the members' comment headers and parsing their rows. Two serve the quality flags
+/* The ingest's compiled kernels (astromer.kernels): the twins of six vectorised numpy/pyarrow steps.
+ * Four serve the text readers (astromer.surveys.base), whose members (the files of an archive) lie
+ * in one buffer: indexing the tar headers, finding the members' comment headers, reading numbers from
+ * those header lines and parsing their rows. Two serve the quality flags
  * (astromer.lake.schema): order statistics inside each curve, and the whole flagging of curves in
  * time order. Each gives exactly what its twin
  * gives, or returns False where its input is not what it handles, and the caller then runs the
