@@ -63,3 +63,20 @@ def test_small_inputs_share_tasks_and_large_or_unsized_ones_do_not():
     assert input_groups(many_big, threads=2, max_bytes=2 * TASK_INPUT_BYTES)[:2] == [[0, 1, 2], [3, 4, 5]]
     unsized = [Input(key="a", url="a", size=10), Input(key="s", url="s", size=0), Input(key="b", url="b", size=10)]
     assert input_groups(unsized * 3, threads=1) == [[0], [1], [2], [3], [4], [5, 6], [7], [8]]   # "s" alone
+
+
+def test_the_ingest_hands_back_the_objects_it_keeps_out_of_full_collections():
+    import gc
+
+    from astromer.ingest import long_lived_frozen
+
+    assert gc.get_freeze_count() == 0
+    with long_lived_frozen():
+        assert gc.get_freeze_count() > 1000          # the modules and everything else alive now
+    assert gc.get_freeze_count() == 0
+    try:
+        with long_lived_frozen():
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert gc.get_freeze_count() == 0                # also when the run is stopped

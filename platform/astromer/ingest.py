@@ -29,6 +29,7 @@ one did not write is removed after publishing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -410,9 +411,23 @@ def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = No
                   "(--no-processes for threads)", file=stream)
     keep_freed_memory()
     if client is None:
-        with dask_client(scheduler, workers, threads_per_worker, bool(processes)) as own:
+        with dask_client(scheduler, workers, threads_per_worker, bool(processes)) as own, long_lived_frozen():
             return _run(survey, source, lake, options, out_survey, own, progress, part_bytes, stream, plan, listed)
-    return _run(survey, source, lake, options, out_survey, client, progress, part_bytes, stream, plan, listed)
+    with long_lived_frozen():
+        return _run(survey, source, lake, options, out_survey, client, progress, part_bytes, stream, plan, listed)
+
+
+@contextlib.contextmanager
+def long_lived_frozen():
+    """Keep the objects that exist now (the modules, the cluster) out of the garbage collector's full
+    passes while the ingest runs. Without it the benchmark's ingest made one full pass over about 100,000
+    objects, 60 to 80 ms during which no thread of the in-process cluster runs Python; with it, none
+    (all passes: 0.08-0.15 s against 0.05 s, read from gc.callbacks). They are handed back at the end."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _progress_bar(total, desc, enabled, stream):
