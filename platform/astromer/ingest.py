@@ -410,10 +410,10 @@ def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = No
             print(f"{len(plan.inputs):,} small inputs: the local cluster runs worker processes "
                   "(--no-processes for threads)", file=stream)
     keep_freed_memory()
-    if client is None:
-        with dask_client(scheduler, workers, threads_per_worker, bool(processes)) as own, long_lived_frozen():
-            return _run(survey, source, lake, options, out_survey, own, progress, part_bytes, stream, plan, listed)
-    with long_lived_frozen():
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(dask_client(scheduler, workers, threads_per_worker, bool(processes)))
+        stack.enter_context(long_lived_frozen())
         return _run(survey, source, lake, options, out_survey, client, progress, part_bytes, stream, plan, listed)
 
 

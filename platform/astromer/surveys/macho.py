@@ -70,24 +70,21 @@ def _identify_all(members, headed, keys, batch):
     """Object ids and bands from the member names, RA/Dec (degrees) from the second header line,
     vectorised; members the fast path cannot read go through :func:`_identify` one by one."""
     n = len(members)
-    numbers = headed.header_numbers(1, [3, 4], skip=1) if n else None
+    split = _objects_and_bands(members.names) if n else []
+    ok_name = np.array([pair is not None for pair in split], dtype=bool)
+    objects = [pair[0] if pair else None for pair in split]
+    band_names = [pair[1] if pair else None for pair in split]
+    numbers = headed.header_numbers(1, [3, 4], skip=1) if n and ok_name.all() else None
     if numbers is not None and len(numbers[0]) == n:
-        # the regular case read in place: every member headed by regular lines (RA and Dec only)
-        split = _objects_and_bands(members.names)
-        if all(pair is not None for pair in split):
-            ra_hours, dec_deg = numbers[1]
-            return [pair[0] for pair in split], [pair[1] for pair in split], (ra_hours * 15.0).tolist(), \
-                dec_deg.tolist()
+        # the regular case read in place: every member named by the rule and headed by regular lines
+        ra_hours, dec_deg = numbers[1]
+        return objects, band_names, (ra_hours * 15.0).tolist(), dec_deg.tolist()
     object_ids, bands = [None] * n, [None] * n
     ras, decs = [None] * n, [None] * n
     slow = np.ones(n, dtype=bool)
     index, text = headed.header_text(1, skip=1)
     fields = _header_fields(text, len(index))
     if fields is not None and n:
-        split = _objects_and_bands(members.names)
-        ok_name = np.array([pair is not None for pair in split], dtype=bool)
-        objects = [pair[0] if pair else None for pair in split]
-        band_names = [pair[1] if pair else None for pair in split]
         ra_deg = (fields.column("ra").to_numpy() * 15.0).tolist()
         dec_deg = fields.column("dec").to_numpy().tolist()
         if len(index) == n and ok_name.all():       # the regular case: every member named and headed
