@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                + (" and the real sets" if shared else ""))
         ingest = require("ingest", "ingest/run.py")
         run("ingest-synthetic", [py, ingest, "--survey", "synthetic", "--source",
-                                 f"synthetic://?n={plan.n_curves}&seed=0&years={plan.years:g}", "--lake", str(lake), "--no-progress"],
+                                 f"synthetic://?n={plan.n_curves}&seed=0&years={plan.years:g}", "--lake", str(lake),
+                                 # the demo's simulated survey follows the plan's size, smaller ones included
+                                 "--replace", "--no-progress"],
             env, logs)
         surveys = ["synthetic"]
         if shared is not None:

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from astromer.commands.ingest import main as ingest_main
-from astromer.ingest import dask_client, run_ingest
+from astromer.ingest import DropsPublishedInputs, NoInputs, dask_client, run_ingest
 from astromer.lake import LakePaths, Quality, connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def test_a_failed_rerun_keeps_the_published_survey_and_its_reports(tmp_path, cli
     (bad / "lc_1.2.1.R.mjd").write_bytes(b"")
     lake = tmp_path / "lake"
     first = run_ingest("macho", str(good), str(lake), client=client, progress=False)
-    failed = run_ingest("macho", str(bad), str(lake), client=client, progress=False)
+    failed = run_ingest("macho", str(bad), str(lake), client=client, progress=False, replace=True)
     assert first.exit_code == 0 and failed.exit_code == 1
     assert failed.report.startswith(str(lake / "_ingest" / "runs")) and os.path.exists(failed.report)
     con = connect(str(lake))
@@ -233,3 +233,103 @@ def test_generic_parquet_with_a_column_mapping_through_the_command(tmp_path, cap
     assert ingest_main(["--survey", "parquet", "--source", str(src), "--lake", str(lake),
                         "--columns", "object=oid,time=nope,mag=m,err=e", "--no-progress"]) == 1
     assert "missing_column" in capsys.readouterr().out
+
+
+def test_a_second_batch_alone_is_refused_not_published_over_the_first(tmp_path, client, capsys):
+    """An ingest publishes a whole survey: a source that lacks inputs the lake holds curves from would drop
+    them, so it is refused (before any map) unless --replace; both batches together keep everything."""
+    first, second, both = tmp_path / "first", tmp_path / "second", tmp_path / "both"
+    for folder in (first, second, both):
+        folder.mkdir()
+    for tile, folder in ((1, first), (2, first), (3, second)):
+        data = macho_text(tile, "R", good_rows(30 + tile))
+        (folder / f"lc_1.{tile}.1.R.mjd").write_bytes(data)
+        (both / f"lc_1.{tile}.1.R.mjd").write_bytes(data)
+    lake = tmp_path / "lake"
+    published = run_ingest("macho", str(first), str(lake), client=client, progress=False)
+    assert published.curves == 2
+    with pytest.raises(DropsPublishedInputs, match=r"2 curves from 2 input\(s\).*lc_1\.1\.1\.R\.mjd"):
+        run_ingest("macho", str(second), str(lake), client=client, progress=False)
+    runs = [p.name for p in (lake / "_ingest" / "runs").iterdir()]
+    assert runs == [published.ingest_id]                                # refused before mapping
+    rc = ingest_main(["--survey", "macho", "--source", str(second), "--lake", str(lake), "--no-progress"])
+    assert rc == 2 and "--replace" in capsys.readouterr().err
+    con = connect(str(lake))
+    assert con.execute("SELECT count(*) FROM lightcurves").fetchone() == (2,)
+
+    together = run_ingest("macho", str(both), str(lake), client=client, progress=False)
+    assert together.curves == 3
+    assert connect(str(lake)).execute("SELECT sum(n_obs) FROM lightcurves").fetchone() == (31 + 32 + 33,)
+    replaced = run_ingest("macho", str(second), str(lake), client=client, progress=False, replace=True)
+    assert replaced.curves == 1
+    assert connect(str(lake)).execute("SELECT object_id FROM lightcurves").fetchall() == [("1.3.1",)]
+
+
+def test_own_labels_outlive_a_reingest_and_part_labels_do_not(tmp_path, client):
+    import pyarrow as pa
+    from astromer.lake.schema import LABELS
+    from astromer.lake.writers import write_parquet
+
+    src = tmp_path / "csv"
+    src.mkdir()
+    rows = "".join(f"s{i},g,{t},15.0,0.1\n" for i in range(3) for t in range(5))
+    (src / "phot.csv").write_text("oid,filter,hjd,m,e\n" + rows)
+    lake = tmp_path / "lake"
+    options = {"columns": {"object": "oid", "band": "filter", "time": "hjd", "mag": "m", "err": "e"}}
+    run_ingest("csv", str(src), str(lake), client=client, progress=False, out_survey="mine", options=options)
+    paths = LakePaths(str(lake))
+    own = pa.table({"object_id": ["s0", "s1"], "label_set": ["type"] * 2, "label": ["RRL", "EB"]}, schema=LABELS)
+    write_parquet(paths.fs, own, paths.own_labels("mine", "type"))
+    stale = f"{paths.labels('mine')}/{paths.part_name(0)}"        # what an earlier ingest with labels left
+    write_parquet(paths.fs, own.slice(0, 1), stale)
+    (src / "phot.csv").write_text("oid,filter,hjd,m,e\n" + rows + "s0,g,9,15.0,0.1\n")
+    result = run_ingest("csv", str(src), str(lake), client=client, progress=False, out_survey="mine",
+                        options=options)
+    assert result.observations == 16
+    assert os.path.exists(paths.own_labels("mine", "type")) and not os.path.exists(stale)
+    assert connect(str(lake)).execute("SELECT object_id, label FROM labels ORDER BY object_id").fetchall() == [
+        ("s0", "RRL"), ("s1", "EB")]
+
+
+def test_csv_rows_keep_empty_fields_whatever_else_the_file_holds(tmp_path, client):
+    """An empty error is NaN (flagged), not a dropped row, also when another row sends the file through the
+    row-by-row reader; that reader names the column and the text of a value that is not a number."""
+    src = tmp_path / "csv"
+    src.mkdir()
+    body = "oid,filter,hjd,m,e\n" + "".join(f"s,g,{t},15.0,0.1\n" for t in range(4)) + "s,g,9,15.0,\n"
+    (src / "clean.csv").write_text(body)
+    (src / "dirty.csv").write_text(body.replace("s,", "d,") + "d,g,10,abc,0.1\n")
+    lake = tmp_path / "lake"
+    result = run_ingest("csv", str(src), str(lake), client=client, progress=False, options={
+        "columns": {"object": "oid", "band": "filter", "time": "hjd", "mag": "m", "err": "e"}})
+    assert result.quarantine == [("dirty.csv", "non_numeric", "1 row(s) dropped: line 7 (m: 'abc')")]
+    rows = connect(str(lake)).execute(
+        "SELECT object_id, n_obs, isnan(err[5]), quality[5] FROM lightcurves ORDER BY object_id").fetchall()
+    assert rows == [("d", 5, True, int(Quality.NONFINITE)), ("s", 5, True, int(Quality.NONFINITE))]
+
+
+def test_usage_errors_of_the_ingest_command_exit_2_with_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lake = str(tmp_path / "lake")
+    assert ingest_main(["--survey", "macho", "--source", str(empty), "--lake", lake, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no input of the macho reader found" in err and "*.tar.bz2" in err and "Traceback" not in err
+    with pytest.raises(NoInputs):
+        run_ingest("csv", str(empty / "*.csv"), lake, progress=False, workers=1)
+    assert ingest_main(["--survey", "csv", "--source", str(empty), "--lake", lake,
+                        "--scheduler", "tcp://127.0.0.1:1", "--no-progress"]) == 2
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ingest_main(["--survey", "csv", "--source", str(empty), "--delimiter", ";;"])
+    assert "is not one character" in capsys.readouterr().err
+
+
+def test_tab_separated_files_through_the_command(tmp_path):
+    src = tmp_path / "tsv"
+    src.mkdir()
+    (src / "p.tsv").write_text("oid\thjd\tm\te\n" + "".join(f"a\t{t}\t15.0\t0.1\n" for t in range(3)))
+    lake = tmp_path / "lake"
+    assert ingest_main(["--survey", "csv", "--source", str(src), "--lake", str(lake), "--delimiter", "\\t",
+                        "--columns", "object=oid,time=hjd,mag=m,err=e", "--no-progress"]) == 0
+    assert connect(str(lake)).execute("SELECT object_id, n_obs FROM lightcurves").fetchall() == [("a", 3)]

@@ -151,6 +151,23 @@ def test_windows_and_query_commands(small_lake, capsys):
     assert "Permission Error" in capsys.readouterr().err
 
 
+def test_lake_commands_name_what_is_missing_in_one_line(small_lake, tmp_path, capsys):
+    from astromer.cli import main
+
+    capsys.readouterr()
+    assert main(["lake", "query", "--lake", str(tmp_path / "nolake"), "SELECT 1 FROM lightcurves"]) == 2
+    assert "there is no lake at" in capsys.readouterr().err
+    assert main(["lake", "query", "--lake", small_lake, "SELECT * FROM embeddings"]) == 2
+    assert "has the tables: ingest_manifest, ingest_quarantine, labels, lightcurves" in capsys.readouterr().err
+    assert main(["lake", "windows", "--lake", small_lake, "--name", "none", "--survey", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "macho (bands B, R); synthetic (bands B, R)" in err and "Traceback" not in err
+    assert not os.path.exists(LakePaths(small_lake).windows("none"))
+    assert main(["lake", "windows", "--lake", small_lake, "--name", "../evil", "--survey", "macho"]) == 2
+    assert main(["lake", "similar", "X", "--lake", small_lake]) == 2
+    assert "jobs/embed.py" in capsys.readouterr().err
+
+
 def test_memory_source_and_lake_through_fsspec_and_duckdb(client):
     fs = fsspec.filesystem("memory")
     for path in glob.glob(str(shared_path("data", "macho_sample") / "*.tar.bz2")):

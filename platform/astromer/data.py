@@ -106,8 +106,14 @@ def partitions(lake: str, surveys: list[str] | None = None, bands: list[str] | N
                 continue
             out.append((survey, bname.split("=", 1)[1]))
     if not out:
-        raise FileNotFoundError(f"{lake}: no lightcurves for surveys={surveys} bands={bands} "
-                                f"(found under {root}: {sorted(paths.fs.ls(root, detail=False))})")
+        present = {}
+        for survey_dir in sorted(paths.fs.ls(root, detail=False)):
+            name = survey_dir.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("survey="):
+                present[name.split("=", 1)[1]] = [b.rstrip("/").rsplit("=", 1)[-1]
+                                                  for b in sorted(paths.fs.ls(survey_dir, detail=False))]
+        held = "; ".join(f"{s} (bands {', '.join(b)})" for s, b in present.items()) or "nothing"
+        raise FileNotFoundError(f"{lake}: no lightcurves for surveys={surveys} bands={bands}; the lake holds {held}")
     return out
 
 

@@ -22,9 +22,12 @@ record: counts, stage timings, source, options) and, while the run is in flight,
 staged parts.
 
 The same inputs give the same ingest id, the same files and the same rows, so re-running a finished
-ingest changes nothing (it is recognised from its run record and skipped). An ingest of a survey
-owns ``lightcurves/survey=<s>/`` and ``labels/survey=<s>/``: what a previous run left there and this
-one did not write is removed after publishing.
+ingest changes nothing (it is recognised from its run record and skipped). An ingest publishes a whole
+survey: it owns ``lightcurves/survey=<s>/`` and the ``part-*`` files of ``labels/survey=<s>/``, and what
+a previous run left there and this one did not write is removed after publishing. So an ingest whose
+source lacks inputs that the published survey holds curves from is refused before it maps anything,
+unless ``replace=True`` (``--replace``): a second batch of files given alone would otherwise silently
+take the first batch's place. Label files of other names (a user's own labels) are never touched.
 """
 from __future__ import annotations
 
@@ -338,7 +341,10 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, thread
     from distributed import Client, LocalCluster
 
     if scheduler:
-        client = Client(scheduler)
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
         try:
             yield client
         finally:
@@ -387,8 +393,11 @@ def many_small_inputs(inputs: list[Input]) -> bool:
 def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = None, out_survey: str | None = None,
                scheduler: str | None = None, client=None, workers: int | None = None,
                threads_per_worker: int | None = None, processes: bool | None = None, progress: bool = True,
-               part_bytes: int = DEFAULT_PART_BYTES, stream=None) -> IngestResult:
+               part_bytes: int = DEFAULT_PART_BYTES, stream=None, replace: bool = False) -> IngestResult:
     """Ingest ``source`` (an fsspec URL) of ``survey`` into ``lake``; see the module docstring.
+
+    ``replace``: publish even when the source lacks inputs that the survey now published in the lake holds
+    curves from (those curves go); without it such an ingest raises :class:`DropsPublishedInputs`.
 
     Uses ``client`` if given, else a client of ``scheduler``, else a local cluster (:func:`dask_client`)
     of threads, or of worker processes when ``processes`` is True or, left None, when the plan finds many
@@ -414,7 +423,8 @@ def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = No
         if client is None:
             client = stack.enter_context(dask_client(scheduler, workers, threads_per_worker, bool(processes)))
         stack.enter_context(long_lived_frozen())
-        return _run(survey, source, lake, options, out_survey, client, progress, part_bytes, stream, plan, listed)
+        return _run(survey, source, lake, options, out_survey, client, progress, part_bytes, stream, plan, listed,
+                    replace)
 
 
 @contextlib.contextmanager
@@ -440,7 +450,7 @@ def _progress_bar(total, desc, enabled, stream):
 
 
 def _run(survey, source, lake, options, out_survey, client, progress, part_bytes, stream, plan=None,
-         listed=None) -> IngestResult:
+         listed=None, replace=False) -> IngestResult:
     """The four stages. ``plan``: the source already listed by :func:`run_ingest`, in ``listed`` (wall clock
     and CPU seconds, counted in the plan stage and the run's time; the cluster's start between is not)."""
     from distributed import as_completed
@@ -455,9 +465,13 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     # plan ----------------------------------------------------------------------------------------
     t0, c0 = time.perf_counter() - listed[0], time.process_time() - listed[1]
     plan = plan if plan is not None else reader.plan(source, options)
+    if not plan.inputs:
+        raise NoInputs(no_inputs_message(reader, survey, source))
     keys = [i.key for i in plan.inputs]
     if len(set(keys)) != len(keys):
         raise ValueError("the plan has duplicate input keys")
+    if not replace:
+        check_keeps_published(paths, out_survey, source, set(keys))
     threads = sum(client.nthreads().values()) or 1
     shas = [sha for group_shas in client.gather(client.map(
         checksum_group, [[plan.inputs[i] for i in group]
@@ -573,6 +587,39 @@ class PartCutter:
         return band, part, indices
 
 
+class NoInputs(ValueError):
+    """The source holds no file that the survey's reader reads."""
+
+
+class DropsPublishedInputs(ValueError):
+    """The ingest would remove curves of the published survey that its source does not hold."""
+
+
+def no_inputs_message(reader, survey: str, source: str) -> str:
+    patterns = getattr(reader, "patterns", ())
+    looked = f" (files named {', '.join(patterns)})" if patterns else ""
+    return (f"no input of the {survey} reader found at {source}{looked}: a folder is searched with its "
+            "subfolders, a glob only as written (use **/ to reach into subfolders)")
+
+
+def check_keeps_published(paths: LakePaths, survey: str, source: str, keys: set[str]) -> None:
+    """Raise :class:`DropsPublishedInputs` when the survey published in the lake holds curves from inputs
+    that are not among ``keys`` (the new source's): publishing would remove them."""
+    manifest = f"{paths.ingest(survey)}/manifest.parquet"
+    if not paths.fs.exists(manifest):
+        return
+    with paths.fs.open(manifest, "rb") as handle:
+        published = pq.read_table(handle, columns=["input", "curves"]).to_pylist()
+    dropped = [row for row in published if row["curves"] and row["input"] not in keys]
+    if dropped:
+        shown = ", ".join(row["input"] for row in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+        raise DropsPublishedInputs(
+            f"survey {survey!r} in the lake holds {sum(r['curves'] for r in dropped):,} curves from "
+            f"{len(dropped):,} input(s) that {source} does not have ({shown}). An ingest publishes the whole "
+            "survey, so these would be removed. Give one source that holds every file (a folder or a glob), "
+            "pass --replace to replace the survey, or --as NAME to ingest this source as another survey")
+
+
 def _published_by(paths: LakePaths, survey: str) -> str | None:
     manifest = f"{paths.ingest(survey)}/manifest.parquet"
     if not paths.fs.exists(manifest):
@@ -633,9 +680,9 @@ def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) ->
         final = f"{labels_dir}/{LakePaths.part_name(0)}"
         write_parquet(fs, labels, final)
         result.labels = labels.num_rows
-        _remove_stale(fs, labels_dir, {final})
+        _remove_stale(fs, labels_dir, {final}, only=LakePaths.is_part_name)
     elif curves:
-        _remove_stale(fs, labels_dir, set())
+        _remove_stale(fs, labels_dir, set(), only=LakePaths.is_part_name)
 
     # manifest and quarantine report
     # a run that ingested nothing leaves the survey's published reports alone (they describe
@@ -659,12 +706,15 @@ def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) ->
     return result
 
 
-def _remove_stale(fs, folder: str, keep: set[str]) -> None:
+def _remove_stale(fs, folder: str, keep: set[str], only=None) -> None:
+    """Remove the Parquet files under ``folder`` not in ``keep`` (of those, with ``only``, the files
+    whose name it accepts), then the folders left empty."""
     if not fs.exists(folder):
         return
     keep = {fs._strip_protocol(k) for k in keep}
     for path in fs.find(folder):
-        if fs._strip_protocol(path) not in keep and path.endswith(".parquet"):
+        if (fs._strip_protocol(path) not in keep and path.endswith(".parquet")
+                and (only is None or only(os.path.basename(path)))):
             fs.rm(path)
     for sub in fs.ls(folder, detail=False):     # band folders left empty
         if fs.isdir(sub) and not fs.find(sub):

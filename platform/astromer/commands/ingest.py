@@ -24,6 +24,15 @@ def parse_mapping(text: str | None) -> dict[str, str]:
     return out
 
 
+def delimiter(text: str) -> str:
+    """One character, or a tab written as ``\\t`` or ``tab`` (how a shell passes one)."""
+    if text in ("\\t", "tab", "TAB"):
+        return "\t"
+    if len(text) != 1:
+        raise argparse.ArgumentTypeError(f"--delimiter {text!r} is not one character (a tab: '\\t' or tab)")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from astromer.surveys import READERS
 
@@ -33,10 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lake", default=None, help="lake root (default: $ASTROMER_LAKE or ASTROMER_HOME/lake)")
     parser.add_argument("--as", dest="out_survey", default=None,
                         help="survey name in the lake (default: the --survey name)")
+    parser.add_argument("--replace", action="store_true",
+                        help="publish even when the survey in the lake holds curves from inputs this source lacks "
+                             "(they are removed); without it such an ingest is refused")
     parser.add_argument("--columns", type=parse_mapping, default=None,
                         help="csv/parquet column mapping: object=..,time=..,mag=..,err=..[,band=..,ra=..,dec=..]")
     parser.add_argument("--band", default=None, help="csv/parquet: band when no band column is mapped")
-    parser.add_argument("--delimiter", default=None, help="csv: field delimiter (default ,)")
+    parser.add_argument("--delimiter", type=delimiter, default=None,
+                        help="csv: field delimiter, one character or \\t for a tab (default ,)")
     parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     parser.add_argument("--workers", type=int, default=None,
                         help="local cluster: threads (default: one per core), or worker processes with --processes")
@@ -44,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local cluster: worker processes instead of threads in this process (default: "
                              "processes for a survey of many small inputs, such as MACHO's archives)")
     parser.add_argument("--threads", type=int, default=None, help="local cluster with --processes: threads per worker")
-    parser.add_argument("--part-mb", type=int, default=None, help="target part size (Arrow MB)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--part-mb", type=int, default=None,
+                        help="target part size in Arrow MB (default 192: about 128 MB of Parquet)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
@@ -64,13 +78,15 @@ def run(args) -> int:
                             scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads,
                             processes=args.processes, progress=not args.no_progress,
                             part_bytes=(args.part_mb << 20) if args.part_mb else DEFAULT_PART_BYTES,
-                            stream=sys.stdout)
-    except (ValueError, FileNotFoundError) as exc:
+                            stream=sys.stdout, replace=args.replace)
+    except (ValueError, FileNotFoundError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if result.exit_code:
-        print(f"error: no input of {args.source} could be ingested; see the quarantine report above",
-              file=sys.stderr)
+        print(f"error: no input of {args.source} could be ingested; why, for the first of them:", file=sys.stderr)
+        for key, reason, detail in result.quarantine[:5]:
+            print(f"  {key}: {reason}: {detail}", file=sys.stderr)
+        print(f"the whole report: {result.report}", file=sys.stderr)
     return result.exit_code
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -20,9 +21,14 @@ def _lake(args) -> str:
 def run_query(args) -> int:
     import duckdb
 
-    from astromer.lake import connect
+    from astromer.lake import LakePaths, connect
 
-    con = connect(_lake(args), sandbox=True)
+    lake = _lake(args)
+    paths = LakePaths(lake)
+    if not paths.fs.exists(paths.root):
+        print(f"error: there is no lake at {lake} (--lake, or ASTROMER_LAKE / ASTROMER_HOME)", file=sys.stderr)
+        return 2
+    con = connect(paths, sandbox=True)
     try:
         if args.format == "table":
             cursor = con.execute(args.sql)
@@ -37,7 +43,11 @@ def run_query(args) -> int:
             return 0
         table = relation.to_arrow_table()
     except duckdb.Error as exc:
+        views = [row[0] for row in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
         print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, duckdb.CatalogException):
+            print(f"the lake at {lake} has the tables: {', '.join(sorted(views)) or 'none yet (ingest first)'}",
+                  file=sys.stderr)
         return 2
     if args.format == "csv":
         import pyarrow.csv as pacsv
@@ -76,6 +86,20 @@ def print_table(columns: list[str], rows: list[tuple], max_rows: int, out=None, 
     print(f"({len(shown)} row{'s' if len(shown) != 1 else ''}{more})", file=out)
 
 
+def _usage_errors(run):
+    """Mistakes in what a command was asked (a store that exists, a survey the lake lacks, a bad name) end
+    with one line and exit status 2, not a traceback."""
+    @functools.wraps(run)
+    def wrapped(args) -> int:
+        try:
+            return run(args)
+        except (FileExistsError, FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return wrapped
+
+
+@_usage_errors
 def run_windows(args) -> int:
     from astromer.lake.windows import build_windows
 
@@ -85,6 +109,7 @@ def run_windows(args) -> int:
     return 0
 
 
+@_usage_errors
 def run_similar(args) -> int:
     from astromer.embeddings import similar
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 
+_PART_NAME = re.compile(r"part-\d{5,}\.parquet")
 _SURVEY = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _BAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,15}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -150,9 +151,19 @@ class LakePaths:
     def run(self, ingest_id: str) -> str:
         return self.join("_ingest", "runs", validate_name(ingest_id, "ingest id"))
 
+    def own_labels(self, survey: str, name: str = "labels") -> str:
+        """A labels file of the user's own (``own-<name>.parquet``): an ingest of the survey replaces and
+        removes only its ``part-*`` files, so this one outlives re-ingests."""
+        return f"{self.labels(survey)}/own-{validate_name(name, 'labels file name')}.parquet"
+
     @staticmethod
     def part_name(index: int) -> str:
         return f"part-{index:05d}.parquet"
+
+    @staticmethod
+    def is_part_name(name: str) -> bool:
+        """Whether a file name is one :meth:`part_name` gives (the files an ingest writes and removes)."""
+        return _PART_NAME.fullmatch(name) is not None
 
 
 def _protocols(fs) -> tuple[str, ...]:

@@ -43,6 +43,10 @@ def build_windows(lake: str, name: str, *, surveys=None, bands=None, length: int
     final = paths.windows(name)
     if os.path.exists(final) and not overwrite:
         raise FileExistsError(f"{final} exists (use overwrite=True / --overwrite)")
+    from astromer.data import partitions
+
+    partitions(lake, [surveys] if isinstance(surveys, str) else surveys,
+               [bands] if isinstance(bands, str) else bands)   # a selection the lake lacks fails here, naming what it holds
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()

@@ -91,33 +91,46 @@ class ParquetReader(_LongFormatReader):
 
 
 def _rows_by_hand(key: str, data: bytes, delimiter: str, numeric: dict, batch: Batch) -> pa.Table | None:
-    """Slow path for a malformed CSV: keep the good rows, name every bad one."""
+    """Slow path for a malformed CSV: keep the good rows, name every bad one (its line, and for a value
+    that is not a number its column and text). Empty fields and the null spellings pyarrow's reader knows
+    become NaN here as there, so a row's fate does not depend on the other rows of its file."""
+    nulls = set(pacsv.ConvertOptions().null_values)
     lines = data.split(b"\n")
     header = next(csv.reader([lines[0].decode("utf-8", "replace")], delimiter=delimiter))
     columns = {name: [] for name in header}
-    problems: dict[str, list[int]] = {}
+    problems: dict[str, list[str]] = {}
     for number, raw in enumerate(lines[1:], start=2):
         if not raw.strip():
             continue
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            problems.setdefault("non_utf8", []).append(number)
+            problems.setdefault("non_utf8", []).append(f"{number}")
             continue
-        row = next(csv.reader([line], delimiter=delimiter))
+        row = next(csv.reader([line.rstrip("\r")], delimiter=delimiter))
         if len(row) != len(header):
-            problems.setdefault("wrong_column_count", []).append(number)
+            problems.setdefault("wrong_column_count", []).append(f"{number} ({len(row)} fields, not {len(header)})")
             continue
-        try:
-            values = [float(v) if name in numeric else v for name, v in zip(header, row)]
-        except ValueError:
-            problems.setdefault("non_numeric", []).append(number)
+        values, bad = [], None
+        for name, text in zip(header, row):
+            if name not in numeric:
+                values.append(text)
+            elif text.strip() in nulls:
+                values.append(float("nan"))
+            else:
+                try:
+                    values.append(float(text))
+                except ValueError:
+                    bad = f"{number} ({name}: {text[:20]!r})"
+                    break
+        if bad:
+            problems.setdefault("non_numeric", []).append(bad)
             continue
         for name, v in zip(header, values):
             columns[name].append(v)
-    for reason, numbers in problems.items():
-        shown = ", ".join(map(str, numbers[:10])) + (" ..." if len(numbers) > 10 else "")
-        batch.quarantine.append((key, reason, f"{len(numbers)} row(s) dropped: lines {shown}"))
+    for reason, lines_of in problems.items():
+        shown = ", ".join(lines_of[:10]) + (" ..." if len(lines_of) > 10 else "")
+        batch.quarantine.append((key, reason, f"{len(lines_of)} row(s) dropped: line {shown}"))
     if not any(columns.values()):
         batch.quarantine.append((key, "empty", "no parseable row"))
         return None
