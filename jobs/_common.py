@@ -10,12 +10,15 @@ import sys
 import time
 import typing
 from dataclasses import fields
-from pathlib import Path
 
 from astromer import registry, settings
+from astromer.commands import USER_ERRORS, report_usage_error
 from astromer.train import NONFINITE_KEY, NonFiniteLossError, TrainConfig, worker_loop
 
 log = logging.getLogger("astromer.jobs")
+
+#: the run tag that says why an attempt did not finish (moved to ``astromer.error.previous`` on resume)
+ERROR_KEY = "astromer.error"
 
 # flag aliases that read better on a command line
 ALIASES = {"surveys": ["--survey"], "bands": ["--band"], "labels": ["--label"]}
@@ -72,9 +75,7 @@ def complete(config: TrainConfig, prefix: str = "pretrain") -> TrainConfig:
     schedule length (from the lake's Parquet metadata: no data is read)."""
     config.lake = config.lake or settings.default_lake()
     if not config.corpus:
-        config.corpus = Path(str(config.lake).rstrip("/")).name or "lake"
-        if config.surveys:
-            config.corpus = "-".join(sorted(config.surveys))
+        config.corpus = "-".join(sorted(config.surveys or {survey for survey, _ in partitions(config.lake)}))
     config.run_name = config.run_name or f"{prefix}-{config.corpus}-{time.strftime('%Y%m%d-%H%M%S')}"
     config.storage_path = config.storage_path or str(settings.ray_results_dir())
     config.tracking_uri = config.tracking_uri or settings.tracking_uri()
@@ -82,7 +83,20 @@ def complete(config: TrainConfig, prefix: str = "pretrain") -> TrainConfig:
         n_train = count_curves(config) * (1 - config.val_fraction - config.test_fraction)
         per_epoch = max(1, int(n_train // (config.batch_size * config.num_workers)))
         config.total_steps = min(config.max_steps or 10**12, per_epoch * config.epochs)
+        if config.max_steps and config.total_steps < config.max_steps:
+            log.warning("--max-steps %d: the run stops after %d steps, at --epochs %d (%d steps per epoch of "
+                        "%d workers x batch %d); raise --epochs for more", config.max_steps, config.total_steps,
+                        config.epochs, per_epoch, config.num_workers, config.batch_size)
+    if config.warmup_steps and config.total_steps <= config.warmup_steps:
+        log.warning("--warmup-steps %d is not shorter than the run's %d steps: the learning rate never reaches "
+                    "--lr", config.warmup_steps, config.total_steps)
     return config
+
+
+def partitions(lake: str) -> list[tuple[str, str]]:
+    from astromer.data import partitions as lake_partitions
+
+    return lake_partitions(lake)
 
 
 def count_curves(config: TrainConfig) -> int:
@@ -130,8 +144,12 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None) -> str:
                    if k in logged and logged[k] != str(v)[:6000]}
         if changed:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in changed.items()])
-        if NONFINITE_KEY in client.get_run(run_id).data.tags:   # a NaN stop of an earlier attempt
+        tags = client.get_run(run_id).data.tags
+        if NONFINITE_KEY in tags:   # a NaN stop of an earlier attempt
             client.delete_tag(run_id, NONFINITE_KEY)
+        if ERROR_KEY in tags:       # how an earlier attempt ended; this one may finish
+            client.set_tag(run_id, f"{ERROR_KEY}.previous", tags[ERROR_KEY])
+            client.delete_tag(run_id, ERROR_KEY)
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "astromer.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
         log.warning("continuing MLflow run %s (%s)", config.run_name, run_id)
@@ -167,14 +185,18 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     client = MlflowClient()
     try:
         result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as exc:   # stopped by its user: resumable, not failed
+        client.set_tag(config.mlflow_run_id, ERROR_KEY, f"interrupted ({type(exc).__name__})")
+        client.set_terminated(config.mlflow_run_id, status="KILLED")
+        raise
     except BaseException as exc:
-        client.set_tag(config.mlflow_run_id, "astromer.error", _root_message(exc)[:5000])
+        client.set_tag(config.mlflow_run_id, ERROR_KEY, _root_message(exc)[:5000])
         client.set_terminated(config.mlflow_run_id, status="FAILED")
         raise
     stopped = client.get_run(config.mlflow_run_id).data.tags.get(NONFINITE_KEY)
     if stopped or result.checkpoint is None:
         message = stopped or "training ended without a final checkpoint"
-        client.set_tag(config.mlflow_run_id, "astromer.error", message[:5000])
+        client.set_tag(config.mlflow_run_id, ERROR_KEY, message[:5000])
         client.set_terminated(config.mlflow_run_id, status="FAILED")
         raise NonFiniteLossError(message) if stopped else RuntimeError(message)
     summary = finish_run(config, result, register_tags or {})
@@ -244,12 +266,15 @@ def finish_run(config: TrainConfig, result, register_tags: dict) -> dict:
 def main(description: str, prefix: str, defaults: dict | None = None, prepare=None, argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser(description, defaults).parse_args(argv)
-    config = config_from_args(args)
-    register_tags = {}
-    config.lake = config.lake or settings.default_lake()
-    if prepare is not None:
-        register_tags = prepare(config) or {}
-    complete(config, prefix)
+    try:   # what was asked (settings file, preset, lake, selection, model to start from) is checked here
+        config = config_from_args(args)
+        register_tags = {}
+        config.lake = config.lake or settings.default_lake()
+        if prepare is not None:
+            register_tags = prepare(config) or {}
+        complete(config, prefix)
+    except (*USER_ERRORS, OSError, settings.EphemeralHome) as exc:
+        return report_usage_error(exc)
     log.info("settings: %s", json.dumps(config.to_dict(), sort_keys=True))
     try:
         summary = run_training(config, register_tags)

@@ -112,6 +112,7 @@ def test_stopped_job_rerun_with_same_name_continues(ray_local, mlflow_sqlite, la
     client = MlflowClient()
     assert client.get_run(run_id).data.params["max_steps"] == "60"
 
+    client.set_tag(run_id, _common.ERROR_KEY, "SystemExit: 1")     # as an interrupted attempt leaves it
     again = tiny(lake, "stop-me", max_steps=stopped_at + 3)
     summary = _common.run_training(again)
     assert summary["mlflow_run_id"] == run_id
@@ -122,6 +123,8 @@ def test_stopped_job_rerun_with_same_name_continues(ray_local, mlflow_sqlite, la
     assert summary["step"] == stopped_at + 3
     assert client.get_run(run_id).data.tags["astromer.resumed_with.max_steps"] == str(stopped_at + 3)
     assert summary["version"] == 1 and client.get_run(run_id).info.status == "FINISHED"
+    tags = client.get_run(run_id).data.tags
+    assert _common.ERROR_KEY not in tags and tags[f"{_common.ERROR_KEY}.previous"] == "SystemExit: 1"
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_local, mlflow_sqlite, lake, tmp_path):
@@ -192,3 +195,36 @@ def test_finetune_from_registry_records_lineage(ray_local, mlflow_sqlite, tmp_pa
     run = MlflowClient().get_run(summary["mlflow_run_id"])
     assert run.data.params["init_from"] == "models:/astromer2-parent@production"
     assert MlflowClient().get_experiment(run.info.experiment_id).name == registry.FINETUNE_EXPERIMENT
+
+
+def test_what_a_job_is_asked_is_checked_before_ray_starts(lake, tmp_path, monkeypatch, capsys):
+    """Mistakes in the settings end with one line and exit status 2, before any Ray or MLflow work."""
+    from astromer import settings
+
+    base = ["--lake", str(lake), "--preset", "tiny", "--max-steps", "1"]
+    cases = [
+        (["--lake", str(tmp_path / "nolake")], "no lightcurves table"),
+        ([*base, "--preset", "astromer3"], "astromer3"),
+        ([*base, "--surveys", "nosuch"], "the lake holds"),
+        ([*base, "--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
+    ]
+    (tmp_path / "bad.json").write_text('{"max_step": 3}')
+    cases.append(([*base, "--config", str(tmp_path / "bad.json")], "max_step"))
+    for argv, words in cases:
+        assert _common.main("pretrain", "pretrain", argv=argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err, (argv, err)
+
+    # `ray job submit --working-dir` runs a job in a temporary copy of the folder: no default home there
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("ASTROMER_HOME", raising=False)
+    monkeypatch.delenv("ASTROMER_LAKE", raising=False)
+    with pytest.raises(settings.EphemeralHome, match="ASTROMER_HOME"):
+        settings.default_lake()
+    assert _common.main("pretrain", "pretrain", argv=["--preset", "tiny"]) == 2
+    assert "--runtime-env-json" in capsys.readouterr().err
+    assert settings.home(persistent=False) == copy / ".astromer"      # a cache may live there
+    monkeypatch.setenv("ASTROMER_HOME", str(tmp_path / "home"))
+    assert settings.default_lake() == str(tmp_path / "home" / "lake")

@@ -277,7 +277,7 @@ def resolve_model_dir(uri: str | Path, tracking_uri: str | None = None) -> Path:
     if not text.startswith("models:/"):
         return _check_model_dir(text)
     name, version = resolve_version(text, tracking_uri)
-    target = settings.home() / "models" / name / str(version)
+    target = settings.home(persistent=False) / "models" / name / str(version)   # a cache of the registry
     if all((target / f).is_file() for f in MODEL_FILES):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,36 @@ import os
 from pathlib import Path
 
 
-def home() -> Path:
-    """The platform's home folder (created on first use)."""
-    path = Path(os.environ.get("ASTROMER_HOME", ".astromer")).expanduser().resolve()
+class EphemeralHome(RuntimeError):
+    """The default home would sit in a folder that is deleted when the job ends."""
+
+
+def home(persistent: bool = True) -> Path:
+    """The platform's home folder (created on first use).
+
+    ``ray job submit --working-dir DIR`` runs the job in a temporary copy of DIR that Ray deletes later, so
+    there the default ``./.astromer`` would take the lake, the MLflow database and the checkpoints with it.
+    Unless ``ASTROMER_HOME`` is set, that is refused for what must persist (``persistent=True``); caches
+    (``persistent=False``) may live there.
+    """
+    configured = os.environ.get("ASTROMER_HOME")
+    path = Path(configured or ".astromer").expanduser().resolve()
+    if persistent and not configured and in_job_copy(path):
+        raise EphemeralHome(
+            f"ASTROMER_HOME is not set, and this job runs in the temporary copy of its folder that "
+            f"`ray job submit --working-dir` made ({path.parent}): the lake, MLflow's database and the "
+            "checkpoints would go when Ray deletes it. Give the job a home that stays, e.g. --runtime-env-json "
+            "'{\"env_vars\": {\"ASTROMER_HOME\": \"/abs/path/.astromer\"}}' (or set ASTROMER_LAKE, "
+            "MLFLOW_TRACKING_URI and --storage-path each)")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def in_job_copy(path: Path) -> bool:
+    """Whether ``path`` lies in the copy of a working directory that Ray makes for a submitted job
+    (``<ray temp>/session_*/runtime_resources/working_dir_files/_ray_pkg_*/``)."""
+    parts = path.parts
+    return any(a == "runtime_resources" and b == "working_dir_files" for a, b in zip(parts, parts[1:]))
 
 
 def default_lake() -> str:

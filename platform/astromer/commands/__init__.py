@@ -1,2 +1,31 @@
 """Command groups of the ``astromer`` CLI: each module defines ``register(parser)`` that adds its
 sub-commands and sets ``func`` on each, a callable taking the parsed args and returning an exit code."""
+from __future__ import annotations
+
+import functools
+import sys
+
+#: what a user's mistake raises (a path or store that exists or not, a name or value the lake, the registry or
+#: a settings file does not know): a command reports it in one line and exits 2, with no traceback
+USER_ERRORS = (FileExistsError, FileNotFoundError, LookupError, ValueError)
+
+
+def error_line(exc: BaseException) -> str:
+    """The message of ``exc`` (a KeyError's str() would quote it)."""
+    return str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
+
+
+def report_usage_error(exc: BaseException) -> int:
+    print(f"error: {error_line(exc)}", file=sys.stderr)
+    return 2
+
+
+def one_line_errors(run):
+    """Decorate a command's ``run(args)``: :data:`USER_ERRORS` end it with one line and exit status 2."""
+    @functools.wraps(run)
+    def wrapped(args) -> int:
+        try:
+            return run(args)
+        except USER_ERRORS as exc:
+            return report_usage_error(exc)
+    return wrapped
