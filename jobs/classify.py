@@ -119,14 +119,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from astromer.commands import USER_ERRORS, report_usage_error
+
     lake = args.lake or settings.default_lake()
-    spec = dataset_spec(args)
-    run = run_settings(args)
-    periods = ev.read_periods_csv(args.periods) if args.periods else None
+    try:   # what was asked (set, classes, settings file, periods, model) is checked before any training
+        spec = dataset_spec(args)
+        run = run_settings(args)
+        periods = ev.read_periods_csv(args.periods) if args.periods else None
+        model = astromer.load_model(args.model)
+        data = ev.load_labelled_set(lake, spec, periods=periods)
+    except USER_ERRORS as exc:
+        return report_usage_error(exc)
     started = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else settings.home() / "classify" / f"{spec.name}-{started}"
-    model = astromer.load_model(args.model)
-    data = ev.load_labelled_set(lake, spec, periods=periods)
     print(f"dataset {spec.name}: {len(data)} curves, classes {data.class_names}; left out: {data.dropped}",
           flush=True)
     registry.setup_tracking()

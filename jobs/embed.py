@@ -2,7 +2,7 @@
 
     python jobs/embed.py --model models:/astromer1-macho@production --lake LAKE --survey ogle
     python jobs/embed.py --model MODEL_DIR --name my-model --lake LAKE --survey sdss-stripe82 --band g r
-    python jobs/embed.py --model ... --lake LAKE --survey asas --detail-objects 010005-0448.6 --gpus-per-actor 1
+    python jobs/embed.py --model ... --lake LAKE --survey asas --detail-objects 215153 --gpus-per-actor 1
 
 Every window of every curve is encoded; each curve gets one row in
 embeddings/model=<name>/version=<v>/survey=<s>/ (object_id, band, n_obs, n_windows, embedding FLOAT[D], layer_means).
@@ -52,14 +52,26 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     import ray
-    from astromer.embeddings import embed_survey
+    from astromer.commands import USER_ERRORS, report_usage_error
+    from astromer.embeddings import check_gpus, check_selection, embed_survey, resolve_model
 
+    lake = args.lake or settings.default_lake()
+    try:   # every survey, band and the model are checked before Ray starts and before any survey is embedded
+        for survey in args.survey:
+            check_selection(lake, survey, args.bands)
+        resolve_model(args.model, args.name)
+    except USER_ERRORS as exc:
+        return report_usage_error(exc)
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:
             ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
-    lake = args.lake or settings.default_lake()
+    if args.gpus_per_actor > 0:
+        try:
+            check_gpus(args.gpus_per_actor * args.actors)
+        except ValueError as exc:
+            return report_usage_error(exc)
     for survey in args.survey:
         report = embed_survey(lake, args.model, survey, args.bands, name=args.name, batch_size=args.batch_size,
                               curves_per_batch=args.curves_per_batch, actors=args.actors,

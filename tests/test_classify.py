@@ -87,6 +87,25 @@ def test_load_labelled_set_filters_classes_and_keeps_objects_together(labelled_l
     assert len(capped) == 3 * 7 * 2  # both bands of every kept object
     with pytest.raises(LookupError, match="no labelled curves"):
         ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "mode"))
+    with pytest.raises(LookupError, match=r"no class \['Mira'\] in label set 'class'.*'eclipse'"):
+        ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "class", classes=("fast", "Mira")))
+
+
+def test_classify_job_checks_what_it_is_asked_before_training(labelled_lake, tmp_path, capsys):
+    lake, model_dir = labelled_lake
+    job = _load_job("classify")
+    (tmp_path / "typo.json").write_text('{"classifier": {"lr": 0.01, "lr_decay": 0.5}}')
+    base = ["--model", model_dir, "--lake", lake, "--survey", "synthetic", "--label-set", "class",
+            "--out", str(tmp_path / "out")]
+    cases = [([*base, "--config", str(tmp_path / "typo.json")], "unknown classifier setting(s) ['lr_decay']"),
+             ([*base, "--classes", "fast", "Mira"], "no class ['Mira']"),
+             (["--model", model_dir, "--lake", lake, "--survey", "nosuch", "--label-set", "class"], "nosuch"),
+             ([*base[2:], "--model", str(tmp_path / "nomodel")], "nomodel")]
+    for argv, words in cases:
+        assert job.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err, (argv, err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_classify_job_runs_protocol_with_baselines_and_logs_to_mlflow(labelled_lake, tmp_path, mlflow_sqlite):

@@ -1,7 +1,10 @@
 """The embed job (real Ray Data on a small lake), the Parquet rows it writes, and DuckDB similarity search."""
 from __future__ import annotations
 
+import json
+import os
 import posixpath
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -120,6 +123,10 @@ def test_embed_job_writes_rows_replaces_on_rerun_and_writes_detail(ray_local, sm
     table3, _ = _read_survey(lake, only_g)
     assert table3.num_rows == 24
     assert sorted(table3.column("band").to_pylist()) == ["g"] * 12 + ["r"] * 12
+    # the survey's report keeps the entry of the band the run left alone
+    saved = json.loads((Path(LakePaths(lake).embeddings("tiny", only_g["version"])) / "_reports"
+                        / f"survey={SURVEY}.json").read_text())
+    assert sorted(saved["bands"]) == ["g", "r"] and saved["rows"] == 24 and only_g["rows"] == 24
     assert not list(LakePaths(lake).fs.glob(posixpath.join(lake, "_embed", "*")))  # staging cleaned up
 
     # per-observation detail for the chosen object, in Zarr
@@ -139,14 +146,28 @@ def test_embed_job_writes_rows_replaces_on_rerun_and_writes_detail(ray_local, sm
     from astromer.cli import main as cli
 
     capsys.readouterr()
-    assert cli(["lake", "similar", "twin-a", "--k", "2", "--lake", lake]) == 0
-    assert "twin-b" in capsys.readouterr().out
+    assert cli(["lake", "similar", "twin-a", "--k", "2", "--lake", lake, "--band", "r"]) == 0
+    out = capsys.readouterr().out
+    assert "twin-b" in out and f"nearest to twin-a ({SURVEY}, band r) by tiny version" in out
+    assert cli(["lake", "similar", "nobody", "--lake", lake]) == 2
+    assert capsys.readouterr().err.startswith("error: object 'nobody' has no embedding from tiny")
 
 
-def test_embed_job_rejects_unknown_survey_and_band(small_lake):
+def test_embed_job_rejects_unknown_survey_and_band(ray_local, small_lake, capsys, monkeypatch):
     lake, model_dir, _, _ = small_lake
-    with pytest.raises(FileNotFoundError, match="no light curves for survey 'macho'"):
+    with pytest.raises(FileNotFoundError, match=rf"surveys=\['macho'\].*the lake holds {SURVEY} \(bands g, r\)"):
         emb.embed_survey(lake, model_dir, "macho")
+    # the job checks every survey before it embeds any, and refuses GPUs a local Ray does not have
+    job = _load_job("embed")
+    capsys.readouterr()
+    assert job.main(["--model", model_dir, "--lake", lake, "--survey", SURVEY, "nosuch"]) == 2
+    assert "surveys=['nosuch']" in capsys.readouterr().err
+    assert not os.path.exists(LakePaths(lake).embeddings())
+    assert job.main(["--model", str(Path(model_dir).parent / "nomodel"), "--lake", lake, "--survey", SURVEY]) == 2
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert job.main(["--model", model_dir, "--lake", lake, "--survey", SURVEY, "--gpus-per-actor", "1"]) == 2
+    assert "ask for 1 GPU(s) and this machine's Ray has 0" in capsys.readouterr().err
+    assert not os.path.exists(LakePaths(lake).embeddings())
     with pytest.raises(FileNotFoundError, match=r"no band\(s\) \['z'\]"):
         emb.embed_survey(lake, model_dir, SURVEY, bands=["z"])
     with pytest.raises(ValueError, match="precision 'fp16'"):

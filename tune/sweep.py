@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     import dataclasses
 
     import astromer
+    from astromer.commands import USER_ERRORS, report_usage_error
+    from astromer.embeddings import resolve_model
     from astromer.registry import resolve_model_dir
 
     if args.dataset not in ev.DATASETS:
@@ -216,9 +218,21 @@ def main(argv: list[str] | None = None) -> int:
     spec = ev.DATASETS[args.dataset]
     if args.bands:
         spec = dataclasses.replace(spec, bands=tuple(args.bands))
-    data = ev.load_labelled_set(args.lake or settings.default_lake(), spec)
-    model = astromer.load_model(args.model)
-    layers = model.embed(data.curves, all_layers=True)
+    lake = args.lake or settings.default_lake()
+    try:   # the set and the model, checked before any trial
+        data = ev.load_labelled_set(lake, spec)
+        model = astromer.load_model(args.model)
+        ref = resolve_model(args.model)
+    except USER_ERRORS as exc:
+        return report_usage_error(exc)
+    # the encoder is frozen in the trials: what jobs/embed.py wrote for this model version serves as it is
+    layers = ev.cached_layers(lake, ref.name, ref.version, spec.survey, data)
+    if layers is None:
+        print(f"embedding {len(data.curves):,} curves with {ref.name} version {ref.version} (jobs/embed.py writes "
+              "them to the lake once for every sweep and classification)", flush=True)
+        layers = model.embed(data.curves, all_layers=True)
+    else:
+        print(f"lake embeddings of {ref.name} version {ref.version}: used", flush=True)
     result = sweep(layers, data.y, data.object_ids, data.class_names, samples_per_class=args.samples_per_class,
                    num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
                    finetune_choice=args.finetune_choice, curves=data.curves,

@@ -20,6 +20,7 @@ cleaning) gets no row: it is listed with its reason in
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
@@ -267,21 +268,39 @@ def resolve_model(model: str, name: str | None = None) -> ModelRef:
 
 
 def survey_bands(lake: str, survey: str) -> list[str]:
-    """Bands present under ``lightcurves/survey=<s>/`` (from the partition folder names)."""
-    from astromer.lake.paths import LakePaths, validate_band
+    """Bands present under ``lightcurves/survey=<s>/`` (from the partition folder names); a survey the lake
+    lacks raises FileNotFoundError naming the surveys and bands it holds."""
+    from astromer.data import partitions
+    from astromer.lake.paths import validate_band, validate_survey
 
-    paths = LakePaths(lake)
-    base = paths.lightcurves(survey)
-    if not paths.fs.exists(base):
-        raise FileNotFoundError(f"no light curves for survey {survey!r} in lake {lake} ({base})")
-    bands = []
-    for entry in paths.fs.ls(base, detail=False):
-        leaf = posixpath.basename(entry.rstrip("/"))
-        if leaf.startswith("band="):
-            bands.append(validate_band(leaf[len("band="):]))
-    if not bands:
-        raise FileNotFoundError(f"survey {survey!r} in lake {lake} has no band=<b> partitions under {base}")
-    return sorted(bands)
+    return sorted(validate_band(band) for _, band in partitions(lake, [validate_survey(survey)]))
+
+
+def check_selection(lake: str, survey: str, bands: Sequence[str] | None) -> list[str]:
+    """The bands to embed for ``survey`` (all, or ``bands``), or an error naming what is missing."""
+    from astromer.lake.paths import validate_band
+
+    all_bands = survey_bands(lake, survey)
+    bands = [validate_band(b) for b in (bands or all_bands)]
+    missing = sorted(set(bands) - set(all_bands))
+    if missing:
+        raise FileNotFoundError(f"survey {survey!r} has no band(s) {missing} in lake {lake}; it has {all_bands}")
+    return bands
+
+
+def check_gpus(needed: float) -> None:
+    """Fail when a Ray this process started lacks the GPUs the actors ask for (they would wait forever);
+    on a cluster the autoscaler may still add GPU nodes, so there it is only said."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if needed <= have:
+        return
+    if not os.environ.get("RAY_ADDRESS"):
+        raise ValueError(f"the actors ask for {needed:g} GPU(s) and this machine's Ray has {have:g}: "
+                         "--gpus-per-actor 0 embeds on the CPU")
+    log.warning("the actors ask for %g GPU(s) and the cluster has %g now: waiting for its autoscaler to add "
+                "GPU nodes", needed, have)
 
 
 def _parquet_files(fs, folder: str) -> list[str]:
@@ -303,7 +322,7 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
     """
     import ray
 
-    from astromer.lake.paths import LakePaths, validate_band, validate_survey
+    from astromer.lake.paths import LakePaths, validate_survey
     from astromer.lake.writers import write_json, write_parquet
 
     started = time.perf_counter()
@@ -312,11 +331,7 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
     ref = resolve_model(model, name)
     paths = LakePaths(lake)
     fs = paths.fs
-    all_bands = survey_bands(lake, survey)
-    bands = [validate_band(b) for b in (bands or all_bands)]
-    missing = sorted(set(bands) - set(all_bands))
-    if missing:
-        raise FileNotFoundError(f"survey {survey!r} has no band(s) {missing} in lake {lake}; it has {all_bands}")
+    bands = check_selection(lake, survey, bands)
     final = paths.embeddings(ref.name, ref.version, survey)
     staging = paths.join("_embed", f"{ref.name}-{ref.version}-{survey}-{uuid.uuid4().hex[:12]}")
     new_dir = posixpath.join(staging, "survey")
@@ -324,6 +339,8 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, include_dashboard=False, configure_logging=False,
                  log_to_driver=False)
+    if gpus_per_actor > 0:
+        check_gpus(gpus_per_actor * actors)
     device = "cuda" if gpus_per_actor > 0 else "cpu"
     report = {"model": ref.name, "version": ref.version, "survey": survey, "bands": {}, "device": device,
               "precision": precision if device == "cuda" else "float32"}
@@ -379,14 +396,19 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
     finally:
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
+    report_path = posixpath.join(paths.embeddings(ref.name, ref.version), "_reports", f"survey={survey}.json")
+    if fs.exists(report_path):   # the bands this run kept as they were keep their entries
+        with fs.open(report_path, "r") as handle:
+            earlier = json.load(handle).get("bands", {})
+        report["bands"] = {**{b: info for b, info in earlier.items() if b not in bands}, **report["bands"]}
+        report["bands"] = dict(sorted(report["bands"].items()))
     report["rows"] = sum(b["rows"] for b in report["bands"].values())
     report["windows"] = sum(b["windows"] for b in report["bands"].values())
     report["seconds"] = round(time.perf_counter() - started, 3)
     report["path"] = paths.url_of(final)
     if detail_objects:
         report["detail"] = write_detail(lake, ref, survey, list(detail_objects), clean=clean)
-    write_json(fs, report, posixpath.join(paths.embeddings(ref.name, ref.version), "_reports",
-                                          f"survey={survey}.json"))
+    write_json(fs, report, report_path)
     return report
 
 
@@ -505,11 +527,10 @@ LIMIT $k
 """
 
 QUERY_VECTOR_SQL = """
-SELECT embedding FROM embeddings
+SELECT survey, band, embedding FROM embeddings
 WHERE model = $model AND CAST(version AS VARCHAR) = $version AND object_id = $object_id
-  AND ($band IS NULL OR band = $band)
-ORDER BY band
-LIMIT 1
+  AND ($band IS NULL OR band = $band) AND ($survey IS NULL OR survey = $survey)
+ORDER BY survey, band
 """
 
 
@@ -573,10 +594,12 @@ def model_versions(lake: str) -> dict[tuple[str, str], str]:
 
 
 def similar(lake: str, object_id: str, k: int = 10, model: str | None = None, version: str | None = None,
-            band: str | None = None) -> list[dict]:
+            band: str | None = None, survey: str | None = None, used: dict | None = None) -> list[dict]:
     """The ``k`` curves most similar (cosine) to ``object_id``'s embedding, across all surveys embedded by
     the same model version. Without ``model``/``version`` the only model in the lake (or the newest
-    version of ``model``) is used. Returns dicts: survey, object_id, band, similarity."""
+    version of ``model``) is used; without ``band`` the object's first band in name order. An identifier
+    that several surveys use needs ``survey``. Returns dicts: survey, object_id, band, similarity; ``used``
+    (a dict), when given, receives the model, version, survey and band that the query took."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     available = model_versions(lake)
@@ -585,7 +608,7 @@ def similar(lake: str, object_id: str, k: int = 10, model: str | None = None, ve
     if model is None:
         names = sorted({m for m, _ in available})
         if len(names) != 1:
-            raise ValueError(f"lake {lake} holds embeddings of several models {names}: choose one with model=")
+            raise ValueError(f"lake {lake} holds embeddings of several models {names}: choose one (--model, model=)")
         model = names[0]
     versions = [v for m, v in available if m == model]
     if not versions:
@@ -601,9 +624,16 @@ def similar(lake: str, object_id: str, k: int = 10, model: str | None = None, ve
         dim = int(pq.read_schema(handle).field("embedding").type.list_size)
     con = embeddings_connection(lake)
     params = {"model": model, "version": str(version), "object_id": object_id}
-    found = con.execute(QUERY_VECTOR_SQL, {**params, "band": band}).fetchone()
-    if found is None:
-        raise LookupError(f"object {object_id!r} has no embedding from {model} version {version} in lake {lake}")
+    found = con.execute(QUERY_VECTOR_SQL, {**params, "band": band, "survey": survey}).fetchall()
+    if not found:
+        which = "".join(f", {name} {value}" for name, value in (("survey", survey), ("band", band)) if value)
+        raise LookupError(f"object {object_id!r}{which} has no embedding from {model} version {version} in lake {lake}")
+    surveys = sorted({row[0] for row in found})
+    if len(surveys) > 1:
+        raise ValueError(f"object {object_id!r} is in surveys {surveys}: choose one (--survey, survey=)")
+    query_survey, query_band, vector = found[0]
+    if used is not None:
+        used.update(model=model, version=str(version), survey=query_survey, band=query_band)
     # the dimension (an integer read from the file schema) is the only thing formatted into the SQL
-    rows = con.execute(SIMILAR_SQL.format(dim=dim), {**params, "query": found[0], "k": k}).fetchall()
+    rows = con.execute(SIMILAR_SQL.format(dim=dim), {**params, "query": vector, "k": k}).fetchall()
     return [{"survey": s, "object_id": o, "band": b, "similarity": float(sim)} for s, o, b, sim in rows]

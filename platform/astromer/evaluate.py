@@ -47,11 +47,19 @@ class ProtocolConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ProtocolConfig:
-        known = {f.name for f in fields(cls)}
-        out = {k: v for k, v in data.items() if k in known}
+        out = _known_fields(cls, data, "protocol")
         if "samples_per_class" in out:
             out["samples_per_class"] = tuple(int(n) for n in out["samples_per_class"])
         return cls(**out)
+
+
+def _known_fields(cls, data: dict, section: str) -> dict:
+    """``data`` checked against the dataclass's fields: a misspelt setting is an error, not a default."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {section} setting(s) {unknown}; known: {sorted(known)}")
+    return dict(data)
 
 
 @dataclass
@@ -171,8 +179,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ClassifierConfig:
-        known = {f.name for f in fields(cls)}
-        out = {k: v for k, v in data.items() if k in known}
+        out = _known_fields(cls, data, "classifier")
         if "hidden" in out:
             out["hidden"] = tuple(int(h) for h in out["hidden"])
         return cls(**out)
@@ -667,6 +674,12 @@ def load_labelled_set(lake: str, spec: DatasetSpec, periods: dict[str, float] | 
     dropped: dict[str, int] = {}
     ids, bands, labels, curves = [], [], [], []
     cols = {name: table.column(name) for name in table.schema.names}
+    if spec.classes:
+        present = set(cols["label"].to_pylist())
+        unknown = sorted(set(spec.classes) - present)
+        if unknown:
+            raise LookupError(f"dataset {spec.name}: no class {unknown} in label set {spec.label_set!r} of survey "
+                              f"{spec.survey!r}; it has {sorted(present)}")
     for i in range(table.num_rows):
         label = cols["label"][i].as_py()
         if spec.classes and label not in spec.classes:

@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 
 from astromer import settings
+from astromer.commands import one_line_errors
 
 
 def _lake(args) -> str:
@@ -86,20 +86,7 @@ def print_table(columns: list[str], rows: list[tuple], max_rows: int, out=None, 
     print(f"({len(shown)} row{'s' if len(shown) != 1 else ''}{more})", file=out)
 
 
-def _usage_errors(run):
-    """Mistakes in what a command was asked (a store that exists, a survey the lake lacks, a bad name) end
-    with one line and exit status 2, not a traceback."""
-    @functools.wraps(run)
-    def wrapped(args) -> int:
-        try:
-            return run(args)
-        except (FileExistsError, FileNotFoundError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    return wrapped
-
-
-@_usage_errors
+@one_line_errors
 def run_windows(args) -> int:
     from astromer.lake.windows import build_windows
 
@@ -109,11 +96,15 @@ def run_windows(args) -> int:
     return 0
 
 
-@_usage_errors
+@one_line_errors
 def run_similar(args) -> int:
     from astromer.embeddings import similar
 
-    rows = similar(_lake(args), args.object_id, args.k, model=args.model, version=args.version)
+    used: dict = {}
+    rows = similar(_lake(args), args.object_id, args.k, model=args.model, version=args.version, band=args.band,
+                   survey=args.survey, used=used)
+    print(f"nearest to {args.object_id} ({used['survey']}, band {used['band']}) by {used['model']} "
+          f"version {used['version']}:")
     if not rows:
         print("no neighbours found")
         return 1
@@ -128,7 +119,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     query = sub.add_parser("query", help="run SQL over the lake's DuckDB views and print a table")
     query.add_argument("sql", help="SQL over the views lightcurves, labels, embeddings, ingest_*")
     query.add_argument("--lake", default=None)
-    query.add_argument("--max-rows", type=int, default=100)
+    query.add_argument("--max-rows", type=int, default=100, help="rows printed as a table at most (default 100)")
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.set_defaults(func=run_query)
 
@@ -137,7 +128,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     windows.add_argument("--lake", default=None)
     windows.add_argument("--survey", action="append", default=None, help="repeatable; default all")
     windows.add_argument("--band", action="append", default=None, help="repeatable; default all")
-    windows.add_argument("--length", type=int, default=200)
+    windows.add_argument("--length", type=int, default=200, help="observations per window (default 200)")
     windows.add_argument("--rule", default="astromer2", choices=("astromer1", "astromer2"))
     windows.add_argument("--raw", action="store_true", help="skip the paper's cleaning")
     windows.add_argument("--keep-noisy", action="store_true",
@@ -147,8 +138,10 @@ def register(parser: argparse.ArgumentParser) -> None:
 
     similar = sub.add_parser("similar", help="nearest curves of an object in embedding space")
     similar.add_argument("object_id")
-    similar.add_argument("--k", type=int, default=10)
+    similar.add_argument("--k", type=int, default=10, help="neighbours (default 10)")
     similar.add_argument("--model", default=None)
     similar.add_argument("--version", default=None)
+    similar.add_argument("--band", default=None, help="the object's band to query with (default: its first)")
+    similar.add_argument("--survey", default=None, help="the object's survey (needed when several use its id)")
     similar.add_argument("--lake", default=None)
     similar.set_defaults(func=run_similar)
