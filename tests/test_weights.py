@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import astromer
@@ -21,6 +22,7 @@ from astromer.weights import (
     save_model,
 )
 from conftest import shared_path
+from mlflow.tracking import MlflowClient
 
 ZIP = ("reference", "astromer1_macho", "macho_a0.zip")
 NPZ = ("reference", "astromer1_macho", "astromer1_macho_weights.npz")
@@ -94,6 +96,10 @@ def test_save_and_load_round_trip(tmp_path):
         model.encoder.embedding.mask_token.fill_(0.25)
     save_model(model, tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~mask   # not mkstemp's 0600
     loaded = astromer.load_model(tmp_path / "m")
     assert loaded.config == model.config and not loaded.training
     for k, v in model.state_dict().items():
@@ -137,6 +143,12 @@ def test_cli_import_list_and_register(tmp_path, mlflow_sqlite, capsys):
     assert "661,505 parameters" in printed and "registered astromer1-macho version 1" in printed
     model = astromer.load_model("models:/astromer1-macho@candidate")
     assert model.num_parameters() == 661_505 and model.config.window_rule == "astromer1"
+    # the same checkpoint again adds no version
+    assert cli(["weights", "import", str(shared_path(*ZIP)), str(out), "--register", "astromer1-macho"]) == 0
+    assert "version 1 holds these weights already" in capsys.readouterr().out
+    assert [int(v.version) for v in MlflowClient().search_model_versions("name = 'astromer1-macho'")] == [1]
+    assert cli(["weights", "import", str(shared_path(*NPZ)), str(tmp_path / "a2"), "--preset", "astromer2"]) == 1
+    assert capsys.readouterr().err.startswith("astromer weights import: checkpoint has no")
     assert cli(["weights", "list", str(shared_path("reference", "astromer2_classifier_index", "weights.index")),
                 "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)

@@ -145,6 +145,13 @@ class MaskConfig:
                 raise ValueError(f"MaskConfig.{field}={value!r}: expected a fraction in [0, 1]")
 
 
+def file_mode() -> int:
+    """The mode a plain new file gets under the process's umask (what ``open`` would give)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_json_atomic(path: Path, data: dict) -> Path:
     """Write JSON under a temporary name in the same folder, then rename: no partial file is visible."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +160,7 @@ def _write_json_atomic(path: Path, data: dict) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
             fh.write("\n")
+        os.chmod(tmp, file_mode())   # mkstemp's file is private (0600); a config is not
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

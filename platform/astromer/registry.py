@@ -188,6 +188,16 @@ def register_model_dir(model_dir: str | Path, name: str, tags: dict[str, Any] | 
     return version
 
 
+def version_with_tag(name: str, key: str, value: str) -> int | None:
+    """The newest version of registered model ``name`` whose tag ``key`` is ``value`` (None: none, or no model)."""
+    setup_tracking()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):   # it goes into a filter string
+        raise ValueError(f"model name {name!r} must be letters, digits, '.', '_' or '-'")
+    found = [int(mv.version) for mv in MlflowClient().search_model_versions(f"name = '{name}'")
+             if mv.tags.get(key) == value]
+    return max(found) if found else None
+
+
 def _wait_ready(client: MlflowClient, name: str, version: int, timeout_s: float = 60.0) -> None:
     import time
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from astromer.config import PRESETS, ModelConfig
+from astromer.config import PRESETS, ModelConfig, file_mode
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -44,12 +44,29 @@ def save_model(model, out_dir: str | os.PathLike, metadata: dict | None = None) 
     os.close(fd)
     try:
         save_file(state, tmp, metadata=meta)
+        os.chmod(tmp, file_mode())   # mkstemp's file is private (0600); the model is not
         os.replace(tmp, out / MODEL_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     model.config.to_json(out / CONFIG_FILE)
     return out
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """sha256 over a model folder's tensors (names, dtypes, shapes, values in name order). The file's own
+    bytes would not do: safetensors writes its metadata in no fixed order."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(Path(path) / MODEL_FILE), framework="numpy") as handle:
+        for name in sorted(handle.keys()):
+            value = handle.get_tensor(name)
+            digest.update(f"{name}\x1f{value.dtype.str}\x1f{value.shape}\x1e".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
 
 
 def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu"):

@@ -30,19 +30,26 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from astromer.commands import error_line
     from astromer.weights import import_official
 
     try:
         model = import_official(args.src, args.out_dir, preset=args.preset)
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"astromer weights import: {exc}", file=sys.stderr)
+        print(f"astromer weights import: {error_line(exc)}", file=sys.stderr)
         return 1
     print(f"wrote {args.out_dir} ({args.preset}, {model.num_parameters():,} parameters)")
     if args.register:
-        from astromer.registry import register_model_dir
+        from astromer.registry import register_model_dir, version_with_tag
+        from astromer.weights import weights_digest
 
+        digest = weights_digest(args.out_dir)
+        same = version_with_tag(args.register, "weights_sha256", digest)
+        if same is not None:   # importing the same checkpoint again adds no version
+            print(f"{args.register} version {same} holds these weights already: nothing registered")
+            return 0
         version = register_model_dir(args.out_dir, args.register,
-                                     tags={"source": str(args.src), "preset": args.preset})
+                                     tags={"source": str(args.src), "preset": args.preset, "weights_sha256": digest})
         print(f"registered {args.register} version {version}")
     return 0
 
