@@ -323,6 +323,11 @@ def test_usage_errors_of_the_ingest_command_exit_2_with_one_line(tmp_path, capsy
     with pytest.raises(SystemExit):
         ingest_main(["--survey", "csv", "--source", str(empty), "--delimiter", ";;"])
     assert "is not one character" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ingest_main(["--survey", "csv", "--source", str(empty), "--workers", "0"])
+    assert "0 is not a positive whole number" in capsys.readouterr().err
+    assert ingest_main(["--survey", "macho", "--source", str(empty), "--columns", "object=a"]) == 2
+    assert "--columns apply to --survey csv and parquet" in capsys.readouterr().err
 
 
 def test_tab_separated_files_through_the_command(tmp_path):

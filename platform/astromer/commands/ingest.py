@@ -33,6 +33,17 @@ def delimiter(text: str) -> str:
     return text
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+#: the options only the long-format readers read
+LONG_FORMAT_OPTIONS = ("columns", "band", "delimiter")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from astromer.surveys import READERS
 
@@ -51,20 +62,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delimiter", type=delimiter, default=None,
                         help="csv: field delimiter, one character or \\t for a tab (default ,)")
     parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=positive_int, default=None,
                         help="local cluster: threads (default: one per core), or worker processes with --processes")
     parser.add_argument("--processes", action=argparse.BooleanOptionalAction, default=None,
                         help="local cluster: worker processes instead of threads in this process (default: "
                              "processes for a survey of many small inputs, such as MACHO's archives)")
-    parser.add_argument("--threads", type=int, default=None, help="local cluster with --processes: threads per worker")
-    parser.add_argument("--part-mb", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None, help="local cluster with --processes: threads per worker")
+    parser.add_argument("--part-mb", type=positive_int, default=None,
                         help="target part size in Arrow MB (default 192: about 128 MB of Parquet)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
+    import os
+
     from astromer.ingest import DEFAULT_PART_BYTES, run_ingest
 
+    given = [f"--{name}" for name in LONG_FORMAT_OPTIONS if getattr(args, name)]
+    if given and args.survey not in ("csv", "parquet"):
+        print(f"error: {', '.join(given)} apply to --survey csv and parquet; the {args.survey} reader reads its "
+              "own format", file=sys.stderr)
+        return 2
+    if args.delimiter and args.survey != "csv":
+        print("error: --delimiter applies to --survey csv", file=sys.stderr)
+        return 2
+    source = args.source
+    if "://" not in source and "::" not in source:
+        source = os.path.abspath(source)   # the manifest records where the inputs were, from any folder
     options = {}
     if args.columns:
         options["columns"] = args.columns
@@ -74,7 +98,7 @@ def run(args) -> int:
         options["delimiter"] = args.delimiter
     lake = args.lake or settings.default_lake()
     try:
-        result = run_ingest(args.survey, args.source, lake, options=options, out_survey=args.out_survey,
+        result = run_ingest(args.survey, source, lake, options=options, out_survey=args.out_survey,
                             scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads,
                             processes=args.processes, progress=not args.no_progress,
                             part_bytes=(args.part_mb << 20) if args.part_mb else DEFAULT_PART_BYTES,
