@@ -238,13 +238,11 @@ def test_generic_parquet_with_a_column_mapping_through_the_command(tmp_path, cap
 def test_a_second_batch_alone_is_refused_not_published_over_the_first(tmp_path, client, capsys):
     """An ingest publishes a whole survey: a source that lacks inputs the lake holds curves from would drop
     them, so it is refused (before any map) unless --replace; both batches together keep everything."""
-    first, second, both = tmp_path / "first", tmp_path / "second", tmp_path / "both"
-    for folder in (first, second, both):
-        folder.mkdir()
+    first, second = tmp_path / "batches" / "first", tmp_path / "batches" / "second"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
     for tile, folder in ((1, first), (2, first), (3, second)):
-        data = macho_text(tile, "R", good_rows(30 + tile))
-        (folder / f"lc_1.{tile}.1.R.mjd").write_bytes(data)
-        (both / f"lc_1.{tile}.1.R.mjd").write_bytes(data)
+        (folder / f"lc_1.{tile}.1.R.mjd").write_bytes(macho_text(tile, "R", good_rows(30 + tile)))
     lake = tmp_path / "lake"
     published = run_ingest("macho", str(first), str(lake), client=client, progress=False)
     assert published.curves == 2
@@ -257,7 +255,8 @@ def test_a_second_batch_alone_is_refused_not_published_over_the_first(tmp_path, 
     con = connect(str(lake))
     assert con.execute("SELECT count(*) FROM lightcurves").fetchone() == (2,)
 
-    together = run_ingest("macho", str(both), str(lake), client=client, progress=False)
+    # the folder above both batches holds the first batch's files under other keys (second/..., first/...)
+    together = run_ingest("macho", str(tmp_path / "batches"), str(lake), client=client, progress=False)
     assert together.curves == 3
     assert connect(str(lake)).execute("SELECT sum(n_obs) FROM lightcurves").fetchone() == (31 + 32 + 33,)
     replaced = run_ingest("macho", str(second), str(lake), client=client, progress=False, replace=True)

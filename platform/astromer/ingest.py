@@ -471,7 +471,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     if len(set(keys)) != len(keys):
         raise ValueError("the plan has duplicate input keys")
     if not replace:
-        check_keeps_published(paths, out_survey, source, set(keys))
+        check_keeps_published(paths, out_survey, source, set(keys) | {i.url for i in plan.inputs})
     threads = sum(client.nthreads().values()) or 1
     shas = [sha for group_shas in client.gather(client.map(
         checksum_group, [[plan.inputs[i] for i in group]
@@ -602,15 +602,17 @@ def no_inputs_message(reader, survey: str, source: str) -> str:
             "subfolders, a glob only as written (use **/ to reach into subfolders)")
 
 
-def check_keeps_published(paths: LakePaths, survey: str, source: str, keys: set[str]) -> None:
+def check_keeps_published(paths: LakePaths, survey: str, source: str, held: set[str]) -> None:
     """Raise :class:`DropsPublishedInputs` when the survey published in the lake holds curves from inputs
-    that are not among ``keys`` (the new source's): publishing would remove them."""
+    that the new source does not hold. ``held``: the new inputs' keys and URLs. A published input is held
+    when either matches: its URL when the new source is a folder above the old one (its key, relative to
+    the source, then changes), its key when the same files moved elsewhere."""
     manifest = f"{paths.ingest(survey)}/manifest.parquet"
     if not paths.fs.exists(manifest):
         return
     with paths.fs.open(manifest, "rb") as handle:
-        published = pq.read_table(handle, columns=["input", "curves"]).to_pylist()
-    dropped = [row for row in published if row["curves"] and row["input"] not in keys]
+        published = pq.read_table(handle, columns=["input", "url", "curves"]).to_pylist()
+    dropped = [row for row in published if row["curves"] and row["input"] not in held and row["url"] not in held]
     if dropped:
         shown = ", ".join(row["input"] for row in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
         raise DropsPublishedInputs(

@@ -14,6 +14,7 @@ import math
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,23 +91,27 @@ def find_run(experiment: str, run_name: str) -> str | None:
 
 # --------------------------------------------------------------------------- pyfunc flavour
 
-class AstromerEmbedder(mlflow.pyfunc.PythonModel):
-    """pyfunc flavour: ``predict`` turns light curves into embeddings.
+# MLflow asks every PythonModel for type hints on predict (they switch on its own input validation) with a
+# warning that its own "once" filter lets through on every import: two lines on every command's stderr. This
+# model validates its input itself (curves_from_frame), so the warning is recorded here and dropped.
+with warnings.catch_warnings(record=True):
+    class AstromerEmbedder(mlflow.pyfunc.PythonModel):
+        """pyfunc flavour: ``predict`` turns light curves into embeddings.
 
-    Input: a DataFrame with list-valued columns ``mjd``, ``mag`` and optionally ``err`` (one row per curve), or
-    a list of ``(mjd, mag[, err])`` tuples. Output: float32 array ``[N, D]``. The weights come from the
-    ``model_dir`` artifact (safetensors + config.json); no weights are ever pickled.
-    """
+        Input: a DataFrame with list-valued columns ``mjd``, ``mag`` and optionally ``err`` (one row per curve), or
+        a list of ``(mjd, mag[, err])`` tuples. Output: float32 array ``[N, D]``. The weights come from the
+        ``model_dir`` artifact (safetensors + config.json); no weights are ever pickled.
+        """
 
-    def load_context(self, context):
-        from astromer.weights import load_model_dir
+        def load_context(self, context):
+            from astromer.weights import load_model_dir
 
-        self.model = load_model_dir(context.artifacts[MODEL_DIR_ARTIFACT]).eval()
+            self.model = load_model_dir(context.artifacts[MODEL_DIR_ARTIFACT]).eval()
 
-    def predict(self, context, model_input, params=None):
-        curves = curves_from_frame(model_input)
-        batch_size = int((params or {}).get("batch_size", 256))
-        return np.asarray(self.model.embed(curves, batch_size=batch_size), dtype=np.float32)
+        def predict(self, context, model_input, params=None):
+            curves = curves_from_frame(model_input)
+            batch_size = int((params or {}).get("batch_size", 256))
+            return np.asarray(self.model.embed(curves, batch_size=batch_size), dtype=np.float32)
 
 
 def curves_from_frame(model_input: Any) -> list[tuple[np.ndarray, ...]]:
