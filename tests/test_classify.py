@@ -97,7 +97,9 @@ def test_classify_job_checks_what_it_is_asked_before_training(labelled_lake, tmp
     (tmp_path / "typo.json").write_text('{"classifier": {"lr": 0.01, "lr_decay": 0.5}}')
     base = ["--model", model_dir, "--lake", lake, "--survey", "synthetic", "--label-set", "class",
             "--out", str(tmp_path / "out")]
+    (tmp_path / "typo2.json").write_text('{"finetune_config": {"lrr": 0.01}}')
     cases = [([*base, "--config", str(tmp_path / "typo.json")], "unknown classifier setting(s) ['lr_decay']"),
+             ([*base, "--config", str(tmp_path / "typo2.json")], "unknown finetune_config setting(s) ['lrr']"),
              ([*base, "--classes", "fast", "Mira"], "no class ['Mira']"),
              (["--model", model_dir, "--lake", lake, "--survey", "nosuch", "--label-set", "class"], "nosuch"),
              ([*base[2:], "--model", str(tmp_path / "nomodel")], "nomodel")]

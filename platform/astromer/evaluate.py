@@ -778,6 +778,10 @@ class RunSettings:
             if key in data:
                 setattr(out, key, type(getattr(out, key))(data[key]))
         if "finetune_config" in data:
+            from astromer.train import TrainConfig
+
+            # the same check fit_windows' TrainConfig makes, here before any embedding or training
+            _known_fields(TrainConfig, data["finetune_config"], "finetune_config")
             out.finetune_config = {**out.finetune_config, **data["finetune_config"]}
         return out
 
