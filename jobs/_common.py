@@ -8,12 +8,13 @@ import logging
 import os
 import sys
 import time
+import traceback
 import typing
 from dataclasses import fields
 
 from astromer import registry, settings
 from astromer.commands import USER_ERRORS, report_usage_error
-from astromer.train import NONFINITE_KEY, NonFiniteLossError, TrainConfig, worker_loop
+from astromer.train import STOP_KEYS, TrainConfig, worker_loop
 
 log = logging.getLogger("astromer.jobs")
 
@@ -80,8 +81,14 @@ def complete(config: TrainConfig, prefix: str = "pretrain") -> TrainConfig:
     config.storage_path = config.storage_path or str(settings.ray_results_dir())
     config.tracking_uri = config.tracking_uri or settings.tracking_uri()
     if config.total_steps is None:
-        n_train = count_curves(config) * (1 - config.val_fraction - config.test_fraction)
-        per_epoch = max(1, int(n_train // (config.batch_size * config.num_workers)))
+        curves = count_curves(config)
+        n_train = curves * (1 - config.val_fraction - config.test_fraction)
+        per_step = config.batch_size * config.num_workers
+        if n_train < per_step:   # the workers would find no batch, and Ray would restart them for nothing
+            raise ValueError(f"the selection has {curves:,} curves, about {n_train:,.0f} for training: fewer than "
+                             f"one step takes (--batch-size {config.batch_size} x --num-workers "
+                             f"{config.num_workers} = {per_step}); lower --batch-size or widen the selection")
+        per_epoch = max(1, int(n_train // per_step))
         config.total_steps = min(config.max_steps or 10**12, per_epoch * config.epochs)
         if config.max_steps and config.total_steps < config.max_steps:
             log.warning("--max-steps %d: the run stops after %d steps, at --epochs %d (%d steps per epoch of "
@@ -100,10 +107,10 @@ def partitions(lake: str) -> list[tuple[str, str]]:
 
 
 def count_curves(config: TrainConfig) -> int:
-    """Number of light curves in the selection, from Parquet footers."""
-    from astromer.data import row_groups
+    """Number of light curves in the selection (the labelled ones when a label set is chosen)."""
+    from astromer.data import count_selected_curves
 
-    return sum(unit["rows"] for unit in row_groups(config.data_spec()))
+    return count_selected_curves(config.data_spec())
 
 
 def init_ray(config: TrainConfig) -> None:
@@ -148,8 +155,9 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None) -> str:
         if changed:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in changed.items()])
         tags = client.get_run(run_id).data.tags
-        if NONFINITE_KEY in tags:   # a NaN stop of an earlier attempt
-            client.delete_tag(run_id, NONFINITE_KEY)
+        for _, key in STOP_KEYS:    # a NaN or no-batch stop of an earlier attempt
+            if key in tags:
+                client.delete_tag(run_id, key)
         if ERROR_KEY in tags:       # how an earlier attempt ended; this one may finish
             client.set_tag(run_id, f"{ERROR_KEY}.previous", tags[ERROR_KEY])
             client.delete_tag(run_id, ERROR_KEY)
@@ -169,24 +177,23 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
 
     init_ray(config)
     config.mlflow_run_id = start_mlflow_run(config)
-    spec = config.data_spec()
-    source = read_lightcurves(spec)        # the lake's row groups listed once, for the count and the training
-    cleaning = log_cleaning(config, source) if config.count_cleaning else None
-    datasets = make_datasets(spec, source)
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config=config.to_dict(),
-        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                               resources_per_worker={"CPU": config.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=config.run_name, storage_path=config.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints)),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
     client = MlflowClient()
-    try:
+    try:   # from here on, however it ends, the run says so (it never stays RUNNING)
+        spec = config.data_spec()
+        source = read_lightcurves(spec)    # the lake's row groups listed once, for the count and the training
+        cleaning = log_cleaning(config, source) if config.count_cleaning else None
+        trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config=config.to_dict(),
+            scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                                   resources_per_worker={"CPU": config.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=config.run_name, storage_path=config.storage_path,
+                failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints)),
+            datasets=make_datasets(spec, source),
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
         result = trainer.fit()
     except (KeyboardInterrupt, SystemExit) as exc:   # stopped by its user: resumable, not failed
         client.set_tag(config.mlflow_run_id, ERROR_KEY, f"interrupted ({type(exc).__name__})")
@@ -196,12 +203,13 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
         client.set_tag(config.mlflow_run_id, ERROR_KEY, _root_message(exc)[:5000])
         client.set_terminated(config.mlflow_run_id, status="FAILED")
         raise
-    stopped = client.get_run(config.mlflow_run_id).data.tags.get(NONFINITE_KEY)
-    if stopped or result.checkpoint is None:
-        message = stopped or "training ended without a final checkpoint"
+    tags = client.get_run(config.mlflow_run_id).data.tags
+    stop = next(((kind, tags[key]) for kind, key in STOP_KEYS if key in tags), None)
+    if stop or result.checkpoint is None:
+        message = stop[1] if stop else "training ended without a final checkpoint"
         client.set_tag(config.mlflow_run_id, ERROR_KEY, message[:5000])
         client.set_terminated(config.mlflow_run_id, status="FAILED")
-        raise NonFiniteLossError(message) if stopped else RuntimeError(message)
+        raise stop[0](message) if stop else RuntimeError(message)
     summary = finish_run(config, result, register_tags or {})
     if cleaning is not None:
         summary["cleaning"] = cleaning.get("all", {})
@@ -238,11 +246,21 @@ def log_cleaning(config: TrainConfig, source=None) -> dict:
 
 
 def _root_message(exc: BaseException) -> str:
-    """The innermost error message (Ray wraps worker errors several times)."""
+    """The innermost error message: Ray wraps worker errors several times, and a worker group's error holds
+    each worker's own (the first rank's is given, its last line: the traceback is printed above)."""
     seen = exc
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    return f"{type(seen).__name__}: {seen}" if seen is not exc else f"{type(exc).__name__}: {exc}"
+    while True:
+        failures = getattr(seen, "worker_failures", None) or getattr(seen, "controller_failure", None)
+        if isinstance(failures, dict) and failures:
+            seen = failures[min(failures)]
+        elif isinstance(failures, BaseException):
+            seen = failures
+        elif seen.__cause__ is not None:
+            seen = seen.__cause__
+        else:
+            break
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[-1] if text else ''}"
 
 
 def finish_run(config: TrainConfig, result, register_tags: dict) -> dict:
@@ -254,12 +272,19 @@ def finish_run(config: TrainConfig, result, register_tags: dict) -> dict:
     tags = {"run_name": config.run_name, "corpus": config.corpus, "preset": config.preset,
             "surveys": ",".join(config.surveys or []) or "all", "bands": ",".join(config.bands or []) or "all",
             "step": int(metrics.get("step", 0)), **config.tags, **register_tags}
-    with result.checkpoint.as_directory() as folder:
-        with mlflow.start_run(run_id=config.mlflow_run_id):
-            version = registry.register_model_dir(
-                folder, name, tags=tags,
-                metrics={"val_rmse": metrics["val_rmse"]} if "val_rmse" in metrics else None,
-                log_metrics=False)   # the run already has val_rmse per step (and final_val_rmse)
+    earlier = registry.version_with_tag(name, "run_name", config.run_name)
+    if earlier is not None and registry.version_tags(name, earlier).get("step") == str(tags["step"]):
+        # a finished run started again: nothing trained since it registered this version
+        log.warning("%s version %d holds this run's model at step %s already: nothing registered", name, earlier,
+                    tags["step"])
+        version = earlier
+    else:
+        with result.checkpoint.as_directory() as folder:
+            with mlflow.start_run(run_id=config.mlflow_run_id):
+                version = registry.register_model_dir(
+                    folder, name, tags=tags,
+                    metrics={"val_rmse": metrics["val_rmse"]} if "val_rmse" in metrics else None,
+                    log_metrics=False)   # the run already has val_rmse per step (and final_val_rmse)
     summary = {"run_name": config.run_name, "mlflow_run_id": config.mlflow_run_id, "registered": name,
                "version": version, "production": registry.production_version(name),
                "checkpoint": result.checkpoint.path, **metrics}
@@ -281,8 +306,16 @@ def main(description: str, prefix: str, defaults: dict | None = None, prepare=No
     log.info("settings: %s", json.dumps(config.to_dict(), sort_keys=True))
     try:
         summary = run_training(config, register_tags)
-    except Exception as exc:   # one readable line at the end of a long Ray traceback
-        print(f"error: {_root_message(exc)}", file=sys.stderr)
-        raise
+    except KeyboardInterrupt:
+        print(f"interrupted: the same command with --run-name {config.run_name} continues from the last "
+              "checkpoint", file=sys.stderr)
+        return 130
+    except tuple(kind for kind, _ in STOP_KEYS) as exc:   # training itself said why it stopped
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"error: {_root_message(exc)}", file=sys.stderr)   # one readable line after Ray's long traceback
+        return 1
     print(json.dumps(summary, indent=2, default=str))
     return 0

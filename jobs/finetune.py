@@ -1,7 +1,7 @@
 """Finetune a registered (or imported) Astromer on a labelled survey with the pretraining task.
 
     python jobs/finetune.py --init-from models:/astromer2-mylake@production --lake LAKE \\
-        --surveys asas --label-set class [--labels Mira "RR Lyrae FM"] [--register-as NAME]
+        --surveys asas --label-set class [--labels Mira "RR Lyrae FM" --batch-size 8] [--register-as NAME]
     python jobs/finetune.py --init-from path/to/model_dir --lake LAKE --surveys ogle --label-set mode
 
 The same Ray loop as pretraining (jobs/pretrain.py), started from the parent's weights and run on the curves
@@ -29,9 +29,9 @@ DEFAULTS = {"drop_noisy": False, "lr": 1e-4, "warmup_steps": 20, "epochs": 20, "
 def lineage(config: TrainConfig) -> dict[str, str]:
     """Validate the finetuning settings, fill the preset and the registered name, and return lineage tags."""
     if not config.init_from:
-        raise SystemExit("finetune: --init-from models:/NAME@ALIAS (or a model folder) is required")
+        raise ValueError("finetune: --init-from models:/NAME@ALIAS (or a model folder) is required")
     if not config.label_set:
-        raise SystemExit("finetune: --label-set is required (e.g. asas 'class', ogle 'mode')")
+        raise ValueError("finetune: --label-set is required (e.g. asas 'class', ogle 'mode')")
     tags = {"parent_uri": config.init_from, "task": "finetune",
             "data_selection": json.dumps({"lake": str(config.lake), "surveys": config.surveys,
                                           "bands": config.bands, "label_set": config.label_set,

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from astromer import registry
 from astromer.train import NonFiniteLossError, TrainConfig
@@ -172,6 +173,20 @@ def test_nan_loss_stops_naming_the_step_without_checkpoint(ray_local, mlflow_sql
     assert run.info.status == "FAILED" and "at step 1" in run.data.tags["astromer.error"]
 
 
+def test_an_epoch_without_a_batch_stops_the_run_without_retries(ray_local, mlflow_sqlite, lake, tmp_path):
+    """Counted before cleaning, the curves fill a step; the cleaning (every curve under min_observations)
+    leaves none. The workers stop with the reason instead of being restarted as lost."""
+    from astromer.train import NoTrainingBatch
+
+    config = tiny(lake, "no-batch", min_observations=100_000, max_failures=2, count_cleaning=False,
+                  pid_dir=str(tmp_path / "pids"))
+    with pytest.raises(NoTrainingBatch, match="epoch 0 gave no training batch"):
+        _common.run_training(config)
+    assert len((tmp_path / "pids" / "rank0.pid").read_text().split()) == 1      # started once, never retried
+    run = MlflowClient().get_run(registry.find_run(config.experiment, "no-batch"))
+    assert run.info.status == "FAILED" and "no training batch" in run.data.tags["astromer.error"]
+
+
 def test_finetune_from_registry_records_lineage(ray_local, mlflow_sqlite, tmp_path):
     import finetune
     from astromer.config import ModelConfig
@@ -186,7 +201,12 @@ def test_finetune_from_registry_records_lineage(ray_local, mlflow_sqlite, tmp_pa
                          cpus_per_worker=0.5, data_cpus=0.25, max_steps=3, checkpoint_every=3, log_every=1,
                          run_name="ft", **{k: v for k, v in finetune.DEFAULTS.items() if k != "epochs"})
     finetune.lineage(config)
-    summary = _common.run_training(_common.complete(config, "finetune"))
+    _common.complete(config, "finetune")
+    classes = pq.read_table(Path(labelled) / "labels").column("label").to_pylist()
+    n_long = classes.count("long")
+    assert 0 < n_long < 120   # the schedule comes from the labelled curves, not from the whole survey
+    assert _common.count_curves(config) == n_long
+    summary = _common.run_training(config)
     assert summary["registered"] == "astromer2-parent-ft-asas" and summary["step"] == 3
     tags = MlflowClient().get_model_version("astromer2-parent-ft-asas", str(summary["version"])).tags
     assert tags["parent_model"] == "astromer2-parent" and tags["parent_version"] == str(parent_version)
@@ -210,6 +230,11 @@ def test_what_a_job_is_asked_is_checked_before_ray_starts(lake, tmp_path, monkey
     ]
     (tmp_path / "bad.json").write_text('{"max_step": 3}')
     cases.append(([*base, "--config", str(tmp_path / "bad.json")], "max_step"))
+    cases.append(([*base, "--batch-size", "256"], "fewer than one step takes (--batch-size 256 x --num-workers 2"))
+    labelled = write_lake(tmp_path / "labelled", 40, survey="asas", seed=7, labels=True)
+    lab = ["--lake", str(labelled), "--preset", "tiny", "--max-steps", "1"]
+    cases.append(([*lab, "--label-set", "mode"], "no label set 'mode' in the lake; there are ['class']"))
+    cases.append(([*lab, "--label-set", "class", "--labels", "Nope"], "none of the labels ['Nope']"))
     for argv, words in cases:
         assert _common.main("pretrain", "pretrain", argv=argv) == 2, argv
         err = capsys.readouterr().err

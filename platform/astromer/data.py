@@ -252,25 +252,57 @@ def _read_units(batch):
             yield read_row_group(unit)
 
 
-def _join_labels(ds, spec: DataSpec):
-    """Keep curves that have a label in ``spec.label_set`` (and among ``spec.labels`` when given); adds a
-    ``label`` column. The label table is small (one string per object), so it travels with the task."""
+def label_lookup(spec: DataSpec) -> dict[tuple[str, str], str]:
+    """(survey, object_id) -> label for ``spec.label_set`` (among ``spec.labels`` when given) in the selected
+    surveys; an empty selection raises ValueError naming the label sets, or the labels, that there are."""
     import pyarrow.parquet as pq
 
     from astromer.lake.paths import LakePaths
 
     paths = LakePaths(spec.lake)
+    if not paths.fs.exists(paths.labels()):
+        raise ValueError(f"{spec.lake}: no labels table (the ingest of a labelled survey writes it)")
     table = pq.read_table(paths.url_of(paths.labels()), filesystem=None if paths.is_local else paths.fs)
     frame = table.to_pandas()
-    frame = frame[frame["label_set"] == spec.label_set]
     if spec.surveys:
         frame = frame[frame["survey"].isin(spec.surveys)]
-    if spec.labels:
-        frame = frame[frame["label"].isin(spec.labels)]
-    if frame.empty:
-        raise ValueError(f"{spec.lake}: no labels in label set {spec.label_set!r} for surveys={spec.surveys} "
-                         f"labels={spec.labels}")
-    lookup = {(s, o): lab for s, o, lab in zip(frame["survey"], frame["object_id"], frame["label"])}
+    in_set = frame[frame["label_set"] == spec.label_set]
+    chosen = in_set[in_set["label"].isin(spec.labels)] if spec.labels else in_set
+    if chosen.empty:
+        where = f"surveys {spec.surveys}" if spec.surveys else "the lake"
+        if in_set.empty:
+            raise ValueError(f"{spec.lake}: no label set {spec.label_set!r} in {where}; there are "
+                             f"{sorted(set(frame['label_set']))}")
+        raise ValueError(f"{spec.lake}: none of the labels {list(spec.labels)} in label set {spec.label_set!r} "
+                         f"of {where}; there are {sorted(set(in_set['label']))}")
+    return {(s, o): lab for s, o, lab in zip(chosen["survey"], chosen["object_id"], chosen["label"])}
+
+
+def count_selected_curves(spec: DataSpec) -> int:
+    """Curves of the selection, before cleaning: from the Parquet footers, or with a label set, the curves
+    whose object has one of the chosen labels (their ids read, nothing else)."""
+    units = row_groups(spec)
+    if not spec.label_set:
+        return sum(unit["rows"] for unit in units)
+    import pyarrow.parquet as pq
+
+    from astromer.lake.paths import LakePaths
+
+    lookup = label_lookup(spec)
+    fs = LakePaths(spec.lake).fs
+    count = 0
+    for url in dict.fromkeys(unit["url"] for unit in units):
+        survey = next(unit["survey"] for unit in units if unit["url"] == url)
+        with fs.open(url, "rb") as handle:
+            ids = pq.read_table(handle, columns=["object_id"]).column("object_id").to_pylist()
+        count += sum((survey, object_id) in lookup for object_id in ids)
+    return count
+
+
+def _join_labels(ds, spec: DataSpec):
+    """Keep curves that have a label in ``spec.label_set`` (and among ``spec.labels`` when given); adds a
+    ``label`` column. The label table is small (one string per object), so it travels with the task."""
+    lookup = label_lookup(spec)
 
     def attach(batch):
         # Arrow in and out: the curves keep their list columns for the windowing's flat path

@@ -203,6 +203,11 @@ def version_with_tag(name: str, key: str, value: str) -> int | None:
     return max(found) if found else None
 
 
+def version_tags(name: str, version: int | str) -> dict[str, str]:
+    setup_tracking()
+    return dict(MlflowClient().get_model_version(name, str(version)).tags)
+
+
 def _wait_ready(client: MlflowClient, name: str, version: int, timeout_s: float = 60.0) -> None:
     import time
 

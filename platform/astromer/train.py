@@ -36,8 +36,19 @@ NONFINITE_KEY = "astromer.nonfinite_loss"   # run tag (and report key) carrying 
 TRAINER_STATE_FILE = "trainer_state.pt"
 
 
+NO_BATCH_KEY = "astromer.no_training_batch"  # the same for an epoch that gave a worker no batch at all
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite: training stops, naming the step and batch; no checkpoint is written."""
+
+
+class NoTrainingBatch(ValueError):
+    """An epoch gave no training batch (too few usable curves for batch_size x workers): no retry can help."""
+
+
+#: why a worker ended training early, and the run tag that carries it to the job
+STOP_KEYS = ((NonFiniteLossError, NONFINITE_KEY), (NoTrainingBatch, NO_BATCH_KEY))
 
 
 # --------------------------------------------------------------------------- settings
@@ -652,6 +663,8 @@ def worker_loop(config_dict: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:
+        clear_stale_checkpoint_staging()
     if config.pid_dir:
         Path(config.pid_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(config.pid_dir) / f"rank{rank}.pid", "a") as fh:   # one line per (re)start
@@ -680,14 +693,42 @@ def worker_loop(config_dict: dict) -> None:
     val = CachedBatches(ray.train.get_dataset_shard("val"), config.batch_size, device)
     try:
         loop.run(ray.train.get_dataset_shard("train"), val)
-    except NonFiniteLossError as exc:
-        # every rank sees the same verdict (all-reduced), so all end here together. A NaN is not a lost
-        # worker: ending normally with the reason (and no checkpoint) keeps Ray from retrying it.
+    except (NonFiniteLossError, NoTrainingBatch) as exc:
+        # every rank sees the same verdict (a NaN is all-reduced; the stream splits the batches equally), so
+        # all end here together. Neither is a lost worker: ending normally with the reason (and no
+        # checkpoint) keeps Ray from retrying what would fail again.
+        key = next(key for kind, key in STOP_KEYS if isinstance(exc, kind))
         log.error("%s", exc)
-        tracker.tag(NONFINITE_KEY, str(exc))      # how the job learns why training ended (rank 0)
-        ray.train.report({NONFINITE_KEY: str(exc), "step": state.step})
+        tracker.tag(key, str(exc))                # how the job learns why training ended (rank 0)
+        ray.train.report({key: str(exc), "step": state.step})
         return
     loop.finish(val, CachedBatches(ray.train.get_dataset_shard("test"), config.batch_size, device, limit=0))
+
+
+#: the local folder a checkpoint is written into before Ray copies it to the run's storage
+CHECKPOINT_STAGING = "astromer-ckpt-"
+
+
+def clear_stale_checkpoint_staging() -> None:
+    """Remove the staging folders of worker processes that are gone: a worker killed (or a job interrupted)
+    while Ray copied a checkpoint leaves its folder behind, tens of MB for astromer2."""
+    import glob
+    import shutil
+
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), f"{CHECKPOINT_STAGING}*-*")):
+        pid = os.path.basename(folder)[len(CHECKPOINT_STAGING):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class CachedBatches:
@@ -774,7 +815,7 @@ class _Loop:
             else:
                 self.read_steps()
                 if not self.epoch_steps:
-                    raise ValueError(
+                    raise NoTrainingBatch(
                         f"epoch {state.epoch} gave no training batch: fewer usable training curves than "
                         f"batch_size x num_workers = {config.batch_size * self.world} (check the selection, "
                         "the cleaning settings and the split fractions)")
@@ -820,7 +861,7 @@ class _Loop:
 
         metrics = {"step": self.state.step, "epoch": self.state.epoch, **(metrics or {})}
         if self.rank == 0:
-            with tempfile.TemporaryDirectory() as folder:
+            with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_STAGING}{os.getpid()}-") as folder:
                 save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=f"step-{self.state.step:08d}" + ("-final" if final else ""))
