@@ -306,7 +306,7 @@ def main(description: str, prefix: str, defaults: dict | None = None, prepare=No
     log.info("settings: %s", json.dumps(config.to_dict(), sort_keys=True))
     try:
         summary = run_training(config, register_tags)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):   # Ray Train turns Ctrl-C into SystemExit once it has aborted
         print(f"interrupted: the same command with --run-name {config.run_name} continues from the last "
               "checkpoint", file=sys.stderr)
         return 130

@@ -151,6 +151,32 @@ def test_checkpoint_round_trip_continues_identically(tmp_path, monkeypatch):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
 
 
+def test_unrecorded_checkpoint_is_the_newest_complete_folder(tmp_path):
+    """What a resumed worker takes beyond Ray's record: the newest step folder whose files all read; a
+    partly written one is skipped, and nothing is offered at or below the recorded step."""
+    import shutil
+
+    from astromer.train import checkpoint_dir_name, unrecorded_checkpoint
+
+    config = TrainConfig(preset="tiny")
+    model = build_model(config)
+    optimizer, scheduler = make_optimizer(model, config)
+    run = tmp_path / "storage" / "my-run"
+    for step in (3, 6):
+        save_checkpoint(run / checkpoint_dir_name(step), model, optimizer, scheduler, TrainState(step=step))
+    shutil.copytree(run / checkpoint_dir_name(6), run / checkpoint_dir_name(9))
+    model_file = run / checkpoint_dir_name(9) / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])          # the copy was cut short
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")     # Ray's own files are not checkpoints
+    storage = str(tmp_path / "storage")
+    assert unrecorded_checkpoint(storage, "my-run", 3) == str(run / checkpoint_dir_name(6))
+    assert unrecorded_checkpoint(storage, "my-run", -1) == str(run / checkpoint_dir_name(6))
+    assert unrecorded_checkpoint(storage, "my-run", 6) is None
+    assert unrecorded_checkpoint(storage, "other-run", -1) is None
+    save_checkpoint(run / checkpoint_dir_name(12, final=True), model, optimizer, scheduler, TrainState(step=12))
+    assert unrecorded_checkpoint(storage, "my-run", 6) == str(run / "step-00000012-final")
+
+
 def test_probed_score_baselines_see_only_what_the_model_sees():
     from astromer.train import ProbedScore
 

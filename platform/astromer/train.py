@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -514,22 +515,68 @@ def save_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, stat
     return folder
 
 
-def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=None,
-                    device: torch.device | str = "cpu") -> TrainState:
-    """Restore model (safetensors), optimiser/scheduler/RNG (weights_only) and the train state."""
+def read_checkpoint(folder: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[dict, dict, dict]:
+    """A checkpoint's three parts, read and checked: the model's tensors (safetensors), the optimiser,
+    scheduler and RNG state (``weights_only``: no code is unpickled) and the train state. Raises on a missing
+    or damaged file, before anything is applied."""
     from safetensors.torch import load_file
 
     from astromer.weights import MODEL_FILE
 
     folder = Path(folder)
-    _unwrap(model).load_state_dict(load_file(str(folder / MODEL_FILE), device=str(device)))
+    tensors = load_file(str(folder / MODEL_FILE), device=str(device))
     extra = torch.load(folder / TRAINER_STATE_FILE, map_location=device, weights_only=True)
+    return tensors, extra, json.loads((folder / STATE_FILE).read_text())
+
+
+def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=None,
+                    device: torch.device | str = "cpu") -> TrainState:
+    """Restore model (safetensors), optimiser/scheduler/RNG (weights_only) and the train state."""
+    tensors, extra, state = read_checkpoint(folder, device)
+    _unwrap(model).load_state_dict(tensors)
     if optimizer is not None:
         optimizer.load_state_dict(extra["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["torch_rng"].cpu())
-    return TrainState(**json.loads((folder / STATE_FILE).read_text()))
+    return TrainState(**state)
+
+
+_CHECKPOINT_DIR = re.compile(r"step-(\d{8})(-final)?")
+
+
+def checkpoint_dir_name(step: int, final: bool = False) -> str:
+    """The name of a checkpoint's folder under ``storage_path/run_name`` (one place for both ends)."""
+    return f"step-{step:08d}" + ("-final" if final else "")
+
+
+def unrecorded_checkpoint(storage_path: str, run_name: str, after_step: int, device="cpu") -> str | None:
+    """The newest complete checkpoint folder of the run above ``after_step`` (Ray Train's latest record).
+
+    Ray writes a reported checkpoint's files, then records it; a job interrupted between the two (Ctrl-C
+    did so for the last two checkpoints in one trial) leaves complete checkpoints that Ray does not offer
+    on resume. A folder counts when all its files read (a partly copied one does not)."""
+    import fsspec
+    import ray.train
+
+    fs, root = fsspec.core.url_to_fs(storage_path)
+    base = f"{root.rstrip('/')}/{run_name}"
+    if not fs.exists(base):
+        return None
+    found = []
+    for path in fs.ls(base, detail=False):
+        match = _CHECKPOINT_DIR.fullmatch(path.rstrip("/").rsplit("/", 1)[-1])
+        if match and int(match.group(1)) > after_step:
+            found.append((int(match.group(1)), fs.unstrip_protocol(path) if "://" in storage_path else path))
+    for _, url in sorted(found, reverse=True):
+        try:
+            with ray.train.Checkpoint(url).as_directory() as folder:
+                read_checkpoint(folder, device)
+        except Exception as exc:    # a damaged or partial folder: the next older one is tried
+            log.warning("checkpoint %s is not usable (%s): skipped", url, exc)
+            continue
+        return url
+    return None
 
 
 # --------------------------------------------------------------------------- plots
@@ -678,6 +725,10 @@ def worker_loop(config_dict: dict) -> None:
     optimizer, scheduler = make_optimizer(model, config)
     state = TrainState(mlflow_run_id=config.mlflow_run_id)
     checkpoint = ray.train.get_checkpoint()
+    newer = _agreed_unrecorded_checkpoint(config, checkpoint, rank, world)
+    if newer is not None:
+        log.warning("rank %d: %s is newer than the checkpoint Ray recorded: resuming from it", rank, newer)
+        checkpoint = ray.train.Checkpoint(newer)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder, model, optimizer, scheduler, device)
@@ -729,6 +780,25 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _agreed_unrecorded_checkpoint(config: TrainConfig, checkpoint, rank: int, world: int) -> str | None:
+    """Rank 0 looks for a complete checkpoint newer than Ray's record (:func:`unrecorded_checkpoint`) and
+    every rank takes its answer, so that all resume from the same step."""
+    choice = None
+    if rank == 0 and config.storage_path and config.run_name:
+        after = -1
+        if checkpoint is not None:
+            match = _CHECKPOINT_DIR.fullmatch(Path(str(checkpoint.path)).name)
+            after = int(match.group(1)) if match else 10**12   # a checkpoint named otherwise: keep Ray's
+        choice = unrecorded_checkpoint(config.storage_path, config.run_name, after)
+    if world > 1:
+        import torch.distributed as dist
+
+        shared = [choice]
+        dist.broadcast_object_list(shared, src=0)
+        choice = shared[0]
+    return choice
 
 
 class CachedBatches:
@@ -864,7 +934,7 @@ class _Loop:
             with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_STAGING}{os.getpid()}-") as folder:
                 save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                                 checkpoint_dir_name=f"step-{self.state.step:08d}" + ("-final" if final else ""))
+                                 checkpoint_dir_name=checkpoint_dir_name(self.state.step, final))
         else:
             ray.train.report(metrics, checkpoint=None)
 
