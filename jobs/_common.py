@@ -73,7 +73,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def complete(config: TrainConfig, prefix: str = "pretrain") -> TrainConfig:
     """Fill the settings that depend on the environment: lake, corpus, run name, storage, tracking, the
-    schedule length (from the lake's Parquet metadata: no data is read)."""
+    schedule length (from the lake's Parquet footers; with a label set, the selected curves' ids too).
+    Raises ValueError or FileNotFoundError for a selection that cannot train."""
+    from astromer.data import partitions
+
     config.lake = config.lake or settings.default_lake()
     if not config.corpus:
         config.corpus = "-".join(sorted(config.surveys or {survey for survey, _ in partitions(config.lake)}))
@@ -98,12 +101,6 @@ def complete(config: TrainConfig, prefix: str = "pretrain") -> TrainConfig:
         log.warning("--warmup-steps %d is not shorter than the run's %d steps: the learning rate never reaches "
                     "--lr", config.warmup_steps, config.total_steps)
     return config
-
-
-def partitions(lake: str) -> list[tuple[str, str]]:
-    from astromer.data import partitions as lake_partitions
-
-    return lake_partitions(lake)
 
 
 def count_curves(config: TrainConfig) -> int:
