@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -58,6 +59,9 @@ def setup_tracking(uri: str | None = None) -> str:
     uri = uri or settings.tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # a model is two files of a few MB: MLflow's per-transfer progress bars were all that jobs printed of it
+    # (MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true brings them back)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return uri
 
 
