@@ -186,8 +186,10 @@ def test_sigkill_during_map_then_rerun_gives_the_same_lake(tmp_path, client):
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    # the finished map tasks of the killed run were not redone
+    # the finished map tasks of the killed run were not redone, and the run says how many it took over
     assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())
+    assert f"{len(done_before)} of 16 inputs mapped already" in rerun.stdout
+    assert f"done (resumed: {len(done_before)} inputs mapped by an earlier run)" in rerun.stdout
 
     reference = run_ingest("synthetic", source, str(clean), client=client, progress=False)
     assert reference.curves == 4800

@@ -83,6 +83,7 @@ class IngestResult:
     observations: int = 0
     labels: int = 0
     quarantined_inputs: int = 0
+    resumed_inputs: int = 0           # inputs a killed run of the same ingest had mapped already
     quarantine: list = field(default_factory=list)   # (input, reason, detail)
     bands: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -99,7 +100,9 @@ class IngestResult:
         mb_rate = self.inputs_bytes / self.seconds / 1e6 if self.seconds else 0.0
         rows = [
             ("survey", self.survey), ("lake", self.lake), ("ingest id", self.ingest_id),
-            ("status", self.status), ("inputs", f"{self.inputs:,} ({self.inputs_bytes / 1e6:,.1f} MB)"),
+            ("status", self.status + (f" (resumed: {self.resumed_inputs:,} inputs mapped by an earlier run)"
+                                      if self.resumed_inputs else "")),
+            ("inputs", f"{self.inputs:,} ({self.inputs_bytes / 1e6:,.1f} MB)"),
             ("curves", f"{self.curves:,}"), ("observations", f"{self.observations:,}"),
             ("labels", f"{self.labels:,}"),
             ("bands", ", ".join(f"{b}: {n:,}" for b, n in sorted(self.bands.items())) or "-"),
@@ -485,7 +488,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     if fs.exists(record_path):
         record = read_json(fs, record_path)
         if record.get("status") == "done" and _published_by(paths, out_survey) == ingest_id:
-            result = IngestResult(**{**record["result"], "status": "unchanged", "lake": lake,
+            result = IngestResult(**{**record["result"], "status": "unchanged", "lake": lake, "resumed_inputs": 0,
                                      "seconds": time.perf_counter() - started, "stage_seconds": stages})
             print(result.summary(), file=stream)
             return result
@@ -495,6 +498,10 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     # its reduce task is submitted the moment its last shard is mapped and runs beside the remaining
     # map tasks (the parts are the same as if every map task had finished first).
     t0, c0 = time.perf_counter(), time.process_time()
+    mapped_before = len(fs.glob(f"{run}/map/*.json"))   # a killed run of this ingest: its markers are kept
+    if mapped_before:
+        print(f"resuming ingest {ingest_id}: {mapped_before:,} of {len(plan.inputs):,} inputs mapped already",
+              file=stream)
     context = client.scatter(plan.context, broadcast=True) if plan.context else {}
     groups = input_groups(plan.inputs, threads)
     futures = [client.submit(map_group, survey, [(i, plan.inputs[i], shas[i]) for i in group], context, lake,
@@ -536,6 +543,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     # finish ----------------------------------------------------------------------------------------
     t0, c0 = time.perf_counter(), time.process_time()
     result = _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake)
+    result.resumed_inputs = mapped_before
     stages["finish"] = time.perf_counter() - t0
     stage_cpu["finish"] = time.process_time() - c0
     result.seconds = time.perf_counter() - started
