@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:
-            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+            ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     if args.gpus_per_actor > 0:
         try:
             check_gpus(args.gpus_per_actor * args.actors)

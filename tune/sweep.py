@@ -146,7 +146,8 @@ def sweep(layers: np.ndarray, y: np.ndarray, object_ids: np.ndarray, class_names
             "class_names": list(class_names), "fold": folds[0], "max_epochs": max_epochs, "patience": patience,
             "curves": curves if finetune_choice else None, "model_dir": model_dir}
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address=settings.ray_address(), include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
     registry.setup_tracking()
     experiment_id = registry.experiment_id(experiment)
     name = run_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True, help=f"one of {', '.join(ev.DATASETS)}")
     parser.add_argument("--band", "--bands", dest="bands", nargs="+")
     parser.add_argument("--samples-per-class", type=int, default=100)
+    parser.add_argument("--max-per-class", type=int, default=None,
+                        help="a random subset of at most N objects per class (quick sweeps on large sets)")
     parser.add_argument("--num-samples", type=int, default=16, help="trials")
     parser.add_argument("--max-epochs", type=int, default=60)
     parser.add_argument("--grace-period", type=int, default=5, help="epochs before ASHA may stop a trial")
@@ -215,9 +218,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dataset not in ev.DATASETS:
         parser.error(f"unknown dataset {args.dataset!r}")
+    if args.grace_period > args.max_epochs:
+        parser.error(f"--grace-period {args.grace_period} is longer than --max-epochs {args.max_epochs}")
     spec = ev.DATASETS[args.dataset]
     if args.bands:
         spec = dataclasses.replace(spec, bands=tuple(args.bands))
+    if args.max_per_class:
+        spec = dataclasses.replace(spec, max_per_class=args.max_per_class)
     lake = args.lake or settings.default_lake()
     try:   # the set and the model, checked before any trial
         data = ev.load_labelled_set(lake, spec)

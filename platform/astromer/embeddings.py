@@ -337,8 +337,10 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
     new_dir = posixpath.join(staging, "survey")
     fs.makedirs(new_dir, exist_ok=True)
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
+        from astromer import settings
+
+        ray.init(address=settings.ray_address(), ignore_reinit_error=True, include_dashboard=False,
+                 configure_logging=False, log_to_driver=False)
     if gpus_per_actor > 0:
         check_gpus(gpus_per_actor * actors)
     device = "cuda" if gpus_per_actor > 0 else "cpu"

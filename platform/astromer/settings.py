@@ -61,3 +61,10 @@ def ray_results_dir() -> Path:
     path = home() / "ray_results"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def ray_address() -> str:
+    """Where a job's Ray is: ``$RAY_ADDRESS`` (set by ``ray job submit`` and the local stack's env.sh), else
+    ``"local"``, a Ray of its own. Ray's own default would join whatever cluster ``ray start`` last left
+    on this machine, even one that is gone: the sweep waited on a killed head's address that way."""
+    return os.environ.get("RAY_ADDRESS") or "local"
