@@ -116,8 +116,8 @@ def init_ray(config: TrainConfig) -> None:
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
+    address = settings.ray_address()
+    if address != "local":
         ray.init(address=address, log_to_driver=True)
     else:
         # address="local": never join a stray cluster. The dashboard (on loopback) serves the state API that
@@ -282,8 +282,8 @@ def finish_run(config: TrainConfig, result, register_tags: dict) -> dict:
     tags = {"run_name": config.run_name, "corpus": config.corpus, "preset": config.preset,
             "surveys": ",".join(config.surveys or []) or "all", "bands": ",".join(config.bands or []) or "all",
             "step": int(metrics.get("step", 0)), **config.tags, **register_tags}
-    earlier = registry.version_with_tag(name, "run_name", config.run_name)
-    if earlier is not None and registry.version_tags(name, earlier).get("step") == str(tags["step"]):
+    earlier = registry.version_with_tags(name, {"run_name": config.run_name, "step": tags["step"]})
+    if earlier is not None:
         # a finished run started again: nothing trained since it registered this version
         log.warning("%s version %d holds this run's model at step %s already: nothing registered", name, earlier,
                     tags["step"])

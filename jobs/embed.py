@@ -49,7 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    import os
 
     import ray
     from astromer.commands import USER_ERRORS, report_usage_error
@@ -63,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         return report_usage_error(exc)
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
+        if settings.ray_address() != "local":
+            ray.init(address=settings.ray_address())
         else:
             ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     if args.gpus_per_actor > 0:

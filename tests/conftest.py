@@ -55,7 +55,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
                  log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

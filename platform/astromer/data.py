@@ -291,8 +291,7 @@ def count_selected_curves(spec: DataSpec) -> int:
     lookup = label_lookup(spec)
     fs = LakePaths(spec.lake).fs
     count = 0
-    for url in dict.fromkeys(unit["url"] for unit in units):
-        survey = next(unit["survey"] for unit in units if unit["url"] == url)
+    for url, survey in {unit["url"]: unit["survey"] for unit in units}.items():   # a file per row groups
         with fs.open(url, "rb") as handle:
             ids = pq.read_table(handle, columns=["object_id"]).column("object_id").to_pylist()
         count += sum((survey, object_id) in lookup for object_id in ids)

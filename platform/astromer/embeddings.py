@@ -293,10 +293,12 @@ def check_gpus(needed: float) -> None:
     on a cluster the autoscaler may still add GPU nodes, so there it is only said."""
     import ray
 
+    from astromer import settings
+
     have = ray.cluster_resources().get("GPU", 0)
     if needed <= have:
         return
-    if not os.environ.get("RAY_ADDRESS"):
+    if settings.ray_address() == "local":
         raise ValueError(f"the actors ask for {needed:g} GPU(s) and this machine's Ray has {have:g}: "
                          "--gpus-per-actor 0 embeds on the CPU")
     log.warning("the actors ask for %g GPU(s) and the cluster has %g now: waiting for its autoscaler to add "

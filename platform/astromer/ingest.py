@@ -473,8 +473,9 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     keys = [i.key for i in plan.inputs]
     if len(set(keys)) != len(keys):
         raise ValueError("the plan has duplicate input keys")
+    published = published_inputs(paths, out_survey)     # read once: for this check and the re-run's below
     if not replace:
-        check_keeps_published(paths, out_survey, source, set(keys) | {i.url for i in plan.inputs})
+        check_keeps_published(published, out_survey, source, set(keys) | {i.url for i in plan.inputs})
     threads = sum(client.nthreads().values()) or 1
     shas = [sha for group_shas in client.gather(client.map(
         checksum_group, [[plan.inputs[i] for i in group]
@@ -487,7 +488,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     record_path = f"{run}/record.json"
     if fs.exists(record_path):
         record = read_json(fs, record_path)
-        if record.get("status") == "done" and _published_by(paths, out_survey) == ingest_id:
+        if record.get("status") == "done" and published and published[0]["ingest_id"] == ingest_id:
             result = IngestResult(**{**record["result"], "status": "unchanged", "lake": lake, "resumed_inputs": 0,
                                      "seconds": time.perf_counter() - started, "stage_seconds": stages})
             print(result.summary(), file=stream)
@@ -610,16 +611,21 @@ def no_inputs_message(reader, survey: str, source: str) -> str:
             "subfolders, a glob only as written (use **/ to reach into subfolders)")
 
 
-def check_keeps_published(paths: LakePaths, survey: str, source: str, held: set[str]) -> None:
-    """Raise :class:`DropsPublishedInputs` when the survey published in the lake holds curves from inputs
-    that the new source does not hold. ``held``: the new inputs' keys and URLs. A published input is held
-    when either matches: its URL when the new source is a folder above the old one (its key, relative to
-    the source, then changes), its key when the same files moved elsewhere."""
+def published_inputs(paths: LakePaths, survey: str) -> list[dict]:
+    """The rows of the survey's published manifest (input, url, curves, ingest_id); none before its first
+    ingest."""
     manifest = f"{paths.ingest(survey)}/manifest.parquet"
     if not paths.fs.exists(manifest):
-        return
+        return []
     with paths.fs.open(manifest, "rb") as handle:
-        published = pq.read_table(handle, columns=["input", "url", "curves"]).to_pylist()
+        return pq.read_table(handle, columns=["input", "url", "curves", "ingest_id"]).to_pylist()
+
+
+def check_keeps_published(published: list[dict], survey: str, source: str, held: set[str]) -> None:
+    """Raise :class:`DropsPublishedInputs` when the published survey (:func:`published_inputs`) holds curves
+    from inputs that the new source does not hold. ``held``: the new inputs' keys and URLs. A published input
+    is held when either matches: its URL when the new source is a folder above the old one (its key, relative
+    to the source, then changes), its key when the same files moved elsewhere."""
     dropped = [row for row in published if row["curves"] and row["input"] not in held and row["url"] not in held]
     if dropped:
         shown = ", ".join(row["input"] for row in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
@@ -628,15 +634,6 @@ def check_keeps_published(paths: LakePaths, survey: str, source: str, held: set[
             f"{len(dropped):,} input(s) that {source} does not have ({shown}). An ingest publishes the whole "
             "survey, so these would be removed. Give one source that holds every file (a folder or a glob), "
             "pass --replace to replace the survey, or --as NAME to ingest this source as another survey")
-
-
-def _published_by(paths: LakePaths, survey: str) -> str | None:
-    manifest = f"{paths.ingest(survey)}/manifest.parquet"
-    if not paths.fs.exists(manifest):
-        return None
-    with paths.fs.open(manifest, "rb") as handle:
-        ids = pq.read_table(handle, columns=["ingest_id"]).column("ingest_id").to_pylist()
-    return ids[0] if ids else None
 
 
 def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) -> IngestResult:

@@ -41,12 +41,13 @@ IMPORT_EXPERIMENT = "astromer-imports"
 MODEL_DIR_ARTIFACT = "model_dir"   # key of the pyfunc artifact holding model.safetensors + config.json
 MODEL_FILES = ("model.safetensors", "config.json")
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")   # a registered name, or a corpus inside one
 _URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 
 
 def pretrained_name(corpus: str) -> str:
     """Registered name of an Astromer 2 pretrained on ``corpus`` (a lake or survey mix name)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", corpus or ""):
+    if not _NAME.fullmatch(corpus or ""):
         raise ValueError(f"corpus name {corpus!r} must be letters, digits, '.', '_' or '-'")
     return f"astromer2-{corpus}"
 
@@ -197,19 +198,16 @@ def register_model_dir(model_dir: str | Path, name: str, tags: dict[str, Any] | 
     return version
 
 
-def version_with_tag(name: str, key: str, value: str) -> int | None:
-    """The newest version of registered model ``name`` whose tag ``key`` is ``value`` (None: none, or no model)."""
+def version_with_tags(name: str, tags: dict[str, Any]) -> int | None:
+    """The newest version of registered model ``name`` that carries all of ``tags`` (None: none, or no such
+    model). Jobs use it to find what they registered before: a run name at a step, a checkpoint's digest."""
     setup_tracking()
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):   # it goes into a filter string
+    if not _NAME.fullmatch(name):   # it goes into a filter string
         raise ValueError(f"model name {name!r} must be letters, digits, '.', '_' or '-'")
+    wanted = {k: str(v) for k, v in tags.items()}
     found = [int(mv.version) for mv in MlflowClient().search_model_versions(f"name = '{name}'")
-             if mv.tags.get(key) == value]
+             if all(mv.tags.get(k) == v for k, v in wanted.items())]
     return max(found) if found else None
-
-
-def version_tags(name: str, version: int | str) -> dict[str, str]:
-    setup_tracking()
-    return dict(MlflowClient().get_model_version(name, str(version)).tags)
 
 
 def _wait_ready(client: MlflowClient, name: str, version: int, timeout_s: float = 60.0) -> None:

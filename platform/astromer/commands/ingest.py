@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from astromer import settings
+from astromer.commands import USER_ERRORS, report_usage_error
 
 
 def parse_mapping(text: str | None) -> dict[str, str]:
@@ -40,8 +41,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-#: the options only the long-format readers read
-LONG_FORMAT_OPTIONS = ("columns", "band", "delimiter")
+#: the options only some readers read, and those readers
+READER_OPTIONS = {"columns": ("csv", "parquet"), "band": ("csv", "parquet"), "delimiter": ("csv",)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,14 +79,10 @@ def run(args) -> int:
 
     from astromer.ingest import DEFAULT_PART_BYTES, run_ingest
 
-    given = [f"--{name}" for name in LONG_FORMAT_OPTIONS if getattr(args, name)]
-    if given and args.survey not in ("csv", "parquet"):
-        print(f"error: {', '.join(given)} apply to --survey csv and parquet; the {args.survey} reader reads its "
-              "own format", file=sys.stderr)
-        return 2
-    if args.delimiter and args.survey != "csv":
-        print("error: --delimiter applies to --survey csv", file=sys.stderr)
-        return 2
+    for name, readers in READER_OPTIONS.items():
+        if getattr(args, name) and args.survey not in readers:
+            return report_usage_error(ValueError(f"--{name} apply to --survey {' and '.join(readers)}; the "
+                                                 f"{args.survey} reader reads its own format"))
     source = args.source
     if "://" not in source and "::" not in source:
         source = os.path.abspath(source)   # the manifest records where the inputs were, from any folder
@@ -103,9 +100,8 @@ def run(args) -> int:
                             processes=args.processes, progress=not args.no_progress,
                             part_bytes=(args.part_mb << 20) if args.part_mb else DEFAULT_PART_BYTES,
                             stream=sys.stdout, replace=args.replace)
-    except (ValueError, FileNotFoundError, ConnectionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, ConnectionError) as exc:
+        return report_usage_error(exc)
     if result.exit_code:
         print(f"error: no input of {args.source} could be ingested; why, for the first of them:", file=sys.stderr)
         for key, reason, detail in result.quarantine[:5]:

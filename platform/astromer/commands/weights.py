@@ -40,11 +40,11 @@ def _import(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {args.out_dir} ({args.preset}, {model.num_parameters():,} parameters)")
     if args.register:
-        from astromer.registry import register_model_dir, version_with_tag
+        from astromer.registry import register_model_dir, version_with_tags
         from astromer.weights import weights_digest
 
         digest = weights_digest(args.out_dir)
-        same = version_with_tag(args.register, "weights_sha256", digest)
+        same = version_with_tags(args.register, {"weights_sha256": digest})
         if same is not None:   # importing the same checkpoint again adds no version
             print(f"{args.register} version {same} holds these weights already: nothing registered")
             return 0
