@@ -79,7 +79,10 @@ def test_train_logs_metrics_plots_and_registers(ray_local, mlflow_sqlite, lake):
     assert first["registered"] == name and first["version"] == 1
     assert client.get_model_version_by_alias(name, "candidate").version in (1, "1")
     assert registry.production_version(name) == 1
-    assert _checkpoint_steps(config)[-1] == 6
+    # the last step (a multiple of --checkpoint-every) is checkpointed once, as the final checkpoint
+    steps = _checkpoint_steps(config)
+    assert steps[-1] == 6 and steps.count(6) == 1
+    assert (Path(config.storage_path) / config.run_name / "step-00000006-final").is_dir()
 
     # the registered production model loads from safetensors
     import astromer

@@ -875,10 +875,12 @@ class _Loop:
                 if config.val_every and state.step % config.val_every == 0:
                     self.read_steps()
                     self.validate(val_batches)
-                if state.step % config.checkpoint_every == 0:
+                ends_run = self.state.finished or state.step >= self.max_steps
+                # a run's last step is checkpointed once, by finish(), as the final checkpoint
+                if state.step % config.checkpoint_every == 0 and not ends_run:
                     self.read_steps()               # a non-finite step raises here, before the checkpoint
                     self.report_checkpoint()
-                if self.state.finished or state.step >= self.max_steps:
+                if ends_run:
                     self.read_steps()
                     self._epoch_metrics(epoch_windows, epoch_t0)   # a partial last epoch
                     break
