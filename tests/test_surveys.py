@@ -109,3 +109,19 @@ def test_all_readers_are_registered():
         assert get_reader(name).name == name
     with pytest.raises(ValueError):
         get_reader("nope")
+
+
+def test_macho_unreadable_header_is_quarantined_with_readable_text():
+    from astromer.surveys.base import Members
+    from astromer.surveys.macho import parse_members
+
+    body = b"48823.477419 -6.081 0.156\n48823.487014 -6.041 0.141\n"
+    good = b"#Field Tile Seq RA(hour) Dec(deg) Filter\n#1 3444 614 5.02878 -69.171 B\n#MJD Mag Err\n" + body
+    bad = b"#Field Tile Seq RA(hour) Dec(deg) Filter\n#1 3444 615 \xe9t\xe9 -69.171 B\n#MJD Mag Err\n" + body
+    batch = Batch()
+    parse_members(Members.from_pairs([("lc_1.3444.614.B.mjd", good), ("lc_1.3444.615.B.mjd", bad)]),
+                  ["a.tar:614", "a.tar:615"], batch)
+    (row,) = [q for q in batch.quarantine if q[1] == "bad_header"]
+    assert row[0] == "a.tar:615"
+    # the detail is text a reader can read, with the undecodable bytes marked, not a bytes repr
+    assert row[2].startswith("header lines: '") and "\ufffdt\ufffd" in row[2] and "b'" not in row[2]

@@ -190,7 +190,8 @@ def _identify(name: str, header: list[bytes], source_file: str, batch: Batch):
             object_id, band = f"{field_}.{tile}.{seq}", filt
     except (ValueError, UnicodeDecodeError):
         if header:
-            batch.quarantine.append((source_file, "bad_header", repr(b"\n".join(header)[:200])))
+            text = b"\n".join(header)[:200].decode("utf-8", "replace")   # readable in the report, not a bytes repr
+            batch.quarantine.append((source_file, "bad_header", f"header lines: {text!r}"))
     return object_id, band, ra, dec
 
 
