@@ -261,11 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{dataset} (macro F1 etc., mean ± std over folds; {table}):\n")
         print(table.read_text() if table.exists() else f"(missing: {table})")
     print(f"\nregistered model: {model_uri} (run {trained.get('run_name')}, {trained.get('step', 0):.0f} steps; "
-          f"validation RMSE {trained.get('val_rmse', float('nan')):.4f} against "
-          f"{trained.get('val_baseline_rmse', float('nan')):.4f} for predicting the window mean; "
           f"production is version {trained.get('production')})")
+    print(reconstruction_summary(trained))
     print_duckdb(lake, trained["registered"], str(trained["version"]), surveys[0])
-    pngs = sorted(p for folder in results.values() for p in folder.rglob("*.png"))
+    pngs = pretraining_plots(trained, out / "pretrain", tracking)
+    pngs += sorted(p for folder in results.values() for p in folder.rglob("*.png"))
     print(f"\nfigures ({len(pngs)} PNGs, also logged to MLflow):")
     for png in pngs:
         print(f"  {png}")
@@ -278,6 +278,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nthe runs are on the tracking server: {tracking}")
     print(f"stage logs: {logs}")
     return 0
+
+
+#: the baselines the validation scores the model against (astromer.train.ProbedScore), in print order
+BASELINES = (("baseline", "window mean"), ("interp", "interpolation"), ("smoother", "smoother"))
+
+
+def reconstruction_summary(metrics: dict) -> str:
+    """The model's validation RMSE on all probed values and on the hidden ones, each beside every baseline,
+    and, plainly, the best baseline when it does better than the model (a short demo run often does not
+    beat the smoother)."""
+    lines = ["validation RMSE (mag), model against the baselines:"]
+    for subset, what in (("", "all probed values"), ("hidden_", "hidden values only")):
+        model = metrics.get(f"val_{subset}rmse")
+        if model is None:
+            continue
+        baselines = {label: metrics[f"val_{subset}{key}_rmse"] for key, label in BASELINES
+                     if f"val_{subset}{key}_rmse" in metrics}
+        shown = ", ".join(f"{label} {value:.4f}" for label, value in baselines.items())
+        lines.append(f"  {what}: model {model:.4f}; {shown}")
+        if baselines:
+            label, best = min(baselines.items(), key=lambda kv: kv[1])
+            if best < model:
+                lines.append(f"    the {label} does better than this model: more pretraining (or the imported "
+                             "official weights) is needed for reconstructions worth having")
+    return "\n".join(lines)
+
+
+def pretraining_plots(trained: dict, folder: Path, tracking: str) -> list[Path]:
+    """The pretraining run's learning curve and reconstruction plot, fetched from MLflow into ``folder``."""
+    import mlflow
+    from astromer.registry import setup_tracking
+
+    setup_tracking(tracking)
+    run_id = trained.get("mlflow_run_id")
+    if not run_id:
+        return []
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="plots", dst_path=str(folder))
+    except Exception as exc:                      # noqa: BLE001 - the figures are a convenience here
+        print(f"(the pretraining plots could not be fetched from MLflow: {exc})")
+        return []
+    return sorted(Path(local).rglob("*.png"))
 
 
 def print_duckdb(lake: Path, model: str, version: str, survey: str) -> None:

@@ -49,6 +49,14 @@ def test_quickstart_runs_every_stage_and_prints_the_report(quickstart):
     assert "array_cosine_similarity" in out and "query failed" not in out
     pngs = [Path(line.strip()) for line in out.splitlines() if line.strip().endswith(".png")]
     assert pngs and all(p.is_file() and p.stat().st_size > 1000 for p in pngs)
+    # the pretraining run's figures are fetched from MLflow beside the classification ones
+    assert {"learning_curve.png", "reconstruction.png"} <= {p.name for p in pngs}
+    # the reconstruction is scored against every baseline, on all probed values and on the hidden ones
+    scores = re.findall(r"^  (all probed values|hidden values only): model (\d\.\d+); window mean (\d\.\d+), "
+                        r"interpolation (\d\.\d+), smoother (\d\.\d+)$", out, re.M)
+    assert [s[0] for s in scores] == ["all probed values", "hidden values only"], out[-3000:]
+    beaten = sum(min(float(v) for v in values[1:]) < float(values[0]) for _, *values in scores)
+    assert out.count("does better than this model") == beaten
     assert f"mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'} --host 127.0.0.1" in out
 
 

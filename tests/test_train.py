@@ -17,6 +17,7 @@ from astromer.train import (
     build_model,
     evaluate,
     fit_windows,
+    learning_curve_panels,
     learning_curve_png,
     load_checkpoint,
     make_optimizer,
@@ -261,3 +262,16 @@ def test_fit_windows_learns_and_plots(tmp_path):
     assert png.read_bytes()[:4] == curve.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="no curves"):
         fit_windows(model, [], config)
+
+
+def test_learning_curve_panels_split_hidden_and_drop_a_loss_equal_to_the_rmse():
+    rmse = [(1, 0.5), (2, 0.4)]
+    val = {"val_rmse": [(2, 0.3)], "val_baseline_rmse": [(2, 0.35)], "val_hidden_rmse": [(2, 0.33)],
+           "val_hidden_smoother_rmse": [(2, 0.31)]}
+    (probed, names), (hidden, hidden_names) = learning_curve_panels({"train_loss": rmse, "train_rmse": rmse, **val})
+    assert names.keys() == {"train_rmse", "val_rmse", "val_baseline_rmse"}
+    assert hidden_names.keys() == {"val_hidden_rmse", "val_hidden_smoother_rmse"} and "hidden" in hidden
+    # a weighted loss differs from the RMSE: both are drawn; without hidden series there is one panel
+    (_, names), = learning_curve_panels({"train_loss": [(1, 0.9), (2, 0.7)], "train_rmse": rmse,
+                                         "val_rmse": [(2, 0.3)]})
+    assert names.keys() == {"train_loss", "train_rmse", "val_rmse"}

@@ -585,36 +585,80 @@ def unrecorded_checkpoint(storage_path: str, run_name: str, after_step: int, dev
 REFERENCE_MARKERS = tuple(name for name in ProbedScore.NAMES if name != "model")
 
 
+#: colours by what a line measures, the same in both panels: the model's lines solid, each baseline dashed
+#: in its own colour, so "model vs smoother" reads the same on the probed and the hidden panel
+LINE_COLOURS = {"train": "tab:orange", "loss": "tab:brown", "model": "tab:blue", "baseline": "0.4",
+                "interp": "tab:green", "smoother": "tab:purple"}
+
+
+def _line_kind(name: str) -> str | None:
+    """What a learning-curve series measures: a baseline's name, 'model' (validation), 'train', or None."""
+    parts = name.split("_")
+    for marker in REFERENCE_MARKERS:
+        if marker in parts:
+            return marker
+    if parts[0] == "val":
+        return "model"
+    if parts[0] == "train":
+        return "loss" if parts[-1] == "loss" else "train"
+    return None
+
+
+def learning_curve_panels(history: dict[str, list[tuple[int, float]]]) -> list[tuple[str, dict]]:
+    """The learning curve's panels: (title, {name: sorted points}) over all probed values, then over the
+    hidden values alone (``*_hidden_*``) when there are any. A training loss equal to the training RMSE
+    (the plain loss) is left out: it would hide under the RMSE's line."""
+    series = {name: sorted(points) for name, points in history.items() if points}
+    loss, rmse = series.get("train_loss"), series.get("train_rmse")
+    if loss and rmse and len(loss) == len(rmse) and np.allclose([v for _, v in loss], [v for _, v in rmse]):
+        del series["train_loss"]
+    panels = [("all probed values", {n: p for n, p in series.items() if "_hidden_" not in n})]
+    hidden = {n: p for n, p in series.items() if "_hidden_" in n}
+    if hidden:
+        panels.append(("hidden values only (masked or replaced: inferred, not copied)", hidden))
+    return panels
+
+
 def learning_curve_png(history: dict[str, list[tuple[int, float]]], path: str | os.PathLike,
                        title: str = "learning curve") -> Path:
-    """Plot metric histories {name: [(step, value), ...]} against step (log y). Long per-step series
-    (the training loss of small batches jumps by a factor of several) are drawn faint with their running
-    mean on top; the baselines' scores are dashed, so the model's lines stand out against them."""
+    """Plot metric histories {name: [(step, value), ...]} against step: one panel over all probed values,
+    one over the hidden ones alone (``*_hidden_*`` series) when there are any. Long per-step series (the
+    training loss of small batches jumps by a factor of several) are drawn faint with their running mean on
+    top; the baselines are dashed. The y axis is linear and sized to the validation lines and baselines,
+    so the gap between the model and the baselines is what the eye sees (early training values above it
+    are cut off)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for name, points in sorted(history.items()):
-        if not points:
-            continue
-        steps, values = (np.asarray(v, dtype=float) for v in zip(*sorted(points)))
-        style = dict(ls="--", lw=1.2) if any(m in name for m in REFERENCE_MARKERS) else dict(lw=1.6, marker="o", ms=3)
-        if len(steps) >= 30:
-            width = max(5, len(steps) // 20)
-            (raw,) = ax.plot(steps, values, lw=0.8, alpha=0.25)
-            smooth = np.convolve(values, np.ones(width) / width, mode="valid")
-            ax.plot(steps[width - 1:], smooth, color=raw.get_color(), label=f"{name} (mean of {width})",
-                    **{**style, "marker": None})
-        else:
-            ax.plot(steps, values, label=name, **style)
-    ax.set_xlabel("step")
-    ax.set_ylabel("probed RMSE (mag)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title(title)
+    panels = learning_curve_panels(history)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.4 * len(panels) + 0.6), sharex=True, squeeze=False)
+    for ax, (subtitle, lines) in zip(axes[:, 0], panels):
+        top = []
+        for name, points in sorted(lines.items()):
+            steps, values = (np.asarray(v, dtype=float) for v in zip(*points))
+            kind = _line_kind(name)
+            colour = LINE_COLOURS.get(kind)
+            style = dict(ls="--", lw=1.3) if kind in REFERENCE_MARKERS else dict(lw=1.6, marker="o", ms=3)
+            if len(steps) >= 30:
+                width = max(5, len(steps) // 20)
+                (raw,) = ax.plot(steps, values, lw=0.8, alpha=0.25, color=colour)
+                smooth = np.convolve(values, np.ones(width) / width, mode="valid")
+                ax.plot(steps[width - 1:], smooth, color=raw.get_color(), label=f"{name} (mean of {width})",
+                        **{**style, "marker": None})
+                top.append(float(np.max(smooth[len(smooth) // 4:])) if kind in ("train", "loss") else float(np.max(values)))
+            else:
+                ax.plot(steps, values, label=name, color=colour, **style)
+                top.append(float(np.max(values[len(values) // 4:])) if kind in ("train", "loss") else float(np.max(values)))
+        if top and all(np.isfinite(top)):
+            ax.set_ylim(0.0, 1.15 * max(top))
+        ax.set_ylabel("RMSE (mag)")
+        ax.set_title(subtitle, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -622,31 +666,49 @@ def learning_curve_png(history: dict[str, list[tuple[int, float]]], path: str | 
 
 
 @torch.no_grad()
-def reconstruction_png(model, batch: dict, path: str | os.PathLike, n: int = 4) -> Path:
-    """A few validation windows: visible observations, probed true values and their reconstruction."""
+def reconstruction_png(model, batch: dict, path: str | os.PathLike, n: int = 4, title: str | None = None) -> Path:
+    """A few validation windows: the visible observations, the probed ones told apart (hidden: the model saw
+    the [MASK] token or a random value and has to infer them; shown: kept as they were, so they could be
+    copied) and the reconstruction of each. A panel's title scores its hidden values against the window
+    mean and the smoother (:class:`ProbedScore`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     model.eval()
-    pred = model(batch["times"], batch["mags_in"], batch["padding"], batch["hidden"]).float().cpu().numpy()
-    n = min(n, pred.shape[0])
-    fig, axes = plt.subplots(n, 1, figsize=(8, 2.2 * n), squeeze=False)
-    for k in range(n):
-        ax = axes[k, 0]
-        real = ~batch["padding"][k].cpu().numpy()
-        probed = batch["probed"][k].cpu().numpy() & real
-        t = batch["times"][k].cpu().numpy()
-        y = batch["target"][k].cpu().numpy()
-        ax.scatter(t[real & ~probed], y[real & ~probed], s=6, c="0.6", label="visible")
-        ax.scatter(t[probed], y[probed], s=10, c="tab:blue", label="probed (true)")
-        ax.scatter(t[probed], pred[k][probed], s=10, c="tab:red", marker="x", label="reconstructed")
-        ax.invert_yaxis()
+    pred = model(batch["times"], batch["mags_in"], batch["padding"], batch["hidden"]).float()
+    # the windows with the most hidden values first: a window with one or two says little
+    counts = (batch["hidden"] & batch["probed"] & ~batch["padding"]).sum(1).cpu()
+    order = torch.argsort(counts, descending=True, stable=True)[:min(n, pred.shape[0])].tolist()
+    fig, axes = plt.subplots(len(order), 1, figsize=(9, 2.4 * len(order) + 0.4), squeeze=False)
+    for row, k in enumerate(order):
+        ax = axes[row, 0]
+        one = {key: value[k:k + 1].cpu() for key, value in batch.items()}
+        real = ~one["padding"][0].numpy()
+        probed = one["probed"][0].numpy() & real
+        hidden = probed & one["hidden"][0].numpy()
+        t, y, p = one["times"][0].numpy(), one["target"][0].numpy(), pred[k].cpu().numpy()
+        ax.scatter(t[real & ~probed], y[real & ~probed], s=6, c="0.65", label="visible")
+        ax.scatter(t[hidden], y[hidden], s=14, c="tab:blue", label="hidden (true value)")
+        ax.scatter(t[probed & ~hidden], y[probed & ~hidden], s=14, facecolors="none", edgecolors="tab:blue",
+                   label="probed, shown as is (true value)")
+        ax.scatter(t[probed], p[probed], s=14, c="tab:red", marker="x", label="reconstructed")
+        ax.invert_yaxis()                        # brighter up, as magnitudes are drawn
         ax.set_ylabel("mag - mean")
-        if k == 0:
-            ax.legend(fontsize=7, loc="upper right")
+        score = ProbedScore()
+        score.add(pred[k:k + 1], one)
+        scores = score.result("w")
+        label = f"window {row + 1}: {int(hidden.sum())} hidden of {int(real.sum())} observations"
+        if "w_hidden_rmse" in scores:
+            label += (f"; hidden RMSE model {scores['w_hidden_rmse']:.3f}, window mean "
+                      f"{scores['w_hidden_baseline_rmse']:.3f}, smoother {scores['w_hidden_smoother_rmse']:.3f}")
+        ax.set_title(label, fontsize=8)
+        if row == 0:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel("days from window centre")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -914,6 +976,8 @@ class _Loop:
                          result["val_interp_rmse"], result["val_smoother_rmse"],
                          result.get("val_hidden_rmse", float("nan")),
                          result.get("val_hidden_baseline_rmse", float("nan")))
+                with tempfile.TemporaryDirectory() as tmp:
+                    self.learning_curve(tmp)
                 if self.state.best_val is None or val < self.state.best_val:
                     self.state.best_val, self.state.evals_since_best = val, 0
                 else:
@@ -953,18 +1017,31 @@ class _Loop:
         self.state.metrics = results
         self.report_checkpoint(results, final=True)
 
+    #: the series of the learning curve: training, validation and the baselines, on all probed values
+    #: and on the hidden ones alone
+    CURVE_SERIES = ("train_loss", "train_rmse", *(f"val_{subset}{name}rmse" for subset in ("", "hidden_")
+                                                    for name in ("", "baseline_", "interp_", "smoother_")))
+
+    def _title(self) -> str:
+        return f"{self.config.run_name or 'run'} ({self.config.preset}, {self.config.loss} loss), step {self.state.step}"
+
+    def learning_curve(self, folder: str | os.PathLike) -> None:
+        """Write and log plots/learning_curve.png (after each validation too: a long run shows its progress
+        in MLflow while it trains)."""
+        if self.tracker.active:
+            history = self.tracker.history(*self.CURVE_SERIES)
+            self.tracker.artifact(learning_curve_png(history, Path(folder) / "learning_curve.png",
+                                                     title=self._title()), "plots")
+
     def _plots(self, val_batches) -> None:
         if not self.tracker.active:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            history = self.tracker.history("train_loss", "train_rmse", "val_rmse", "val_baseline_rmse",
-                                           "val_interp_rmse", "val_smoother_rmse", "val_hidden_rmse",
-                                           "val_hidden_baseline_rmse", "val_hidden_smoother_rmse")
-            self.tracker.artifact(learning_curve_png(history, Path(tmp) / "learning_curve.png"), "plots")
+            self.learning_curve(tmp)
             first = next(iter(val_batches()), None)
             if first is not None:
-                self.tracker.artifact(reconstruction_png(self.model, first, Path(tmp) / "reconstruction.png"),
-                                      "plots")
+                self.tracker.artifact(reconstruction_png(self.model, first, Path(tmp) / "reconstruction.png",
+                                                         title=f"validation windows: {self._title()}"), "plots")
 
 
 # --------------------------------------------------------------------------- in-process finetuning
