@@ -99,6 +99,10 @@ def test_duckdb_views_and_iter_curves_with_cleaning_stats(small_lake):
     classes = dict(con.execute("SELECT label, count(*) FROM labels WHERE survey = 'synthetic' "
                                "AND label_set = 'class' GROUP BY label").fetchall())
     assert sum(classes.values()) == 60 and set(classes) <= {"RRab", "RRc", "Cepheid", "EB", "LPV"}
+    # the simulator's true periods, which the classification figures fold the curves by
+    periods = con.execute("SELECT min(label::DOUBLE), max(label::DOUBLE), count(*) FROM labels "
+                          "WHERE survey = 'synthetic' AND label_set = 'period'").fetchone()
+    assert periods[2] == 60 and 0.24 <= periods[0] and periods[1] <= 700
     stats = CleaningStats()
     curves = list(iter_curves(small_lake, surveys="macho", stats=stats))
     assert stats.curves == 19 and stats.dropped_by_flag["ERR_ABOVE_ONE"] == 73

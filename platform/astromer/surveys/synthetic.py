@@ -33,11 +33,14 @@ import numpy as np
 
 from astromer.surveys.base import Batch, Input, Plan
 
-#: bumped whenever the simulated curves change: part of each partition's checksum (and ingest id)
-SIMULATOR_VERSION = 2
+#: bumped whenever the simulated curves or labels change: part of each partition's checksum (and ingest id)
+#: (3: the ``period`` label set)
+SIMULATOR_VERSION = 3
 CLASSES = ("RRab", "RRc", "Cepheid", "EB", "LPV")
 CLASS_WEIGHTS = (0.3, 0.15, 0.2, 0.25, 0.1)
 LABEL_SET = "class"
+#: each object's true period in days, as text (the label set the classification figures fold curves by)
+PERIOD_LABEL_SET = "period"
 MJD_START = 48800.0
 
 
@@ -62,7 +65,7 @@ class SyntheticReader:
         inputs = [Input(key=f"synthetic-seed{spec['seed']}-part-{p:05d}", url=source, size=0,
                         options={**spec, "start": p * per, "stop": min(n, (p + 1) * per)})
                   for p in range(math.ceil(n / per))]
-        return Plan(inputs=inputs, label_sets=(LABEL_SET,))
+        return Plan(inputs=inputs, label_sets=(LABEL_SET, PERIOD_LABEL_SET))
 
     def checksum(self, item: Input) -> str:
         spec = {**item.options, "simulator_version": SIMULATOR_VERSION}
@@ -77,6 +80,7 @@ class SyntheticReader:
                 batch.add_curve(obj["object_id"], band, mjd, mag, err, source_file=item.key,
                                 ra=obj["ra"], dec=obj["dec"])
             batch.labels.append((obj["object_id"], LABEL_SET, obj["class"]))
+            batch.labels.append((obj["object_id"], PERIOD_LABEL_SET, f"{obj['period']:.6f}"))
         return batch
 
 
