@@ -138,7 +138,14 @@ def test_classify_job_runs_protocol_with_baselines_and_logs_to_mlflow(labelled_l
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and parents[0].info.run_name == "toy-classify"
-    assert len(nested) == 6
+    assert len(nested) == 8          # frozen, random encoder, features + RF, the commonest-class reference
+    # each row says how many distinct objects its smallest class trained on; the learned layer weights are kept
+    for spc in (4, 8):
+        row = next(r for r in results["summary"] if r["method"] == ev.METHOD_FROZEN and r["samples_per_class"] == spc)
+        assert 1 <= row["train_objects"] <= spc
+    gammas = {(g["method"], g["samples_per_class"]): np.array(g["per_fold"]) for g in results["gammas"]}
+    assert gammas[(ev.METHOD_FROZEN, 4)].shape[0] == 2
+    assert np.allclose(gammas[(ev.METHOD_FROZEN, 4)].sum(1), 1.0, atol=1e-5)
     assert all("f1_mean" in r.data.metrics and "f1_std" in r.data.metrics for r in nested)
 
 

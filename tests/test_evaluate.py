@@ -66,6 +66,13 @@ def test_folds_nest_scenarios_and_sample_with_replacement():
     assert set(ids[f3.train]) <= set(ids[f8.train]) <= set(ids[f40.train])
     assert len(f40.train) == 4 * 40
     assert len(set(ids[f40.train])) < len(f40.train)  # short classes repeat objects
+    # the fewest distinct objects a class trains on: the 5-object class has one in its training pool
+    data = ev.LabelledSet("toy", np.asarray(ids), np.full(len(ids), "V"), np.asarray(labels), ["a", "b", "c", "d"],
+                          [None] * len(ids))
+    for fold in (f3, f40):
+        per_class = [len(set(ids[fold.train][labels[fold.train] == c])) for c in range(4)]
+        assert ev.distinct_training_objects(data, fold) == min(per_class) == 1
+    assert len(set(ids[f3.train][labels[f3.train] == 0])) == 3 < len(set(ids[f40.train][labels[f40.train] == 0]))
 
 
 def test_folds_reject_bad_input():
@@ -137,7 +144,9 @@ def test_scores_summary_and_markdown_table():
     assert row["f1_mean"] == pytest.approx((1 + half["f1"]) / 2)
     assert row["f1_std"] == pytest.approx(abs(1 - half["f1"]) / 2)
     table = ev.markdown_table([row], title="toy")
-    assert "| skip | 20 | 2 |" in table and f"{row['f1_mean']:.3f} ± {row['f1_std']:.3f}" in table
+    assert "| skip | 20 | 2 | - |" in table and f"{row['f1_mean']:.3f} ± {row['f1_std']:.3f}" in table
+    (row,) = ev.summarise([{**r, "train_objects": k} for r, k in zip(results, (7, 9))])
+    assert row["train_objects"] == 8 and "| skip | 20 | 2 | 8 |" in ev.markdown_table([row])
 
 
 def _synthetic_curves(n_per_class=30, seed=0):

@@ -37,12 +37,13 @@ def test_quickstart_runs_every_stage_and_prints_the_report(quickstart):
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and "±" in cells[3]:
-            rows[cells[0]] = [float(c.split("±")[0]) for c in cells[3:]]
-    assert {"astromer skip (frozen)", "random encoder skip", "light-curve features + RF"} <= set(rows), rows
+        if len(cells) == 8 and "±" in cells[4]:
+            rows[cells[0]] = [float(c.split("±")[0]) for c in cells[4:]]
+    assert {"astromer skip (frozen)", "random encoder skip", "light-curve features + RF",
+            "commonest test class (reference)"} <= set(rows), rows
     assert all(0.0 <= v <= 1.0 for scores in rows.values() for v in scores)
     # the classical baseline separates the simulated classes: labels and curves are joined correctly
-    assert rows["light-curve features + RF"][0] > 0.5
+    assert rows["light-curve features + RF"][0] > 0.5 > rows["commonest test class (reference)"][0]
 
     # the DuckDB report counts what was ingested (150 objects in two bands)
     assert re.search(r"synthetic\s*│\s*B\s*│\s*150\s*│", out) and re.search(r"synthetic\s*│\s*R\s*│\s*150\s*│", out)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -361,14 +362,24 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, 
             "accuracy": float(accuracy_score(y_true, y_pred))}
 
 
+def distinct_training_objects(data: LabelledSet, fold: Fold) -> int:
+    """The fewest distinct objects any class trains on in ``fold``: a class shorter than the scenario is
+    sampled with replacement, so "500 per class" may be far fewer objects drawn again and again."""
+    train_objects, train_labels = data.object_ids[fold.train], data.y[fold.train]
+    return int(min(len(set(train_objects[train_labels == c].tolist())) for c in np.unique(train_labels)))
+
+
 def summarise(results: list[dict]) -> list[dict]:
-    """Group per-fold results by (method, samples_per_class): mean and standard deviation (ddof 0)."""
+    """Group per-fold results by (method, samples_per_class): mean and standard deviation (ddof 0), and
+    the mean over folds of the fewest distinct training objects in a class."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["method"], r["samples_per_class"]), []).append(r)
     out = []
     for (method, spc), rs in groups.items():
         row = {"method": method, "samples_per_class": spc, "n_folds": len(rs)}
+        if all("train_objects" in r for r in rs):
+            row["train_objects"] = float(np.mean([r["train_objects"] for r in rs]))
         for m in METRICS:
             vals = np.array([r[m] for r in rs], dtype=float)
             row[f"{m}_mean"], row[f"{m}_std"] = float(vals.mean()), float(vals.std())
@@ -377,14 +388,20 @@ def summarise(results: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict], title: str | None = None) -> str:
-    """One row per (method, samples per class): macro F1, precision, recall, accuracy as mean ± std."""
+    """One row per (method, samples per class): the fewest distinct training objects in a class, then
+    macro F1, precision, recall, accuracy as mean ± std over the folds."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["| method | samples per class | folds | macro F1 | macro precision | macro recall | accuracy |",
-              "| --- | ---: | ---: | --- | --- | --- | --- |"]
+    lines += ["| method | samples per class | folds | distinct training objects (fewest in a class) | macro F1 "
+              "| macro precision | macro recall | accuracy |",
+              "| --- | ---: | ---: | ---: | --- | --- | --- | --- |"]
     for row in summary:
         cells = [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in METRICS]
-        lines.append(f"| {row['method']} | {row['samples_per_class']} | {row['n_folds']} | " + " | ".join(cells)
-                     + " |")
+        distinct = f"{row['train_objects']:.0f}" if "train_objects" in row else "-"
+        lines.append(f"| {row['method']} | {row['samples_per_class']} | {row['n_folds']} | {distinct} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "± is the standard deviation over the folds (ddof 0). A class with fewer objects than the "
+              "scenario asks is sampled with replacement: the distinct objects column says how many it really "
+              "had. The reference row gives every test curve the test set's commonest class."]
     return "\n".join(lines) + "\n"
 
 
@@ -465,50 +482,73 @@ def _pyplot():
     return plt
 
 
+def _tick_labels(ax, class_names: Sequence[str]) -> None:
+    """Class names on both axes; the predicted ones turned only when they are long enough to collide."""
+    n = len(class_names)
+    longest = max((len(str(c)) for c in class_names), default=0)
+    rotation, align = (0, "center") if longest <= 4 else ((45, "right") if longest <= 14 else (90, "center"))
+    ax.set_xticks(range(n), class_names, rotation=rotation, ha=align, fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+
+
 def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str], path: str | Path,
                    title: str = "") -> Path:
-    """Row-normalised confusion matrix with counts."""
+    """Row-normalised confusion matrix (each true class's share predicted as each class) with counts, and
+    the macro F1 of these predictions under the title."""
     from sklearn.metrics import confusion_matrix
 
     plt = _pyplot()
     n = len(class_names)
     cm = confusion_matrix(y_true, y_pred, labels=list(range(n)))
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    size = max(4.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    size = max(4.5, 0.45 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 0.8, size))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
             if cm[i, j]:
-                ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=7,
+                share = f"{norm[i, j]:.2f}" if norm[i, j] >= 0.005 else "<0.01"
+                ax.text(j, i, f"{share}\n({cm[i, j]})", ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), class_names, rotation=90, fontsize=8)
-    ax.set_yticks(range(n), class_names, fontsize=8)
+    _tick_labels(ax, class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    f1 = scores(np.asarray(y_true), np.asarray(y_pred), n)["f1"]
+    heading = "\n".join(textwrap.wrap(title, 48)) if title else ""
+    ax.set_title(f"{heading}\nmacro F1 {f1:.3f} over these {len(y_true)} predictions".strip(), fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="share of the true class")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def plot_gammas(gammas: np.ndarray, path: str | Path, title: str = "", spread: np.ndarray | None = None) -> Path:
-    """The learned softmax layer weights: input embedding, then block 1..n."""
+    """The learned softmax layer weights (input embedding, then block 1..n), each bar's value printed on it.
+    The axis is zoomed around the uniform weight 1/k: weights that moved little from it still show."""
     plt = _pyplot()
+    gammas = np.asarray(gammas, dtype=float)
     k = len(gammas)
     names = ["input"] + [f"block {i}" for i in range(1, k)]
-    fig, ax = plt.subplots(figsize=(max(4, 0.8 * k + 2), 3.2))
-    ax.bar(range(k), gammas, yerr=spread, color="tab:blue", capsize=3)
-    ax.axhline(1.0 / k, color="grey", ls="--", lw=1, label="uniform")
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * k + 2.5), 3.4))
+    uniform = 1.0 / k
+    ax.bar(range(k), gammas - uniform, bottom=uniform, yerr=spread, color="tab:blue", capsize=3,
+           error_kw={"label": "± std over folds"} if spread is not None else {})
+    ax.axhline(uniform, color="grey", ls="--", lw=1, label=f"uniform (1/{k})")
+    reach = float(np.max(np.abs(gammas - uniform) + (np.asarray(spread) if spread is not None else 0.0)))
+    pad = max(reach * 1.35, 0.01)
+    ax.set_ylim(max(0.0, uniform - pad), uniform + pad)
+    for i, g in enumerate(gammas):
+        ax.annotate(f"{g:.3f}", (i, g), xytext=(0, 3 if g >= uniform else -10), textcoords="offset points",
+                    ha="center", fontsize=7)
     ax.set_xticks(range(k), names, rotation=30)
     ax.set_ylabel("softmax(gamma)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -533,21 +573,28 @@ def embedding_map(x: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def plot_map(coords: np.ndarray, y: np.ndarray, class_names: Sequence[str], path: str | Path,
-             title: str = "") -> Path:
+             title: str = "", bands: np.ndarray | None = None) -> Path:
+    """2-D map coloured by class; with ``bands`` of more than one band, one marker shape per band (an
+    object observed in two bands is two points)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     cmap = plt.get_cmap("tab20" if len(class_names) > 10 else "tab10")
+    names = sorted(set(np.asarray(bands).tolist())) if bands is not None else []
+    shapes = dict(zip(names, "o^sDvP*X")) if len(names) > 1 else {}
     for c, name in enumerate(class_names):
-        sel = y == c
-        if sel.any():
-            ax.scatter(coords[sel, 0], coords[sel, 1], s=6, alpha=0.7, color=cmap(c % cmap.N), label=name)
+        for band in shapes or [None]:
+            sel = (y == c) if band is None else (y == c) & (np.asarray(bands) == band)
+            if sel.any():
+                ax.scatter(coords[sel, 0], coords[sel, 1], s=8, alpha=0.7, color=cmap(c % cmap.N),
+                           marker=shapes.get(band, "o"), label=name if band is None else f"{name} ({band})")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, markerscale=2, loc="best", ncol=1 + len(class_names) // 12)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
+    # beside the map, not over its points
+    ax.legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(class_names) // 25)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -566,13 +613,15 @@ def plot_attention(panels: list[dict], path: str | Path, title: str = "") -> Pat
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
+    # one colour scale for every panel, so colours compare across classes
+    top = max(float(np.max(p["attention"])) for p in panels) if panels else 1.0
     for ax, p in zip(axes.ravel(), panels):
-        sc = ax.scatter(p["x"], p["mag"], c=p["attention"], s=8, cmap="viridis")
+        sc = ax.scatter(p["x"], p["mag"], c=p["attention"], s=8, cmap="viridis", vmin=0.0, vmax=top)
         ax.invert_yaxis()
         ax.set_xlabel(p.get("xlabel", "time"), fontsize=8)
         ax.set_ylabel("magnitude", fontsize=8)
-        ax.set_title(p["name"], fontsize=9)
-        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="attention")
+        ax.set_title("\n".join(textwrap.wrap(p["name"], 40)), fontsize=8)
+        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="attention / uniform")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -790,6 +839,9 @@ METHOD_FROZEN = "astromer skip (frozen)"
 METHOD_FINETUNED = "astromer skip (finetuned)"
 METHOD_RANDOM = "random encoder skip"
 METHOD_RF = "light-curve features + RF"
+#: a reference, not a method: every test curve given the test set's commonest class (the accuracy that
+#: says nothing was learnt on an imbalanced test set)
+METHOD_COMMONEST = "commonest test class (reference)"
 
 
 def _slug(text: str) -> str:
@@ -888,7 +940,8 @@ def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str |
     maps: dict = {}
     largest = max(settings.protocol.samples_per_class)
     for fold in folds:
-        key_base = {"fold": fold.fold, "samples_per_class": fold.samples_per_class}
+        key_base = {"fold": fold.fold, "samples_per_class": fold.samples_per_class,
+                    "train_objects": distinct_training_objects(data, fold)}
         skip_inputs = dict(cached)
         if settings.finetune:
             skip_inputs[METHOD_FINETUNED] = _finetuned_layers(model, data, fold, settings,
@@ -905,19 +958,23 @@ def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str |
             predictions.setdefault((method, fold.samples_per_class), []).append((data.y[fold.test], pred))
             gammas.setdefault((method, fold.samples_per_class), []).append(clf.head.gammas())
             if fold.fold == 0 and fold.samples_per_class == largest and method != METHOD_RANDOM:
-                maps[method] = (clf.pooled(layers[fold.test]), data.y[fold.test])
+                maps[method] = (clf.pooled(layers[fold.test]), data.y[fold.test], fold.test)
         if features is not None:
             rf = train_random_forest(features[rows], data.y[rows], seed=fold.fold, n_estimators=settings.rf_trees,
                                      sample_weight=weights)
             pred = predict_random_forest(rf, features[fold.test])
             results.append({"method": METHOD_RF, **key_base, **scores(data.y[fold.test], pred, n_classes)})
             predictions.setdefault((METHOD_RF, fold.samples_per_class), []).append((data.y[fold.test], pred))
-        last = {r["method"]: round(r["f1"], 3) for r in results[-len(skip_inputs) - (features is not None):]}
+            commonest = np.full(len(fold.test), np.bincount(data.y[fold.test], minlength=n_classes).argmax())
+            results.append({"method": METHOD_COMMONEST, "fold": fold.fold, "samples_per_class": fold.samples_per_class,
+                            **scores(data.y[fold.test], commonest, n_classes)})
+        last = {r["method"]: round(r["f1"], 3) for r in results[-len(skip_inputs) - 2 * (features is not None):]
+                if r["method"] != METHOD_COMMONEST}
         say(f"[{data.name}] fold {fold.fold} / {fold.samples_per_class} per class: macro F1 {last} "
             f"({time.perf_counter() - t0:.0f} s)")
 
     summary = summarise(results)
-    order = [METHOD_FROZEN, METHOD_FINETUNED, METHOD_RANDOM, METHOD_RF]
+    order = [METHOD_FROZEN, METHOD_FINETUNED, METHOD_RANDOM, METHOD_RF, METHOD_COMMONEST]
     summary.sort(key=lambda r: (order.index(r["method"]), r["samples_per_class"]))
     title = (f"{data.name}: {n_classes} classes, {len(set(data.object_ids))} objects, "
              f"{settings.protocol.n_folds} folds")
@@ -925,7 +982,10 @@ def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str |
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(__import__("json").dumps(
         {"dataset": data.name, "classes": data.class_names, "settings": settings.to_dict(), "results": results,
-         "summary": summary, "dropped": data.dropped}, indent=2, default=float))
+         "summary": summary, "dropped": data.dropped,
+         # the learned layer weights, softmax(gamma) per fold: input embedding, then block 1..n
+         "gammas": [{"method": method, "samples_per_class": spc, "per_fold": np.stack(g).tolist()}
+                    for (method, spc), g in gammas.items()]}, indent=2, default=float))
 
     figures: dict[tuple, list[Path]] = {}
     for (method, spc), pairs in predictions.items():
@@ -940,12 +1000,14 @@ def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str |
                                      f"{data.name}: {method}, {spc} per class", spread=g.std(0)))
         figures[(method, spc)] = paths
     extra: list[Path] = []
-    for method, (pooled, y) in maps.items():
+    for method, (pooled, y, test_rows) in maps.items():
         if len(pooled) >= 5:
             keep = _subsample_per_class(y, 150, seed=0)
             extra.append(plot_map(embedding_map(pooled[keep]), y[keep], data.class_names,
                                   out / f"tsne-{_slug(method)}.png",
-                                  f"{data.name}: t-SNE of test embeddings ({method}, fold 0, {largest} per class)"))
+                                  f"{data.name}: t-SNE of the test curves as the classifier sees them (its "
+                                  f"standardised, layer-weighted embedding; {method}, fold 0, {largest} per class)",
+                                  bands=data.bands[test_rows[keep]]))
     try:
         extra.append(attention_figure(model, data, out / "attention-first-block.png"))
     except ValueError as exc:  # a model without attention maps, or no curve to show
@@ -968,26 +1030,31 @@ def _subsample_per_class(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 def attention_figure(model, data: LabelledSet, path: str | Path) -> Path:
     """First-block attention received per observation, for one well-sampled curve per class, over the
-    phase-folded curve when the object's period is known (else over time)."""
+    phase-folded curve when the object's period is known (else over time). One window per panel: the
+    longest curve that fits in one, else the first window of the longest curve, as the panel says."""
     from astromer.embeddings import observation_detail
 
+    length = model.config.window_length
     panels = []
     for c, name in enumerate(data.class_names):
         rows = np.flatnonzero(data.y == c)
         if len(rows) == 0:
             continue
-        # the curve with the most observations that still fits in one window shows the whole curve
         lengths = np.array([len(data.curves[i][0]) for i in rows])
-        fits = rows[lengths <= model.config.window_length]
-        row = int(fits[np.argmax([len(data.curves[i][0]) for i in fits])]) if len(fits) else int(rows[0])
-        mjd, mag, err = data.curves[row]
+        fits = lengths <= length
+        row = int(rows[fits][np.argmax(lengths[fits])] if fits.any() else rows[np.argmax(lengths)])
+        mjd, mag, err = (np.asarray(a)[:length] for a in data.curves[row])
+        n_all = len(data.curves[row][0])
         detail = observation_detail(model, mjd, mag, err)
         x, xlabel = fold_phase(mjd, data.periods.get(str(data.object_ids[row])))
-        panels.append({"name": f"{name}: {data.object_ids[row]} ({data.bands[row]})", "x": x, "mag": mag,
-                       "attention": detail["attention_received"], "xlabel": xlabel})
+        shown = f"first {len(mjd)} of {n_all} observations" if n_all > len(mjd) else f"{n_all} observations"
+        panels.append({"name": f"{name}: {data.object_ids[row]} ({data.bands[row]}), {shown}", "x": x, "mag": mag,
+                       # relative to uniform attention (1 / the window's observations): 1 means an average share
+                       "attention": detail["attention_received"] * len(mjd), "xlabel": xlabel})
     if not panels:
         raise ValueError("no curve to show")
-    return plot_attention(panels, path, f"{data.name}: first-block attention received per observation")
+    return plot_attention(panels, path, f"{data.name}: first-block attention received per observation "
+                                        "(1 = a uniform share)")
 
 
 def _log_to_mlflow(data: LabelledSet, settings: RunSettings, results: list[dict], summary: list[dict],
