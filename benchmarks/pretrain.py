@@ -67,7 +67,8 @@ def bench_loop(config: dict) -> None:
 
         def batches():
             while True:
-                yield from iter_batches(shard, cfg.batch_size, drop_last=True, device=device)
+                yield from iter_batches(shard, cfg.batch_size, drop_last=True, device=device,
+                                        shuffle_buffer=cfg.shuffle_buffer)
 
     warmup = config.get("warmup", WARMUP_STEPS)
     total = warmup + config["steps"]
@@ -125,13 +126,13 @@ def train_rate(cfg: TrainConfig, source: str, workers: int, steps: int, datasets
         return float(json.load(fh)["windows_per_s"])
 
 
-def stream_rate(datasets: dict, batch_size: int, min_windows: int) -> float:
+def stream_rate(datasets: dict, batch_size: int, min_windows: int, shuffle_buffer: int = 0) -> float:
     """Windows/s of the training stream itself (read, clean, window, probe, batch), no model. The clock
     starts at the first batch, as the trainers' does after their warm-up steps: the start of the first pass
     (Ray Data's planning, the workers' start) is not throughput."""
     seen, t0 = 0, None
     while seen < min_windows:
-        for batch in iter_batches(datasets["train"], batch_size, drop_last=True):
+        for batch in iter_batches(datasets["train"], batch_size, drop_last=True, shuffle_buffer=shuffle_buffer):
             if t0 is None:
                 t0 = time.perf_counter()
                 continue
@@ -199,7 +200,7 @@ def stream_by_tasks(args, spec: DataSpec) -> dict:
         tasks_spec = dataclasses.replace(spec, read_tasks=requested)
         tasks = read_task_count(tasks_spec, len(units))
         rate = stream_rate(make_datasets(tasks_spec), args.gpu_batch_size,
-                           min_windows=max(20 * args.gpu_batch_size, 2 * curves))
+                           min_windows=max(20 * args.gpu_batch_size, 2 * curves), shuffle_buffer=args.shuffle_buffer)
         out[f"stream_{'default_' if requested == 0 else ''}{tasks}_tasks_windows_per_s"] = rate
         print(f"Ray Data stream alone at batch {args.gpu_batch_size}, {tasks} read task(s) over {len(units)} row "
               f"groups{' (the default)' if requested == 0 else ''}: {rate:8.0f} windows/s", flush=True)
@@ -229,11 +230,12 @@ def gpu_branch(args, spec: DataSpec, datasets: dict) -> dict:
               flush=True)
     best = max(variants, key=lambda k: out.get(f"gpu_{k}_windows_per_s", 0.0))
     out["gpu_best"] = best
-    out["gpu_stream_windows_per_s"] = stream_rate(datasets, args.gpu_batch_size, min_windows=20 * args.gpu_batch_size)
+    out["gpu_stream_windows_per_s"] = stream_rate(datasets, args.gpu_batch_size, min_windows=20 * args.gpu_batch_size,
+                                                  shuffle_buffer=args.shuffle_buffer)
     print(f"Ray Data stream alone at batch {args.gpu_batch_size}: {out['gpu_stream_windows_per_s']:8.0f} windows/s",
           flush=True)
     fed_cfg = TrainConfig(preset=args.preset, batch_size=args.gpu_batch_size, warmup_steps=0, use_gpu=True,
-                          cpus_per_worker=1, compile=GPU_VARIANTS[best][0], compile_mode=GPU_VARIANTS[best][1])
+                          cpus_per_worker=1, shuffle_buffer=args.shuffle_buffer, compile=GPU_VARIANTS[best][0], compile_mode=GPU_VARIANTS[best][1])
     fed = train_rate(fed_cfg, "ray", 1, args.gpu_steps, datasets, warmup=GPU_WARMUP_STEPS)
     out["gpu_ray_data_windows_per_s"] = fed
     out["gpu_fed_ratio"] = fed / out[f"gpu_{best}_windows_per_s"]
@@ -263,6 +265,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stream-tasks", default="1,0",
                         help="read-task counts for the stream alone at the GPU batch size (0: the job's default)")
     parser.add_argument("--stream-only", action="store_true", help="only the stream by read tasks")
+    parser.add_argument("--shuffle-buffer", type=int, default=TrainConfig.shuffle_buffer,
+                        help="windows each worker mixes its batches from, as the job's --shuffle-buffer (0: off)")
     args = parser.parse_args(argv)
 
     import ray
@@ -279,12 +283,13 @@ def main(argv=None) -> int:
 
     quiet_progress()
     cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, warmup_steps=0, lake=lake,
-                      drop_noisy=False, val_fraction=0.0, test_fraction=0.0)
+                      drop_noisy=False, val_fraction=0.0, test_fraction=0.0, shuffle_buffer=args.shuffle_buffer)
     spec = cfg.data_spec()
     datasets = make_datasets(spec)
     results: dict[str, float] = {}
     print(f"lake {lake}; preset {args.preset}; batch {args.batch_size}/worker; {args.steps} timed steps "
-          f"after {WARMUP_STEPS} warm-up steps; torch {torch.__version__}", flush=True)
+          f"after {WARMUP_STEPS} warm-up steps; shuffle buffer {args.shuffle_buffer} windows; "
+          f"torch {torch.__version__}", flush=True)
     if args.stream_only:
         print(json.dumps({k: round(v, 3) for k, v in stream_by_tasks(args, spec).items()}))
         ray.shutdown()
@@ -308,7 +313,8 @@ def main(argv=None) -> int:
               f"{results[f'memory_{workers}w']:8.1f} windows/s (best of {args.rounds}) | ratio "
               f"{results[f'ratio_{workers}w']:.2f} (target >= 0.90)", flush=True)
     if not args.gpu_only:
-        results["stream"] = stream_rate(datasets, args.batch_size, min_windows=20000)
+        results["stream"] = stream_rate(datasets, args.batch_size, min_windows=20000,
+                                        shuffle_buffer=args.shuffle_buffer)
         results["stream_vs_one_worker"] = results["stream"] / results["ray_data_1w"]
         print(f"Ray Data stream alone: {results['stream']:8.1f} windows/s = {results['stream_vs_one_worker']:.1f}x "
               "one worker's consumption (target >= 5x)", flush=True)

@@ -181,7 +181,7 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     """Train with Ray (TorchTrainer over the lake's datasets), then log and register the final model from the
     driver. Returns a summary dict (also printed as JSON by the jobs)."""
     import ray.train
-    from astromer.data import make_datasets, read_lightcurves
+    from astromer.data import make_datasets, read_lightcurves, row_groups
     from mlflow.tracking import MlflowClient
     from ray.train.torch import TorchTrainer
 
@@ -190,7 +190,8 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     client = MlflowClient()
     try:   # from here on, however it ends, the run says so (it never stays RUNNING)
         spec = config.data_spec()
-        source = read_lightcurves(spec)    # the lake's row groups listed once, for the count and the training
+        units = row_groups(spec)           # the lake's row groups listed once, for the count and the training
+        source = read_lightcurves(spec, units=units)
         cleaning = log_cleaning(config, source) if config.count_cleaning else None
         trainer = TorchTrainer(
             worker_loop,
@@ -201,7 +202,7 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
                 name=config.run_name, storage_path=config.storage_path,
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints)),
-            datasets=make_datasets(spec, source),
+            datasets=make_datasets(spec, source, read_lightcurves(spec, shuffle=True, units=units)),
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
         result = trainer.fit()

@@ -151,6 +151,34 @@ def test_split_units_keeps_order_and_balances_rows():
     assert read_task_count(DataSpec(lake="x"), units=10) >= 1
 
 
+def test_deal_units_mixes_surveys_and_balances_rows():
+    from astromer.data import deal_units
+
+    units = ([{"survey": "ogle", "row_group": g, "rows": 2048} for g in range(4)]
+             + [{"survey": "asas", "row_group": g, "rows": 2048} for g in range(4)] + [{"survey": "macho", "rows": 30}])
+    for tasks in (1, 2, 3, 9, 20):
+        shares = deal_units(units, tasks)
+        assert len(shares) == min(tasks, len(units))
+        assert sorted(id(u) for share in shares for u in share) == sorted(id(u) for u in units)   # each once
+        rows = [sum(u["rows"] for u in share) for share in shares]
+        assert max(rows) - min(rows) <= 2048
+    # split in two, each task holds both surveys (consecutive runs would give one survey to each)
+    assert all({u["survey"] for u in share} >= {"ogle", "asas"} for share in deal_units(units, 2))
+
+
+def test_training_read_deals_and_reorders_row_groups_every_pass(ray_local, tmp_path):
+    from astromer.data import read_lightcurves
+
+    root = write_lake(tmp_path / "lake", 1000, band="V", seed=2, n_obs=(10, 30))      # 20 row groups of 50
+    spec = DataSpec(lake=str(root), read_tasks=2)
+    ds = read_lightcurves(spec, shuffle=True)
+    passes = [[r["object_id"] for r in ds.iter_rows()] for _ in range(3)]
+    assert all(sorted(p) == sorted(passes[0]) and len(p) == len(set(p)) == 1000 for p in passes)  # every curve once
+    assert len({tuple(p) for p in passes}) == 3                   # a new order on every pass
+    fixed = [r["object_id"] for r in read_lightcurves(spec).iter_rows()]
+    assert fixed == [r["object_id"] for r in read_lightcurves(spec).iter_rows()]   # validation's read: lake order
+
+
 def _collect(ds) -> dict[str, np.ndarray]:
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -232,9 +260,14 @@ def test_flat_training_windows_match_the_curve_by_curve_ones(tmp_path, clean):
     table = table.append_column("label", pa.array([f"class-{i % 3}" for i in range(table.num_rows)]))
     columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     flat, one_by_one = make_windows(table, spec, "train", False), make_windows(columns, spec, "train", False)
-    assert list(flat["object_id"]) == list(one_by_one["object_id"]) and len(flat["object_id"]) > 60
-    assert list(flat["label"]) == list(one_by_one["label"])
-    np.testing.assert_array_equal(flat["padding"].sum(1), one_by_one["padding"].sum(1))
+    assert sorted(flat["object_id"]) == sorted(one_by_one["object_id"]) and len(flat["object_id"]) > 60
+    # both in a random order of their own, not the row group's
+    in_lake_order = [o for o in columns["object_id"] if o in set(flat["object_id"])]
+    assert list(flat["object_id"]) != in_lake_order and list(one_by_one["object_id"]) != in_lake_order
+    other = {o: k for k, o in enumerate(one_by_one["object_id"])}
+    pairs = [(k, other[o]) for k, o in enumerate(flat["object_id"])]
+    assert all(flat["label"][k] == one_by_one["label"][j] for k, j in pairs)
+    assert all(flat["padding"][k].sum() == one_by_one["padding"][j].sum() for k, j in pairs)
     rows = {o: i for i, o in enumerate(columns["object_id"])}
     for k, object_id in enumerate(flat["object_id"]):
         i = rows[object_id]
@@ -255,7 +288,7 @@ def test_flat_training_windows_match_the_curve_by_curve_ones(tmp_path, clean):
     # a batch without flags (a lake written without them) goes curve by curve, computing them as the ingest does
     no_flags = table.set_column(table.column_names.index("quality"), "quality",
                                 pa.nulls(table.num_rows, pa.list_(pa.uint8())))
-    assert list(make_windows(no_flags, spec, "train", False)["object_id"]) == list(flat["object_id"])
+    assert sorted(make_windows(no_flags, spec, "train", False)["object_id"]) == sorted(flat["object_id"])
 
 
 @pytest.mark.parametrize("clean", [True, False])

@@ -218,7 +218,7 @@ def split_units(units: list[dict], tasks: int) -> list[list[dict]]:
     return runs + [current] if current else runs
 
 
-def read_lightcurves(spec: DataSpec):
+def read_lightcurves(spec: DataSpec, shuffle: bool = False, units: list[dict] | None = None):
     """A lazy Ray Dataset of the selected curves with columns object_id, mjd, mag, err, quality, survey, band.
 
     The read units are the Parquet row groups (about two thousand curves each), listed once in the driver
@@ -231,15 +231,22 @@ def read_lightcurves(spec: DataSpec):
     gave 1.3 to 2.0 times what one did. Before, Ray Data bundled up to 256 row groups (the window map's batch
     size) into a single task, which sent its windows in 128 MiB blocks. Ray Data's own Parquet reader lists
     the folders again on every pass and hands the windowing whole 128 MiB blocks, after the read of each
-    has finished."""
+    has finished.
+
+    ``shuffle`` (training): the row groups are dealt to the tasks across surveys and bands
+    (:func:`deal_units`), and each task reads its share in a new random order on every pass. Consecutive
+    row groups hold one survey and band: read in lake order, each task, and so the batches of the worker it
+    fed, kept to the same surveys, in the same order, pass after pass."""
     import ray.data
 
     quiet_progress()
-    units = row_groups(spec)
-    runs = split_units(units, read_task_count(spec, len(units)))
-    ds = ray.data.from_items([{"units": run} for run in runs], override_num_blocks=len(runs))
+    units = row_groups(spec) if units is None else units     # (``units``: the row groups, already listed)
+    tasks = read_task_count(spec, len(units))
+    shares = deal_units(units, tasks) if shuffle else split_units(units, tasks)
+    ds = ray.data.from_items([{"units": share} for share in shares], override_num_blocks=len(shares))
     ds.context.target_max_block_size = STREAM_BLOCK_BYTES      # this dataset and those derived from it
-    ds = ds.map_batches(_read_units, batch_size=1, batch_format="pyarrow", num_cpus=spec.data_cpus)
+    ds = ds.map_batches(_read_units_shuffled if shuffle else _read_units, batch_size=1, batch_format="pyarrow",
+                        num_cpus=spec.data_cpus)
     if spec.label_set:
         ds = _join_labels(ds, spec)
     return ds
@@ -250,6 +257,28 @@ def _read_units(batch):
     for run in batch.column("units").to_pylist():
         for unit in run:
             yield read_row_group(unit)
+
+
+def _read_units_shuffled(batch):
+    """:func:`_read_units` in a fresh random order on every call (every pass over the data)."""
+    rng = np.random.default_rng()
+    for share in batch.column("units").to_pylist():
+        for k in rng.permutation(len(share)).tolist():
+            yield read_row_group(share[k])
+
+
+def deal_units(units: list[dict], tasks: int) -> list[list[dict]]:
+    """``units`` dealt to ``tasks`` shares of about equal row counts, largest first, each to the share with
+    the fewest rows so far: row groups of similar size (every survey's full ones) go round the tasks, so each
+    share mixes the surveys and bands instead of holding a run of neighbours."""
+    tasks = max(1, min(tasks, len(units)))
+    shares: list[list[dict]] = [[] for _ in range(tasks)]
+    rows = [0] * tasks
+    for unit in sorted(units, key=lambda u: -int(u["rows"])):     # a stable sort keeps the lake order in ties
+        k = rows.index(min(rows))
+        shares[k].append(unit)
+        rows[k] += int(unit["rows"])
+    return shares
 
 
 def label_lookup(spec: DataSpec) -> dict[tuple[str, str], str]:
@@ -480,7 +509,7 @@ def make_windows(batch, spec: DataSpec, split: str, fixed: bool) -> dict:
            "object_id": np.asarray([batch["object_id"][i] for i in rows]).astype(str)}
     if "label" in batch:
         out["label"] = np.asarray([batch["label"][i] for i in rows]).astype(str)
-    return out
+    return out if fixed else _shuffled(out, rng)
 
 
 FLAT_COLUMNS = ("mjd", "mag", "err", "quality")
@@ -593,7 +622,13 @@ def _windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: s
     if "label" in table.column_names:
         labels = table.column("label").to_pylist()
         out["label"] = np.asarray([labels[i] for i in rows]).astype(str)
-    return out
+    return out if fixed else _shuffled(out, rng)
+
+
+def _shuffled(batch: dict, rng: np.random.Generator) -> dict:
+    """The windows of a training batch in random order (a row group holds its curves sorted by object)."""
+    order = rng.permutation(len(batch["times"]))
+    return {k: v[order] for k, v in batch.items()}
 
 
 def _empty_batch(length: int, with_label: bool = False) -> dict:
@@ -615,22 +650,31 @@ def window_dataset(spec: DataSpec, split: str, source=None):
                               batch_format="pyarrow", batch_size=None, num_cpus=spec.data_cpus)
 
 
-def make_datasets(spec: DataSpec, source=None) -> dict:
-    """{'train', 'val', 'test'} lazy datasets over one read of the lake (``source``, else
-    :func:`read_lightcurves`)."""
-    source = read_lightcurves(spec) if source is None else source
-    return {split: window_dataset(spec, split, source) for split in SPLITS}
+def make_datasets(spec: DataSpec, source=None, train_source=None) -> dict:
+    """{'train', 'val', 'test'} lazy datasets: validation and test over ``source`` (else
+    :func:`read_lightcurves` in lake order), training over ``train_source`` (else a shuffled read: new row
+    group orders on every pass; given only ``source``, training reads it too)."""
+    if source is None:
+        units = row_groups(spec)
+        source = read_lightcurves(spec, units=units)
+        train_source = train_source or read_lightcurves(spec, shuffle=True, units=units)
+    return {split: window_dataset(spec, split, (train_source or source) if split == "train" else source)
+            for split in SPLITS}
 
 
 TORCH_COLUMNS = list(BATCH_COLUMNS)
 
 
 def iter_batches(dataset_or_shard, batch_size: int, *, drop_last: bool = False, device="cpu",
-                 prefetch_batches: int = 2):
-    """Torch batches (dict of tensors, the BATCH_COLUMNS) from a Dataset or a worker's DataIterator."""
+                 prefetch_batches: int = 2, shuffle_buffer: int = 0):
+    """Torch batches (dict of tensors, the BATCH_COLUMNS) from a Dataset or a worker's DataIterator.
+
+    ``shuffle_buffer`` (training): each batch is drawn at random from a buffer of at least this many
+    windows (Ray Data's local shuffle), so that one batch mixes the row groups, and so the surveys and
+    bands, that reached this worker lately; without it a batch holds neighbouring curves of one row group."""
     return dataset_or_shard.iter_torch_batches(
         batch_size=batch_size, drop_last=drop_last, device=device, prefetch_batches=prefetch_batches,
-        collate_fn=_collate_fn())
+        local_shuffle_buffer_size=shuffle_buffer or None, collate_fn=_collate_fn())
 
 
 def _collate_fn():

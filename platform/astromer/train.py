@@ -102,6 +102,7 @@ class TrainConfig:
     cpus_per_worker: float = 0.5           # laptop defaults: 2 workers + the data tasks fit 2 cores
     data_cpus: float = 0.25
     read_tasks: int = 0                     # tasks reading and windowing the lake; 0: half the cluster's CPUs
+    shuffle_buffer: int = 4096              # windows each worker mixes its batches from (0: stream order)
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_failures: int = 2
@@ -131,6 +132,8 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "checkpoint_every", "num_workers", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
+        if int(self.shuffle_buffer) < 0:
+            raise ValueError(f"shuffle_buffer={self.shuffle_buffer!r}: expected 0 (off) or a number of windows")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr}: expected a positive learning rate")
         MaskConfig(self.probed, self.same, self.random)   # validates the fractions
@@ -275,7 +278,7 @@ def _nonfinite_message(value: float, step: int, epoch: int, batch_index: int) ->
 
 class StepMetrics:
     """The training steps' loss, RMSE and R2 on the probed subset, summed on the device where they are
-    computed until ``read``. Reading a number back from a GPU waits for all the work queued before it, and
+    computed until ``read``, then averaged over the ranks. Reading a number back from a GPU waits for all the work queued before it, and
     the GPU then idles while the next step is launched; the job's loop reads once per ``log_every`` steps
     instead of after every step (with the fused optimiser, on one H200 at batch 512: 25,100 and 28,900
     against 23,300 windows/s, and 32,500 to 32,800 with CUDA graphs; docs/performance.md). On a CPU it
@@ -310,7 +313,13 @@ class StepMetrics:
         synchronisation."""
         if not self.steps:
             return {}
-        *sums, bad_step, bad_loss = torch.cat([self.sums, self.bad_step[None], self.bad_loss[None]]).tolist()
+        sums = self.sums
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank reads at the same steps: the figures become the mean over all ranks' batches
+            # (rank 0's alone is half the story with 2 workers; the non-finite flags agree already)
+            torch.distributed.all_reduce(sums)
+            sums = sums / torch.distributed.get_world_size()
+        *sums, bad_step, bad_loss = torch.cat([sums, self.bad_step[None], self.bad_loss[None]]).tolist()
         steps, where = self.steps, self.where
         self.sums, self.steps, self.where = None, 0, {}
         if bad_step:
@@ -914,11 +923,20 @@ class _Loop:
 
         config, state = self.config, self.state
         window_t0, windows = time.perf_counter(), 0
+        epoch_t0 = window_t0
+
+        def exclude_since(t: float) -> None:
+            """Leave the time since ``t`` (a validation, a checkpoint) out of the throughput figures."""
+            nonlocal window_t0, epoch_t0
+            pause = time.perf_counter() - t
+            window_t0, epoch_t0 = window_t0 + pause, epoch_t0 + pause
+
         while not self.done():
             epoch_t0, epoch_windows = time.perf_counter(), 0
             self.epoch_loss_sum, self.epoch_steps = 0.0, 0
             for batch_index, batch in enumerate(iter_batches(train_shard, config.batch_size, drop_last=True,
-                                                             device=self.device)):
+                                                             device=self.device,
+                                                             shuffle_buffer=config.shuffle_buffer)):
                 train_step(self.ddp_model, batch, self.optimizer, self.scheduler, config, step=state.step + 1,
                            epoch=state.epoch, batch_index=batch_index, into=self.steps)
                 state.step += 1
@@ -930,18 +948,23 @@ class _Loop:
                     metrics["lr"] = float(self.scheduler.get_last_lr()[0])
                     metrics["windows_per_s"] = windows / max(time.perf_counter() - window_t0, 1e-9)
                     self.tracker.metrics({f"train_{k}": v for k, v in metrics.items()}, state.step)
-                    log.info("step %d epoch %d loss %.4f rmse %.4f r2 %.3f %.0f windows/s", state.step,
-                             state.epoch, metrics.get("loss", float("nan")), metrics.get("rmse", float("nan")),
-                             metrics.get("r2", float("nan")), metrics["windows_per_s"])
+                    if self.rank == 0:              # the figures are every rank's mean: one line, not one per rank
+                        log.info("step %d epoch %d loss %.4f rmse %.4f r2 %.3f %.0f windows/s", state.step,
+                                 state.epoch, metrics.get("loss", float("nan")), metrics.get("rmse", float("nan")),
+                                 metrics.get("r2", float("nan")), metrics["windows_per_s"])
                     window_t0, windows = time.perf_counter(), 0
                 if config.val_every and state.step % config.val_every == 0:
+                    t = time.perf_counter()
                     self.read_steps()
                     self.validate(val_batches)
+                    exclude_since(t)
                 ends_run = self.state.finished or state.step >= self.max_steps
                 # a run's last step is checkpointed once, by finish(), as the final checkpoint
                 if state.step % config.checkpoint_every == 0 and not ends_run:
+                    t = time.perf_counter()
                     self.read_steps()               # a non-finite step raises here, before the checkpoint
                     self.report_checkpoint()
+                    exclude_since(t)
                 if ends_run:
                     self.read_steps()
                     self._epoch_metrics(epoch_windows, epoch_t0)   # a partial last epoch
@@ -956,7 +979,9 @@ class _Loop:
                 state.epoch += 1
                 self._epoch_metrics(epoch_windows, epoch_t0)
                 if not config.val_every:
+                    t = time.perf_counter()
                     self.validate(val_batches)
+                    exclude_since(t)
 
     def _epoch_metrics(self, windows: int, t0: float) -> None:
         if self.epoch_steps:
