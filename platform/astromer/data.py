@@ -2,14 +2,17 @@
 
 Stages, each a ``map_batches`` over Arrow/numpy batches, so the data set streams and is never held whole:
 
-    read     ray.data.read_parquet over the survey/band partition folders of the lake
-    split    train / val / test by a hash of (survey, band, object_id): deterministic and disjoint
+    read     the Parquet row groups of the survey/band partitions, one at a time per read task
+             (train: dealt across surveys and read in a new order on every pass; val/test: lake order)
+    split    train / val / test by a hash of (survey, object_id): deterministic and disjoint
     clean    the paper's cleaning (astromer.lake.cleaning.clean_curve) as a reader-side filter
-    window   train: a fresh random window per curve per pass, fresh probe selection (new entropy each pass)
-             val/test: a window and selection seeded by the curve's hash, identical on every pass
+    window   train: a fresh random window per curve per pass, fresh probe selection (new entropy each pass),
+             the windows in random order; val/test: a window and selection seeded by the curve's hash,
+             identical on every pass
     batch    columns times, mags_in, target, errs (float32 [L]); padding, hidden, probed (bool [L])
 
-Workers pull their share through ``ray.train.get_dataset_shard(...).iter_torch_batches``.
+Workers pull their share through ``ray.train.get_dataset_shard(...)`` and :func:`iter_batches` (training:
+batches drawn from a local shuffle buffer).
 """
 from __future__ import annotations
 
