@@ -340,7 +340,7 @@ def print_duckdb(lake: Path, model: str, version: str, survey: str) -> None:
         "     q AS (SELECT object_id, band, v FROM e ORDER BY object_id, band LIMIT 1)\n"
         "SELECT e.object_id, e.band, l.label, array_cosine_similarity(e.v, q.v) AS similarity\n"
         "FROM e CROSS JOIN q\n"
-        "LEFT JOIN labels l ON l.survey = e.survey AND l.object_id = e.object_id\n"
+        "LEFT JOIN labels l ON l.survey = e.survey AND l.object_id = e.object_id AND l.label_set = 'class'\n"
         "ORDER BY similarity DESC LIMIT 5")
     print(f"\nthe curves most similar to the first one (cosine over {model} v{version} embeddings):")
     print(similar)
