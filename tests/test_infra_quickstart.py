@@ -49,8 +49,10 @@ def test_quickstart_runs_every_stage_and_prints_the_report(quickstart):
     assert re.search(r"synthetic\s*│\s*B\s*│\s*150\s*│", out) and re.search(r"synthetic\s*│\s*R\s*│\s*150\s*│", out)
     assert "array_cosine_similarity" in out and "query failed" not in out
     # the neighbours: five curves, each once (one label set joined, not every set the object has)
-    table = out[out.index("similarity\n", out.index("array_cosine_similarity")):].splitlines()[1:6]
-    assert len({tuple(line.split()[:2]) for line in table}) == 5, table
+    lines = out.splitlines()
+    header = next(k for k, line in enumerate(lines) if line.split()[:4] == ["object_id", "band", "label", "similarity"])
+    neighbours = lines[header + 1:header + 6]
+    assert len({tuple(line.split()[:2]) for line in neighbours}) == 5, neighbours
     pngs = [Path(line.strip()) for line in out.splitlines() if line.strip().endswith(".png")]
     assert pngs and all(p.is_file() and p.stat().st_size > 1000 for p in pngs)
     # the pretraining run's figures are fetched from MLflow beside the classification ones
