@@ -55,13 +55,16 @@ def _history(client, run_id, key):
 
 
 def test_train_logs_metrics_plots_and_registers(ray_local, mlflow_sqlite, lake):
-    config = tiny(lake, "resume-me")
+    config = tiny(lake, "resume-me", max_steps=20, checkpoint_every=5)     # a pass and a third
     first = _common.run_training(config)
     client = MlflowClient()
     run = client.get_run(first["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "resume-me"
-    assert run.data.params["preset"] == "tiny" and run.data.params["max_steps"] == "6"
-    assert [s for s, _ in _history(client, run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
+    assert run.data.params["preset"] == "tiny" and run.data.params["max_steps"] == "20"
+    assert [s for s, _ in _history(client, run.info.run_id, "train_loss")] == list(range(1, 21))
+    # one whole pass, then the partial last one as its fraction of it
+    (whole, one_pass), (last, partial) = _history(client, run.info.run_id, "epoch")
+    assert one_pass == 1 and last == 20 and partial == pytest.approx(1 + (20 - whole) / whole)
     for key in ("train_rmse", "train_r2", "train_windows_per_s", "epoch_loss", "final_val_rmse",
                 "final_test_rmse", "final_val_baseline_rmse", "final_val_r2"):
         assert key in run.data.metrics, key
@@ -81,8 +84,8 @@ def test_train_logs_metrics_plots_and_registers(ray_local, mlflow_sqlite, lake):
     assert registry.production_version(name) == 1
     # the last step (a multiple of --checkpoint-every) is checkpointed once, as the final checkpoint
     steps = _checkpoint_steps(config)
-    assert steps[-1] == 6 and steps.count(6) == 1
-    assert (Path(config.storage_path) / config.run_name / "step-00000006-final").is_dir()
+    assert steps[-1] == 20 and steps.count(20) == 1
+    assert (Path(config.storage_path) / config.run_name / "step-00000020-final").is_dir()
 
     # the registered production model loads from safetensors
     import astromer

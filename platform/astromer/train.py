@@ -905,6 +905,7 @@ class _Loop:
         self.max_steps = config.max_steps or 10**12
         self.steps = StepMetrics()              # read at log, validation and checkpoint steps, epoch ends
         self.epoch_loss_sum, self.epoch_steps = 0.0, 0
+        self.full_epoch_steps: int | None = None    # steps of the last whole pass (a partial one's fraction)
 
     def read_steps(self) -> dict[str, float]:
         """The steps' figures since the last read (the loop's only host synchronisation between
@@ -967,7 +968,7 @@ class _Loop:
                     exclude_since(t)
                 if ends_run:
                     self.read_steps()
-                    self._epoch_metrics(epoch_windows, epoch_t0)   # a partial last epoch
+                    self._epoch_metrics(epoch_windows, epoch_t0, partial=True)
                     break
             else:
                 self.read_steps()
@@ -977,16 +978,25 @@ class _Loop:
                         f"batch_size x num_workers = {config.batch_size * self.world} (check the selection, "
                         "the cleaning settings and the split fractions)")
                 state.epoch += 1
+                self.full_epoch_steps = self.epoch_steps
                 self._epoch_metrics(epoch_windows, epoch_t0)
                 if not config.val_every:
                     t = time.perf_counter()
                     self.validate(val_batches)
                     exclude_since(t)
 
-    def _epoch_metrics(self, windows: int, t0: float) -> None:
-        if self.epoch_steps:
-            self.tracker.metrics({"epoch": self.state.epoch, "epoch_loss": self.epoch_loss_sum / self.epoch_steps,
-                                  "epoch_windows_per_s": windows / (time.perf_counter() - t0)}, self.state.step)
+    def _epoch_metrics(self, windows: int, t0: float, partial: bool = False) -> None:
+        """``epoch``: passes completed. A partial last pass counts as its fraction of the last whole one
+        (571.4, not 571 a second time), or is left out of ``epoch`` when no whole pass ran in this attempt."""
+        if not self.epoch_steps:
+            return
+        values = {"epoch_loss": self.epoch_loss_sum / self.epoch_steps,
+                  "epoch_windows_per_s": windows / (time.perf_counter() - t0)}
+        if not partial:
+            values["epoch"] = self.state.epoch
+        elif self.full_epoch_steps:
+            values["epoch"] = self.state.epoch + min(self.epoch_steps / self.full_epoch_steps, 0.99)
+        self.tracker.metrics(values, self.state.step)
 
     def validate(self, val_batches) -> None:
         """Rank 0 scores the fixed validation windows; every rank learns whether to stop early."""
