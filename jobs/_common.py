@@ -191,8 +191,7 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     try:   # from here on, however it ends, the run says so (it never stays RUNNING)
         spec = config.data_spec()
         units = row_groups(spec)           # the lake's row groups listed once, for the count and the training
-        source = read_lightcurves(spec, units=units)
-        cleaning = log_cleaning(config, source) if config.count_cleaning else None
+        cleaning = log_cleaning(config, read_lightcurves(spec, units=units)) if config.count_cleaning else None
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config=config.to_dict(),
@@ -202,7 +201,7 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
                 name=config.run_name, storage_path=config.storage_path,
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints)),
-            datasets=make_datasets(spec, source, read_lightcurves(spec, shuffle=True, units=units)),
+            datasets=make_datasets(spec, units),
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
         result = trainer.fit()

@@ -248,25 +248,20 @@ def read_lightcurves(spec: DataSpec, shuffle: bool = False, units: list[dict] | 
     shares = deal_units(units, tasks) if shuffle else split_units(units, tasks)
     ds = ray.data.from_items([{"units": share} for share in shares], override_num_blocks=len(shares))
     ds.context.target_max_block_size = STREAM_BLOCK_BYTES      # this dataset and those derived from it
-    ds = ds.map_batches(_read_units_shuffled if shuffle else _read_units, batch_size=1, batch_format="pyarrow",
+    ds = ds.map_batches(_read_units, fn_kwargs={"shuffle": shuffle}, batch_size=1, batch_format="pyarrow",
                         num_cpus=spec.data_cpus)
     if spec.label_set:
         ds = _join_labels(ds, spec)
     return ds
 
 
-def _read_units(batch):
-    """Yield the row groups of a run one at a time (the task never holds more than one)."""
-    for run in batch.column("units").to_pylist():
-        for unit in run:
-            yield read_row_group(unit)
-
-
-def _read_units_shuffled(batch):
-    """:func:`_read_units` in a fresh random order on every call (every pass over the data)."""
-    rng = np.random.default_rng()
+def _read_units(batch, shuffle: bool = False):
+    """Yield the row groups of a share one at a time (the task never holds more than one); with ``shuffle``
+    in a fresh random order on every call (every pass over the data)."""
+    rng = np.random.default_rng() if shuffle else None
     for share in batch.column("units").to_pylist():
-        for k in rng.permutation(len(share)).tolist():
+        order = rng.permutation(len(share)).tolist() if shuffle else range(len(share))
+        for k in order:
             yield read_row_group(share[k])
 
 
@@ -653,16 +648,13 @@ def window_dataset(spec: DataSpec, split: str, source=None):
                               batch_format="pyarrow", batch_size=None, num_cpus=spec.data_cpus)
 
 
-def make_datasets(spec: DataSpec, source=None, train_source=None) -> dict:
-    """{'train', 'val', 'test'} lazy datasets: validation and test over ``source`` (else
-    :func:`read_lightcurves` in lake order), training over ``train_source`` (else a shuffled read: new row
-    group orders on every pass; given only ``source``, training reads it too)."""
-    if source is None:
-        units = row_groups(spec)
-        source = read_lightcurves(spec, units=units)
-        train_source = train_source or read_lightcurves(spec, shuffle=True, units=units)
-    return {split: window_dataset(spec, split, (train_source or source) if split == "train" else source)
-            for split in SPLITS}
+def make_datasets(spec: DataSpec, units: list[dict] | None = None) -> dict:
+    """{'train', 'val', 'test'} lazy datasets over the row groups ``units`` (listed here when not given):
+    training over a shuffled read (new row group orders on every pass), validation and test in lake order."""
+    units = row_groups(spec) if units is None else units
+    fixed = read_lightcurves(spec, units=units)
+    return {split: window_dataset(spec, split, read_lightcurves(spec, shuffle=True, units=units)
+                                  if split == "train" else fixed) for split in SPLITS}
 
 
 TORCH_COLUMNS = list(BATCH_COLUMNS)

@@ -940,8 +940,9 @@ def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str |
     maps: dict = {}
     largest = max(settings.protocol.samples_per_class)
     for fold in folds:
-        key_base = {"fold": fold.fold, "samples_per_class": fold.samples_per_class,
-                    "train_objects": distinct_training_objects(data, fold)}
+        fold_results = len(results)              # where this fold's rows start
+        fold_key = {"fold": fold.fold, "samples_per_class": fold.samples_per_class}
+        key_base = {**fold_key, "train_objects": distinct_training_objects(data, fold)}
         skip_inputs = dict(cached)
         if settings.finetune:
             skip_inputs[METHOD_FINETUNED] = _finetuned_layers(model, data, fold, settings,
@@ -966,10 +967,8 @@ def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str |
             results.append({"method": METHOD_RF, **key_base, **scores(data.y[fold.test], pred, n_classes)})
             predictions.setdefault((METHOD_RF, fold.samples_per_class), []).append((data.y[fold.test], pred))
             commonest = np.full(len(fold.test), np.bincount(data.y[fold.test], minlength=n_classes).argmax())
-            results.append({"method": METHOD_COMMONEST, "fold": fold.fold, "samples_per_class": fold.samples_per_class,
-                            **scores(data.y[fold.test], commonest, n_classes)})
-        last = {r["method"]: round(r["f1"], 3) for r in results[-len(skip_inputs) - 2 * (features is not None):]
-                if r["method"] != METHOD_COMMONEST}
+            results.append({"method": METHOD_COMMONEST, **fold_key, **scores(data.y[fold.test], commonest, n_classes)})
+        last = {r["method"]: round(r["f1"], 3) for r in results[fold_results:] if r["method"] != METHOD_COMMONEST}
         say(f"[{data.name}] fold {fold.fold} / {fold.samples_per_class} per class: macro F1 {last} "
             f"({time.perf_counter() - t0:.0f} s)")
 

@@ -13,6 +13,7 @@ A checkpoint folder holds ``model.safetensors`` + ``config.json`` (astromer.weig
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -650,16 +651,17 @@ def learning_curve_png(history: dict[str, list[tuple[int, float]]], path: str | 
             kind = _line_kind(name)
             colour = LINE_COLOURS.get(kind)
             style = dict(ls="--", lw=1.3) if kind in REFERENCE_MARKERS else dict(lw=1.6, marker="o", ms=3)
+            drawn = values
             if len(steps) >= 30:
                 width = max(5, len(steps) // 20)
                 (raw,) = ax.plot(steps, values, lw=0.8, alpha=0.25, color=colour)
-                smooth = np.convolve(values, np.ones(width) / width, mode="valid")
-                ax.plot(steps[width - 1:], smooth, color=raw.get_color(), label=f"{name} (mean of {width})",
+                drawn = np.convolve(values, np.ones(width) / width, mode="valid")
+                ax.plot(steps[width - 1:], drawn, color=raw.get_color(), label=f"{name} (mean of {width})",
                         **{**style, "marker": None})
-                top.append(float(np.max(smooth[len(smooth) // 4:])) if kind in ("train", "loss") else float(np.max(values)))
             else:
                 ax.plot(steps, values, label=name, color=colour, **style)
-                top.append(float(np.max(values[len(values) // 4:])) if kind in ("train", "loss") else float(np.max(values)))
+            # the axis leaves out the training lines' first quarter (far above the rest at the start)
+            top.append(float(np.max(drawn[len(drawn) // 4:] if kind in ("train", "loss") else values)))
         if top and all(np.isfinite(top)):
             ax.set_ylim(0.0, 1.15 * max(top))
         ax.set_ylabel("RMSE (mag)")
@@ -926,9 +928,12 @@ class _Loop:
         window_t0, windows = time.perf_counter(), 0
         epoch_t0 = window_t0
 
-        def exclude_since(t: float) -> None:
-            """Leave the time since ``t`` (a validation, a checkpoint) out of the throughput figures."""
+        @contextlib.contextmanager
+        def paused():
+            """Leave what runs inside (a validation, a checkpoint) out of the throughput figures."""
             nonlocal window_t0, epoch_t0
+            t = time.perf_counter()
+            yield
             pause = time.perf_counter() - t
             window_t0, epoch_t0 = window_t0 + pause, epoch_t0 + pause
 
@@ -955,17 +960,15 @@ class _Loop:
                                  metrics.get("r2", float("nan")), metrics["windows_per_s"])
                     window_t0, windows = time.perf_counter(), 0
                 if config.val_every and state.step % config.val_every == 0:
-                    t = time.perf_counter()
-                    self.read_steps()
-                    self.validate(val_batches)
-                    exclude_since(t)
+                    with paused():
+                        self.read_steps()
+                        self.validate(val_batches)
                 ends_run = self.state.finished or state.step >= self.max_steps
                 # a run's last step is checkpointed once, by finish(), as the final checkpoint
                 if state.step % config.checkpoint_every == 0 and not ends_run:
-                    t = time.perf_counter()
-                    self.read_steps()               # a non-finite step raises here, before the checkpoint
-                    self.report_checkpoint()
-                    exclude_since(t)
+                    with paused():
+                        self.read_steps()           # a non-finite step raises here, before the checkpoint
+                        self.report_checkpoint()
                 if ends_run:
                     self.read_steps()
                     self._epoch_metrics(epoch_windows, epoch_t0, partial=True)
@@ -981,9 +984,8 @@ class _Loop:
                 self.full_epoch_steps = self.epoch_steps
                 self._epoch_metrics(epoch_windows, epoch_t0)
                 if not config.val_every:
-                    t = time.perf_counter()
-                    self.validate(val_batches)
-                    exclude_since(t)
+                    with paused():
+                        self.validate(val_batches)
 
     def _epoch_metrics(self, windows: int, t0: float, partial: bool = False) -> None:
         """``epoch``: passes completed. A partial last pass counts as its fraction of the last whole one
@@ -1011,8 +1013,7 @@ class _Loop:
                          result["val_interp_rmse"], result["val_smoother_rmse"],
                          result.get("val_hidden_rmse", float("nan")),
                          result.get("val_hidden_baseline_rmse", float("nan")))
-                with tempfile.TemporaryDirectory() as tmp:
-                    self.learning_curve(tmp)
+                self.learning_curve()
                 if self.state.best_val is None or val < self.state.best_val:
                     self.state.best_val, self.state.evals_since_best = val, 0
                 else:
@@ -1060,19 +1061,20 @@ class _Loop:
     def _title(self) -> str:
         return f"{self.config.run_name or 'run'} ({self.config.preset}, {self.config.loss} loss), step {self.state.step}"
 
-    def learning_curve(self, folder: str | os.PathLike) -> None:
+    def learning_curve(self) -> None:
         """Write and log plots/learning_curve.png (after each validation too: a long run shows its progress
         in MLflow while it trains)."""
         if self.tracker.active:
             history = self.tracker.history(*self.CURVE_SERIES)
-            self.tracker.artifact(learning_curve_png(history, Path(folder) / "learning_curve.png",
-                                                     title=self._title()), "plots")
+            with tempfile.TemporaryDirectory() as tmp:
+                self.tracker.artifact(learning_curve_png(history, Path(tmp) / "learning_curve.png",
+                                                         title=self._title()), "plots")
 
     def _plots(self, val_batches) -> None:
         if not self.tracker.active:
             return
+        self.learning_curve()
         with tempfile.TemporaryDirectory() as tmp:
-            self.learning_curve(tmp)
             first = next(iter(val_batches()), None)
             if first is not None:
                 self.tracker.artifact(reconstruction_png(self.model, first, Path(tmp) / "reconstruction.png",
