@@ -21,7 +21,7 @@ from astromer import registry  # noqa: E402
 from astromer.train import TrainConfig  # noqa: E402
 
 # finetuning runs on catalogued variable stars: keep observation-level cleaning only (the noise criteria
-# would reject most of them), a smaller learning rate, and its own MLflow experiment
+# would reject most of them), a shorter warm-up and run, and its own MLflow experiment
 DEFAULTS = {"drop_noisy": False, "lr": 1e-4, "warmup_steps": 20, "epochs": 20, "patience": 3,
             "experiment": registry.FINETUNE_EXPERIMENT}
 

@@ -1,6 +1,6 @@
 """The whole platform on the embedded defaults, stage by stage, with the commands you would type.
 
-    python jobs/quickstart.py                      # synthetic survey, ~10 minutes on 2 cores
+    python jobs/quickstart.py                      # synthetic survey, 3 to 6 minutes on 2 cores
     python jobs/quickstart.py --shared ../shared   # also ingest the real MACHO, OGLE-IV, ASAS and Stripe 82 sets
     python jobs/quickstart.py --small              # a reduced run (a couple of minutes; used by the tests)
 
@@ -12,7 +12,8 @@ Stages (each one is an ordinary job run as a subprocess of this Python; every co
 3. embed     jobs/embed.py: every curve of the survey -> embeddings/ in the lake
 4. classify  jobs/classify.py: the paper's samples-per-class protocol on the synthetic labels, against
              light-curve features + random forest and a randomly initialised encoder
-5. report    the results table, a DuckDB query over the lake, where the PNGs are, how to open MLflow
+5. report    the model against the reconstruction baselines, the results table, two DuckDB queries over the
+             lake, where the PNGs are (the pretraining ones fetched from MLflow), how to open MLflow
 
 Everything lives under ASTROMER_HOME (default ./.astromer). Set MLFLOW_TRACKING_URI and RAY_ADDRESS (see
 infra/local-up) and the same stages use a tracking server and a running Ray cluster instead.

@@ -4,7 +4,7 @@ A model is always a folder with ``model.safetensors`` + ``config.json`` (see ``a
 is logged as a pyfunc model whose artifact ``model_dir`` is that folder; the pyfunc's ``predict`` embeds light
 curves. Nothing here pickles weights: the pyfunc class is stored by reference and loads safetensors.
 
-Registry rules (DESIGN.md section 5): every new version gets the alias ``candidate``; ``production`` moves to a
+Registry rules: every new version gets the alias ``candidate``; ``production`` moves to a
 version only when its validation RMSE (a version tag) beats the current production version's.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The lake: Parquet light curves and labels, Zarr windows, DuckDB views (see DESIGN.md section 4).
+"""The lake: Parquet light curves and labels, Zarr windows, DuckDB views (tables and queries: docs/lake.md).
 
 - :mod:`astromer.lake.paths`: ``LakePaths`` (the one place building lake paths) and name validation
 - :mod:`astromer.lake.schema`: Arrow schemas and the quality bit flags
