@@ -181,7 +181,7 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     """Train with Ray (TorchTrainer over the lake's datasets), then log and register the final model from the
     driver. Returns a summary dict (also printed as JSON by the jobs)."""
     import ray.train
-    from astromer.data import make_datasets, read_lightcurves, row_groups
+    from astromer.data import make_datasets, read_lightcurves, row_groups, start_pass_clock
     from mlflow.tracking import MlflowClient
     from ray.train.torch import TorchTrainer
 
@@ -192,6 +192,10 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
         spec = config.data_spec()
         units = row_groups(spec)           # the lake's row groups listed once, for the count and the training
         cleaning = log_cleaning(config, read_lightcurves(spec, units=units)) if config.count_cleaning else None
+        # a reproducible run: its pass clock lives as long as this driver holds it, and the streams keep
+        # their order, so that each worker is dealt the same windows in the same order (Ray Data's split
+        # ignores where the workers run then)
+        clock = start_pass_clock(spec.pass_clock) if config.reproducible else None
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config=config.to_dict(),
@@ -202,9 +206,12 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints)),
             datasets=make_datasets(spec, units),
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+            dataset_config=ray.train.DataConfig(
+                datasets_to_split=["train"],
+                execution_options=_ordered_ingest() if config.reproducible else None),
         )
         result = trainer.fit()
+        del clock
     except (KeyboardInterrupt, SystemExit) as exc:   # stopped by its user: resumable, not failed
         client.set_tag(config.mlflow_run_id, ERROR_KEY, f"interrupted ({type(exc).__name__})")
         client.set_terminated(config.mlflow_run_id, status="KILLED")
@@ -225,6 +232,15 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
         summary["cleaning"] = cleaning.get("all", {})
     client.set_terminated(config.mlflow_run_id, status="FINISHED")
     return summary
+
+
+def _ordered_ingest():
+    """Ray Train's ingest options with the blocks kept in order (a reproducible run)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def log_cleaning(config: TrainConfig, source=None) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from astromer import registry
 from astromer.train import NonFiniteLossError, TrainConfig, unrecorded_checkpoint
 from mlflow.tracking import MlflowClient
@@ -92,6 +93,34 @@ def test_train_logs_metrics_plots_and_registers(ray_local, mlflow_sqlite, lake):
 
     model = astromer.load_model(f"models:/{name}@production")
     assert model.config.name == "tiny"
+
+
+def _final_weights(config: TrainConfig) -> dict:
+    from astromer.weights import MODEL_FILE
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(config.storage_path) / config.run_name / f"step-{config.max_steps:08d}-final"
+                         / MODEL_FILE))
+
+
+def test_reproducible_runs_repeat_each_other_step_for_step(ray_local, mlflow_sqlite, lake):
+    """--reproducible: two runs of the same settings, 2 workers over a pass and a third (a new pass's draws
+    included), log the same training loss at every step and end with the same weights; a run without it
+    draws other windows."""
+    settings = dict(max_steps=20, checkpoint_every=100, val_every=10, count_cleaning=False)
+    configs = [tiny(lake, f"same-{k}", reproducible=True, **settings) for k in range(2)]
+    configs.append(tiny(lake, "fresh", **settings))
+    runs = [_common.run_training(config) for config in configs]
+    client = MlflowClient()
+    losses = [_history(client, run["mlflow_run_id"], "train_loss") for run in runs]
+    assert len(losses[0]) == 20 and losses[0] == losses[1]
+    assert losses[2] != losses[0]
+    assert _history(client, runs[0]["mlflow_run_id"], "val_rmse") == \
+        _history(client, runs[1]["mlflow_run_id"], "val_rmse")
+    weights = [_final_weights(config) for config in configs]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
 
 
 def test_stopped_job_rerun_with_same_name_continues(ray_local, mlflow_sqlite, lake, tmp_path):

@@ -6,9 +6,9 @@ Stages, each a ``map_batches`` over Arrow/numpy batches, so the data set streams
              (train: dealt across surveys and read in a new order on every pass; val/test: lake order)
     split    train / val / test by a hash of (survey, object_id): deterministic and disjoint
     clean    the paper's cleaning (astromer.lake.cleaning.clean_curve) as a reader-side filter
-    window   train: a fresh random window per curve per pass, fresh probe selection (new entropy each pass),
-             the windows in random order; val/test: a window and selection seeded by the curve's hash,
-             identical on every pass
+    window   train: a fresh random window per curve per pass, fresh probe selection (new entropy each pass,
+             or in a reproducible run draws seeded by the seed and the pass), the windows in random order;
+             val/test: a window and selection seeded by the curve's hash, identical on every pass
     batch    columns times, mags_in, target, errs (float32 [L]); padding, hidden, probed (bool [L])
 
 Workers pull their share through ``ray.train.get_dataset_shard(...)`` and :func:`iter_batches` (training:
@@ -51,6 +51,8 @@ class DataSpec:
     labels: list[str] | None = None       # ... and (optionally) only these labels
     data_cpus: float = 0.25               # CPUs reserved per data task (leave room for the trainers)
     read_tasks: int = 0                   # tasks that read and window the curves; 0: half the cluster's CPUs
+    pass_clock: str | None = None         # a reproducible run's PassClock (its actor name): the training
+                                          # draws are seeded by (seed, pass) instead of fresh entropy
 
     def __post_init__(self):
         if isinstance(self.mask, dict):
@@ -246,23 +248,83 @@ def read_lightcurves(spec: DataSpec, shuffle: bool = False, units: list[dict] | 
     units = row_groups(spec) if units is None else units     # (``units``: the row groups, already listed)
     tasks = read_task_count(spec, len(units))
     shares = deal_units(units, tasks) if shuffle else split_units(units, tasks)
-    ds = ray.data.from_items([{"units": share} for share in shares], override_num_blocks=len(shares))
+    ds = ray.data.from_items([{"share": k, "units": share} for k, share in enumerate(shares)],
+                             override_num_blocks=len(shares))
     ds.context.target_max_block_size = STREAM_BLOCK_BYTES      # this dataset and those derived from it
-    ds = ds.map_batches(_read_units, fn_kwargs={"shuffle": shuffle}, batch_size=1, batch_format="pyarrow",
-                        num_cpus=spec.data_cpus)
+    clock = spec.pass_clock if shuffle else None
+    ds = ds.map_batches(_read_units, fn_kwargs={"shuffle": shuffle, "seed": spec.seed, "clock": clock},
+                        batch_size=1, batch_format="pyarrow", num_cpus=spec.data_cpus)
     if spec.label_set:
         ds = _join_labels(ds, spec)
     return ds
 
 
-def _read_units(batch, shuffle: bool = False):
+def _read_units(batch, shuffle: bool = False, seed: int = 0, clock: str | None = None):
     """Yield the row groups of a share one at a time (the task never holds more than one); with ``shuffle``
-    in a fresh random order on every call (every pass over the data)."""
-    rng = np.random.default_rng() if shuffle else None
-    for share in batch.column("units").to_pylist():
+    in a new random order on every call (every pass over the data).
+
+    With a ``clock`` (a reproducible run) the order is drawn from (seed, pass, share), and every table
+    carries the pass in a ``pass`` column, from which the windowing seeds its draws."""
+    import pyarrow as pa
+
+    epoch = current_pass(clock) if clock else None
+    for number, share in zip(batch.column("share").to_pylist(), batch.column("units").to_pylist()):
+        rng = np.random.default_rng(None if epoch is None else [seed, epoch, number])
         order = rng.permutation(len(share)).tolist() if shuffle else range(len(share))
         for k in order:
-            yield read_row_group(share[k])
+            table = read_row_group(share[k])
+            yield table if epoch is None else table.append_column(
+                PASS_COLUMN, pa.array(np.full(table.num_rows, epoch, np.int64)))
+
+
+# --------------------------------------------------------------------------- reproducible passes
+
+#: the column of a reproducible run's training curves that holds the pass (epoch) they were read for
+PASS_COLUMN = "pass"
+
+
+class PassClock:
+    """The pass (epoch) a reproducible run's training stream is on. Rank 0 sets it before each pass (Ray
+    Data starts a pass only once every worker has asked for it); the read tasks read it and seed their
+    draws with it, so the same pass draws the same windows and masks in every run, and a resumed run draws
+    its pass again. A named Ray actor, owned by the job's driver."""
+
+    def __init__(self, value: int = 0):
+        self.value = int(value)
+
+    def set(self, value: int) -> None:
+        self.value = int(value)
+
+    def get(self) -> int:
+        return self.value
+
+
+def pass_clock_name(run_id: str) -> str:
+    return f"astromer-pass-clock-{run_id}"
+
+
+def start_pass_clock(name: str):
+    """Create the named PassClock actor (kept alive by the returned handle)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(PassClock).options(name=name, get_if_exists=True).remote()
+
+
+def set_pass(clock: str, value: int) -> None:
+    import ray
+
+    ray.get(ray.get_actor(clock).set.remote(value))
+
+
+def current_pass(clock: str) -> int:
+    import ray
+
+    try:
+        actor = ray.get_actor(clock)
+    except ValueError as exc:
+        raise RuntimeError(f"reproducible run: its pass clock {clock!r} is gone (was the job's driver "
+                           "stopped?)") from exc
+    return int(ray.get(actor.get.remote()))
 
 
 def deal_units(units: list[dict], tasks: int) -> list[list[dict]]:
@@ -469,7 +531,7 @@ def make_windows(batch, spec: DataSpec, split: str, fixed: bool) -> dict:
         return _windows_flat(batch, flat, spec, split, fixed)
     batch = columns
     length = spec.window_length
-    rng = np.random.default_rng()
+    rng = None if fixed else _training_rng(spec, batch)
     in_split = [i for i in range(len(batch["object_id"]))
                 if split_of(batch["survey"][i], batch["band"][i], batch["object_id"][i],
                             val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,
@@ -612,7 +674,7 @@ def _windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: s
         w = windows_at(mjd[take], mag[take], err[take], packed, np.asarray(start, np.int64), length=length)
         p = seeded_probe(w.mags, w.padding, [seed ^ 0x5EED for seed in seeds], config=spec.mask)
     else:
-        rng = np.random.default_rng()
+        rng = _training_rng(spec, table)
         w = random_windows(mjd[take], mag[take], err[take], packed, length=length, rng=rng)
         p = probe(w.mags, w.padding, rng=rng, config=spec.mask)
     out = {"times": w.times, "mags_in": p.mags_in, "target": w.mags, "errs": w.errs, "padding": w.padding,
@@ -621,6 +683,22 @@ def _windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: s
         labels = table.column("label").to_pylist()
         out["label"] = np.asarray([labels[i] for i in rows]).astype(str)
     return out if fixed else _shuffled(out, rng)
+
+
+def _training_rng(spec: DataSpec, batch) -> np.random.Generator:
+    """The generator of a batch of training curves: fresh entropy, or in a reproducible run (a batch with
+    the ``pass`` column) seeded by the seed, the pass and the batch's first curve and size, so that the
+    same pass of the same run draws the same windows and masks."""
+    columns = batch.column_names if hasattr(batch, "column_names") else list(batch)
+    if PASS_COLUMN not in columns:
+        return np.random.default_rng()
+    rows = batch.num_rows if hasattr(batch, "num_rows") else len(batch[PASS_COLUMN])
+    if not rows:
+        return np.random.default_rng(spec.seed)
+    first = {name: (batch.column(name)[0].as_py() if hasattr(batch, "column") else batch[name][0])
+             for name in (PASS_COLUMN, "survey", "band", "object_id")}
+    return np.random.default_rng([spec.seed, int(first[PASS_COLUMN]), rows,
+                                  curve_hash(first["survey"], first["band"], first["object_id"], spec.seed)])
 
 
 def _shuffled(batch: dict, rng: np.random.Generator) -> dict:
@@ -661,15 +739,17 @@ TORCH_COLUMNS = list(BATCH_COLUMNS)
 
 
 def iter_batches(dataset_or_shard, batch_size: int, *, drop_last: bool = False, device="cpu",
-                 prefetch_batches: int = 2, shuffle_buffer: int = 0):
+                 prefetch_batches: int = 2, shuffle_buffer: int = 0, shuffle_seed: int | None = None):
     """Torch batches (dict of tensors, the BATCH_COLUMNS) from a Dataset or a worker's DataIterator.
 
     ``shuffle_buffer`` (training): each batch is drawn at random from a buffer of at least this many
     windows (Ray Data's local shuffle), so that one batch mixes the row groups, and so the surveys and
-    bands, that reached this worker lately; without it a batch holds neighbouring curves of one row group."""
+    bands, that reached this worker lately; without it a batch holds neighbouring curves of one row group.
+    ``shuffle_seed`` seeds that draw (reproducible runs)."""
     return dataset_or_shard.iter_torch_batches(
         batch_size=batch_size, drop_last=drop_last, device=device, prefetch_batches=prefetch_batches,
-        local_shuffle_buffer_size=shuffle_buffer or None, collate_fn=_collate_fn())
+        local_shuffle_buffer_size=shuffle_buffer or None, local_shuffle_seed=shuffle_seed if shuffle_buffer else None,
+        collate_fn=_collate_fn())
 
 
 def _collate_fn():

@@ -63,7 +63,7 @@ class TrainConfig:
     lake: str | None = None                 # default: astromer.settings.default_lake()
     surveys: list[str] | None = None
     bands: list[str] | None = None
-    corpus: str | None = None               # registered as astromer2-<corpus>; default: the lake folder name
+    corpus: str | None = None               # registered as astromer2-<corpus>; default: the sorted survey names
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     clean: bool = True
@@ -110,6 +110,7 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"           # torch.compile mode; "reduce-overhead" adds CUDA graphs on GPUs
     seed: int = 0
+    reproducible: bool = False              # same seed, lake and cluster: the same steps (an ordered stream)
     log_every: int = 10
     # tracking
     run_name: str | None = None
@@ -160,7 +161,14 @@ class TrainConfig:
                         test_fraction=self.test_fraction, seed=self.seed, clean=self.clean,
                         drop_noisy=self.drop_noisy,
                         min_observations=self.min_observations, label_set=self.label_set,
-                        labels=self.labels, data_cpus=self.data_cpus, read_tasks=self.read_tasks)
+                        labels=self.labels, data_cpus=self.data_cpus, read_tasks=self.read_tasks,
+                        pass_clock=self.pass_clock())
+
+    def pass_clock(self) -> str | None:
+        """The name of a reproducible run's PassClock actor (astromer.data), None otherwise."""
+        from astromer.data import pass_clock_name
+
+        return pass_clock_name(self.mlflow_run_id or str(self.run_name)) if self.reproducible else None
 
     def _window_length(self) -> int:
         if self.init_from:
@@ -918,6 +926,19 @@ class _Loop:
             self.epoch_steps += metrics["steps"]
         return metrics
 
+    def start_pass(self) -> int | None:
+        """In a reproducible run, rank 0 sets the pass clock to this pass before any worker asks for its
+        batches (Ray Data starts a pass when all have), and each worker's shuffle buffer is seeded by
+        (seed, pass, rank). None otherwise: fresh entropy."""
+        config = self.config
+        if not config.reproducible:
+            return None
+        from astromer.data import set_pass
+
+        if self.rank == 0:
+            set_pass(config.pass_clock(), self.state.epoch)
+        return int(np.random.default_rng([config.seed, self.state.epoch, self.rank]).integers(2**31))
+
     def done(self) -> bool:
         return self.state.step >= self.max_steps or self.state.epoch >= self.config.epochs or self.state.finished
 
@@ -942,7 +963,8 @@ class _Loop:
             self.epoch_loss_sum, self.epoch_steps = 0.0, 0
             for batch_index, batch in enumerate(iter_batches(train_shard, config.batch_size, drop_last=True,
                                                              device=self.device,
-                                                             shuffle_buffer=config.shuffle_buffer)):
+                                                             shuffle_buffer=config.shuffle_buffer,
+                                                             shuffle_seed=self.start_pass())):
                 train_step(self.ddp_model, batch, self.optimizer, self.scheduler, config, step=state.step + 1,
                            epoch=state.epoch, batch_index=batch_index, into=self.steps)
                 state.step += 1
