@@ -104,20 +104,27 @@ def _final_weights(config: TrainConfig) -> dict:
 
 
 def test_reproducible_runs_repeat_each_other_step_for_step(ray_local, mlflow_sqlite, lake):
-    """--reproducible: two runs of the same settings, 2 workers over a pass and a third (a new pass's draws
-    included), log the same training loss at every step and end with the same weights; a run without it
-    draws other windows."""
-    settings = dict(max_steps=20, checkpoint_every=100, val_every=10, count_cleaning=False)
-    configs = [tiny(lake, f"same-{k}", reproducible=True, **settings) for k in range(2)]
-    configs.append(tiny(lake, "fresh", **settings))
-    runs = [_common.run_training(config) for config in configs]
+    """--reproducible, 2 workers with dropout, over a pass and a third (a new pass's draws included): a run
+    stopped at step 12 (in the middle of the first pass) and re-run to step 20 under the same name logs the
+    same training loss at every step as a run that went straight through, and ends with the same weights; a
+    run without the flag draws other windows."""
+    settings = dict(max_steps=20, total_steps=20, checkpoint_every=100, val_every=10, count_cleaning=False,
+                    dropout=0.1)
+    straight = tiny(lake, "straight", reproducible=True, **settings)
+    stopped = tiny(lake, "stopped", reproducible=True, **{**settings, "max_steps": 12})
+    resumed = tiny(lake, "stopped", reproducible=True, **settings)
+    fresh = tiny(lake, "fresh", **settings)
+    runs = [_common.run_training(config) for config in (straight, stopped, resumed, fresh)]
     client = MlflowClient()
-    losses = [_history(client, run["mlflow_run_id"], "train_loss") for run in runs]
-    assert len(losses[0]) == 20 and losses[0] == losses[1]
+    assert runs[1]["mlflow_run_id"] == runs[2]["mlflow_run_id"]
+    assert client.get_run(runs[2]["mlflow_run_id"]).data.metrics["resumed_from_step"] == 12
+    losses = [_history(client, runs[k]["mlflow_run_id"], "train_loss") for k in (0, 2, 3)]
+    assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]] == list(range(1, 21))
+    assert losses[0] == losses[1]
     assert losses[2] != losses[0]
     assert _history(client, runs[0]["mlflow_run_id"], "val_rmse") == \
-        _history(client, runs[1]["mlflow_run_id"], "val_rmse")
-    weights = [_final_weights(config) for config in configs]
+        _history(client, runs[2]["mlflow_run_id"], "val_rmse")
+    weights = [_final_weights(config) for config in (straight, resumed, fresh)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

@@ -509,6 +509,7 @@ def evaluate(model, batches, prefix: str = "val", max_batches: int | None = None
 class TrainState:
     step: int = 0
     epoch: int = 0
+    pass_steps: int = 0                     # steps taken in the current pass (a reproducible resume skips them)
     best_val: float | None = None
     evals_since_best: int = 0
     resumed_from: int | None = None
@@ -521,14 +522,19 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def save_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, state: TrainState) -> Path:
-    """Write a complete checkpoint into ``folder`` (model as safetensors, the rest as tensors + JSON)."""
+def save_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, state: TrainState,
+                    rank_rng: list[list[torch.Tensor]] | None = None) -> Path:
+    """Write a complete checkpoint into ``folder`` (model as safetensors, the rest as tensors + JSON).
+    ``rank_rng``: every rank's generator states (:func:`rng_states`), for a reproducible resume."""
     from astromer.weights import save_model
 
     folder = Path(folder)
     save_model(_unwrap(model), folder, metadata={"step": state.step})
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, folder / TRAINER_STATE_FILE)
+    extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    if rank_rng is not None:
+        extra["rank_rng"] = rank_rng
+    torch.save(extra, folder / TRAINER_STATE_FILE)
     (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     return folder
 
@@ -548,16 +554,36 @@ def read_checkpoint(folder: str | os.PathLike, device: torch.device | str = "cpu
 
 
 def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=None,
-                    device: torch.device | str = "cpu") -> TrainState:
-    """Restore model (safetensors), optimiser/scheduler/RNG (weights_only) and the train state."""
+                    device: torch.device | str = "cpu", rank: int | None = None) -> TrainState:
+    """Restore model (safetensors), optimiser/scheduler/RNG (weights_only) and the train state. With a
+    ``rank`` and every rank's generators in the checkpoint, that rank's are restored (its CPU and, on a GPU,
+    its device generator); otherwise the CPU generator rank 0 saved."""
     tensors, extra, state = read_checkpoint(folder, device)
     _unwrap(model).load_state_dict(tensors)
     if optimizer is not None:
         optimizer.load_state_dict(extra["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"].cpu())
+    ranks = extra.get("rank_rng")
+    if rank is not None and ranks is not None and rank < len(ranks):
+        set_rng_states(ranks[rank])
+    else:
+        torch.set_rng_state(extra["torch_rng"].cpu())
     return TrainState(**state)
+
+
+def rng_states() -> list[torch.Tensor]:
+    """This process's generator states: the CPU one, and the current GPU's where there is one."""
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state())
+    return states
+
+
+def set_rng_states(states: list[torch.Tensor]) -> None:
+    torch.set_rng_state(states[0].cpu())
+    if len(states) > 1 and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[1].cpu())
 
 
 _CHECKPOINT_DIR = re.compile(r"step-(\d{8})(-final)?")
@@ -812,10 +838,14 @@ def worker_loop(config_dict: dict) -> None:
         checkpoint = ray.train.Checkpoint(newer)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder, model, optimizer, scheduler, device)
+            state = load_checkpoint(folder, model, optimizer, scheduler, device,
+                                    rank=rank if config.reproducible else None)
         state.resumed_from, state.finished = state.step, False
-        if rank:   # rank 0 continues the saved RNG stream; the others branch off it deterministically
-            torch.manual_seed(config.seed * 1000 + rank + 7919 * state.step)
+        if not config.reproducible:
+            # the pass starts again; rank 0 continues the saved RNG stream, the others branch off it
+            state.pass_steps = 0
+            if rank:
+                torch.manual_seed(config.seed * 1000 + rank + 7919 * state.step)
         log.warning("rank %d resumed from checkpoint at step %d (epoch %d)", rank, state.step, state.epoch)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     tracker = RunTracker(config, rank)
@@ -961,13 +991,19 @@ class _Loop:
         while not self.done():
             epoch_t0, epoch_windows = time.perf_counter(), 0
             self.epoch_loss_sum, self.epoch_steps = 0.0, 0
+            # a reproducible run resumed in the middle of a pass: the pass is drawn again, the same batches in
+            # the same order, and the ones trained on before the checkpoint are passed over
+            skip = state.pass_steps
             for batch_index, batch in enumerate(iter_batches(train_shard, config.batch_size, drop_last=True,
                                                              device=self.device,
                                                              shuffle_buffer=config.shuffle_buffer,
                                                              shuffle_seed=self.start_pass())):
+                if batch_index < skip:
+                    continue
                 train_step(self.ddp_model, batch, self.optimizer, self.scheduler, config, step=state.step + 1,
                            epoch=state.epoch, batch_index=batch_index, into=self.steps)
                 state.step += 1
+                state.pass_steps += 1
                 windows += batch["times"].shape[0] * self.world
                 epoch_windows += batch["times"].shape[0] * self.world
                 if state.step % config.log_every == 0:
@@ -997,13 +1033,13 @@ class _Loop:
                     break
             else:
                 self.read_steps()
-                if not self.epoch_steps:
+                if not state.pass_steps:
                     raise NoTrainingBatch(
                         f"epoch {state.epoch} gave no training batch: fewer usable training curves than "
                         f"batch_size x num_workers = {config.batch_size * self.world} (check the selection, "
                         "the cleaning settings and the split fractions)")
                 state.epoch += 1
-                self.full_epoch_steps = self.epoch_steps
+                self.full_epoch_steps, state.pass_steps = state.pass_steps, 0
                 self._epoch_metrics(epoch_windows, epoch_t0)
                 if not config.val_every:
                     with paused():
@@ -1019,7 +1055,7 @@ class _Loop:
         if not partial:
             values["epoch"] = self.state.epoch
         elif self.full_epoch_steps:
-            values["epoch"] = self.state.epoch + min(self.epoch_steps / self.full_epoch_steps, 0.99)
+            values["epoch"] = self.state.epoch + min(self.state.pass_steps / self.full_epoch_steps, 0.99)
         self.tracker.metrics(values, self.state.step)
 
     def validate(self, val_batches) -> None:
@@ -1054,9 +1090,15 @@ class _Loop:
         import ray.train
 
         metrics = {"step": self.state.step, "epoch": self.state.epoch, **(metrics or {})}
+        rank_rng = None
+        if self.config.reproducible:      # every rank's dropout stream, so that a resume repeats it
+            rank_rng = [rng_states()]
+            if self.world > 1:
+                rank_rng = [None] * self.world
+                torch.distributed.all_gather_object(rank_rng, rng_states())
         if self.rank == 0:
             with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_STAGING}{os.getpid()}-") as folder:
-                save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.state)
+                save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.state, rank_rng)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                                  checkpoint_dir_name=checkpoint_dir_name(self.state.step, final))
         else:
