@@ -7,9 +7,10 @@ In one run, on the same model, batch size and lake:
   3. the ratio 1 / 2 per worker count (target >= 0.9): the two alternate for ``--rounds`` rounds and each
      side's best round counts, as timeit does (this machine's speed drifts between runs); every round's
      ratio is printed too;
-  4. the Ray Data window stream alone, without training (target >= 5x what one worker consumes), and at the
-     GPU batch size once per number of read tasks in ``--stream-tasks`` (default: one task, then the job's
-     default of half the cluster's CPUs), for how the stream scales with the cores it gets;
+  4. the Ray Data window stream alone, without training (target >= 5x what one worker consumes), against
+     the same sampling in a plain in-process loop on one core (its baseline: what Ray Data adds or costs),
+     and at the GPU batch size once per number of read tasks in ``--stream-tasks`` (default: one task, then
+     the job's default of half the cluster's CPUs), for how the stream scales with the cores it gets;
   5. with CUDA: windows/s of one GPU in bf16 (eager, compiled, compiled with CUDA graphs; ``--gpu-variants``
      picks some), model-FLOP utilisation, and whether Ray Data keeps the fastest of them fed.
 
@@ -137,6 +138,27 @@ def stream_rate(datasets: dict, batch_size: int, min_windows: int, shuffle_buffe
                 t0 = time.perf_counter()
                 continue
             seen += batch["times"].shape[0]
+    return seen / (time.perf_counter() - t0)
+
+
+def in_process_rate(spec: DataSpec, batch_size: int, min_windows: int) -> float:
+    """The stream's baseline: the same sampling in a plain in-process loop, no Ray. The row groups in a new
+    order on every pass, each read with pyarrow, cleaned, windowed and probed by the stream's own function
+    (``make_windows``) and cut into batches of torch tensors as the workers receive them; one core."""
+    from astromer.data import TORCH_COLUMNS, make_windows, read_row_group
+
+    units = row_groups(spec)
+    rng = np.random.default_rng(0)
+    seen, t0 = 0, time.perf_counter()
+    while seen < min_windows:
+        for k in rng.permutation(len(units)):
+            windows = make_windows(read_row_group(units[k]), spec, "train", fixed=False)
+            whole = len(windows["times"]) // batch_size * batch_size
+            for lo in range(0, whole, batch_size):
+                {name: torch.from_numpy(np.array(windows[name][lo:lo + batch_size])) for name in TORCH_COLUMNS}
+            seen += whole
+            if seen >= min_windows:
+                break
     return seen / (time.perf_counter() - t0)
 
 
@@ -291,7 +313,12 @@ def main(argv=None) -> int:
           f"after {WARMUP_STEPS} warm-up steps; shuffle buffer {args.shuffle_buffer} windows; "
           f"torch {torch.__version__}", flush=True)
     if args.stream_only:
-        print(json.dumps({k: round(v, 3) for k, v in stream_by_tasks(args, spec).items()}))
+        rates = stream_by_tasks(args, spec)
+        rates["in_process_windows_per_s"] = in_process_rate(spec, args.gpu_batch_size,
+                                                            min_windows=20 * args.gpu_batch_size)
+        print(f"the same sampling in-process at batch {args.gpu_batch_size} (one core, no Ray): "
+              f"{rates['in_process_windows_per_s']:8.0f} windows/s", flush=True)
+        print(json.dumps({k: round(v, 3) for k, v in rates.items()}))
         ray.shutdown()
         return 0
     for workers in () if args.gpu_only else (1, 2):
@@ -318,6 +345,10 @@ def main(argv=None) -> int:
         results["stream_vs_one_worker"] = results["stream"] / results["ray_data_1w"]
         print(f"Ray Data stream alone: {results['stream']:8.1f} windows/s = {results['stream_vs_one_worker']:.1f}x "
               "one worker's consumption (target >= 5x)", flush=True)
+        results["in_process"] = in_process_rate(spec, args.batch_size, min_windows=20000)
+        results["stream_vs_in_process"] = results["stream"] / results["in_process"]
+        print(f"the same sampling in-process (one core, no Ray): {results['in_process']:8.1f} windows/s; the "
+              f"stream gives {results['stream_vs_in_process']:.2f}x that", flush=True)
     results.update(stream_by_tasks(args, spec))
     if torch.cuda.is_available():
         results.update(gpu_branch(args, spec, datasets))
