@@ -56,7 +56,7 @@ def _history(client, run_id, key):
 
 
 def test_train_logs_metrics_plots_and_registers(ray_local, mlflow_sqlite, lake):
-    config = tiny(lake, "resume-me", max_steps=20, checkpoint_every=5)     # a pass and a third
+    config = tiny(lake, "resume-me", max_steps=20, checkpoint_every=5, system_metrics_every=1)  # a pass and a third
     first = _common.run_training(config)
     client = MlflowClient()
     run = client.get_run(first["mlflow_run_id"])
@@ -70,6 +70,9 @@ def test_train_logs_metrics_plots_and_registers(ray_local, mlflow_sqlite, lake):
                 "final_test_rmse", "final_val_baseline_rmse", "final_val_r2"):
         assert key in run.data.metrics, key
     assert "resumed_from_step" not in run.data.metrics
+    # the node's CPU and memory, sampled every second while it trained (MLflow's system metrics)
+    assert len(client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")) >= 2
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
     # the cleaning's effect is counted per split and logged beside the metrics
     cleaning = json.loads(Path(client.download_artifacts(run.info.run_id, "cleaning.json")).read_text())
     assert cleaning["all"]["curves"] == sum(cleaning[s]["curves"] for s in ("train", "val", "test"))

@@ -112,6 +112,7 @@ class TrainConfig:
     seed: int = 0
     reproducible: bool = False              # same seed, lake and cluster: the same steps (an ordered stream)
     log_every: int = 10
+    system_metrics_every: float = 10.0      # seconds between samples of each node's CPU, memory, GPU (0: off)
     # tracking
     run_name: str | None = None
     storage_path: str | None = None         # default: ASTROMER_HOME/ray_results
@@ -134,6 +135,8 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "checkpoint_every", "num_workers", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
+        if float(self.system_metrics_every) < 0:
+            raise ValueError(f"system_metrics_every={self.system_metrics_every!r}: expected seconds (0: off)")
         if int(self.shuffle_buffer) < 0:
             raise ValueError(f"shuffle_buffer={self.shuffle_buffer!r}: expected 0 (off) or a number of windows")
         if self.lr <= 0:
@@ -802,6 +805,30 @@ class RunTracker:
         return {n: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, n)] for n in names}
 
 
+@contextlib.contextmanager
+def system_metrics(config: TrainConfig, ctx, resumed: bool):
+    """MLflow's sampler of the node's CPU, memory, disk, network and (with ``nvidia-ml-py``) GPU use, logged
+    to the run as ``system/...`` every ``system_metrics_every`` seconds while the block runs: by the first
+    worker of each node (``system/node_<rank>/...`` when the run spans several nodes)."""
+    if not (config.system_metrics_every and config.mlflow_run_id and ctx.get_local_rank() == 0):
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    from astromer.registry import setup_tracking
+
+    setup_tracking(config.tracking_uri)
+    nodes = ctx.get_world_size() // max(1, ctx.get_local_world_size())
+    monitor = SystemMetricsMonitor(config.mlflow_run_id, sampling_interval=config.system_metrics_every,
+                                   resume_logging=resumed,
+                                   node_id=f"node_{ctx.get_node_rank()}" if nodes > 1 else None)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 # --------------------------------------------------------------------------- the Ray Train worker
 
 def worker_loop(config_dict: dict) -> None:
@@ -853,18 +880,19 @@ def worker_loop(config_dict: dict) -> None:
         tracker.metrics({"resumed_from_step": state.resumed_from}, state.step)
     loop = _Loop(config, ddp_model, model, optimizer, scheduler, state, tracker, rank, world, device)
     val = CachedBatches(ray.train.get_dataset_shard("val"), config.batch_size, device)
-    try:
-        loop.run(ray.train.get_dataset_shard("train"), val)
-    except (NonFiniteLossError, NoTrainingBatch) as exc:
-        # every rank sees the same verdict (a NaN is all-reduced; the stream splits the batches equally), so
-        # all end here together. Neither is a lost worker: ending normally with the reason (and no
-        # checkpoint) keeps Ray from retrying what would fail again.
-        key = next(key for kind, key in STOP_KEYS if isinstance(exc, kind))
-        log.error("%s", exc)
-        tracker.tag(key, str(exc))                # how the job learns why training ended (rank 0)
-        ray.train.report({key: str(exc), "step": state.step})
-        return
-    loop.finish(val, CachedBatches(ray.train.get_dataset_shard("test"), config.batch_size, device, limit=0))
+    with system_metrics(config, ctx, resumed=state.resumed_from is not None):
+        try:
+            loop.run(ray.train.get_dataset_shard("train"), val)
+        except (NonFiniteLossError, NoTrainingBatch) as exc:
+            # every rank sees the same verdict (a NaN is all-reduced; the stream splits the batches equally),
+            # so all end here together. Neither is a lost worker: ending normally with the reason (and no
+            # checkpoint) keeps Ray from retrying what would fail again.
+            key = next(key for kind, key in STOP_KEYS if isinstance(exc, kind))
+            log.error("%s", exc)
+            tracker.tag(key, str(exc))                # how the job learns why training ended (rank 0)
+            ray.train.report({key: str(exc), "step": state.step})
+            return
+        loop.finish(val, CachedBatches(ray.train.get_dataset_shard("test"), config.batch_size, device, limit=0))
 
 
 #: the local folder a checkpoint is written into before Ray copies it to the run's storage
