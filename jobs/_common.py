@@ -28,18 +28,21 @@ ALIASES = {"surveys": ["--survey"], "bands": ["--band"], "labels": ["--label"]}
 def build_parser(description: str, defaults: dict | None = None) -> argparse.ArgumentParser:
     """One flag per TrainConfig field (``--max-steps``, ``--surveys ogle asas``, ``--use-gpu/--no-use-gpu``),
     plus ``--config FILE`` (JSON or YAML) whose values the flags override."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description,
+                                     epilog="Every setting, grouped and explained: docs/jobs/pretrain.md.")
     parser.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                         help="extra tag for the MLflow run and the registered version (repeatable)")
     hints = typing.get_type_hints(TrainConfig)
+    helps = setting_comments(TrainConfig)
     for f in fields(TrainConfig):
         if f.name == "tags":
             continue
         hint = str(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *ALIASES.get(f.name, [])]
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS}
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS,
+                  "help": f"{helps.get(f.name, '')} (default: {_default_text(f, defaults)})".lstrip()}
         if hint == "<class 'bool'>":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif "list" in hint:
@@ -53,6 +56,44 @@ def build_parser(description: str, defaults: dict | None = None) -> argparse.Arg
     if defaults:
         parser.set_defaults(**defaults)
     return parser
+
+
+def setting_comments(cls) -> dict[str, str]:
+    """The comment beside each field of a settings dataclass (and its continuation lines), which is where the
+    settings are documented: the flags' help text comes from there, so it cannot drift from the code."""
+    import inspect
+    import re
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    comments: dict[str, str] = {}
+    name = None
+    for line in lines:
+        field_line = re.match(r"\s{4}(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        if field_line:
+            name = field_line.group(1)
+            if field_line.group(2):
+                comments[name] = field_line.group(2).strip()
+            continue
+        continued = re.match(r"\s+#\s*(.*)$", line)
+        if continued and name in comments:
+            comments[name] += " " + continued.group(1).strip()
+        else:
+            name = None
+    return comments
+
+
+def _default_text(f, job_defaults: dict | None = None) -> str:
+    """A field's default as the help text shows it: the job's own where it sets one (finetuning does)."""
+    from dataclasses import MISSING
+
+    if job_defaults and f.name in job_defaults:
+        value = job_defaults[f.name]
+    else:
+        value = f.default if f.default is not MISSING else f.default_factory()
+    return "none" if value is None else str(value)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -181,7 +222,7 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     """Train with Ray (TorchTrainer over the lake's datasets), then log and register the final model from the
     driver. Returns a summary dict (also printed as JSON by the jobs)."""
     import ray.train
-    from astromer.data import make_datasets, read_lightcurves, row_groups, start_pass_clock
+    from astromer.data import make_datasets, read_lightcurves, read_task_count, row_groups, start_pass_clock
     from mlflow.tracking import MlflowClient
     from ray.train.torch import TorchTrainer
 
@@ -191,6 +232,10 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     try:   # from here on, however it ends, the run says so (it never stays RUNNING)
         spec = config.data_spec()
         units = row_groups(spec)           # the lake's row groups listed once, for the count and the training
+        # the read tasks this cluster gives (--read-tasks 0: half its CPUs), fixed for the workers and recorded:
+        # they decide how a reproducible run's windows are dealt
+        config.read_tasks = spec.read_tasks = read_task_count(spec, len(units))
+        client.set_tag(config.mlflow_run_id, "astromer.read_tasks", str(config.read_tasks))
         cleaning = log_cleaning(config, read_lightcurves(spec, units=units)) if config.count_cleaning else None
         # a reproducible run: its pass clock lives as long as this driver holds it, and the streams keep
         # their order, so that each worker is dealt the same windows in the same order (Ray Data's split

@@ -71,7 +71,8 @@ def test_train_logs_metrics_plots_and_registers(ray_local, mlflow_sqlite, lake):
         assert key in run.data.metrics, key
     assert "resumed_from_step" not in run.data.metrics
     # the node's CPU and memory, sampled every second while it trained (MLflow's system metrics)
-    assert len(client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")) >= 2
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and min(m.value for m in cpu) > 0      # the first sample too (psutil primed)
     assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
     # the cleaning's effect is counted per split and logged beside the metrics
     cleaning = json.loads(Path(client.download_artifacts(run.info.run_id, "cleaning.json")).read_text())
@@ -131,6 +132,13 @@ def test_reproducible_runs_repeat_each_other_step_for_step(ray_local, mlflow_sql
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    # the read tasks the cluster gave are recorded; resumed under another stream, the run says it no longer repeats
+    tags = client.get_run(runs[0]["mlflow_run_id"]).data.tags
+    assert tags["astromer.read_tasks"] == "1" and "astromer.reproducible.broken" not in tags
+    _common.run_training(tiny(lake, "stopped", reproducible=True, **{**settings, "max_steps": 24,
+                                                                      "shuffle_buffer": 0}))
+    broken = client.get_run(runs[2]["mlflow_run_id"]).data.tags["astromer.reproducible.broken"]
+    assert broken.startswith("resumed at step 20 with shuffle_buffer 4096 -> 0:")
 
 
 def test_stopped_job_rerun_with_same_name_continues(ray_local, mlflow_sqlite, lake, tmp_path):

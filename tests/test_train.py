@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -57,6 +58,10 @@ def test_settings_file_flags_and_validation(tmp_path):
     assert (config.preset, config.lr, config.surveys, config.loss, config.clean) == ("tiny", 0.01, ["macho"],
                                                                                      "weighted", False)
     assert config.tags == {"owner": "me"}
+    # every flag's help is its setting's comment in TrainConfig, with the job's own default
+    help_text = " ".join(_common.build_parser("x", {"warmup_steps": 20}).format_help().split())
+    assert "--reproducible, --no-reproducible same settings and cluster: the same steps" in help_text
+    assert "--warmup-steps WARMUP_STEPS linear warm-up from lr / warmup_steps (default: 20)" in help_text
     (tmp_path / "run.json").write_text(json.dumps({"preset": "tiny", "max_steps": 7}))
     assert TrainConfig.from_file(tmp_path / "run.json", lr=0.5).max_steps == 7
     with pytest.raises(ValueError, match="unknown training setting"):
@@ -65,6 +70,17 @@ def test_settings_file_flags_and_validation(tmp_path):
         TrainConfig(loss="l1")
     with pytest.raises(ValueError, match="MaskConfig.probed"):
         TrainConfig(probed=1.5)
+    # a settings file has no types of its own: each value is checked against its setting's
+    (tmp_path / "typed.yaml").write_text("lr: 1e-3\nsystem_metrics_every: '5'\nsurveys: ogle\nbatch_size: 32.0\n")
+    typed = TrainConfig.from_file(tmp_path / "typed.yaml")
+    assert (typed.lr, typed.system_metrics_every, typed.surveys, typed.batch_size) == (1e-3, 5.0, ["ogle"], 32)
+    for setting, message in ((dict(reproducible="false"), "reproducible='false' (str): expected true or false"),
+                             (dict(batch_size="8.5"), "batch_size='8.5' (str): expected a whole number"),
+                             (dict(system_metrics_every=float("nan")), "expected a finite number"),
+                             (dict(system_metrics_every=0.2), "0 (off) or at least 1 second"),
+                             (dict(bands=[1]), "expected a list of names")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TrainConfig(**setting)
 
 
 def test_schedule_warmup_then_cosine():

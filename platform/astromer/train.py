@@ -60,70 +60,71 @@ class TrainConfig:
     """Every setting of a pretraining or finetuning run (flags and --config files map onto these names)."""
 
     # data
-    lake: str | None = None                 # default: astromer.settings.default_lake()
-    surveys: list[str] | None = None
-    bands: list[str] | None = None
+    lake: str | None = None                 # lake root; default: ASTROMER_HOME/lake
+    surveys: list[str] | None = None        # surveys to read; default: every survey in the lake
+    bands: list[str] | None = None          # bands to read; default: every band
     corpus: str | None = None               # registered as astromer2-<corpus>; default: the sorted survey names
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    clean: bool = True
+    val_fraction: float = 0.1               # objects held out for validation (split by a hash of the object)
+    test_fraction: float = 0.1              # objects held out for the final test
+    clean: bool = True                      # the paper's cleaning (off: finite values only)
     drop_noisy: bool = True                 # the paper's noise criteria; off for catalogued variable stars
-    min_observations: int = 10
+    min_observations: int = 10              # shorter curves (after cleaning) are left out
     count_cleaning: bool = True             # count what the cleaning drops (one extra read of the selection)
     label_set: str | None = None            # finetuning: labelled curves only
-    labels: list[str] | None = None
+    labels: list[str] | None = None         # finetuning: only these labels of the label set
     # model
-    preset: str = "astromer2"
+    preset: str = "astromer2"               # astromer2 | astromer1 | tiny (astromer.config.PRESETS)
     window_length: int | None = None        # default: the preset's
     dropout: float | None = None            # default: the preset's
     init_from: str | None = None            # models:/NAME@ALIAS or a model folder (finetuning)
     time_attention_init: float = 2.0        # fresh models: block 1's query/key = this x identity (0: random)
     # task
-    probed: float = 0.5
-    same: float = 0.2
-    random: float = 0.2
+    probed: float = 0.5                     # fraction of a window's observations probed
+    same: float = 0.2                       # fraction of the probed ones left as they are
+    random: float = 0.2                     # fraction of the probed ones replaced by a random value
     loss: str = "plain"                     # "plain" | "weighted" (uncertainty-weighted RMSE)
     # optimisation
     optimizer: str = "adam"                 # "adam" | "adamw"
-    lr: float = 1e-4                        # astromer2 collapsed to the window mean at 1e-3 (and at 3e-4 with the time init)
-    weight_decay: float = 0.0
+    lr: float = 1e-4                        # peak learning rate (astromer2 collapsed to the window mean at 1e-3)
+    weight_decay: float = 0.0               # decoupled with adamw, L2 with adam
     schedule: str = "cosine"                # "cosine" (linear warm-up, cosine decay) | "constant" (warm-up only)
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.05
-    grad_clip: float | None = 1.0
+    warmup_steps: int = 100                 # linear warm-up from lr / warmup_steps
+    min_lr_ratio: float = 0.05              # the cosine's floor, as a fraction of lr
+    grad_clip: float | None = 1.0           # gradient norm clip (none: off)
     batch_size: int = 64                    # per worker
-    epochs: int = 10
-    max_steps: int | None = None
+    epochs: int = 10                        # passes over the training curves
+    max_steps: int | None = None            # stop after this many steps (the schedule spans them)
     total_steps: int | None = None          # schedule length; filled in by the job from the lake size
     patience: int = 5                       # evaluations without improvement before stopping
     val_every: int | None = None            # evaluate every N steps (default: at each epoch end)
     # execution
-    num_workers: int = 2
-    use_gpu: bool = False
+    num_workers: int = 2                    # Ray Train workers (DDP ranks; one per GPU)
+    use_gpu: bool = False                   # a GPU per worker, bf16 autocast, NCCL
     cpus_per_worker: float = 0.5           # laptop defaults: 2 workers + the data tasks fit 2 cores
-    data_cpus: float = 0.25
+    data_cpus: float = 0.25                 # CPUs reserved per Ray Data task
     read_tasks: int = 0                     # tasks reading and windowing the lake; 0: half the cluster's CPUs
     shuffle_buffer: int = 4096              # windows each worker mixes its batches from (0: stream order)
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    max_failures: int = 2
-    compile: bool = False
+    checkpoint_every: int = 100             # steps between checkpoints
+    keep_checkpoints: int = 2               # newest checkpoints kept on storage
+    max_failures: int = 2                   # restarts of lost workers from the last checkpoint
+    compile: bool = False                   # torch.compile the encoder
     compile_mode: str = "default"           # torch.compile mode; "reduce-overhead" adds CUDA graphs on GPUs
-    seed: int = 0
-    reproducible: bool = False              # same seed, lake and cluster: the same steps (an ordered stream)
-    log_every: int = 10
+    seed: int = 0                           # the split, the initial weights, the validation and test windows
+    reproducible: bool = False              # same settings and cluster: the same steps, bit for bit
+    log_every: int = 10                     # steps between logged training figures
     system_metrics_every: float = 10.0      # seconds between samples of each node's CPU, memory, GPU (0: off)
     # tracking
-    run_name: str | None = None
+    run_name: str | None = None             # re-running a name resumes it; default: <job>-<corpus>-<time>
     storage_path: str | None = None         # default: ASTROMER_HOME/ray_results
-    experiment: str = "astromer-pretrain"
-    tracking_uri: str | None = None
+    experiment: str = "astromer-pretrain"   # MLflow experiment
+    tracking_uri: str | None = None         # default: MLFLOW_TRACKING_URI, or SQLite under ASTROMER_HOME
     mlflow_run_id: str | None = None        # set by the job (resume finds the run by run_name)
     register_as: str | None = None          # default: astromer2-<corpus>
     tags: dict[str, str] = field(default_factory=dict)
     pid_dir: str | None = None              # workers append their pid to rank<N>.pid here (operations, fault tests)
 
     def __post_init__(self):
+        _check_setting_types(self)
         if self.preset not in PRESETS:
             raise ValueError(f"preset {self.preset!r}: expected one of {sorted(PRESETS)}")
         checks = {"loss": ("plain", "weighted"), "optimizer": ("adam", "adamw"),
@@ -135,8 +136,9 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "checkpoint_every", "num_workers", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive integer")
-        if float(self.system_metrics_every) < 0:
-            raise ValueError(f"system_metrics_every={self.system_metrics_every!r}: expected seconds (0: off)")
+        if not (self.system_metrics_every == 0 or self.system_metrics_every >= 1):
+            raise ValueError(f"system_metrics_every={self.system_metrics_every!r}: expected 0 (off) or at least 1 "
+                             "second between samples")
         if int(self.shuffle_buffer) < 0:
             raise ValueError(f"shuffle_buffer={self.shuffle_buffer!r}: expected 0 (off) or a number of windows")
         if self.lr <= 0:
@@ -194,6 +196,66 @@ class TrainConfig:
     def from_file(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
         """Settings from a JSON or YAML file, then ``overrides`` (flags given on the command line)."""
         return cls.from_dict({**read_settings_file(path), **overrides})
+
+
+def _check_setting_types(config) -> None:
+    """Every setting of the type its field declares, whatever gave it (a settings file has no types of its
+    own): raises ValueError naming the setting. A quoted "false" would otherwise be true, and a number in
+    quotes a string that fails much later. Numbers in text are read as numbers (YAML reads 1e-3 as text),
+    whole floats pass as ints, ints as floats, a lone name as a list of one."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            if value is None and type(None) in args:
+                continue
+            hint = next(a for a in args if a is not type(None))
+        setattr(config, f.name, _typed_setting(f.name, value, hint))
+
+
+def _typed_setting(name: str, value, hint):
+    import typing
+
+    origin, given = typing.get_origin(hint) or hint, value
+    if origin in (int, float) and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        expected = "a whole number"
+    elif origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        expected = "a finite number"
+    elif origin is str:
+        if isinstance(value, str):
+            return value
+        expected = "a text"
+    elif origin is list:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
+            return list(items)
+        expected = "a list of names"
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        expected = "a mapping"
+    else:
+        return value
+    raise ValueError(f"setting {name}={given!r} ({type(given).__name__}): expected {expected}")
 
 
 def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -513,6 +575,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     pass_steps: int = 0                     # steps taken in the current pass (a reproducible resume skips them)
+    stream: dict[str, str] = field(default_factory=dict)   # what shapes the training stream (stream_shape)
     best_val: float | None = None
     evals_since_best: int = 0
     resumed_from: int | None = None
@@ -573,6 +636,15 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=
     else:
         torch.set_rng_state(extra["torch_rng"].cpu())
     return TrainState(**state)
+
+
+def stream_shape(config: TrainConfig, world: int) -> dict[str, str]:
+    """The settings that decide which windows reach which worker in which order: a reproducible run resumed
+    under others no longer repeats the uninterrupted one."""
+    spec = asdict(config.data_spec())
+    shape = {k: v for k, v in spec.items() if k not in ("lake", "data_cpus", "pass_clock")}
+    shape.update(workers=world, batch_size=config.batch_size, shuffle_buffer=config.shuffle_buffer)
+    return {k: json.dumps(v, sort_keys=True) for k, v in shape.items()}
 
 
 def rng_states() -> list[torch.Tensor]:
@@ -805,6 +877,25 @@ class RunTracker:
         return {n: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, n)] for n in names}
 
 
+def _measured_cpu_monitor():
+    """MLflow's CPU sampler, whose first sample is measured: psutil gives the CPU use since its previous call
+    in the same thread, and 0.0 at the first, so every attempt's first sample read 0.0 (a false dip)."""
+    import psutil
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+
+    class FirstSampleMeasured(CPUMonitor):
+        primed = False
+
+        def collect_metrics(self):
+            if not self.primed:
+                psutil.cpu_percent()          # the origin, in the sampler's own thread
+                time.sleep(0.2)
+                self.primed = True
+            super().collect_metrics()
+
+    return FirstSampleMeasured()
+
+
 @contextlib.contextmanager
 def system_metrics(config: TrainConfig, ctx, resumed: bool):
     """MLflow's sampler of the node's CPU, memory, disk, network and (with ``nvidia-ml-py``) GPU use, logged
@@ -813,15 +904,19 @@ def system_metrics(config: TrainConfig, ctx, resumed: bool):
     if not (config.system_metrics_every and config.mlflow_run_id and ctx.get_local_rank() == 0):
         yield
         return
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     from astromer.registry import setup_tracking
 
+    # "Skip logging GPU metrics. Set logger level to DEBUG..." on every CPU machine is not news
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     setup_tracking(config.tracking_uri)
     nodes = ctx.get_world_size() // max(1, ctx.get_local_world_size())
     monitor = SystemMetricsMonitor(config.mlflow_run_id, sampling_interval=config.system_metrics_every,
                                    resume_logging=resumed,
                                    node_id=f"node_{ctx.get_node_rank()}" if nodes > 1 else None)
+    monitor.monitors = [_measured_cpu_monitor() if isinstance(m, CPUMonitor) else m for m in monitor.monitors]
     monitor.start()
     try:
         yield
@@ -868,12 +963,14 @@ def worker_loop(config_dict: dict) -> None:
             state = load_checkpoint(folder, model, optimizer, scheduler, device,
                                     rank=rank if config.reproducible else None)
         state.resumed_from, state.finished = state.step, False
-        if not config.reproducible:
+        changed = _changed_stream(config, state, world, rank)
+        if changed or not config.reproducible:
             # the pass starts again; rank 0 continues the saved RNG stream, the others branch off it
             state.pass_steps = 0
             if rank:
                 torch.manual_seed(config.seed * 1000 + rank + 7919 * state.step)
         log.warning("rank %d resumed from checkpoint at step %d (epoch %d)", rank, state.step, state.epoch)
+    state.stream = stream_shape(config, world)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     tracker = RunTracker(config, rank)
     if state.resumed_from is not None:
@@ -893,6 +990,25 @@ def worker_loop(config_dict: dict) -> None:
             ray.train.report({key: str(exc), "step": state.step})
             return
         loop.finish(val, CachedBatches(ray.train.get_dataset_shard("test"), config.batch_size, device, limit=0))
+
+
+#: the run tag that says why a reproducible run no longer repeats an uninterrupted one
+REPRODUCIBILITY_KEY = "astromer.reproducible.broken"
+
+
+def _changed_stream(config: TrainConfig, state: TrainState, world: int, rank: int) -> str | None:
+    """A reproducible run resumed under settings that shape the stream otherwise than its checkpoint's: says
+    so (a warning from rank 0, and the run tag REPRODUCIBILITY_KEY) and returns what changed."""
+    if not (config.reproducible and state.stream):
+        return None
+    now = stream_shape(config, world)
+    changed = ", ".join(f"{k} {state.stream.get(k)} -> {v}" for k, v in now.items() if state.stream.get(k) != v)
+    if changed and rank == 0:
+        message = (f"resumed at step {state.step} with {changed}: the stream is no longer the one the run began "
+                   "with, so this run does not repeat an uninterrupted one from here on")
+        log.warning("reproducible run %s", message)
+        RunTracker(config, rank).tag(REPRODUCIBILITY_KEY, message)
+    return changed or None
 
 
 #: the local folder a checkpoint is written into before Ray copies it to the run's storage
