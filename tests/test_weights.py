@@ -155,6 +155,18 @@ def test_cli_import_list_and_register(tmp_path, mlflow_sqlite, capsys):
     assert listed["layer_with_weights-2/gamma/.ATTRIBUTES/VARIABLE_VALUE"]["shape"] == [7]
     assert cli(["weights", "import", str(tmp_path / "missing.zip"), str(tmp_path / "x")]) == 1
     assert "missing.zip" in capsys.readouterr().err
+    # the digest of a model's tensors: the same for the same weights written twice, another for others
+    assert cli(["weights", "import", str(shared_path(*NPZ)), str(tmp_path / "again")]) == 0
+    capsys.readouterr()
+    assert cli(["weights", "digest", str(out), str(tmp_path / "again"), str(tmp_path / "a2")]) == 2
+    assert "no model.safetensors in " + str(tmp_path / "a2") in capsys.readouterr().err
+    model = astromer.load_model(str(out))
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    save_model(model, tmp_path / "changed")
+    assert cli(["weights", "digest", str(out), str(tmp_path / "again"), str(tmp_path / "changed")]) == 0
+    digests = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert len(digests) == 3 and digests[0] == digests[1] != digests[2]
 
 
 def test_astromer2_import_maps_every_official_encoder_tensor(tmp_path):

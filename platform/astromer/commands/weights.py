@@ -28,6 +28,29 @@ def register(parser: argparse.ArgumentParser) -> None:
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(func=_list)
 
+    dig = sub.add_parser("digest", help="sha256 over a model folder's tensors (compare two runs' weights)",
+                         description="Print the sha256 over the tensors of each model folder (a checkpoint "
+                                     "such as ray_results/RUN/step-00000300 or a registered model's folder): "
+                                     "names, dtypes, shapes and values. The model.safetensors file's own "
+                                     "checksum differs between identical models, its metadata being written "
+                                     "in no fixed order.")
+    dig.add_argument("folders", nargs="+", help="model folders (holding model.safetensors)")
+    dig.set_defaults(func=_digest)
+
+
+def _digest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from astromer.weights import MODEL_FILE, weights_digest
+
+    missing = [f for f in args.folders if not (Path(f) / MODEL_FILE).is_file()]
+    if missing:
+        print(f"astromer weights digest: no {MODEL_FILE} in {', '.join(missing)}", file=sys.stderr)
+        return 2
+    for folder in args.folders:
+        print(f"{weights_digest(folder)}  {folder}")
+    return 0
+
 
 def _import(args: argparse.Namespace) -> int:
     from astromer.commands import error_line
