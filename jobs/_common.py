@@ -10,6 +10,7 @@ import sys
 import time
 import traceback
 import typing
+import uuid
 from dataclasses import fields
 
 from astromer import registry, settings
@@ -41,8 +42,13 @@ def build_parser(description: str, defaults: dict | None = None) -> argparse.Arg
         hint = str(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *ALIASES.get(f.name, [])]
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS,
-                  "help": f"{helps.get(f.name, '')} (default: {_default_text(f, defaults)})".lstrip()}
+        comment = helps.get(f.name, "")
+        # a comment that explains the default already (default: the preset's) is not followed by "none"
+        default = "" if "default" in comment and _default_text(f, defaults) == "none" else \
+            f" (default: {_default_text(f, defaults)})"
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": (comment + default).strip()}
+        if comment.startswith("set by the job"):       # the job's bookkeeping: not a user's setting
+            kwargs["help"] = argparse.SUPPRESS
         if hint == "<class 'bool'>":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif "list" in hint:
@@ -69,16 +75,17 @@ def setting_comments(cls) -> dict[str, str]:
     except (OSError, TypeError):
         return {}
     comments: dict[str, str] = {}
-    name = None
+    name, column = None, -1
     for line in lines:
         field_line = re.match(r"\s{4}(\w+): [^#]*?(?:#\s*(.*))?$", line)
         if field_line:
-            name = field_line.group(1)
+            name, column = field_line.group(1), line.find("#")
             if field_line.group(2):
                 comments[name] = field_line.group(2).strip()
             continue
+        # a comment line continues the field's only in the same column (a section heading sits at the left)
         continued = re.match(r"\s+#\s*(.*)$", line)
-        if continued and name in comments:
+        if continued and name in comments and line.find("#") == column:
             comments[name] += " " + continued.group(1).strip()
         else:
             name = None
@@ -189,7 +196,7 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None) -> str:
     client = MlflowClient()
     run_id = registry.find_run(config.experiment, config.run_name)
     flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in (params or config.to_dict()).items()
-            if k not in ("mlflow_run_id", "tracking_uri", "pid_dir")}
+            if k not in ("mlflow_run_id", "tracking_uri", "pid_dir", "pass_clock", "lake_digest")}
     if run_id is None:
         run = client.create_run(registry.experiment_id(config.experiment), run_name=config.run_name,
                                 tags={**{f"astromer.{k}": str(v) for k, v in config.tags.items()},
@@ -222,24 +229,35 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     """Train with Ray (TorchTrainer over the lake's datasets), then log and register the final model from the
     driver. Returns a summary dict (also printed as JSON by the jobs)."""
     import ray.train
-    from astromer.data import make_datasets, read_lightcurves, read_task_count, row_groups, start_pass_clock
+    from astromer.data import (
+        make_datasets,
+        read_lightcurves,
+        read_task_count,
+        row_groups,
+        start_pass_clock,
+        units_digest,
+    )
     from mlflow.tracking import MlflowClient
     from ray.train.torch import TorchTrainer
 
     init_ray(config)
     config.mlflow_run_id = start_mlflow_run(config)
     client = MlflowClient()
+    clock = None
     try:   # from here on, however it ends, the run says so (it never stays RUNNING)
+        if config.reproducible:   # a name of its own: an earlier attempt's clock may still be shutting down
+            config.pass_clock = f"astromer-pass-clock-{config.mlflow_run_id}-{uuid.uuid4().hex[:8]}"
         spec = config.data_spec()
         units = row_groups(spec)           # the lake's row groups listed once, for the count and the training
+        config.lake_digest = units_digest(units)
         # the read tasks this cluster gives (--read-tasks 0: half its CPUs), fixed for the workers and recorded:
         # they decide how a reproducible run's windows are dealt
         config.read_tasks = spec.read_tasks = read_task_count(spec, len(units))
         client.set_tag(config.mlflow_run_id, "astromer.read_tasks", str(config.read_tasks))
         cleaning = log_cleaning(config, read_lightcurves(spec, units=units)) if config.count_cleaning else None
-        # a reproducible run: its pass clock lives as long as this driver holds it, and the streams keep
-        # their order, so that each worker is dealt the same windows in the same order (Ray Data's split
-        # ignores where the workers run then)
+        # a reproducible run: its pass clock lives on the driver's node until the driver ends, and the
+        # streams keep their order, so that each worker is dealt the same windows in the same order (Ray
+        # Data's split ignores where the workers run then)
         clock = start_pass_clock(spec.pass_clock) if config.reproducible else None
         trainer = TorchTrainer(
             worker_loop,
@@ -256,7 +274,6 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
                 execution_options=_ordered_ingest() if config.reproducible else None),
         )
         result = trainer.fit()
-        del clock
     except (KeyboardInterrupt, SystemExit) as exc:   # stopped by its user: resumable, not failed
         client.set_tag(config.mlflow_run_id, ERROR_KEY, f"interrupted ({type(exc).__name__})")
         client.set_terminated(config.mlflow_run_id, status="KILLED")
@@ -265,6 +282,9 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
         client.set_tag(config.mlflow_run_id, ERROR_KEY, _root_message(exc)[:5000])
         client.set_terminated(config.mlflow_run_id, status="FAILED")
         raise
+    finally:
+        if clock is not None:
+            ray.kill(clock)
     tags = client.get_run(config.mlflow_run_id).data.tags
     stop = next(((kind, tags[key]) for kind, key in STOP_KEYS if key in tags), None)
     if stop or result.checkpoint is None:

@@ -139,6 +139,10 @@ def test_reproducible_runs_repeat_each_other_step_for_step(ray_local, mlflow_sql
                                                                       "shuffle_buffer": 0}))
     broken = client.get_run(runs[2]["mlflow_run_id"]).data.tags["astromer.reproducible.broken"]
     assert broken.startswith("resumed at step 20 with shuffle_buffer 4096 -> 0:")
+    # ... as does a run that was not reproducible, resumed with the flag (its checkpoint lacks the generators)
+    _common.run_training(tiny(lake, "fresh", reproducible=True, **{**settings, "max_steps": 24}))
+    broken = client.get_run(runs[3]["mlflow_run_id"]).data.tags["astromer.reproducible.broken"]
+    assert broken.startswith("resumed at step 20 with reproducible false -> true:")
 
 
 def test_stopped_job_rerun_with_same_name_continues(ray_local, mlflow_sqlite, lake, tmp_path):

@@ -299,15 +299,21 @@ class PassClock:
         return self.value
 
 
-def pass_clock_name(run_id: str) -> str:
-    return f"astromer-pass-clock-{run_id}"
-
-
 def start_pass_clock(name: str):
-    """Create the named PassClock actor (kept alive by the returned handle)."""
+    """Create the named PassClock actor on this (the driver's) node, whose loss ends the job anyway: placed
+    elsewhere, the loss of that node would leave the workers' restarts without their clock."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(PassClock).options(name=name, get_if_exists=True).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(PassClock).options(name=name, scheduling_strategy=here).remote()
+
+
+def units_digest(units: list[dict]) -> str:
+    """A digest of the selected row groups (file, row group, curves): another lake, or an ingest since, gives
+    another (a reproducible run resumed over it no longer repeats itself)."""
+    key = json.dumps(sorted((str(u["url"]), int(u["row_group"]), int(u["rows"])) for u in units))
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def set_pass(clock: str, value: int) -> None:

@@ -90,7 +90,7 @@ class TrainConfig:
     schedule: str = "cosine"                # "cosine" (linear warm-up, cosine decay) | "constant" (warm-up only)
     warmup_steps: int = 100                 # linear warm-up from lr / warmup_steps
     min_lr_ratio: float = 0.05              # the cosine's floor, as a fraction of lr
-    grad_clip: float | None = 1.0           # gradient norm clip (none: off)
+    grad_clip: float | None = 1.0           # gradient norm clip (0: off)
     batch_size: int = 64                    # per worker
     epochs: int = 10                        # passes over the training curves
     max_steps: int | None = None            # stop after this many steps (the schedule spans them)
@@ -119,6 +119,8 @@ class TrainConfig:
     experiment: str = "astromer-pretrain"   # MLflow experiment
     tracking_uri: str | None = None         # default: MLFLOW_TRACKING_URI, or SQLite under ASTROMER_HOME
     mlflow_run_id: str | None = None        # set by the job (resume finds the run by run_name)
+    pass_clock: str | None = None           # set by the job: a reproducible run's PassClock actor (astromer.data)
+    lake_digest: str | None = None          # set by the job: the selected row groups (a reproducible resume checks it)
     register_as: str | None = None          # default: astromer2-<corpus>
     tags: dict[str, str] = field(default_factory=dict)
     pid_dir: str | None = None              # workers append their pid to rank<N>.pid here (operations, fault tests)
@@ -167,13 +169,7 @@ class TrainConfig:
                         drop_noisy=self.drop_noisy,
                         min_observations=self.min_observations, label_set=self.label_set,
                         labels=self.labels, data_cpus=self.data_cpus, read_tasks=self.read_tasks,
-                        pass_clock=self.pass_clock())
-
-    def pass_clock(self) -> str | None:
-        """The name of a reproducible run's PassClock actor (astromer.data), None otherwise."""
-        from astromer.data import pass_clock_name
-
-        return pass_clock_name(self.mlflow_run_id or str(self.run_name)) if self.reproducible else None
+                        pass_clock=self.pass_clock if self.reproducible else None)
 
     def _window_length(self) -> int:
         if self.init_from:
@@ -643,7 +639,8 @@ def stream_shape(config: TrainConfig, world: int) -> dict[str, str]:
     under others no longer repeats the uninterrupted one."""
     spec = asdict(config.data_spec())
     shape = {k: v for k, v in spec.items() if k not in ("lake", "data_cpus", "pass_clock")}
-    shape.update(workers=world, batch_size=config.batch_size, shuffle_buffer=config.shuffle_buffer)
+    shape.update(workers=world, batch_size=config.batch_size, shuffle_buffer=config.shuffle_buffer,
+                 reproducible=config.reproducible, lake=config.lake_digest)
     return {k: json.dumps(v, sort_keys=True) for k, v in shape.items()}
 
 
@@ -897,7 +894,7 @@ def _measured_cpu_monitor():
 
 
 @contextlib.contextmanager
-def system_metrics(config: TrainConfig, ctx, resumed: bool):
+def system_metrics(config: TrainConfig, ctx):
     """MLflow's sampler of the node's CPU, memory, disk, network and (with ``nvidia-ml-py``) GPU use, logged
     to the run as ``system/...`` every ``system_metrics_every`` seconds while the block runs: by the first
     worker of each node (``system/node_<rank>/...`` when the run spans several nodes)."""
@@ -912,11 +909,15 @@ def system_metrics(config: TrainConfig, ctx, resumed: bool):
     # "Skip logging GPU metrics. Set logger level to DEBUG..." on every CPU machine is not news
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     setup_tracking(config.tracking_uri)
-    nodes = ctx.get_world_size() // max(1, ctx.get_local_world_size())
+    several_nodes = ctx.get_local_world_size() < ctx.get_world_size()
+    # steps go on from the run's last system sample (an earlier attempt's), or start at 0
     monitor = SystemMetricsMonitor(config.mlflow_run_id, sampling_interval=config.system_metrics_every,
-                                   resume_logging=resumed,
-                                   node_id=f"node_{ctx.get_node_rank()}" if nodes > 1 else None)
-    monitor.monitors = [_measured_cpu_monitor() if isinstance(m, CPUMonitor) else m for m in monitor.monitors]
+                                   resume_logging=True,
+                                   node_id=f"node_{ctx.get_node_rank()}" if several_nodes else None)
+    if isinstance(getattr(monitor, "monitors", None), list):
+        monitor.monitors = [_measured_cpu_monitor() if isinstance(m, CPUMonitor) else m for m in monitor.monitors]
+    else:
+        log.warning("MLflow's system-metrics sampler changed: its first CPU sample may read 0.0")
     monitor.start()
     try:
         yield
@@ -953,6 +954,8 @@ def worker_loop(config_dict: dict) -> None:
     model = build_model(config).to(device)
     optimizer, scheduler = make_optimizer(model, config)
     state = TrainState(mlflow_run_id=config.mlflow_run_id)
+    tracker = RunTracker(config, rank)
+    shape = stream_shape(config, world)
     checkpoint = ray.train.get_checkpoint()
     newer = _agreed_unrecorded_checkpoint(config, checkpoint, rank, world)
     if newer is not None:
@@ -963,21 +966,20 @@ def worker_loop(config_dict: dict) -> None:
             state = load_checkpoint(folder, model, optimizer, scheduler, device,
                                     rank=rank if config.reproducible else None)
         state.resumed_from, state.finished = state.step, False
-        changed = _changed_stream(config, state, world, rank)
+        changed = _changed_stream(config, state, shape, rank, tracker)
         if changed or not config.reproducible:
             # the pass starts again; rank 0 continues the saved RNG stream, the others branch off it
             state.pass_steps = 0
             if rank:
                 torch.manual_seed(config.seed * 1000 + rank + 7919 * state.step)
         log.warning("rank %d resumed from checkpoint at step %d (epoch %d)", rank, state.step, state.epoch)
-    state.stream = stream_shape(config, world)
+    state.stream = shape
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    tracker = RunTracker(config, rank)
     if state.resumed_from is not None:
         tracker.metrics({"resumed_from_step": state.resumed_from}, state.step)
     loop = _Loop(config, ddp_model, model, optimizer, scheduler, state, tracker, rank, world, device)
     val = CachedBatches(ray.train.get_dataset_shard("val"), config.batch_size, device)
-    with system_metrics(config, ctx, resumed=state.resumed_from is not None):
+    with system_metrics(config, ctx):
         try:
             loop.run(ray.train.get_dataset_shard("train"), val)
         except (NonFiniteLossError, NoTrainingBatch) as exc:
@@ -996,18 +998,23 @@ def worker_loop(config_dict: dict) -> None:
 REPRODUCIBILITY_KEY = "astromer.reproducible.broken"
 
 
-def _changed_stream(config: TrainConfig, state: TrainState, world: int, rank: int) -> str | None:
-    """A reproducible run resumed under settings that shape the stream otherwise than its checkpoint's: says
-    so (a warning from rank 0, and the run tag REPRODUCIBILITY_KEY) and returns what changed."""
-    if not (config.reproducible and state.stream):
+def _changed_stream(config: TrainConfig, state: TrainState, shape: dict[str, str], rank: int,
+                    tracker: RunTracker) -> str | None:
+    """A reproducible run resumed from a checkpoint whose stream was shaped otherwise (other settings, another
+    lake, or a run that was not reproducible, whose checkpoint holds neither the stream nor every rank's
+    generators): says so (a warning from rank 0, the run tag REPRODUCIBILITY_KEY) and returns what changed."""
+    if not config.reproducible:
         return None
-    now = stream_shape(config, world)
-    changed = ", ".join(f"{k} {state.stream.get(k)} -> {v}" for k, v in now.items() if state.stream.get(k) != v)
+    if state.stream:
+        changed = ", ".join(f"{k} {state.stream.get(k)} -> {v}" for k, v in shape.items()
+                            if state.stream.get(k) != v)
+    else:
+        changed = "a checkpoint written before reproducible runs, which records no stream"
     if changed and rank == 0:
         message = (f"resumed at step {state.step} with {changed}: the stream is no longer the one the run began "
                    "with, so this run does not repeat an uninterrupted one from here on")
         log.warning("reproducible run %s", message)
-        RunTracker(config, rank).tag(REPRODUCIBILITY_KEY, message)
+        tracker.tag(REPRODUCIBILITY_KEY, message)
     return changed or None
 
 
@@ -1110,7 +1117,7 @@ class _Loop:
         from astromer.data import set_pass
 
         if self.rank == 0:
-            set_pass(config.pass_clock(), self.state.epoch)
+            set_pass(config.pass_clock, self.state.epoch)
         return int(np.random.default_rng([config.seed, self.state.epoch, self.rank]).integers(2**31))
 
     def done(self) -> bool:
@@ -1230,16 +1237,22 @@ class _Loop:
                         self.config.patience)
             self.state.finished = True
 
-    def report_checkpoint(self, metrics: dict[str, float] | None = None, final: bool = False) -> None:
+    def ranks_rng(self) -> list[list[torch.Tensor]] | None:
+        """Every rank's generators (dropout), gathered on every rank, for a reproducible run's checkpoint."""
+        if not self.config.reproducible:
+            return None
+        if self.world == 1:
+            return [rng_states()]
+        gathered: list = [None] * self.world
+        torch.distributed.all_gather_object(gathered, rng_states())
+        return gathered
+
+    def report_checkpoint(self, metrics: dict[str, float] | None = None, final: bool = False,
+                          rank_rng: list | None = None) -> None:
         import ray.train
 
         metrics = {"step": self.state.step, "epoch": self.state.epoch, **(metrics or {})}
-        rank_rng = None
-        if self.config.reproducible:      # every rank's dropout stream, so that a resume repeats it
-            rank_rng = [rng_states()]
-            if self.world > 1:
-                rank_rng = [None] * self.world
-                torch.distributed.all_gather_object(rank_rng, rng_states())
+        rank_rng = rank_rng if final else self.ranks_rng()
         if self.rank == 0:
             with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_STAGING}{os.getpid()}-") as folder:
                 save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.state, rank_rng)
@@ -1250,6 +1263,9 @@ class _Loop:
 
     def finish(self, val_batches, test_batches) -> None:
         """Final scores on the validation and test splits, plots, and the final checkpoint."""
+        # gathered first: the other ranks then wait for rank 0's evaluation in Ray's report, which has no
+        # time limit, not in a collective that times out after 30 minutes
+        rank_rng = self.ranks_rng()
         results: dict[str, float] = {}
         if self.rank == 0:
             results.update(evaluate(self.model, val_batches(), "val"))
@@ -1259,7 +1275,7 @@ class _Loop:
             log.info("finished at step %d: %s", self.state.step, json.dumps(results))
         self.state.finished = True
         self.state.metrics = results
-        self.report_checkpoint(results, final=True)
+        self.report_checkpoint(results, final=True, rank_rng=rank_rng)
 
     #: the series of the learning curve: training, validation and the baselines, on all probed values
     #: and on the hidden ones alone
