@@ -74,6 +74,8 @@ def test_settings_file_flags_and_validation(tmp_path):
     (tmp_path / "typed.yaml").write_text("lr: 1e-3\nsystem_metrics_every: '5'\nsurveys: ogle\nbatch_size: 32.0\n")
     typed = TrainConfig.from_file(tmp_path / "typed.yaml")
     assert (typed.lr, typed.system_metrics_every, typed.surveys, typed.batch_size) == (1e-3, 5.0, ["ogle"], 32)
+    sampled = TrainConfig(lr=np.float32(0.5), batch_size=np.int64(16), reproducible=np.bool_(True))  # numpy's
+    assert (type(sampled.lr), type(sampled.batch_size), sampled.reproducible) == (float, int, True)
     for setting, message in ((dict(reproducible="false"), "reproducible='false' (str): expected true or false"),
                              (dict(batch_size="8.5"), "batch_size='8.5' (str): expected a whole number"),
                              (dict(system_metrics_every=float("nan")), "expected a finite number"),

@@ -214,6 +214,7 @@ def _check_setting_types(config) -> None:
 
 
 def _typed_setting(name: str, value, hint):
+    import numbers
     import typing
 
     origin, given = typing.get_origin(hint) or hint, value
@@ -222,18 +223,19 @@ def _typed_setting(name: str, value, hint):
             value = float(value)
         except ValueError:
             pass
+    # numpy's numbers too (a search algorithm's samples): they are numbers.Integral / numbers.Real
     if origin is bool:
-        if isinstance(value, bool):
-            return value
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
         expected = "true or false"
     elif origin is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+            return int(value)
+        if isinstance(value, numbers.Real) and float(value).is_integer():
             return int(value)
         expected = "a whole number"
     elif origin is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value):
             return float(value)
         expected = "a finite number"
     elif origin is str:
