@@ -127,17 +127,25 @@ def train_rate(cfg: TrainConfig, source: str, workers: int, steps: int, datasets
         return float(json.load(fh)["windows_per_s"])
 
 
-def stream_rate(datasets: dict, batch_size: int, min_windows: int, shuffle_buffer: int = 0) -> float:
+def stream_rate(datasets: dict, batch_size: int, min_windows: int, shuffle_buffer: int = 0,
+                clock: str | None = None) -> float:
     """Windows/s of the training stream itself (read, clean, window, probe, batch), no model. The clock
     starts at the first batch, as the trainers' does after their warm-up steps: the start of the first pass
-    (Ray Data's planning, the workers' start) is not throughput."""
-    seen, t0 = 0, None
+    (Ray Data's planning, the workers' start) is not throughput. With a pass ``clock`` (the datasets made
+    with it), as a reproducible run streams: the pass set before each, the buffer's draw seeded."""
+    from astromer.data import set_pass
+
+    seen, t0, epoch = 0, None, 0
     while seen < min_windows:
-        for batch in iter_batches(datasets["train"], batch_size, drop_last=True, shuffle_buffer=shuffle_buffer):
+        if clock:
+            set_pass(clock, epoch)
+        for batch in iter_batches(datasets["train"], batch_size, drop_last=True, shuffle_buffer=shuffle_buffer,
+                                  shuffle_seed=epoch if clock else None):
             if t0 is None:
                 t0 = time.perf_counter()
                 continue
             seen += batch["times"].shape[0]
+        epoch += 1
     return seen / (time.perf_counter() - t0)
 
 
@@ -225,12 +233,38 @@ def stream_by_tasks(args, spec: DataSpec) -> dict:
     for requested in [int(t) for t in args.stream_tasks.split(",") if t.strip()]:
         tasks_spec = dataclasses.replace(spec, read_tasks=requested)
         tasks = read_task_count(tasks_spec, len(units))
-        rate = stream_rate(make_datasets(tasks_spec), args.gpu_batch_size,
-                           min_windows=max(20 * args.gpu_batch_size, 2 * curves), shuffle_buffer=args.shuffle_buffer)
-        out[f"stream_{'default_' if requested == 0 else ''}{tasks}_tasks_windows_per_s"] = rate
+        windows = max(20 * args.gpu_batch_size, 2 * curves)
+        rate = stream_rate(make_datasets(tasks_spec), args.gpu_batch_size, min_windows=windows,
+                           shuffle_buffer=args.shuffle_buffer)
+        key = f"stream_{'default_' if requested == 0 else ''}{tasks}_tasks_windows_per_s"
+        out[key] = rate
         print(f"Ray Data stream alone at batch {args.gpu_batch_size}, {tasks} read task(s) over {len(units)} row "
               f"groups{' (the default)' if requested == 0 else ''}: {rate:8.0f} windows/s", flush=True)
+        if args.reproducible:
+            out[key.replace("stream_", "reproducible_stream_")] = ordered = reproducible_stream_rate(
+                args, tasks_spec, windows)
+            print(f"  the same, as --reproducible streams it (pass clock, blocks in order, seeded buffer): "
+                  f"{ordered:8.0f} windows/s = {ordered / rate:.2f}x", flush=True)
     return out
+
+
+def reproducible_stream_rate(args, spec: DataSpec, windows: int) -> float:
+    """The stream alone as a reproducible run's: its pass clock, Ray Data's ``preserve_order`` (which the job
+    sets through Ray Train's ingest options), the shuffle buffer seeded."""
+    import dataclasses
+
+    import ray
+    from astromer.data import start_pass_clock
+
+    name = f"bench-pass-clock-{os.getpid()}"
+    clock = start_pass_clock(name)
+    try:
+        datasets = make_datasets(dataclasses.replace(spec, pass_clock=name))
+        datasets["train"].context.execution_options.preserve_order = True
+        return stream_rate(datasets, args.gpu_batch_size, min_windows=windows, shuffle_buffer=args.shuffle_buffer,
+                           clock=name)
+    finally:
+        ray.kill(clock)
 
 
 def gpu_branch(args, spec: DataSpec, datasets: dict) -> dict:
@@ -291,6 +325,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stream-tasks", default="1,0",
                         help="read-task counts for the stream alone at the GPU batch size (0: the job's default)")
     parser.add_argument("--stream-only", action="store_true", help="only the stream by read tasks")
+    parser.add_argument("--reproducible", action="store_true",
+                        help="also the stream by read tasks as a --reproducible run streams it")
     parser.add_argument("--shuffle-buffer", type=int, default=TrainConfig.shuffle_buffer,
                         help="windows each worker mixes its batches from, as the job's --shuffle-buffer (0: off)")
     args = parser.parse_args(argv)
