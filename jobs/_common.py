@@ -15,7 +15,7 @@ from dataclasses import fields
 
 from astromer import registry, settings
 from astromer.commands import USER_ERRORS, report_usage_error
-from astromer.train import STOP_KEYS, TrainConfig, worker_loop
+from astromer.train import JOB_SET, STOP_KEYS, TrainConfig, worker_loop
 
 log = logging.getLogger("astromer.jobs")
 
@@ -47,7 +47,7 @@ def build_parser(description: str, defaults: dict | None = None) -> argparse.Arg
         default = "" if "default" in comment and _default_text(f, defaults) == "none" else \
             f" (default: {_default_text(f, defaults)})"
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": (comment + default).strip()}
-        if comment.startswith("set by the job"):       # the job's bookkeeping: not a user's setting
+        if f.name in JOB_SET:                           # the job's bookkeeping: not a user's setting
             kwargs["help"] = argparse.SUPPRESS
         if hint == "<class 'bool'>":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -196,7 +196,7 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None) -> str:
     client = MlflowClient()
     run_id = registry.find_run(config.experiment, config.run_name)
     flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in (params or config.to_dict()).items()
-            if k not in ("mlflow_run_id", "tracking_uri", "pid_dir", "pass_clock", "lake_digest")}
+            if k not in (*JOB_SET, "tracking_uri", "pid_dir")}
     if run_id is None:
         run = client.create_run(registry.experiment_id(config.experiment), run_name=config.run_name,
                                 tags={**{f"astromer.{k}": str(v) for k, v in config.tags.items()},

@@ -532,12 +532,12 @@ def make_windows(batch, spec: DataSpec, split: str, fixed: bool) -> dict:
     batch are cut for all its curves at once (:func:`_windows_flat`); a batch that path declines goes curve
     by curve.
     """
+    rng = None if fixed else _training_rng(spec, batch)
     flat, columns = _flat_or_columns(batch)
     if flat is not None:
-        return _windows_flat(batch, flat, spec, split, fixed)
+        return _windows_flat(batch, flat, spec, split, rng)
     batch = columns
     length = spec.window_length
-    rng = None if fixed else _training_rng(spec, batch)
     in_split = [i for i in range(len(batch["object_id"]))
                 if split_of(batch["survey"][i], batch["band"][i], batch["object_id"][i],
                             val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,
@@ -646,15 +646,17 @@ def _clean_flat(mjd, mag, err, quality, offsets: np.ndarray, spec: DataSpec):
     return keep, segment_sums(keep, offsets, np.int64), np.ones(len(offsets) - 1, bool)
 
 
-def _windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: str, fixed: bool) -> dict:
+def _windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: str,
+                  rng: np.random.Generator | None) -> dict:
     """:func:`make_windows` for all the curves of one Arrow batch at once: the split, the cleaning
     (:func:`astromer.lake.cleaning.clean_curves`, the same decisions), the windows (one gather) and the
     probe selection. Training windows are drawn as the curve-by-curve path draws them (windows of the same
     law), in a fifth to a quarter of the time (docs/performance.md). Fixed windows take their start and
     selection from the same per-curve generators as the curve-by-curve path (the same windows, centred up
-    to the last bit of the means)."""
+    to the last bit of the means). ``rng``: the training batch's generator; None for fixed windows."""
     from astromer.windows import seeded_probe, windows_at
 
+    fixed = rng is None
     values, offsets = flat
     length = spec.window_length
     ids, surveys, bands = _identities(table)
@@ -680,7 +682,6 @@ def _windows_flat(table, flat: tuple[dict, np.ndarray], spec: DataSpec, split: s
         w = windows_at(mjd[take], mag[take], err[take], packed, np.asarray(start, np.int64), length=length)
         p = seeded_probe(w.mags, w.padding, [seed ^ 0x5EED for seed in seeds], config=spec.mask)
     else:
-        rng = _training_rng(spec, table)
         w = random_windows(mjd[take], mag[take], err[take], packed, length=length, rng=rng)
         p = probe(w.mags, w.padding, rng=rng, config=spec.mask)
     out = {"times": w.times, "mags_in": p.mags_in, "target": w.mags, "errs": w.errs, "padding": w.padding,

@@ -482,6 +482,11 @@ def _pyplot():
     return plt
 
 
+def _wrapped(text: str, width: int) -> str:
+    """A figure title on lines of at most ``width`` characters (long ones ran off the figure)."""
+    return "\n".join(textwrap.wrap(text, width))
+
+
 def _tick_labels(ax, class_names: Sequence[str]) -> None:
     """Class names on both axes; the predicted ones turned only when they are long enough to collide."""
     n = len(class_names)
@@ -514,7 +519,7 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     f1 = scores(np.asarray(y_true), np.asarray(y_pred), n)["f1"]
-    heading = "\n".join(textwrap.wrap(title, 48)) if title else ""
+    heading = _wrapped(title, 48)
     ax.set_title(f"{heading}\nmacro F1 {f1:.3f} over these {len(y_true)} predictions".strip(), fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="share of the true class")
     fig.tight_layout()
@@ -544,7 +549,7 @@ def plot_gammas(gammas: np.ndarray, path: str | Path, title: str = "", spread: n
                     ha="center", fontsize=7)
     ax.set_xticks(range(k), names, rotation=30)
     ax.set_ylabel("softmax(gamma)")
-    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
+    ax.set_title(_wrapped(title, 60), fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = Path(path)
@@ -589,7 +594,7 @@ def plot_map(coords: np.ndarray, y: np.ndarray, class_names: Sequence[str], path
                            marker=shapes.get(band, "o"), label=name if band is None else f"{name} ({band})")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
+    ax.set_title(_wrapped(title, 60), fontsize=9)
     # beside the map, not over its points
     ax.legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(class_names) // 25)
     fig.tight_layout()
@@ -620,7 +625,7 @@ def plot_attention(panels: list[dict], path: str | Path, title: str = "") -> Pat
         ax.invert_yaxis()
         ax.set_xlabel(p.get("xlabel", "time"), fontsize=8)
         ax.set_ylabel("magnitude", fontsize=8)
-        ax.set_title("\n".join(textwrap.wrap(p["name"], 40)), fontsize=8)
+        ax.set_title(_wrapped(p["name"], 40), fontsize=8)
         fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="attention / uniform")
     if title:
         fig.suptitle(title, fontsize=10)

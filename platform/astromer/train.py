@@ -194,6 +194,10 @@ class TrainConfig:
         return cls.from_dict({**read_settings_file(path), **overrides})
 
 
+#: the settings the job fills in for its workers (no flag shows them; they are not the run's parameters)
+JOB_SET = ("mlflow_run_id", "pass_clock", "lake_digest")
+
+
 def _check_setting_types(config) -> None:
     """Every setting of the type its field declares, whatever gave it (a settings file has no types of its
     own): raises ValueError naming the setting. A quoted "false" would otherwise be true, and a number in
@@ -1251,10 +1255,12 @@ class _Loop:
 
     def report_checkpoint(self, metrics: dict[str, float] | None = None, final: bool = False,
                           rank_rng: list | None = None) -> None:
+        """Rank 0 writes the checkpoint (with ``rank_rng``, gathered here unless the caller has); every rank
+        reports to Ray."""
         import ray.train
 
         metrics = {"step": self.state.step, "epoch": self.state.epoch, **(metrics or {})}
-        rank_rng = rank_rng if final else self.ranks_rng()
+        rank_rng = self.ranks_rng() if rank_rng is None else rank_rng
         if self.rank == 0:
             with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_STAGING}{os.getpid()}-") as folder:
                 save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.state, rank_rng)
