@@ -80,7 +80,8 @@ def test_settings_file_flags_and_validation(tmp_path):
                              (dict(batch_size="8.5"), "batch_size='8.5' (str): expected a whole number"),
                              (dict(system_metrics_every=float("nan")), "expected a finite number"),
                              (dict(system_metrics_every=0.2), "0 (off) or at least 1 second"),
-                             (dict(bands=[1]), "expected a list of names")):
+                             (dict(bands=[1]), "expected a list of names"),
+                             (dict(batch_size=True), "batch_size=True (bool): expected a whole number")):
         with pytest.raises(ValueError, match=re.escape(message)):
             TrainConfig(**setting)
 

@@ -227,19 +227,19 @@ def _typed_setting(name: str, value, hint):
             value = float(value)
         except ValueError:
             pass
-    # numpy's numbers too (a search algorithm's samples): they are numbers.Integral / numbers.Real
+    # numpy's numbers too (a search algorithm's samples): numbers.Real; a flag is not a number
+    flag = isinstance(value, (bool, np.bool_))
+    number = not flag and isinstance(value, numbers.Real) and math.isfinite(value)
     if origin is bool:
-        if isinstance(value, (bool, np.bool_)):
+        if flag:
             return bool(value)
         expected = "true or false"
     elif origin is int:
-        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
-            return int(value)
-        if isinstance(value, numbers.Real) and float(value).is_integer():
+        if number and float(value).is_integer():
             return int(value)
         expected = "a whole number"
     elif origin is float:
-        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value):
+        if number:
             return float(value)
         expected = "a finite number"
     elif origin is str:
