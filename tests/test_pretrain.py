@@ -114,7 +114,8 @@ def test_reproducible_runs_repeat_each_other_step_for_step(ray_local, mlflow_sql
     run without the flag draws other windows."""
     settings = dict(max_steps=20, total_steps=20, checkpoint_every=100, val_every=10, count_cleaning=False,
                     dropout=0.1)
-    straight = tiny(lake, "straight", reproducible=True, **settings)
+    # checkpointed on the way, at step 15 too, the first pass's last batch: checkpoints change nothing
+    straight = tiny(lake, "straight", reproducible=True, **{**settings, "checkpoint_every": 5})
     stopped = tiny(lake, "stopped", reproducible=True, **{**settings, "max_steps": 12})
     resumed = tiny(lake, "stopped", reproducible=True, **settings)
     fresh = tiny(lake, "fresh", **settings)
@@ -128,6 +129,10 @@ def test_reproducible_runs_repeat_each_other_step_for_step(ray_local, mlflow_sql
     assert losses[2] != losses[0]
     assert _history(client, runs[0]["mlflow_run_id"], "val_rmse") == \
         _history(client, runs[2]["mlflow_run_id"], "val_rmse")
+    # the checkpoint at a pass's last batch is written at the pass's end: a resume starts the next pass
+    # (before, it read the whole pass again only to pass over it)
+    at_pass_end = json.loads((Path(straight.storage_path) / "straight" / "step-00000015" / "state.json").read_text())
+    assert (at_pass_end["step"], at_pass_end["epoch"], at_pass_end["pass_steps"]) == (15, 1, 0)
     weights = [_final_weights(config) for config in (straight, resumed, fresh)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

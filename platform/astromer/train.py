@@ -1092,6 +1092,16 @@ class CachedBatches:
         self.cache = kept
 
 
+def _flag_last(items):
+    """``(item, is_last)`` for each item, reading one item ahead."""
+    items = iter(items)
+    for current in items:
+        for following in items:
+            yield current, False
+            current = following
+        yield current, True
+
+
 class _Loop:
     """The epoch/step bookkeeping of ``worker_loop`` (kept apart so the loop reads top to bottom)."""
 
@@ -1150,13 +1160,13 @@ class _Loop:
             self.epoch_loss_sum, self.epoch_steps = 0.0, 0
             # a reproducible run resumed in the middle of a pass: the pass is drawn again, the same batches in
             # the same order, and the ones trained on before the checkpoint are passed over
-            skip = state.pass_steps
-            for batch_index, batch in enumerate(iter_batches(train_shard, config.batch_size, drop_last=True,
-                                                             device=self.device,
-                                                             shuffle_buffer=config.shuffle_buffer,
-                                                             shuffle_seed=self.start_pass())):
+            skip, trained = state.pass_steps, False
+            batches = iter_batches(train_shard, config.batch_size, drop_last=True, device=self.device,
+                                   shuffle_buffer=config.shuffle_buffer, shuffle_seed=self.start_pass())
+            for batch_index, (batch, last_of_pass) in enumerate(_flag_last(batches)):
                 if batch_index < skip:
                     continue
+                trained = True
                 train_step(self.ddp_model, batch, self.optimizer, self.scheduler, config, step=state.step + 1,
                            epoch=state.epoch, batch_index=batch_index, into=self.steps)
                 state.step += 1
@@ -1179,8 +1189,10 @@ class _Loop:
                         self.read_steps()
                         self.validate(val_batches)
                 ends_run = self.state.finished or state.step >= self.max_steps
-                # a run's last step is checkpointed once, by finish(), as the final checkpoint
-                if state.step % config.checkpoint_every == 0 and not ends_run:
+                # a run's last step is checkpointed once, by finish(), as the final checkpoint; a pass's last
+                # step after the pass's end (below), so that a resume starts the next pass instead of reading
+                # this one again only to pass over all of it
+                if state.step % config.checkpoint_every == 0 and not ends_run and not last_of_pass:
                     with paused():
                         self.read_steps()           # a non-finite step raises here, before the checkpoint
                         self.report_checkpoint()
@@ -1201,6 +1213,9 @@ class _Loop:
                 if not config.val_every:
                     with paused():
                         self.validate(val_batches)
+                if trained and state.step % config.checkpoint_every == 0 and not self.done():
+                    with paused():
+                        self.report_checkpoint()
 
     def _epoch_metrics(self, windows: int, t0: float, partial: bool = False) -> None:
         """``epoch``: passes completed. A partial last pass counts as its fraction of the last whole one
