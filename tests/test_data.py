@@ -129,6 +129,12 @@ def test_read_lightcurves_reads_every_row_group_once(ray_local, small_lake, tmp_
         assert f"{tasks} tasks executed" in ds.stats()
     # a selection names its partitions; an empty selection fails clearly
     assert {u["band"] for u in row_groups(DataSpec(lake=str(small_lake), bands=["B"]))} == {"B"}
+    # the footers are kept between listings, but a file rewritten (an ingest since) is read again
+    lake = write_lake(tmp_path / "rewritten", 120, seed=4)
+    assert [u["rows"] for u in row_groups(DataSpec(lake=str(lake)))] == [50, 50, 20]
+    [file] = (lake / "lightcurves").rglob("*.parquet")
+    pq.write_table(pq.read_table(file).slice(0, 90), file, row_group_size=30)
+    assert [u["rows"] for u in row_groups(DataSpec(lake=str(lake)))] == [30, 30, 30]
     empty = tmp_path / "empty"
     Path(LakePaths(str(empty)).lightcurves("synthetic", "V")).mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no lightcurves files"):

@@ -142,22 +142,45 @@ def quiet_progress() -> None:
 def row_groups(spec: DataSpec) -> list[dict]:
     """The read units of the selection: one per Parquet row group of every ``lightcurves`` file, with the
     survey and band of its partition folder and its number of curves (``rows``). Only the files' footers
-    are read, once, here."""
-    import pyarrow.parquet as pq
+    are read, several at a time (an object store answers each after a round trip), and each file's once per
+    process while it stays the same size and age: the job counts the curves, then lists the units again
+    to train on them."""
+    from concurrent.futures import ThreadPoolExecutor
 
     from astromer.lake.paths import LakePaths
 
     paths = LakePaths(spec.lake)
-    units = []
+    files = []
     for survey, band in partitions(spec.lake, spec.surveys, spec.bands):
-        for file in sorted(paths.fs.glob(paths.lightcurves(survey, band) + "/*.parquet")):
-            with paths.fs.open(file, "rb") as handle:
-                meta = pq.ParquetFile(handle).metadata
-            units += [{"url": paths.url_of(file), "row_group": g, "rows": meta.row_group(g).num_rows,
-                       "survey": survey, "band": band} for g in range(meta.num_row_groups)]
+        found = paths.fs.glob(paths.lightcurves(survey, band) + "/*.parquet", detail=True)
+        files += [(name, info, survey, band) for name, info in sorted(found.items())]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        counts = list(pool.map(lambda f: _row_group_rows(paths.fs, f[0], f[1]), files))
+    units = [{"url": paths.url_of(name), "row_group": g, "rows": rows, "survey": survey, "band": band}
+             for (name, _, survey, band), per_group in zip(files, counts) for g, rows in enumerate(per_group)]
     if not units:
         raise FileNotFoundError(f"{spec.lake}: no lightcurves files for surveys={spec.surveys} bands={spec.bands}")
     return units
+
+
+_FOOTERS: dict[tuple, tuple[int, ...]] = {}
+
+
+def _row_group_rows(fs, name: str, info: dict) -> tuple[int, ...]:
+    """Curves per row group of one Parquet file, from its footer; kept while the file keeps its size and
+    modification stamp (a rewritten file is read again; a file system that gives no stamp is never kept)."""
+    import pyarrow.parquet as pq
+
+    stamp = next((info[k] for k in ("mtime", "LastModified", "ETag", "md5Hash", "created") if info.get(k)), None)
+    key = (getattr(fs, "protocol", None), name, info.get("size"), str(stamp))
+    if stamp is not None and key in _FOOTERS:
+        return _FOOTERS[key]
+    with fs.open(name, "rb") as handle:
+        meta = pq.ParquetFile(handle).metadata
+    rows = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+    if stamp is not None:
+        _FOOTERS[key] = rows
+    return rows
 
 
 def read_row_group(unit: dict):
