@@ -1,7 +1,7 @@
 """Finetune a registered (or imported) Astromer on a labelled survey with the pretraining task.
 
     python jobs/finetune.py --init-from models:/astromer2-mylake@production --lake LAKE \\
-        --surveys asas --label-set class [--labels Mira "RR Lyrae FM" --batch-size 8] [--register-as NAME]
+        --surveys asas --label-set class [--labels Mira RR_Lyrae_FM --batch-size 8] [--register-as NAME]
     python jobs/finetune.py --init-from path/to/model_dir --lake LAKE --surveys ogle --label-set mode
 
 The same Ray loop as pretraining (jobs/pretrain.py), started from the parent's weights and run on the curves

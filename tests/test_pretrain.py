@@ -302,6 +302,9 @@ def test_what_a_job_is_asked_is_checked_before_ray_starts(lake, tmp_path, monkey
     lab = ["--lake", str(labelled), "--preset", "tiny", "--max-steps", "1"]
     cases.append(([*lab, "--label-set", "mode"], "no label set 'mode' in the lake; there are ['class']"))
     cases.append(([*lab, "--label-set", "class", "--labels", "Nope"], "none of the labels ['Nope']"))
+    # one label misspelt among good ones is refused too (it would drop its class without a word)
+    cases.append(([*lab, "--label-set", "class", "--labels", "short", "Nope"],
+                  "no curve has the label(s) ['Nope'] in label set 'class' of the lake; there are ['long', 'short']"))
     for argv, words in cases:
         assert _common.main("pretrain", "pretrain", argv=argv) == 2, argv
         err = capsys.readouterr().err

@@ -386,13 +386,16 @@ def label_lookup(spec: DataSpec) -> dict[tuple[str, str], str]:
         frame = frame[frame["survey"].isin(spec.surveys)]
     in_set = frame[frame["label_set"] == spec.label_set]
     chosen = in_set[in_set["label"].isin(spec.labels)] if spec.labels else in_set
-    if chosen.empty:
-        where = f"surveys {spec.surveys}" if spec.surveys else "the lake"
-        if in_set.empty:
-            raise ValueError(f"{spec.lake}: no label set {spec.label_set!r} in {where}; there are "
-                             f"{sorted(set(frame['label_set']))}")
-        raise ValueError(f"{spec.lake}: none of the labels {list(spec.labels)} in label set {spec.label_set!r} "
-                         f"of {where}; there are {sorted(set(in_set['label']))}")
+    where = f"surveys {spec.surveys}" if spec.surveys else "the lake"
+    if in_set.empty:
+        raise ValueError(f"{spec.lake}: no label set {spec.label_set!r} in {where}; there are "
+                         f"{sorted(set(frame['label_set']))}")
+    # every label asked for must be there: a misspelt one would otherwise drop its class without a word
+    missing = [label for label in spec.labels or [] if label not in set(in_set["label"])]
+    if missing:
+        raise ValueError(f"{spec.lake}: {'none of the labels' if chosen.empty else 'no curve has the label(s)'} "
+                         f"{missing} in label set {spec.label_set!r} of {where}; there are "
+                         f"{sorted(set(in_set['label']))}")
     return {(s, o): lab for s, o, lab in zip(chosen["survey"], chosen["object_id"], chosen["label"])}
 
 
