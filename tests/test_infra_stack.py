@@ -91,7 +91,8 @@ def stack_env(tmp_path):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_local_stack_starts_serves_on_loopback_and_stops(stack_env):
+def test_local_stack_starts_serves_on_loopback_and_stops(stack_env, ray_local):
+    """``ray_local``: another Ray runs on the machine meanwhile, as the stack must allow."""
     env = stack_env
     up = subprocess.run([str(INFRA / "local-up")], env=env, cwd=ROOT, capture_output=True, text=True,
                         timeout=240)
@@ -126,7 +127,8 @@ def test_local_stack_starts_serves_on_loopback_and_stops(stack_env):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
     # A job submitted the way the docs say runs in the repository with the venv's python and logs to
-    # the stack's MLflow server.
+    # the stack's MLflow server. Its tasks reach the head's state API (Ray Train's placement-group cleaner
+    # asks it every second whether the controller lives) though another Ray runs on the machine.
     job_env = dict(env)
     for line in (stack / "env.sh").read_text().splitlines():
         if line.startswith("export "):
@@ -134,7 +136,10 @@ def test_local_stack_starts_serves_on_loopback_and_stops(stack_env):
             job_env[key] = value
     code = ("import mlflow, os, sys; mlflow.set_experiment('stack-check'); "
             "run = mlflow.start_run(run_name='from-ray-job'); mlflow.log_param('cwd', os.getcwd()); "
-            "mlflow.log_param('python', sys.executable); mlflow.end_run()")
+            "mlflow.log_param('python', sys.executable); "
+            "import ray; from ray.util.state import list_nodes; "
+            "nodes = ray.get(ray.remote(lambda: len(list_nodes())).remote()); "
+            "mlflow.log_param('nodes_seen_by_a_task', nodes); mlflow.end_run()")
     ray_cli = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0]='ray'; main()"]
     job = subprocess.run(ray_cli + ["job", "submit", "--", "python", "-c", code], env=job_env, cwd=ROOT,
                          capture_output=True, text=True, timeout=180)
@@ -147,6 +152,7 @@ def test_local_stack_starts_serves_on_loopback_and_stops(stack_env):
     assert [r.info.run_name for r in runs] == ["from-ray-job"]
     assert runs[0].data.params["cwd"] == str(ROOT)
     assert Path(runs[0].data.params["python"]).parent == Path(sys.executable).parent
+    assert runs[0].data.params["nodes_seen_by_a_task"] == "1"
 
     # Stop: every process of both sessions ends, nothing answers, and a second stop is a no-op.
     down = subprocess.run([str(INFRA / "local-down")], env=env, cwd=ROOT, capture_output=True, text=True,
