@@ -187,7 +187,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_mlflow_run(config: TrainConfig, params: dict | None = None) -> str:
+def run_tags(config: TrainConfig, register_tags: dict | None = None) -> dict:
+    """What the run trains, as tags (``astromer.<key>`` on the run, ``<key>`` on its registered version): set
+    when the run starts, so that a stopped or failed run is found by them too."""
+    return {"run_name": config.run_name, "corpus": config.corpus, "preset": config.preset,
+            "surveys": ",".join(config.surveys or []) or "all", "bands": ",".join(config.bands or []) or "all",
+            **config.tags, **(register_tags or {})}
+
+
+def start_mlflow_run(config: TrainConfig, params: dict | None = None, register_tags: dict | None = None) -> str:
     """Create the MLflow run, or find the one of the same name (a resumed job continues its run)."""
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
@@ -199,8 +207,7 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None) -> str:
             if k not in (*JOB_SET, "tracking_uri", "pid_dir")}
     if run_id is None:
         run = client.create_run(registry.experiment_id(config.experiment), run_name=config.run_name,
-                                tags={**{f"astromer.{k}": str(v) for k, v in config.tags.items()},
-                                      "astromer.corpus": str(config.corpus)})
+                                tags={f"astromer.{k}": str(v) for k, v in run_tags(config, register_tags).items()})
         run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for lo in range(0, len(items), 100):
@@ -241,7 +248,7 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     from ray.train.torch import TorchTrainer
 
     init_ray(config)
-    config.mlflow_run_id = start_mlflow_run(config)
+    config.mlflow_run_id = start_mlflow_run(config, register_tags=register_tags)
     client = MlflowClient()
     clock = None
     try:   # from here on, however it ends, the run says so (it never stays RUNNING)
@@ -360,9 +367,7 @@ def finish_run(config: TrainConfig, result, register_tags: dict) -> dict:
 
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     name = config.register_as or registry.pretrained_name(str(config.corpus))
-    tags = {"run_name": config.run_name, "corpus": config.corpus, "preset": config.preset,
-            "surveys": ",".join(config.surveys or []) or "all", "bands": ",".join(config.bands or []) or "all",
-            "step": int(metrics.get("step", 0)), **config.tags, **register_tags}
+    tags = {**run_tags(config, register_tags), "step": int(metrics.get("step", 0))}
     earlier = registry.version_with_tags(name, {"run_name": config.run_name, "step": tags["step"]})
     if earlier is not None:
         # a finished run started again: nothing trained since it registered this version

@@ -238,6 +238,9 @@ def test_nan_loss_stops_naming_the_step_without_checkpoint(ray_local, mlflow_sql
     assert len((tmp_path / "pids" / "rank0.pid").read_text().split()) == 1      # started once, never retried
     run = MlflowClient().get_run(registry.find_run(config.experiment, "overflow"))
     assert run.info.status == "FAILED" and "at step 1" in run.data.tags["astromer.error"]
+    # what it trained is tagged from the start, so a failed or stopped run is found like a finished one
+    assert {k: run.data.tags.get(f"astromer.{k}") for k in ("run_name", "preset", "surveys", "corpus")} == \
+        {"run_name": "overflow", "preset": "tiny", "surveys": "all", "corpus": "unit"}
 
 
 def test_an_epoch_without_a_batch_stops_the_run_without_retries(ray_local, mlflow_sqlite, lake, tmp_path):
