@@ -195,7 +195,9 @@ def test_stopped_job_rerun_with_same_name_continues(ray_local, mlflow_sqlite, la
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_local, mlflow_sqlite, lake, tmp_path):
-    config = tiny(lake, "kill-one", max_steps=12, checkpoint_every=3, pid_dir=str(tmp_path / "pids"))
+    # no test split: the run says it has no test scores instead of leaving them out without a word
+    config = tiny(lake, "kill-one", max_steps=12, checkpoint_every=3, pid_dir=str(tmp_path / "pids"),
+                  test_fraction=0.0)
     killed = {}
 
     def kill_rank1_after_first_checkpoint():
@@ -220,6 +222,10 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, mlflow_sqlite, la
     assert summary["step"] == 12
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    assert "final_test_rmse" not in run.data.metrics and "final_val_rmse" in run.data.metrics
+    assert run.data.tags["astromer.warning.test"].startswith("the test split gave no window to score "
+                                                               "(--test-fraction 0.0 of too few curves")
+    assert "astromer.warning.val" not in run.data.tags
     # the restarted workers are new processes
     assert [int(p) for p in (tmp_path / "pids" / "rank1.pid").read_text().split()][0] == killed["pid"]
     assert len((tmp_path / "pids" / "rank1.pid").read_text().split()) == 2

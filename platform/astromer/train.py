@@ -1293,6 +1293,12 @@ class _Loop:
         if self.rank == 0:
             results.update(evaluate(self.model, val_batches(), "val"))
             results.update(evaluate(self.model, test_batches(), "test"))
+            for split, fraction in (("val", self.config.val_fraction), ("test", self.config.test_fraction)):
+                if f"{split}_rmse" not in results:   # a tiny selection: say so rather than leave the score out
+                    message = (f"the {split} split gave no window to score (--{split}-fraction {fraction} of "
+                               f"too few curves, or none left after the cleaning): no final {split} scores")
+                    log.warning(message)
+                    self.tracker.tag(f"astromer.warning.{split}", message)
             self.tracker.metrics({f"final_{k}": v for k, v in results.items()}, self.state.step)
             self._plots(val_batches)
             log.info("finished at step %d: %s", self.state.step, json.dumps(results))
