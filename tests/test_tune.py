@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from astromer import evaluate as ev
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,11 @@ def test_sweep_with_asha_logs_every_trial_and_writes_a_usable_config(ray_local, 
     lengths = sorted(len(mlflow.tracking.MlflowClient().get_metric_history(r.info.run_id, "val_loss"))
                      for r in nested)
     assert lengths == sorted(epochs)
+    # a trial is ranked by its best validation loss (what its early-stopped classifier keeps), by ASHA and
+    # Tune's table as by the sweep: the lowest of its logged losses, at the epoch recorded
+    histories = [mlflow.tracking.MlflowClient().get_metric_history(r.info.run_id, "val_loss") for r in nested]
+    assert sorted(min(m.value for m in h) for h in histories) == pytest.approx(sorted(t["val_loss"] for t in trials))
+    assert all(1 <= t["best_epoch"] <= t["epochs"] for t in trials)
 
     best = json.loads(out.read_text())
     settings = ev.RunSettings.from_dict(best)  # what jobs/classify.py --config does

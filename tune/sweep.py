@@ -26,6 +26,9 @@ from astromer import registry, settings
 from ray.tune import Callback
 
 METRIC = "val_loss"
+# what the trials are ranked by, by ASHA, by Tune's progress table and by this script alike: a trial's best
+# validation loss so far, which is what its classifier keeps (early stopping restores the best epoch)
+RANKED = f"best_{METRIC}"
 
 
 def search_space(finetune_choice: bool = False) -> dict:
@@ -73,8 +76,12 @@ def trial(config: dict, data: dict) -> None:
     y = data["y"]
     n_classes = len(data["class_names"])
 
+    best = {"loss": float("inf"), "epoch": 0}
+
     def report(epoch: int, metrics: dict) -> None:
-        tune.report({**metrics, "epoch": epoch})
+        if metrics[METRIC] < best["loss"]:
+            best.update(loss=float(metrics[METRIC]), epoch=epoch + 1)    # the n-th epoch, as Tune counts them
+        tune.report({**metrics, "epoch": epoch, RANKED: best["loss"], "best_epoch": best["epoch"]})
 
     rows, weights = ev.training_rows(fold.train, run.classifier)
     ev.train_skip_classifier(layers[rows], y[rows], layers[fold.val], y[fold.val], n_classes, run.classifier,
@@ -160,7 +167,7 @@ def sweep(layers: np.ndarray, y: np.ndarray, object_ids: np.ndarray, class_names
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(trial, data=data), {"cpu": cpus_per_trial}),
             param_space=search_space(finetune_choice),
-            tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, num_samples=num_samples,
+            tune_config=tune.TuneConfig(metric=RANKED, mode="min", scheduler=scheduler, num_samples=num_samples,
                                         search_alg=BasicVariantGenerator(random_state=seed)),
             run_config=tune.RunConfig(name=name, storage_path=str(settings.ray_results_dir()),
                                       callbacks=[MlflowTrials(experiment_id, parent.info.run_id)], verbose=1),
@@ -171,9 +178,8 @@ def sweep(layers: np.ndarray, y: np.ndarray, object_ids: np.ndarray, class_names
             if result.error is not None:
                 trials.append({"config": result.config, "error": str(result.error)})
                 continue
-            history = result.metrics_dataframe
-            best_loss = float(history[METRIC].min()) if history is not None and METRIC in history else float("inf")
-            trials.append({"config": result.config, METRIC: best_loss,
+            trials.append({"config": result.config, METRIC: float(result.metrics.get(RANKED, float("inf"))),
+                           "best_epoch": int(result.metrics.get("best_epoch", 0)),
                            "epochs": int(result.metrics.get("training_iteration", 0))})
         ok = [t for t in trials if "error" not in t]
         if not ok:
@@ -181,7 +187,8 @@ def sweep(layers: np.ndarray, y: np.ndarray, object_ids: np.ndarray, class_names
         best_trial = min(ok, key=lambda t: t[METRIC])
         best = settings_from_trial(best_trial["config"], max_epochs=ev.ClassifierConfig.max_epochs,
                                    patience=ev.ClassifierConfig.patience).to_dict()
-        best["metric"] = {METRIC: best_trial[METRIC], "epochs": best_trial["epochs"]}
+        best["metric"] = {METRIC: best_trial[METRIC], "best_epoch": best_trial["best_epoch"],
+                          "epochs": best_trial["epochs"]}
         mlflow.log_metric(f"best_{METRIC}", best_trial[METRIC])
         mlflow.log_dict(best, "best_config.json")
         if out is not None:
