@@ -147,6 +147,10 @@ def test_scores_summary_and_markdown_table():
     assert "| skip | 20 | 2 | - |" in table and f"{row['f1_mean']:.3f} ± {row['f1_std']:.3f}" in table
     (row,) = ev.summarise([{**r, "train_objects": k} for r, k in zip(results, (7, 9))])
     assert row["train_objects"] == 8 and "| skip | 20 | 2 | 8 |" in ev.markdown_table([row])
+    # the reference row is explained only where there is one (--no-baselines leaves it out)
+    assert "reference row" not in ev.markdown_table([row])
+    (reference,) = ev.summarise([{**r, "method": ev.METHOD_COMMONEST} for r in results])
+    assert "The reference row gives every test curve" in ev.markdown_table([row, reference])
 
 
 def _synthetic_curves(n_per_class=30, seed=0):

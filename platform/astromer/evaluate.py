@@ -401,7 +401,9 @@ def markdown_table(summary: list[dict], title: str | None = None) -> str:
                      + " | ".join(cells) + " |")
     lines += ["", "± is the standard deviation over the folds (ddof 0). A class with fewer objects than the "
               "scenario asks is sampled with replacement: the distinct objects column says how many it really "
-              "had. The reference row gives every test curve the test set's commonest class."]
+              "had."]
+    if any(row["method"] == METHOD_COMMONEST for row in summary):
+        lines[-1] += " The reference row gives every test curve the test set's commonest class."
     return "\n".join(lines) + "\n"
 
 
@@ -756,7 +758,7 @@ def load_labelled_set(lake: str, spec: DatasetSpec, periods: dict[str, float] | 
     keep_classes = sorted(c for c, n in members.items() if n >= spec.min_members)
     for c, n in members.items():
         if n < spec.min_members:
-            dropped[f"class {c!r}: {n} objects < {spec.min_members}"] = n
+            dropped[f"class {c!r}: fewer objects than {spec.min_members}"] = n
     if len(keep_classes) < 2:
         raise ValueError(f"dataset {spec.name}: fewer than 2 classes with at least {spec.min_members} objects "
                          f"({members})")
@@ -768,7 +770,7 @@ def load_labelled_set(lake: str, spec: DatasetSpec, periods: dict[str, float] | 
             if len(objs) > spec.max_per_class:
                 drop = set(rng.choice(objs, size=len(objs) - spec.max_per_class, replace=False).tolist())
                 keep &= ~np.isin(ids_arr, list(drop))
-                dropped[f"class {c!r}: {len(drop)} objects beyond max_per_class"] = len(drop)
+                dropped[f"class {c!r}: beyond max_per_class {spec.max_per_class}"] = len(drop)
     index = {c: k for k, c in enumerate(keep_classes)}
     return LabelledSet(
         name=spec.name, object_ids=ids_arr[keep], bands=np.array(bands, dtype=object).astype(str)[keep],
