@@ -143,6 +143,7 @@ def test_rerun_changes_nothing(lake, client):
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(root).rglob("*.parquet")}
     again = run_ingest("macho", str(shared_path("data", "macho_sample")), str(root), client=client, progress=False)
     assert again.status == "unchanged" and again.ingest_id == results["macho"].ingest_id
+    assert "obs/s" not in again.summary() and "unchanged: nothing read" in again.summary()
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(root).rglob("*.parquet")}
     assert after == before
 

@@ -113,7 +113,8 @@ class IngestResult:
         rows += [(f"  quarantine: {reason}", f"{count:,}") for reason, count in sorted(reasons.items())]
         rows += [("time", f"{self.seconds:,.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in
                                                                self.stage_seconds.items()) + ")"),
-                 ("rate", f"{rate:,.0f} obs/s, {mb_rate:,.1f} MB/s")]
+                 ("rate", "- (unchanged: nothing read)" if self.status == "unchanged" else
+                  f"{rate:,.0f} obs/s, {mb_rate:,.1f} MB/s")]
         width = max(len(k) for k, _ in rows)
         line = "-" * (width + 3 + max(len(str(v)) for _, v in rows))
         body = "\n".join(f"{k:<{width}} | {v}" for k, v in rows)
