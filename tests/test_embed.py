@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
+import re
 from pathlib import Path
 
 import duckdb
@@ -89,11 +91,16 @@ def _load_job(name: str):
     return module
 
 
-def test_embed_job_writes_rows_replaces_on_rerun_and_writes_detail(ray_local, small_lake, capsys):
+def test_embed_job_writes_rows_replaces_on_rerun_and_writes_detail(ray_local, small_lake, capsys, caplog):
     lake, model_dir, curves, model = small_lake
+    caplog.set_level(logging.INFO, logger="astromer.embeddings")
     report = emb.embed_survey(lake, model_dir, SURVEY, name="tiny", curves_per_batch=5,
-                              detail_objects=["twin-a"])
+                              detail_objects=["twin-a"], progress_every=0.05)
     assert len(curves) == 26 and report["rows"] == 24
+    # the job's own progress: curves done of the survey's (read from the footers), as the actors go
+    done = [int(m.group(1)) for r in caplog.records
+            if (m := re.fullmatch(rf"embedding {SURVEY}: (\d+) of 26 curves \(\d+%\), \d+ curves/s", r.getMessage()))]
+    assert done and done == sorted(done) and done[-1] <= 26, [r.getMessage() for r in caplog.records]
     assert report["device"] == "cpu" and report["precision"] == "float32"   # bf16 applies on GPUs only
     for band in ("g", "r"):
         (skipped,) = report["bands"][band]["skipped"]

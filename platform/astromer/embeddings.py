@@ -20,10 +20,12 @@ cleaning) gets no row: it is listed with its reason in
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import posixpath
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -105,7 +107,7 @@ class CurveEmbedder:
 
     def __init__(self, model_dir: str, skipped_dir: str, band: str | None = None, batch_size: int = 256,
                  clean: bool = True, device: str | None = None, threads: int | None = None,
-                 precision: str = "bf16"):
+                 precision: str = "bf16", counter=None):
         import torch
 
         from astromer.weights import load_model_dir
@@ -116,7 +118,7 @@ class CurveEmbedder:
         self.model = load_model_dir(model_dir).to(self.device).eval()
         self.model.bf16_on_cuda = check_precision(precision) == "bf16"   # no effect on a CPU
         self.band, self.batch_size, self.clean = band, batch_size, clean
-        self.skipped_dir = skipped_dir
+        self.skipped_dir, self.counter = skipped_dir, counter
         cfg = self.model.config
         self.schema = embeddings_schema(cfg.d_model, cfg.n_layers + 1)
 
@@ -132,7 +134,49 @@ class CurveEmbedder:
 
             paths = LakePaths(self.skipped_dir)
             write_parquet(paths.fs, skipped, paths.join(f"{uuid.uuid4().hex}.parquet"))
+        if self.counter is not None:
+            self.counter.add.remote(batch.num_rows)     # not awaited: the count is for the progress lines
         return table
+
+
+class CurveCounter:
+    """A Ray actor counting the curves the embedding actors are done with (Ray Data's own progress counts
+    blocks, and a survey is often a single block: it said 0/? until the end)."""
+
+    def __init__(self):
+        self.curves = 0
+
+    def add(self, n: int) -> None:
+        self.curves += int(n)
+
+    def count(self) -> int:
+        return self.curves
+
+
+@contextlib.contextmanager
+def logged_progress(what: str, total: int, counter, every: float):
+    """Logs ``what: N of TOTAL curves (P%), R curves/s`` every ``every`` seconds while the block runs."""
+    import ray
+
+    started, stop = time.perf_counter(), threading.Event()
+
+    def report():
+        while not stop.wait(every):
+            try:
+                done = ray.get(counter.count.remote(), timeout=every)
+            except Exception:   # a late answer or a busy actor: skip a line, never the job
+                continue
+            elapsed = time.perf_counter() - started
+            log.info("%s: %s of %s curves (%.0f%%), %.0f curves/s", what, f"{done:,}", f"{total:,}",
+                     100 * done / max(total, 1), done / elapsed)
+
+    thread = threading.Thread(target=report, name="embed-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 SKIPPED_SCHEMA = pa.schema([pa.field("object_id", pa.string()), pa.field("band", pa.string()),
@@ -315,15 +359,17 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
                  name: str | None = None, batch_size: int = 256, curves_per_batch: int = 128,
                  actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
                  threads: int | None = None, clean: bool = True, detail_objects: Sequence[str] = (),
-                 precision: str = "bf16") -> dict:
+                 precision: str = "bf16", progress_every: float = 30.0) -> dict:
     """Embed every curve of ``survey`` (all bands, or ``bands``) into the lake; returns a report dict.
 
     ``actors`` model replicas each reserve ``cpus_per_actor`` Ray CPUs (leave one for the Parquet reads on a
     small machine) and run ``threads`` torch threads (default: the machine's cores shared by the actors).
-    ``precision`` applies on GPUs (see :func:`check_precision`).
+    ``precision`` applies on GPUs (see :func:`check_precision`). The curves embedded so far are logged every
+    ``progress_every`` seconds (0: never).
     """
     import ray
 
+    from astromer.data import DataSpec, quiet_progress, row_groups
     from astromer.lake.paths import LakePaths, validate_survey
     from astromer.lake.writers import write_json, write_parquet
 
@@ -353,6 +399,8 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
         sources = [paths.url_of(paths.lightcurves(survey, band)) for band in bands]
         out = posixpath.join(staging, "new")
         skipped_dir = posixpath.join(staging, "skipped")
+        quiet_progress()   # its 14 lines every 10 s said "0/?" until the end; the job logs its own count
+        counter = ray.remote(num_cpus=0)(CurveCounter).remote() if progress_every else None
         ds = ray.data.read_parquet(sources, partitioning=None, include_paths=True).select_columns(
             READ_COLUMNS + ["path"])
         ds = ds.map_batches(
@@ -360,10 +408,15 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
             fn_constructor_kwargs=dict(model_dir=str(ref.model_dir), skipped_dir=paths.url_of(skipped_dir),
                                        batch_size=batch_size, clean=clean,
                                        threads=threads or max(1, (os.cpu_count() or 1) // max(1, actors)),
-                                       device=device, precision=precision),
+                                       device=device, precision=precision, counter=counter),
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor or None)
-        ds.write_parquet(paths.url_of(out), min_rows_per_file=50_000, compression=EMBEDDING_COMPRESSION)
+        total = sum(unit["rows"] for unit in row_groups(DataSpec(lake=lake, surveys=[survey], bands=list(bands))))
+        with logged_progress(f"embedding {survey}", total, counter, progress_every) if counter \
+                else contextlib.nullcontext():
+            ds.write_parquet(paths.url_of(out), min_rows_per_file=50_000, compression=EMBEDDING_COMPRESSION)
+        if counter is not None:
+            ray.kill(counter)
         report["bands"] = {band: {"rows": 0, "windows": 0, "skipped": []} for band in bands}
         part = 0
         for src in _parquet_files(fs, out):
