@@ -92,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if not base.startswith(("http://", "https://")):
         parser.error(f"--tracking-uri {base or '(unset)'}: the UI check needs an MLflow server URL (infra/local-up)")
     binary = find_chromium(args.chromium)
-    if binary is None:
-        parser.error("no Chromium found (Debian: apt-get install -y chromium)")
+    if binary is None:   # a missing browser, not a mistaken command line: no usage text, exit 1
+        looked = args.chromium or ", ".join(CHROMIUM_NAMES)
+        print(f"check-ui: no Chromium found (looked for {looked}); install it (Debian: apt-get install -y "
+              "chromium) or name the binary with --chromium PATH", file=sys.stderr)
+        return 1
     run = find_run(base, args.run_id)
     run_id, name = run["run_id"], run.get("run_name") or run["run_id"]
     url = f"{base}/#/experiments/{run['experiment_id']}/runs/{run_id}"

@@ -19,7 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "infra"))
 from check_ui import find_chromium, picture_summary  # noqa: E402
 
-pytestmark = pytest.mark.skipif(find_chromium() is None, reason="no Chromium installed (apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="no Chromium installed (apt-get install chromium)")
+
+
+def test_a_missing_browser_is_named_without_a_usage_text():
+    missing = subprocess.run([str(ROOT / "infra" / "check-ui"), "--tracking-uri", "http://127.0.0.1:9",
+                              "--chromium", "no-such-chromium"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "usage:" not in missing.stderr
+    assert "no Chromium found (looked for no-such-chromium)" in missing.stderr and "--chromium PATH" in missing.stderr
 
 
 def _free_port() -> int:
@@ -57,6 +64,7 @@ def mlflow_server(tmp_path):
     log.close()
 
 
+@needs_chromium
 def test_check_ui_renders_the_run_and_saves_a_screenshot(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
