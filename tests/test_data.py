@@ -236,6 +236,24 @@ def _collect(ds) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def test_a_batch_without_windows_keeps_the_column_types(ray_local, tmp_path):
+    """A block with no window (a row group whose curves are all in other splits, or all cleaned away) has
+    the tensor columns of the others, not pickled Python objects."""
+    import pyarrow as pa
+    from astromer.data import window_dataset
+    from ray.data.extensions import ArrowTensorType, ArrowTensorTypeV2
+
+    lake = write_lake(tmp_path / "lake", 120, seed=2)        # three row groups
+    spec = DataSpec(lake=str(lake), window_length=LENGTH, val_fraction=0.01, test_fraction=0.01, read_tasks=3)
+    ds = window_dataset(spec, "test")                          # about one curve: two blocks with none
+    blocks = list(ds.iter_internal_ref_bundles())
+    assert len(blocks) == 3
+    types = {str(pa.table(t).schema.field("times").type)
+             for t in ray_local.get([ref for bundle in blocks for ref in bundle.block_refs])}
+    assert len(types) == 1 and isinstance(pa.table(ray_local.get(blocks[0].block_refs[0])).schema.field(
+        "times").type, (ArrowTensorType, ArrowTensorTypeV2)), types
+
+
 def test_windows_masks_fresh_per_epoch_and_fixed_validation(ray_local, small_lake):
     mask = MaskConfig()
     spec = DataSpec(lake=str(small_lake), bands=["V"], window_length=LENGTH, mask=mask, val_fraction=0.2,

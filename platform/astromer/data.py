@@ -755,8 +755,22 @@ def window_dataset(spec: DataSpec, split: str, source=None):
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
     source = read_lightcurves(spec) if source is None else source
-    return source.map_batches(make_windows, fn_kwargs={"spec": spec, "split": split, "fixed": split != "train"},
+    return source.map_batches(_windows_block, fn_kwargs={"spec": spec, "split": split, "fixed": split != "train"},
                               batch_format="pyarrow", batch_size=None, num_cpus=spec.data_cpus)
+
+
+def _windows_block(batch, spec: DataSpec, split: str, fixed: bool):
+    """:func:`make_windows` for Ray Data. A batch with no window goes back as an Arrow table of the usual
+    column types: Ray stores an empty 2-D array as pickled Python objects (with a warning), and that block's
+    schema would then differ from the others'."""
+    out = make_windows(batch, spec=spec, split=split, fixed=fixed)
+    if len(out["times"]):
+        return out
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim == 2 else pa.array(v, pa.string())
+                     for k, v in out.items()})
 
 
 def make_datasets(spec: DataSpec, units: list[dict] | None = None) -> dict:
