@@ -109,20 +109,27 @@ def _final_weights(config: TrainConfig) -> dict:
 
 def test_reproducible_runs_repeat_each_other_step_for_step(ray_local, mlflow_sqlite, lake):
     """--reproducible, 2 workers with dropout, over a pass and a third (a new pass's draws included): a run
-    stopped at step 12 (in the middle of the first pass) and re-run to step 20 under the same name logs the
-    same training loss at every step as a run that went straight through, and ends with the same weights; a
-    run without the flag draws other windows."""
+    stopped at step 12 (in the middle of the first pass), re-run to step 15 (the pass's end) and then to step
+    20 under the same name logs the same training loss at every step as a run that went straight through, and
+    ends with the same weights; a run without the flag draws other windows."""
     settings = dict(max_steps=20, total_steps=20, checkpoint_every=100, val_every=10, count_cleaning=False,
                     dropout=0.1)
     # checkpointed on the way, at step 15 too, the first pass's last batch: checkpoints change nothing
     straight = tiny(lake, "straight", reproducible=True, **{**settings, "checkpoint_every": 5})
     stopped = tiny(lake, "stopped", reproducible=True, **{**settings, "max_steps": 12})
+    at_pass_end = tiny(lake, "stopped", reproducible=True, **{**settings, "max_steps": 15})
     resumed = tiny(lake, "stopped", reproducible=True, **settings)
     fresh = tiny(lake, "fresh", **settings)
-    runs = [_common.run_training(config) for config in (straight, stopped, resumed, fresh)]
+    runs = [_common.run_training(config) for config in (straight, stopped, at_pass_end, resumed, fresh)]
+    runs = [runs[0], runs[1], runs[3], runs[4]]      # straight, stopped, resumed (twice), fresh
     client = MlflowClient()
     assert runs[1]["mlflow_run_id"] == runs[2]["mlflow_run_id"]
-    assert client.get_run(runs[2]["mlflow_run_id"]).data.metrics["resumed_from_step"] == 12
+    # the last resume starts the second pass: its checkpoint, written at the first pass's end, says so
+    assert _history(client, runs[2]["mlflow_run_id"], "resumed_from_step") == [(12, 12.0), (15, 15.0)]
+    final_15 = json.loads((Path(at_pass_end.storage_path) / "stopped" / "step-00000015-final" / "state.json")
+                          .read_text())
+    assert (final_15["epoch"], final_15["pass_steps"]) == (1, 0)
+    assert (15, 1.0) in _history(client, runs[2]["mlflow_run_id"], "epoch")
     losses = [_history(client, runs[k]["mlflow_run_id"], "train_loss") for k in (0, 2, 3)]
     assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]] == list(range(1, 21))
     assert losses[0] == losses[1]

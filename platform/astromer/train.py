@@ -1198,7 +1198,10 @@ class _Loop:
                         self.report_checkpoint()
                 if ends_run:
                     self.read_steps()
-                    self._epoch_metrics(epoch_windows, epoch_t0, partial=True)
+                    if last_of_pass:   # the pass is whole: the final checkpoint starts the next one
+                        state.epoch += 1
+                        self.full_epoch_steps, state.pass_steps = state.pass_steps, 0
+                    self._epoch_metrics(epoch_windows, epoch_t0, partial=not last_of_pass)
                     break
             else:
                 self.read_steps()
