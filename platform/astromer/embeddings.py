@@ -154,10 +154,12 @@ class CurveCounter:
 
 
 @contextlib.contextmanager
-def logged_progress(what: str, total: int, counter, every: float):
-    """Logs ``what: N of TOTAL curves (P%), R curves/s`` every ``every`` seconds while the block runs."""
+def logged_progress(what: str, total: int, every: float):
+    """Yields a :class:`CurveCounter` actor for the embedding actors to add to, and logs ``what: N of TOTAL
+    curves (P%), R curves/s`` every ``every`` seconds while the block runs; the actor ends with the block."""
     import ray
 
+    counter = ray.remote(num_cpus=0)(CurveCounter).remote()
     started, stop = time.perf_counter(), threading.Event()
 
     def report():
@@ -173,10 +175,11 @@ def logged_progress(what: str, total: int, counter, every: float):
     thread = threading.Thread(target=report, name="embed-progress", daemon=True)
     thread.start()
     try:
-        yield
+        yield counter
     finally:
         stop.set()
         thread.join()
+        ray.kill(counter)
 
 
 SKIPPED_SCHEMA = pa.schema([pa.field("object_id", pa.string()), pa.field("band", pa.string()),
@@ -400,23 +403,21 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
         out = posixpath.join(staging, "new")
         skipped_dir = posixpath.join(staging, "skipped")
         quiet_progress()   # its 14 lines every 10 s said "0/?" until the end; the job logs its own count
-        counter = ray.remote(num_cpus=0)(CurveCounter).remote() if progress_every else None
-        ds = ray.data.read_parquet(sources, partitioning=None, include_paths=True).select_columns(
-            READ_COLUMNS + ["path"])
-        ds = ds.map_batches(
-            CurveEmbedder, batch_size=curves_per_batch, batch_format="pyarrow",
-            fn_constructor_kwargs=dict(model_dir=str(ref.model_dir), skipped_dir=paths.url_of(skipped_dir),
-                                       batch_size=batch_size, clean=clean,
-                                       threads=threads or max(1, (os.cpu_count() or 1) // max(1, actors)),
-                                       device=device, precision=precision, counter=counter),
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-            num_gpus=gpus_per_actor or None)
-        total = sum(unit["rows"] for unit in row_groups(DataSpec(lake=lake, surveys=[survey], bands=list(bands))))
-        with logged_progress(f"embedding {survey}", total, counter, progress_every) if counter \
-                else contextlib.nullcontext():
+        total = sum(unit["rows"] for unit in row_groups(DataSpec(lake=lake, surveys=[survey], bands=list(bands)))
+                    ) if progress_every else 0
+        with logged_progress(f"embedding {survey}", total, progress_every) if progress_every \
+                else contextlib.nullcontext() as counter:
+            ds = ray.data.read_parquet(sources, partitioning=None, include_paths=True).select_columns(
+                READ_COLUMNS + ["path"])
+            ds = ds.map_batches(
+                CurveEmbedder, batch_size=curves_per_batch, batch_format="pyarrow",
+                fn_constructor_kwargs=dict(model_dir=str(ref.model_dir), skipped_dir=paths.url_of(skipped_dir),
+                                           batch_size=batch_size, clean=clean,
+                                           threads=threads or max(1, (os.cpu_count() or 1) // max(1, actors)),
+                                           device=device, precision=precision, counter=counter),
+                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+                num_gpus=gpus_per_actor or None)
             ds.write_parquet(paths.url_of(out), min_rows_per_file=50_000, compression=EMBEDDING_COMPRESSION)
-        if counter is not None:
-            ray.kill(counter)
         report["bands"] = {band: {"rows": 0, "windows": 0, "skipped": []} for band in bands}
         part = 0
         for src in _parquet_files(fs, out):
