@@ -164,21 +164,27 @@ def row_groups(spec: DataSpec) -> list[dict]:
 
 
 _FOOTERS: dict[tuple, tuple[int, ...]] = {}
+_FOOTERS_KEPT = 100_000
+# what tells a rewritten file apart, as fsspec's file systems name it (local, S3, GCS, Azure)
+_STAMPS = ("mtime", "LastModified", "last_modified", "ETag", "etag", "md5Hash", "generation", "created")
 
 
 def _row_group_rows(fs, name: str, info: dict) -> tuple[int, ...]:
     """Curves per row group of one Parquet file, from its footer; kept while the file keeps its size and
-    modification stamp (a rewritten file is read again; a file system that gives no stamp is never kept)."""
+    every modification stamp its file system gives (a rewritten file is read again; a file system that
+    gives no stamp is never kept)."""
     import pyarrow.parquet as pq
 
-    stamp = next((info[k] for k in ("mtime", "LastModified", "ETag", "md5Hash", "created") if info.get(k)), None)
-    key = (getattr(fs, "protocol", None), name, info.get("size"), str(stamp))
-    if stamp is not None and key in _FOOTERS:
+    stamps = tuple((k, str(info[k])) for k in _STAMPS if info.get(k))
+    key = (getattr(fs, "protocol", None), name, info.get("size"), stamps)
+    if stamps and key in _FOOTERS:
         return _FOOTERS[key]
     with fs.open(name, "rb") as handle:
         meta = pq.ParquetFile(handle).metadata
     rows = tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
-    if stamp is not None:
+    if stamps:
+        if len(_FOOTERS) >= _FOOTERS_KEPT:
+            _FOOTERS.clear()
         _FOOTERS[key] = rows
     return rows
 
@@ -391,11 +397,11 @@ def label_lookup(spec: DataSpec) -> dict[tuple[str, str], str]:
         raise ValueError(f"{spec.lake}: no label set {spec.label_set!r} in {where}; there are "
                          f"{sorted(set(frame['label_set']))}")
     # every label asked for must be there: a misspelt one would otherwise drop its class without a word
-    missing = [label for label in spec.labels or [] if label not in set(in_set["label"])]
+    there = set(in_set["label"])
+    missing = [label for label in spec.labels or [] if label not in there]
     if missing:
         raise ValueError(f"{spec.lake}: {'none of the labels' if chosen.empty else 'no curve has the label(s)'} "
-                         f"{missing} in label set {spec.label_set!r} of {where}; there are "
-                         f"{sorted(set(in_set['label']))}")
+                         f"{missing} in label set {spec.label_set!r} of {where}; there are {sorted(there)}")
     return {(s, o): lab for s, o, lab in zip(chosen["survey"], chosen["object_id"], chosen["label"])}
 
 
@@ -769,8 +775,7 @@ def _windows_block(batch, spec: DataSpec, split: str, fixed: bool):
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
-    return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim == 2 else pa.array(v, pa.string())
-                     for k, v in out.items()})
+    return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim == 2 else pa.array(v) for k, v in out.items()})
 
 
 def make_datasets(spec: DataSpec, units: list[dict] | None = None) -> dict:
