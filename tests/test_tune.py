@@ -50,6 +50,10 @@ def test_sweep_with_asha_logs_every_trial_and_writes_a_usable_config(ray_local, 
     histories = [mlflow.tracking.MlflowClient().get_metric_history(r.info.run_id, "val_loss") for r in nested]
     assert sorted(min(m.value for m in h) for h in histories) == pytest.approx(sorted(t["val_loss"] for t in trials))
     assert all(1 <= t["best_epoch"] <= t["epochs"] for t in trials)
+    for run, history in zip(nested, histories):    # what Tune ranks: the running lowest loss, epoch by epoch
+        ranked = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "best_val_loss")
+        lows = np.minimum.accumulate([m.value for m in sorted(history, key=lambda m: m.step)])
+        assert [m.value for m in sorted(ranked, key=lambda m: m.step)] == pytest.approx(list(lows))
 
     best = json.loads(out.read_text())
     settings = ev.RunSettings.from_dict(best)  # what jobs/classify.py --config does

@@ -111,7 +111,7 @@ class MlflowTrials(Callback):
         if run_id is None:
             return
         step = int(result.get("training_iteration", 0))
-        for key in ("train_loss", "val_loss", "val_accuracy"):
+        for key in ("train_loss", "val_loss", "val_accuracy", RANKED):
             value = result.get(key)
             if isinstance(value, int | float) and np.isfinite(value):
                 self.client.log_metric(run_id, key, float(value), step=step)
@@ -184,7 +184,9 @@ def sweep(layers: np.ndarray, y: np.ndarray, object_ids: np.ndarray, class_names
         ok = [t for t in trials if "error" not in t]
         if not ok:
             raise RuntimeError(f"every trial of sweep {name} failed: {trials[0]['error'] if trials else 'none ran'}")
-        best_trial = min(ok, key=lambda t: t[METRIC])
+        # Tune's own choice (RANKED, its last value: the trial's lowest loss), the one its table names
+        chosen = grid.get_best_result(metric=RANKED, mode="min", scope="last", filter_nan_and_inf=True).config
+        best_trial = next(t for t in ok if t["config"] == chosen)
         best = settings_from_trial(best_trial["config"], max_epochs=ev.ClassifierConfig.max_epochs,
                                    patience=ev.ClassifierConfig.patience).to_dict()
         best["metric"] = {METRIC: best_trial[METRIC], "best_epoch": best_trial["best_epoch"],
