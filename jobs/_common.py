@@ -195,6 +195,10 @@ def run_tags(config: TrainConfig, register_tags: dict | None = None) -> dict:
             **config.tags, **(register_tags or {})}
 
 
+def _run_tag_items(config: TrainConfig, register_tags: dict | None) -> dict[str, str]:
+    return {f"astromer.{k}": str(v)[:5000] for k, v in run_tags(config, register_tags).items()}
+
+
 def start_mlflow_run(config: TrainConfig, params: dict | None = None, register_tags: dict | None = None) -> str:
     """Create the MLflow run, or find the one of the same name (a resumed job continues its run)."""
     from mlflow.entities import Param, RunTag
@@ -207,7 +211,7 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None, register_t
             if k not in (*JOB_SET, "tracking_uri", "pid_dir")}
     if run_id is None:
         run = client.create_run(registry.experiment_id(config.experiment), run_name=config.run_name,
-                                tags={f"astromer.{k}": str(v) for k, v in run_tags(config, register_tags).items()})
+                                tags=_run_tag_items(config, register_tags))
         run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for lo in range(0, len(items), 100):
@@ -217,8 +221,9 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None, register_t
         logged = client.get_run(run_id).data.params
         changed = {f"astromer.resumed_with.{k}": str(v)[:5000] for k, v in flat.items()
                    if k in logged and logged[k] != str(v)[:6000]}
-        if changed:
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in changed.items()])
+        # what it trains, again: tags added on this attempt (or a run older than these tags) match the version
+        tags = {**_run_tag_items(config, register_tags), **changed}
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         tags = client.get_run(run_id).data.tags
         for _, key in STOP_KEYS:    # a NaN or no-batch stop of an earlier attempt
             if key in tags:
