@@ -152,7 +152,9 @@ def row_groups(spec: DataSpec) -> list[dict]:
     paths = LakePaths(spec.lake)
     files = []
     for survey, band in partitions(spec.lake, spec.surveys, spec.bands):
-        found = paths.fs.glob(paths.lightcurves(survey, band) + "/*.parquet", detail=True)
+        folder = paths.lightcurves(survey, band)
+        paths.fs.invalidate_cache(folder)   # an object store's listing is kept by fsspec: ask afresh, stamps too
+        found = paths.fs.glob(folder + "/*.parquet", detail=True)
         files += [(name, info, survey, band) for name, info in sorted(found.items())]
     with ThreadPoolExecutor(max_workers=8) as pool:
         counts = list(pool.map(lambda f: _row_group_rows(paths.fs, f[0], f[1]), files))
