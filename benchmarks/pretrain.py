@@ -222,6 +222,11 @@ def gpu_memory_rate(args, spec: DataSpec, variant: str) -> float:
     return args.gpu_steps * args.gpu_batch_size / (time.perf_counter() - t0)
 
 
+def stream_windows(args, units: list[dict]) -> int:
+    """How many windows a stream measurement takes: two passes over the lake, or 20 GPU batches if more."""
+    return max(20 * args.gpu_batch_size, 2 * sum(int(u["rows"]) for u in units))
+
+
 def stream_by_tasks(args, spec: DataSpec) -> dict:
     """The stream alone at the GPU batch size for each read-task count of ``--stream-tasks`` (0: the job's
     default), two passes over the lake each (or 20 batches, if more)."""
@@ -229,11 +234,10 @@ def stream_by_tasks(args, spec: DataSpec) -> dict:
 
     out = {}
     units = row_groups(spec)
-    curves = sum(int(u["rows"]) for u in units)
+    windows = stream_windows(args, units)
     for requested in [int(t) for t in args.stream_tasks.split(",") if t.strip()]:
         tasks_spec = dataclasses.replace(spec, read_tasks=requested)
         tasks = read_task_count(tasks_spec, len(units))
-        windows = max(20 * args.gpu_batch_size, 2 * curves)
         rate = stream_rate(make_datasets(tasks_spec), args.gpu_batch_size, min_windows=windows,
                            shuffle_buffer=args.shuffle_buffer)
         key = f"stream_{'default_' if requested == 0 else ''}{tasks}_tasks_windows_per_s"
@@ -354,9 +358,8 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}", flush=True)
     if args.stream_only:
         rates = stream_by_tasks(args, spec)
-        curves = sum(int(u["rows"]) for u in row_groups(spec))
         rates["in_process_windows_per_s"] = in_process_rate(spec, args.gpu_batch_size,
-                                                            min_windows=max(20 * args.gpu_batch_size, 2 * curves))
+                                                            min_windows=stream_windows(args, row_groups(spec)))
         print(f"the same sampling in-process at batch {args.gpu_batch_size} (one core, no Ray): "
               f"{rates['in_process_windows_per_s']:8.0f} windows/s", flush=True)
         print(json.dumps({k: round(v, 3) for k, v in rates.items()}))

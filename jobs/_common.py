@@ -222,8 +222,8 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None, register_t
         changed = {f"astromer.resumed_with.{k}": str(v)[:5000] for k, v in flat.items()
                    if k in logged and logged[k] != str(v)[:6000]}
         # what it trains, again: tags added on this attempt (or a run older than these tags) match the version
-        tags = {**_run_tag_items(config, register_tags), **changed}
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in
+                                       {**_run_tag_items(config, register_tags), **changed}.items()])
         tags = client.get_run(run_id).data.tags
         for _, key in STOP_KEYS:    # a NaN or no-batch stop of an earlier attempt
             if key in tags:

@@ -184,14 +184,12 @@ def sweep(layers: np.ndarray, y: np.ndarray, object_ids: np.ndarray, class_names
         ok = [t for t in trials if "error" not in t]
         if not ok:
             raise RuntimeError(f"every trial of sweep {name} failed: {trials[0]['error'] if trials else 'none ran'}")
-        # Tune's own choice (RANKED, its last value: the trial's lowest loss), the one its table names
-        chosen = grid.get_best_result(metric=RANKED, mode="min", scope="last", filter_nan_and_inf=True).config
-        best_trial = next(t for t in ok if t["config"] == chosen)
+        best_trial = min(ok, key=lambda t: t[METRIC])   # RANKED's last value: Tune's choice too
         best = settings_from_trial(best_trial["config"], max_epochs=ev.ClassifierConfig.max_epochs,
                                    patience=ev.ClassifierConfig.patience).to_dict()
         best["metric"] = {METRIC: best_trial[METRIC], "best_epoch": best_trial["best_epoch"],
                           "epochs": best_trial["epochs"]}
-        mlflow.log_metric(f"best_{METRIC}", best_trial[METRIC])
+        mlflow.log_metric(RANKED, best_trial[METRIC])
         mlflow.log_dict(best, "best_config.json")
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)

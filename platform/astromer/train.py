@@ -1160,13 +1160,12 @@ class _Loop:
             self.epoch_loss_sum, self.epoch_steps = 0.0, 0
             # a reproducible run resumed in the middle of a pass: the pass is drawn again, the same batches in
             # the same order, and the ones trained on before the checkpoint are passed over
-            skip, trained = state.pass_steps, False
+            skip = state.pass_steps
             batches = iter_batches(train_shard, config.batch_size, drop_last=True, device=self.device,
                                    shuffle_buffer=config.shuffle_buffer, shuffle_seed=self.start_pass())
             for batch_index, (batch, last_of_pass) in enumerate(_flag_last(batches)):
                 if batch_index < skip:
                     continue
-                trained = True
                 train_step(self.ddp_model, batch, self.optimizer, self.scheduler, config, step=state.step + 1,
                            epoch=state.epoch, batch_index=batch_index, into=self.steps)
                 state.step += 1
@@ -1199,9 +1198,9 @@ class _Loop:
                 if ends_run:
                     self.read_steps()
                     if last_of_pass:   # the pass is whole: the final checkpoint starts the next one
-                        state.epoch += 1
-                        self.full_epoch_steps, state.pass_steps = state.pass_steps, 0
-                    self._epoch_metrics(epoch_windows, epoch_t0, partial=not last_of_pass)
+                        self._close_pass(epoch_windows, epoch_t0)
+                    else:
+                        self._epoch_metrics(epoch_windows, epoch_t0, partial=True)
                     break
             else:
                 self.read_steps()
@@ -1210,15 +1209,20 @@ class _Loop:
                         f"epoch {state.epoch} gave no training batch: fewer usable training curves than "
                         f"batch_size x num_workers = {config.batch_size * self.world} (check the selection, "
                         "the cleaning settings and the split fractions)")
-                state.epoch += 1
-                self.full_epoch_steps, state.pass_steps = state.pass_steps, 0
-                self._epoch_metrics(epoch_windows, epoch_t0)
+                trained = state.pass_steps > skip    # not all passed over (an older checkpoint at a pass's end)
+                self._close_pass(epoch_windows, epoch_t0)
                 if not config.val_every:
                     with paused():
                         self.validate(val_batches)
                 if trained and state.step % config.checkpoint_every == 0 and not self.done():
                     with paused():
                         self.report_checkpoint()
+
+    def _close_pass(self, windows: int, t0: float) -> None:
+        """A whole pass done: the next one starts, and the pass's figures are logged."""
+        self.state.epoch += 1
+        self.full_epoch_steps, self.state.pass_steps = self.state.pass_steps, 0
+        self._epoch_metrics(windows, t0)
 
     def _epoch_metrics(self, windows: int, t0: float, partial: bool = False) -> None:
         """``epoch``: passes completed. A partial last pass counts as its fraction of the last whole one
