@@ -187,6 +187,42 @@ def test_embedder_precision_reaches_the_model(small_lake, tmp_path):
     assert not emb.CurveEmbedder(model_dir, str(tmp_path), device="cpu", precision="float32").model.bf16_on_cuda
 
 
+def test_progress_counts_a_retried_block_once(ray_local, small_lake, tmp_path):
+    # an actor lost mid-block: Ray Data runs the block again, and the batches done before the loss come twice
+    import ray
+
+    lake, model_dir, _, _ = small_lake
+
+    class _DiesOnceEmbedder(emb.CurveEmbedder):
+        """Kills its own actor process at its second batch, the first time only (a marker file remembers);
+        defined here, so that Ray pickles it by value."""
+
+        def __init__(self, *args, marker: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.marker, self.seen = marker, 0
+
+        def __call__(self, batch):
+            self.seen += 1
+            if self.seen == 2 and not os.path.exists(self.marker):
+                Path(self.marker).touch()
+                os._exit(1)
+            return super().__call__(batch)
+
+    counter = ray.remote(num_cpus=0)(emb.CurveCounter).remote()
+    source = LakePaths(lake).lightcurves(SURVEY, "g")
+    ds = ray.data.read_parquet(source, partitioning=None, include_paths=True, override_num_blocks=1)
+    ds = ds.select_columns(emb.READ_COLUMNS + ["path"]).map_batches(
+        _DiesOnceEmbedder, batch_size=4, batch_format="pyarrow",
+        fn_constructor_kwargs=dict(model_dir=model_dir, skipped_dir=str(tmp_path / "skipped"), device="cpu",
+                                   counter=counter, marker=str(tmp_path / "died")),
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    rows = ds.count()
+    assert (tmp_path / "died").exists()   # the actor did die, and the job went on
+    assert rows == 12                     # 13 curves in band g; bad-0 has no usable observation
+    assert ray.get(counter.count.remote()) == 13   # every curve once, the re-run batches included
+    ray.kill(counter)
+
+
 def _write_embeddings(lake, model, version, survey, ids, vectors, band="V"):
     paths = LakePaths(lake)
     d = vectors.shape[1]

@@ -134,20 +134,28 @@ class CurveEmbedder:
 
             paths = LakePaths(self.skipped_dir)
             write_parquet(paths.fs, skipped, paths.join(f"{uuid.uuid4().hex}.parquet"))
-        if self.counter is not None:
-            self.counter.add.remote(batch.num_rows)     # not awaited: the count is for the progress lines
+        if self.counter is not None and batch.num_rows:   # not awaited: the count is for the progress lines
+            first = [batch.column(c)[0].as_py() for c in ("path", "object_id") if c in batch.schema.names]
+            self.counter.add.remote((*first, batch.num_rows), batch.num_rows)
         return table
 
 
 class CurveCounter:
     """A Ray actor counting the curves the embedding actors are done with (Ray Data's own progress counts
-    blocks, and a survey is often a single block: it said 0/? until the end)."""
+    blocks, and a survey is often a single block: it said 0/? until the end).
+
+    Each batch is counted under a key (its first row's file and object, and its size): when an actor is lost,
+    Ray Data runs its block again and the same batches come a second time; keyed, they count once.
+    """
 
     def __init__(self):
+        self.batches: set[int] = set()   # hashes of the batches' keys (hashed here: one process, one salt)
         self.curves = 0
 
-    def add(self, n: int) -> None:
-        self.curves += int(n)
+    def add(self, key: tuple, n: int) -> None:
+        if hash(key) not in self.batches:
+            self.batches.add(hash(key))
+            self.curves += int(n)
 
     def count(self) -> int:
         return self.curves
