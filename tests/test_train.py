@@ -13,6 +13,7 @@ import torch
 from astromer.data import DataSpec, numpy_windows
 from astromer.train import (
     NonFiniteLossError,
+    RunTracker,
     TrainConfig,
     TrainState,
     build_model,
@@ -294,3 +295,25 @@ def test_learning_curve_panels_split_hidden_and_drop_a_loss_equal_to_the_rmse():
     (_, names), = learning_curve_panels({"train_loss": [(1, 0.9), (2, 0.7)], "train_rmse": rmse,
                                          "val_rmse": [(2, 0.3)]})
     assert names.keys() == {"train_loss", "train_rmse", "val_rmse"}
+
+
+def test_run_history_keeps_the_later_value_of_a_step_trained_again(tmp_path):
+    # a resumed run trains the steps after its checkpoint again: MLflow keeps both values, the plots the later
+    import time
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    run_id = mlflow.MlflowClient().create_run(
+        mlflow.MlflowClient().create_experiment("history", artifact_location=str(tmp_path / "art"))).info.run_id
+    tracker = RunTracker(TrainConfig(mlflow_run_id=run_id, tracking_uri=uri), rank=0)
+    tracker.metrics({"train_loss": 0.9}, step=1)
+    tracker.metrics({"train_loss": 0.8}, step=2)
+    tracker.metrics({"train_loss": 0.7}, step=3)
+    time.sleep(0.01)
+    tracker.metrics({"train_loss": 0.75}, step=3)   # the resumed attempt, from a checkpoint at step 2
+    tracker.metrics({"train_loss": 0.6}, step=4)
+    assert len(tracker.client.get_metric_history(run_id, "train_loss")) == 5
+    assert tracker.history("train_loss") == {"train_loss": [(1, 0.9), (2, 0.8), (3, 0.75), (4, 0.6)]}
+    assert RunTracker(TrainConfig(mlflow_run_id=run_id, tracking_uri=uri), rank=1).history("train_loss") == {}

@@ -875,9 +875,17 @@ class RunTracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def history(self, *names: str) -> dict[str, list[tuple[int, float]]]:
+        """{name: [(step, value), ...]} by step, one value per step: a step trained again after a resume has
+        two values in MLflow, and the later one (the attempt that went on) is the one kept."""
         if not self.active:
             return {}
-        return {n: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, n)] for n in names}
+        out = {}
+        for name in names:
+            latest = {}
+            for m in sorted(self.client.get_metric_history(self.run_id, name), key=lambda m: m.timestamp):
+                latest[m.step] = m.value
+            out[name] = sorted(latest.items())
+        return out
 
 
 def _measured_cpu_monitor():
