@@ -67,6 +67,29 @@ def test_r2_is_one_for_perfect_and_zero_for_the_mean():
     assert r2(means, target, probed).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_r2_pools_both_sums_over_windows_as_the_official_code():
+    # two windows of very different spread: the official R2 sums residuals and deviations (from each window's
+    # own mean) over both; an average of per-window R2s would give 0.5 here
+    target = torch.tensor([[0.0, 2.0, 4.0, 0.0], [10.0, 10.1, 10.2, 0.0]])
+    probed = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    pred = target.clone()
+    pred[1] = torch.tensor([10.1, 10.1, 10.1, 0.0])      # window 2 predicted by its mean: its own R2 is 0
+    ss_tot = 8.0 + 0.02
+    assert r2(pred, target, probed).item() == pytest.approx(1 - 0.02 / ss_tot, rel=1e-5)
+    # validation sums the same two over all its batches: the same figure, one batch or two
+    from astromer.train import ProbedScore
+
+    def score(*rows):
+        acc = ProbedScore()
+        for r in rows:
+            acc.add(pred[r], {"times": torch.arange(4.0).expand(len(r), 4), "target": target[r],
+                              "probed": probed[r], "padding": ~probed[r]})
+        return acc.result("val")["val_r2"]
+
+    assert score([0, 1]) == pytest.approx(r2(pred, target, probed).item(), rel=1e-6)
+    assert score([0], [1]) == pytest.approx(score([0, 1]), rel=1e-12)
+
+
 def test_shape_mismatch_is_an_error():
     pred, target, probed, err = batch()
     with pytest.raises(ValueError, match="shapes differ"):

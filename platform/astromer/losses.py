@@ -56,14 +56,18 @@ def weighted_rmse(pred: Tensor, target: Tensor, probed: Tensor, err: Tensor) -> 
     return torch.sqrt((per_window * has).sum() / has.sum().clamp_min(1))
 
 
-def r2(pred: Tensor, target: Tensor, probed: Tensor) -> Tensor:
-    """Coefficient of determination on the probed observations, per window, averaged over the windows
-    whose probed targets vary."""
+def r2_sums(pred: Tensor, target: Tensor, probed: Tensor) -> tuple[Tensor, Tensor]:
+    """The two sums of R2 over the probed observations of the windows: squared residuals, and squared
+    deviations from each window's own mean of its probed targets (the official ``custom_r2``'s)."""
     _check(pred, target, probed)
     w = probed.to(pred.dtype)
-    mean_t, has = _window_mean(target, w)
-    ss_res = (((pred - target) ** 2) * w).sum(dim=-1)
-    ss_tot = (((target - mean_t[:, None]) ** 2) * w).sum(dim=-1)
-    ok = has & (ss_tot > 0)
-    per_window = 1.0 - ss_res / ss_tot.clamp_min(1e-12)
-    return (per_window * ok).sum() / ok.sum().clamp_min(1)
+    mean_t, _ = _window_mean(target, w)
+    return (((pred - target) ** 2) * w).sum(), (((target - mean_t[:, None]) ** 2) * w).sum()
+
+
+def r2(pred: Tensor, target: Tensor, probed: Tensor) -> Tensor:
+    """Coefficient of determination on the probed observations, as the official code computes it: one
+    minus the sum of squared residuals over the sum of squared deviations from each window's mean, both
+    summed over all windows (0 with no deviation). Validation sums the same two over all its windows."""
+    ss_res, ss_tot = r2_sums(pred, target, probed)
+    return torch.where(ss_tot > 0, 1.0 - ss_res / ss_tot.clamp_min(1e-12), torch.zeros_like(ss_tot))

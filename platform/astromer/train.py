@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from astromer.config import PRESETS, MaskConfig, ModelConfig
-from astromer.losses import probed_rmse, r2, weighted_rmse
+from astromer.losses import probed_rmse, r2, r2_sums, weighted_rmse
 
 log = logging.getLogger("astromer.train")
 
@@ -445,8 +445,9 @@ def train_step(model, batch: dict, optimizer, scheduler, config: TrainConfig, *,
 
 
 class ProbedScore:
-    """Accumulates probed RMSE (the loss's order: per-window mean, mean over windows, root), R2 over all
-    probed values, and two baselines that see what the model sees, over many batches:
+    """Accumulates probed RMSE (the loss's order: per-window mean, mean over windows, root), R2 (the
+    official definition, :func:`~astromer.losses.r2`, its sums taken over all windows), and baselines that
+    see what the model sees, over many batches:
 
     - ``baseline``: every probed magnitude predicted by the mean of the window's visible (unprobed)
       magnitudes (the number to beat);
@@ -457,8 +458,9 @@ class ProbedScore:
       (:func:`kernel_smoother`): the best a rule that only looks at neighbours in time does without
       training, the level a model has to pass to have learnt more than local smoothing.
 
-    ``hidden_*`` are the same scores over the hidden (masked or randomised) probed values only: the
-    probed values that stay visible (a fifth by default) can be copied, the hidden ones must be inferred.
+    ``hidden_*`` are the same scores over the hidden ([MASK]ed) probed values only: of the other probed
+    values the model sees the kept ones as they are (they can be copied) and the randomised ones with
+    another observation's magnitude; the hidden ones must be inferred.
     """
 
     NAMES = ("model", "baseline", "interp", "smoother")
@@ -467,10 +469,8 @@ class ProbedScore:
     def __init__(self):
         self.windows = dict.fromkeys(self.SUBSETS, 0)                  # windows with any value in the subset
         self.sums = {subset: dict.fromkeys(self.NAMES, 0.0) for subset in self.SUBSETS}   # of per-window MSEs
-        self.ss_res = 0.0
-        self.sum_y = 0.0
-        self.sum_y2 = 0.0
-        self.n = 0
+        self.ss_res = 0.0   # R2's two sums over all windows (losses.r2: the training batches' definition)
+        self.ss_tot = 0.0
 
     def add(self, pred: torch.Tensor, batch: dict) -> None:
         pred = pred.detach().double().cpu()
@@ -491,18 +491,14 @@ class ProbedScore:
             for name, guess in guesses.items():
                 self.sums[subset][name] += float((((guess - target) ** 2 * w).sum(1) / counts.clamp_min(1))[has].sum())
             self.windows[subset] += int(has.sum())
-        w = probed.double()
-        self.ss_res += float(((pred - target) ** 2 * w).sum())
-        self.sum_y += float((target * w).sum())
-        self.sum_y2 += float((target ** 2 * w).sum())
-        self.n += int(w.sum())
+        ss_res, ss_tot = r2_sums(pred, target, probed)
+        self.ss_res += float(ss_res)
+        self.ss_tot += float(ss_tot)
 
     def result(self, prefix: str) -> dict[str, float]:
         if not self.windows["probed"]:
             return {}
-        mean_y = self.sum_y / self.n
-        ss_tot = self.sum_y2 - self.n * mean_y ** 2
-        out = {f"{prefix}_r2": 1.0 - self.ss_res / ss_tot if ss_tot > 0 else float("nan"),
+        out = {f"{prefix}_r2": 1.0 - self.ss_res / self.ss_tot if self.ss_tot > 0 else float("nan"),
                f"{prefix}_windows": float(self.windows["probed"])}
         for subset in self.SUBSETS:
             if not self.windows[subset]:
@@ -737,7 +733,7 @@ def learning_curve_panels(history: dict[str, list[tuple[int, float]]]) -> list[t
     panels = [("all probed values", {n: p for n, p in series.items() if "_hidden_" not in n})]
     hidden = {n: p for n, p in series.items() if "_hidden_" in n}
     if hidden:
-        panels.append(("hidden values only (masked or replaced: inferred, not copied)", hidden))
+        panels.append(("hidden values only ([MASK]ed: inferred, not copied)", hidden))
     return panels
 
 
