@@ -209,13 +209,13 @@ def test_embed_is_the_mean_over_real_observations_of_all_windows(tiny):
 
 def test_skip_classifier_trains_its_head_over_a_frozen_encoder(tiny):
     clf = SkipClassifier(tiny, n_classes=3, hidden=(16, 8))
-    assert torch.allclose(clf.gamma, torch.full((3,), 1 / 3))
+    assert torch.allclose(clf.head.layer_weights.gamma, torch.full((3,), 1 / 3))
     times, mags, padding = windows_batch()
     logits = clf(times, mags, padding)
     assert logits.shape == (3, 3)
     pooled = clf.pool(times, mags, padding)
     assert pooled.shape == (3, 3, 32)
-    assert torch.allclose(clf.classify_pooled(pooled), logits, atol=1e-6)
+    assert torch.allclose(clf.head(pooled), logits, atol=1e-6)
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     opt = torch.optim.Adam([p for p in clf.parameters() if p.requires_grad], lr=1e-2)
     clf.train()
@@ -223,7 +223,7 @@ def test_skip_classifier_trains_its_head_over_a_frozen_encoder(tiny):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(clf(times, mags, padding), torch.tensor([0, 1, 2])).backward()
         opt.step()
-    assert not torch.allclose(clf.gamma, torch.full((3,), 1 / 3))
+    assert not torch.allclose(clf.head.layer_weights.gamma, torch.full((3,), 1 / 3))
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
     assert not tiny.training
 

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from astromer.model import SkipHead
+
 # ----------------------------------------------------------------------------------------------
 # 1. folds
 
@@ -184,66 +186,6 @@ class ClassifierConfig:
         if "hidden" in out:
             out["hidden"] = tuple(int(h) for h in out["hidden"])
         return cls(**out)
-
-
-class LayerWeights(nn.Module):
-    """Softmax-normalised trainable weights gamma over the input embedding and every block."""
-
-    def __init__(self, n_layers: int, init: str = "uniform"):
-        super().__init__()
-        if init == "uniform":
-            gamma = torch.full((n_layers,), 1.0 / n_layers)
-        elif init == "last":
-            gamma = torch.zeros(n_layers)
-            gamma[-1] = 2.0
-        elif init == "random":
-            gamma = torch.randn(n_layers) * 0.5
-        else:
-            raise ValueError(f"gamma_init must be uniform, last or random, not {init!r}")
-        self.gamma = nn.Parameter(gamma)
-
-    def forward(self, layer_means: torch.Tensor) -> torch.Tensor:
-        # layer_means: [B, K, D] -> [B, D]; like the official code, weighted then averaged over layers
-        w = torch.softmax(self.gamma, dim=0)  # [K]
-        return (layer_means * w[None, :, None]).mean(dim=1)
-
-
-class SkipHead(nn.Module):
-    """The paper's ``skip`` classifier on top of per-layer means of a frozen encoder.
-
-    gamma-weighted average over layers, Dense 1024-512-256 with ReLU, LayerNorm, Dense to the classes.
-    """
-
-    def __init__(self, n_layers: int, d_model: int, n_classes: int, hidden=(1024, 512, 256),
-                 dropout: float = 0.0, gamma_init: str = "uniform"):
-        super().__init__()
-        self.layer_weights = LayerWeights(n_layers, gamma_init)
-        blocks: list[nn.Module] = []
-        width = d_model
-        for h in hidden:
-            blocks += [nn.Linear(width, h), nn.ReLU()]
-            if dropout > 0:
-                blocks.append(nn.Dropout(dropout))
-            width = h
-        self.mlp = nn.Sequential(*blocks)
-        self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, n_classes)
-        # input standardisation (identity unless set from training data, see ClassifierConfig.standardize)
-        self.register_buffer("shift", torch.zeros(n_layers, d_model))
-        self.register_buffer("scale", torch.ones(n_layers, d_model))
-
-    def set_standardization(self, layer_means: torch.Tensor) -> None:
-        self.shift.copy_(layer_means.mean(0))
-        self.scale.copy_(layer_means.std(0).clamp_min(1e-6) if len(layer_means) > 1 else torch.ones_like(self.scale))
-
-    def pooled(self, layer_means: torch.Tensor) -> torch.Tensor:
-        return self.layer_weights((layer_means - self.shift) / self.scale)  # [B, K, D] -> [B, D]
-
-    def forward(self, layer_means: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm(self.mlp(self.pooled(layer_means))))  # [B, n_classes]
-
-    def gammas(self) -> np.ndarray:
-        return torch.softmax(self.layer_weights.gamma.detach(), 0).cpu().numpy()
 
 
 @dataclass

@@ -436,28 +436,78 @@ class Astromer(nn.Module):
         return tuple(out)
 
 
+class LayerWeights(nn.Module):
+    """Softmax-normalised trainable weights gamma over the input embedding and every block."""
+
+    def __init__(self, n_layers: int, init: str = "uniform"):
+        super().__init__()
+        if init == "uniform":                       # the official code: 1/(n+1) each
+            gamma = torch.full((n_layers,), 1.0 / n_layers)
+        elif init == "last":
+            gamma = torch.zeros(n_layers)
+            gamma[-1] = 2.0
+        elif init == "random":
+            gamma = torch.randn(n_layers) * 0.5
+        else:
+            raise ValueError(f"gamma_init must be uniform, last or random, not {init!r}")
+        self.gamma = nn.Parameter(gamma)
+
+    def forward(self, layer_means: Tensor) -> Tensor:
+        # layer_means: [B, K, D] -> [B, D]; like the official code, weighted then averaged over layers
+        w = torch.softmax(self.gamma, dim=0)        # [K]
+        return (layer_means * w[None, :, None]).mean(dim=1)
+
+
+class SkipHead(nn.Module):
+    """The paper's ``skip`` classifier on per-layer means of a frozen encoder [B, K, D] (K = blocks + 1):
+    softmax(gamma)-weighted average over the layers, Dense 1024-512-256 with ReLU, LayerNorm, Dense to the
+    classes (logits). ``set_standardization`` z-scores every (layer, dimension) first (not in the official
+    code; see ``evaluate.ClassifierConfig.standardize``); without it the head is the official one."""
+
+    def __init__(self, n_layers: int, d_model: int, n_classes: int, hidden: Sequence[int] = (1024, 512, 256),
+                 dropout: float = 0.0, gamma_init: str = "uniform"):
+        super().__init__()
+        if n_classes < 2:
+            raise ValueError(f"n_classes={n_classes}: expected at least 2")
+        self.layer_weights = LayerWeights(n_layers, gamma_init)
+        blocks: list[nn.Module] = []
+        width = d_model
+        for h in hidden:
+            blocks += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                blocks.append(nn.Dropout(dropout))
+            width = h
+        self.mlp = nn.Sequential(*blocks)
+        self.norm = nn.LayerNorm(width, eps=1e-3)   # Keras LayerNormalization default epsilon (the official head)
+        self.out = nn.Linear(width, n_classes)
+        # input standardisation: the identity unless set from training data
+        self.register_buffer("shift", torch.zeros(n_layers, d_model))
+        self.register_buffer("scale", torch.ones(n_layers, d_model))
+
+    def set_standardization(self, layer_means: Tensor) -> None:
+        self.shift.copy_(layer_means.mean(0))
+        self.scale.copy_(layer_means.std(0).clamp_min(1e-6) if len(layer_means) > 1 else torch.ones_like(self.scale))
+
+    def pooled(self, layer_means: Tensor) -> Tensor:
+        return self.layer_weights((layer_means - self.shift) / self.scale)  # [B, K, D] -> [B, D]
+
+    def forward(self, layer_means: Tensor) -> Tensor:
+        return self.out(self.norm(self.mlp(self.pooled(layer_means))))   # [B, n_classes]
+
+    def gammas(self) -> np.ndarray:
+        return torch.softmax(self.layer_weights.gamma.detach(), 0).cpu().numpy()
+
+
 class SkipClassifier(nn.Module):
-    """The paper's `skip` head over a frozen Astromer: the input embedding and every block output are
-    averaged over real observations, weighted by softmax(gamma) (gamma initialised to 1/(n+1)) and averaged
-    over layers; then Dense 1024-512-256 with ReLU, LayerNorm, Dense to the classes (logits)."""
+    """The paper's `skip` classifier end to end: a frozen Astromer whose input embedding and block outputs
+    are averaged over real observations (``pool``), then :class:`SkipHead`."""
 
     def __init__(self, encoder: Astromer, n_classes: int, hidden: Sequence[int] = (1024, 512, 256),
                  dropout: float = 0.0):
         super().__init__()
-        if n_classes < 2:
-            raise ValueError(f"n_classes={n_classes}: expected at least 2")
         self.encoder = encoder
         self.encoder.requires_grad_(False)
-        n_layers = encoder.config.n_layers + 1
-        self.gamma = nn.Parameter(torch.full((n_layers,), 1.0 / n_layers))
-        layers: list[nn.Module] = []
-        width = encoder.config.d_model
-        for size in hidden:
-            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
-            width = size
-        self.mlp = nn.Sequential(*layers)
-        self.norm = nn.LayerNorm(width, eps=1e-3)   # Keras LayerNormalization default epsilon
-        self.out = nn.Linear(width, n_classes)
+        self.head = SkipHead(encoder.config.n_layers + 1, encoder.config.d_model, n_classes, hidden, dropout)
 
     def train(self, mode: bool = True) -> SkipClassifier:
         super().train(mode)
@@ -472,11 +522,5 @@ class SkipClassifier(nn.Module):
         real = (~padding_mask.to(h.device)).to(h.dtype)[:, None, :, None]
         return (h * real).sum(2) / real.sum(2).clamp_min(1)            # [B, n+1, D]
 
-    def classify_pooled(self, pooled: Tensor) -> Tensor:
-        """Logits [B, n_classes] from per-layer pooled embeddings [B, n_layers + 1, D]."""
-        w = torch.softmax(self.gamma, dim=0)                           # [n+1]
-        x = (pooled * w[None, :, None]).mean(1)                        # [B, D]
-        return self.out(self.norm(self.mlp(x)))
-
     def forward(self, times: Tensor, mags: Tensor, padding_mask: Tensor) -> Tensor:
-        return self.classify_pooled(self.pool(times, mags, padding_mask))
+        return self.head(self.pool(times, mags, padding_mask))        # [B, n_classes]
