@@ -139,8 +139,10 @@ def test_import_from_npz_equals_import_from_zip(tmp_path):
 def test_cli_import_list_and_register(tmp_path, mlflow_sqlite, capsys):
     out = tmp_path / "macho"
     assert cli(["weights", "import", str(shared_path(*ZIP)), str(out), "--register", "astromer1-macho"]) == 0
-    printed = capsys.readouterr().out
-    assert "661,505 parameters" in printed and "registered astromer1-macho version 1" in printed
+    printed = capsys.readouterr()
+    assert "661,505 parameters" in printed.out and "registered astromer1-macho version 1" in printed.out
+    assert "lacks" not in printed.err   # the MACHO checkpoint holds every tensor, its head included
+    printed = printed.out
     model = astromer.load_model("models:/astromer1-macho@candidate")
     assert model.num_parameters() == 661_505 and model.config.window_rule == "astromer1"
     # the same checkpoint again adds no version
@@ -169,7 +171,7 @@ def test_cli_import_list_and_register(tmp_path, mlflow_sqlite, capsys):
     assert len(digests) == 3 and digests[0] == digests[1] != digests[2]
 
 
-def test_astromer2_import_maps_every_official_encoder_tensor(tmp_path):
+def test_astromer2_import_maps_every_official_encoder_tensor(tmp_path, capsys):
     """Official Astromer 2 names and shapes (from the published classifier index) with random values:
     each lands, transposed where it is a kernel, in the right place; the classifier's own tensors are
     ignored and the [MASK] token and reconstruction head keep their initial values."""
@@ -192,3 +194,7 @@ def test_astromer2_import_maps_every_official_encoder_tensor(tmp_path):
     assert model.encoder.embedding.mask_token.item() == 0.0
     reloaded = astromer.load_model(tmp_path / "a2")
     assert reloaded.config.residual == "projection" and reloaded.num_parameters("encoder") == 3_952_640
+    # the command says which tensors the classifier checkpoint lacks (the [MASK] token, the head)
+    assert cli(["weights", "import", str(tmp_path / "a2.npz"), str(tmp_path / "a2-cli"), "--preset", "astromer2"]) == 0
+    err = capsys.readouterr().err
+    assert "the checkpoint lacks" in err and "mask_token" in err and "head" in err, err

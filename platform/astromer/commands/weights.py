@@ -62,6 +62,11 @@ def _import(args: argparse.Namespace) -> int:
         print(f"astromer weights import: {error_line(exc)}", file=sys.stderr)
         return 1
     print(f"wrote {args.out_dir} ({args.preset}, {model.num_parameters():,} parameters)")
+    missing = _missing_from_source(args.out_dir)
+    if missing:   # e.g. a classifier checkpoint holds the encoder only
+        print(f"astromer weights import: the checkpoint lacks {len(missing)} tensor(s), kept at their initial "
+              f"values: {', '.join(missing)}. Embedding and classifying use the encoder only; reconstructions "
+              "need the head: finetune before using them.", file=sys.stderr)
     if args.register:
         from astromer.registry import register_model_dir, version_with_tags
         from astromer.weights import weights_digest
@@ -75,6 +80,18 @@ def _import(args: argparse.Namespace) -> int:
                                      tags={"source": str(args.src), "preset": args.preset, "weights_sha256": digest})
         print(f"registered {args.register} version {version}")
     return 0
+
+
+def _missing_from_source(model_dir: str) -> list[str]:
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from astromer.weights import MODEL_FILE
+
+    with safe_open(str(Path(model_dir) / MODEL_FILE), "pt") as handle:
+        names = (handle.metadata() or {}).get("missing_from_source", "")
+    return [n for n in names.split(",") if n]
 
 
 def _list(args: argparse.Namespace) -> int:
