@@ -248,6 +248,7 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
         row_groups,
         start_pass_clock,
         units_digest,
+        validation_digest,
     )
     from mlflow.tracking import MlflowClient
     from ray.train.torch import TorchTrainer
@@ -262,6 +263,9 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
         spec = config.data_spec()
         units = row_groups(spec)           # the lake's row groups listed once, for the count and the training
         config.lake_digest = units_digest(units)
+        # the validation windows' digest: production moves only between versions scored on the same ones
+        register_tags = {**(register_tags or {}), registry.VAL_SET_TAG: validation_digest(spec, units)}
+        client.set_tag(config.mlflow_run_id, f"astromer.{registry.VAL_SET_TAG}", register_tags[registry.VAL_SET_TAG])
         # the read tasks this cluster gives (--read-tasks 0: half its CPUs), fixed for the workers and recorded:
         # they decide how a reproducible run's windows are dealt
         config.read_tasks = spec.read_tasks = read_task_count(spec, len(units))
@@ -304,7 +308,7 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
         client.set_tag(config.mlflow_run_id, ERROR_KEY, message[:5000])
         client.set_terminated(config.mlflow_run_id, status="FAILED")
         raise stop[0](message) if stop else RuntimeError(message)
-    summary = finish_run(config, result, register_tags or {})
+    summary = finish_run(config, result, register_tags)
     if cleaning is not None:
         summary["cleaning"] = cleaning.get("all", {})
     client.set_terminated(config.mlflow_run_id, status="FINISHED")

@@ -72,6 +72,22 @@ def test_split_is_deterministic_disjoint_and_by_object():
     assert other != splits
 
 
+def test_validation_digest_follows_what_decides_the_validation_windows():
+    from astromer.config import MaskConfig
+    from astromer.data import validation_digest
+
+    units = [{"url": "lake/lightcurves/survey=a/band=V/part-00000.parquet", "row_group": 0, "rows": 10}]
+    spec = DataSpec(lake="lake")
+    digest = validation_digest(spec, units)
+    # how the stream runs does not change the windows
+    assert validation_digest(DataSpec(lake="lake", data_cpus=1.0, read_tasks=4, pass_clock="c"), units) == digest
+    for other in (DataSpec(lake="lake", seed=1), DataSpec(lake="lake", val_fraction=0.2),
+                  DataSpec(lake="lake", window_length=100), DataSpec(lake="lake", mask=MaskConfig(probed=0.4)),
+                  DataSpec(lake="lake", drop_noisy=False), DataSpec(lake="lake", surveys=["a"])):
+        assert validation_digest(other, units) != digest, other
+    assert validation_digest(spec, [{**units[0], "rows": 11}]) != digest      # the lake's content changed
+
+
 def test_cleaning_report_counts_what_the_windows_drop(ray_local, tmp_path):
     from astromer.data import cleaning_report, read_lightcurves
 

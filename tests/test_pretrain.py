@@ -87,6 +87,9 @@ def test_train_logs_metrics_plots_and_registers(ray_local, mlflow_sqlite, lake):
     assert first["registered"] == name and first["version"] == 1
     assert client.get_model_version_by_alias(name, "candidate").version in (1, "1")
     assert registry.production_version(name) == 1
+    # the version carries the digest of the validation windows it was scored on, as the run does
+    val_set = client.get_model_version(name, "1").tags["val_set"]
+    assert len(val_set) == 16 and run.data.tags["astromer.val_set"] == val_set
     # the last step (a multiple of --checkpoint-every) is checkpointed once, as the final checkpoint
     steps = _checkpoint_steps(config)
     assert steps[-1] == 20 and steps.count(20) == 1

@@ -52,6 +52,26 @@ def test_production_moves_only_on_improvement(tmp_path, mlflow_sqlite):
         registry.promote(name, 2, float("nan"))
 
 
+def test_production_compares_only_versions_scored_on_the_same_validation_windows(tmp_path, mlflow_sqlite, capsys,
+                                                                                   caplog):
+    name = "astromer2-val"
+    registry.register_model_dir(_model_dir(tmp_path / "a", 1), name, tags={"val_set": "aaaa"}, metrics={"val_rmse": 0.30})
+    # better figure, other windows (another seed or lake): not comparable, production stays, and says how to move it
+    v2 = registry.register_model_dir(_model_dir(tmp_path / "b", 2), name, tags={"val_set": "bbbb"},
+                                     metrics={"val_rmse": 0.20})
+    assert registry.production_version(name) == 1
+    assert f"astromer models alias {name} production {v2}" in caplog.text and "do not compare" in caplog.text
+    # the same windows: the better one moves production
+    v3 = registry.register_model_dir(_model_dir(tmp_path / "c", 3), name, tags={"val_set": "aaaa"},
+                                     metrics={"val_rmse": 0.25})
+    assert registry.production_version(name) == v3 == 3
+    # by hand, with the command the warning names
+    assert cli_main(["models", "alias", name, "production", str(v2)]) == 0
+    assert registry.production_version(name) == v2 and f"{name}@production -> version 2" in capsys.readouterr().out
+    assert cli_main(["models", "alias", name, "production", "9"]) == 1
+    assert "no version 9" in capsys.readouterr().err and registry.production_version(name) == v2
+
+
 def test_resolve_downloads_safetensors_without_unpickling(tmp_path, mlflow_sqlite, monkeypatch):
     name = "astromer1-macho"
     src = _model_dir(tmp_path / "src", 7)

@@ -32,6 +32,8 @@ ASTROMER1_MACHO = "astromer1-macho"
 CANDIDATE = "candidate"
 PRODUCTION = "production"
 VAL_RMSE_TAG = "val_rmse"
+#: version tag: the digest of the validation windows its val_rmse was scored on (astromer.data.validation_digest)
+VAL_SET_TAG = "val_set"
 
 # experiment names
 PRETRAIN_EXPERIMENT = "astromer-pretrain"
@@ -240,7 +242,9 @@ def production_version(name: str) -> int | None:
 def promote(name: str, version: int | str, val_rmse: float | None) -> bool:
     """Alias ``candidate`` -> ``version`` always; ``production`` -> ``version`` only when there is no production
     version yet, or ``val_rmse`` is lower than production's (a production version without a score is replaced
-    by a scored one). Stores ``val_rmse`` as a version tag. Returns whether ``production`` moved."""
+    by a scored one). Two versions whose ``val_set`` tags differ were scored on different validation windows
+    (another lake content, selection, split or seed): their figures do not compare, and production stays.
+    Stores ``val_rmse`` as a version tag. Returns whether ``production`` moved."""
     client = MlflowClient()
     version = str(int(version))
     if val_rmse is not None:
@@ -255,6 +259,14 @@ def promote(name: str, version: int | str, val_rmse: float | None) -> bool:
     elif str(current) == version:
         better = False
     else:
+        current_set = client.get_model_version(name, str(current)).tags.get(VAL_SET_TAG)
+        new_set = client.get_model_version(name, version).tags.get(VAL_SET_TAG)
+        if current_set and new_set and current_set != new_set:
+            log.warning("%s version %s is candidate; production stays at version %s: the two were validated on "
+                        "different windows (%s %s vs %s: another lake content, selection, split or seed), so "
+                        "their val RMSE do not compare. To move it by hand: astromer models alias %s %s %s",
+                        name, version, current, VAL_SET_TAG, new_set, current_set, name, PRODUCTION, version)
+            return False
         current_rmse = _version_rmse(client, name, current)
         better = val_rmse is not None and (current_rmse is None or val_rmse < current_rmse)
     if better:
@@ -263,6 +275,17 @@ def promote(name: str, version: int | str, val_rmse: float | None) -> bool:
     else:
         log.info("%s version %s is candidate; production stays at version %s", name, version, current)
     return better
+
+
+def set_alias(name: str, alias: str, version: int | str) -> None:
+    """Point ``alias`` of ``name`` at ``version`` by hand (LookupError naming what is missing)."""
+    setup_tracking()
+    client = MlflowClient()
+    try:
+        client.get_model_version(name, str(int(version)))
+    except MlflowException as exc:
+        raise LookupError(f"no version {version} of registered model {name!r}") from exc
+    client.set_registered_model_alias(name, alias, str(int(version)))
 
 
 # --------------------------------------------------------------------------- resolving URIs

@@ -18,6 +18,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--json", action="store_true", help="print JSON instead of a table")
     show.set_defaults(func=_show)
 
+    alias = sub.add_parser("alias", help="point an alias (production, candidate, ...) at a version by hand")
+    alias.add_argument("name", help="registered model name")
+    alias.add_argument("alias", help="alias, e.g. production")
+    alias.add_argument("version", type=int, help="version number")
+    alias.set_defaults(func=_alias)
+
 
 def _list(args: argparse.Namespace) -> int:
     from astromer.registry import list_models
@@ -52,4 +58,16 @@ def _show(args: argparse.Namespace) -> int:
         aliases = ",".join(v["aliases"]) or "-"
         tags = " ".join(f"{k}={val}" for k, val in sorted(v["tags"].items()))
         print(f"  version {v['version']:<4} aliases={aliases:<22} run={v['run_id']}  {tags}")
+    return 0
+
+
+def _alias(args: argparse.Namespace) -> int:
+    from astromer.registry import set_alias
+
+    try:
+        set_alias(args.name, args.alias, args.version)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.name}@{args.alias} -> version {args.version}")
     return 0
