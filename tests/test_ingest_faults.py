@@ -200,6 +200,85 @@ def test_sigkill_during_map_then_rerun_gives_the_same_lake(tmp_path, client):
     assert not [p for p in killed.rglob("*") if ".tmp-" in p.name]
 
 
+def _tiles(folder: Path, tiles, n_obs) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for tile in tiles:
+        (folder / f"lc_1.{tile}.1.R.mjd").write_bytes(macho_text(tile, "R", good_rows(n_obs + tile)))
+    return folder
+
+
+def _observations(lake: Path) -> list[tuple]:
+    return connect(str(lake)).execute("SELECT object_id, n_obs, ingest_id FROM lightcurves ORDER BY 1").fetchall()
+
+
+def test_going_back_to_an_earlier_version_of_the_files_ingests_it_again(tmp_path, client):
+    # v1, then one file edited (v2), then the edit undone: v1's finished run has no shards any more
+    src, lake = _tiles(tmp_path / "src", (1, 2, 3), 20), tmp_path / "lake"
+    first = run_ingest("macho", str(src), str(lake), client=client, progress=False)
+    _tiles(src, (2,), 40)
+    second = run_ingest("macho", str(src), str(lake), client=client, progress=False)
+    assert second.ingest_id != first.ingest_id and [n for _, n, _ in _observations(lake)] == [21, 42, 23]
+    _tiles(src, (2,), 20)
+    out = io.StringIO()
+    again = run_ingest("macho", str(src), str(lake), client=client, progress=False, stream=out)
+    assert again.ingest_id == first.ingest_id and again.status == "done", out.getvalue()
+    assert "running it afresh" in out.getvalue()
+    assert _observations(lake) == [(f"1.{t}.1", 20 + t, first.ingest_id) for t in (1, 2, 3)]
+
+
+class _KilledWhilePublishing(BaseException):
+    """Stands for a SIGKILL between two moves of the publish (the moves take milliseconds on a local disk)."""
+
+
+def _publish_killed_after(monkeypatch, moves: int):
+    import astromer.ingest as ingest_module
+
+    real, done = ingest_module.publish, []
+
+    def publish(fs, tmp, final):
+        if len(done) == moves:
+            raise _KilledWhilePublishing(final)
+        real(fs, tmp, final)
+        done.append(final)
+
+    monkeypatch.setattr(ingest_module, "publish", publish)
+
+
+def test_a_publish_killed_half_way_resumes_to_the_new_survey(tmp_path, client, monkeypatch):
+    old, new = _tiles(tmp_path / "old", (1, 2, 3, 4), 20), _tiles(tmp_path / "new", (1, 2, 3, 4), 50)
+    lake, clean = tmp_path / "lake", tmp_path / "clean"
+    parts = {"part_bytes": 1}    # a part per input: four moves
+    run_ingest("macho", str(old), str(lake), client=client, progress=False, **parts)
+    reference = run_ingest("macho", str(new), str(clean), client=client, progress=False, **parts)
+    _publish_killed_after(monkeypatch, 2)
+    with pytest.raises(_KilledWhilePublishing):
+        run_ingest("macho", str(new), str(lake), client=client, progress=False, replace=True, **parts)
+    assert {n for _, n, _ in _observations(lake)} == {51, 52, 23, 24}     # half published: what the resume mends
+    monkeypatch.undo()
+    out = io.StringIO()
+    resumed = run_ingest("macho", str(new), str(lake), client=client, progress=False, replace=True, stream=out,
+                         **parts)
+    assert resumed.status == "done" and "4 of 4 inputs mapped already" in out.getvalue()
+    assert _lake_rows(lake) == _lake_rows(clean) and resumed.ingest_id == reference.ingest_id
+
+
+def test_a_publish_killed_then_overtaken_by_another_ingest_runs_afresh(tmp_path, client, monkeypatch):
+    old, new = _tiles(tmp_path / "old", (1, 2, 3), 20), _tiles(tmp_path / "new", (1, 2, 3), 50)
+    lake, parts = tmp_path / "lake", {"part_bytes": 1}
+    run_ingest("macho", str(old), str(lake), client=client, progress=False, **parts)
+    _publish_killed_after(monkeypatch, 1)
+    with pytest.raises(_KilledWhilePublishing):
+        run_ingest("macho", str(new), str(lake), client=client, progress=False, replace=True, **parts)
+    monkeypatch.undo()
+    other = _tiles(tmp_path / "other", (1, 2, 3), 70)                      # published in between
+    run_ingest("macho", str(other), str(lake), client=client, progress=False, replace=True, **parts)
+    out = io.StringIO()
+    result = run_ingest("macho", str(new), str(lake), client=client, progress=False, replace=True, stream=out,
+                        **parts)
+    assert result.status == "done" and "running it afresh" in out.getvalue()
+    assert [n for _, n, _ in _observations(lake)] == [51, 52, 53]
+
+
 def test_a_failed_rerun_keeps_the_published_survey_and_its_reports(tmp_path, client):
     good, bad = tmp_path / "good", tmp_path / "bad"
     good.mkdir()

@@ -286,6 +286,11 @@ def labels_shard_path(run: str, index: int) -> str:
     return f"{run}/shards/{index:06d}.labels.parquet"
 
 
+def publish_plan_path(run: str) -> str:
+    """The parts a run is about to publish, written before the first moves (a killed publish resumes from it)."""
+    return f"{run}/publish.json"
+
+
 def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[int], part: int) -> dict:
     """Stream the ``band`` rows of some shards into one staged part file."""
     keep_freed_memory()
@@ -296,6 +301,10 @@ def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[in
     if fs.exists(out):
         meta = pq.read_metadata(fs.open(out, "rb"))
         return {"band": band, "part": part, "curves": meta.num_rows, "path": out}
+    if fs.exists(publish_plan_path(run)):   # a killed publish moved this part into the survey's folder already
+        for planned in read_json(fs, publish_plan_path(run))["parts"]:
+            if (planned["band"], planned["part"]) == (band, part):
+                return {**planned, "path": out}
     writer = ParquetPartWriter(fs, out, schema.LIGHTCURVES)
     try:
         # row groups of ROW_GROUP_CURVES curves across shard boundaries: a survey of one small input per
@@ -487,13 +496,22 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     stages["plan"] = time.perf_counter() - t0
     stage_cpu["plan"] = time.process_time() - c0
     record_path = f"{run}/record.json"
+    published_id = published[0]["ingest_id"] if published else None
     if fs.exists(record_path):
         record = read_json(fs, record_path)
-        if record.get("status") == "done" and published and published[0]["ingest_id"] == ingest_id:
+        if record.get("status") == "done" and published_id == ingest_id:
             result = IngestResult(**{**record["result"], "status": "unchanged", "lake": lake, "resumed_inputs": 0,
                                      "seconds": time.perf_counter() - started, "stage_seconds": stages})
             print(result.summary(), file=stream)
             return result
+    stale = (fs.exists(record_path) or (fs.exists(publish_plan_path(run))
+                                        and read_json(fs, publish_plan_path(run))["replacing"] != published_id))
+    if stale:
+        # this ingest ran before (to its end, or killed while publishing) and another has been published since:
+        # its shards and staged parts are gone, so its markers say nothing any more and it runs afresh
+        print(f"ingest {ingest_id} ran before and {out_survey} has been published since (its staged files are "
+              "gone): running it afresh", file=stream)
+        fs.rm(run, recursive=True)
 
     # map, and reduce as soon as it can ------------------------------------------------------------
     # A part compacts consecutive shards of one band; it is cut from the markers in input order, so
@@ -544,7 +562,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
 
     # finish ----------------------------------------------------------------------------------------
     t0, c0 = time.perf_counter(), time.process_time()
-    result = _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake)
+    result = _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake, published_id)
     result.resumed_inputs = mapped_before
     stages["finish"] = time.perf_counter() - t0
     stage_cpu["finish"] = time.process_time() - c0
@@ -637,7 +655,7 @@ def check_keeps_published(published: list[dict], survey: str, source: str, held:
             "pass --replace to replace the survey, or --as NAME to ingest this source as another survey")
 
 
-def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) -> IngestResult:
+def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake, replacing) -> IngestResult:
     fs = paths.fs
     run = paths.run(ingest_id)
     expected = Counter()
@@ -659,12 +677,19 @@ def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) ->
         quarantined_inputs=sum(1 for m in markers if m["status"] == "quarantined"),
         quarantine=quarantine, bands=dict(sorted(expected.items())))
 
-    # publish parts: each file appears complete under its final name, stale files go afterwards
+    # publish parts: each file appears complete under its final name, stale files go afterwards. The plan
+    # is written first: a publish killed half-way resumes with the parts it had moved (``replacing``: the
+    # ingest published before; if another is published meanwhile, the run starts afresh, see _run)
+    parts = sorted(parts, key=lambda p: (p["band"], p["part"]))
+    if not fs.exists(publish_plan_path(run)):
+        write_json(fs, {"replacing": replacing, "parts": [{k: p[k] for k in ("band", "part", "curves")}
+                                                          for p in parts]}, publish_plan_path(run))
     published = set()
-    for p in sorted(parts, key=lambda p: (p["band"], p["part"])):
+    for p in parts:
         final = f"{paths.lightcurves(out_survey, p['band'])}/{LakePaths.part_name(p['part'])}"
-        fs.makedirs(os.path.dirname(final), exist_ok=True)
-        publish(fs, p["path"], final)
+        if fs.exists(p["path"]):     # else moved by the killed attempt
+            fs.makedirs(os.path.dirname(final), exist_ok=True)
+            publish(fs, p["path"], final)
         published.add(final)
     if curves:
         _remove_stale(fs, paths.lightcurves(out_survey), published)
