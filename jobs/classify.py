@@ -144,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             from astromer.embeddings import resolve_model
 
             ref = resolve_model(args.model)
-            frozen = ev.cached_layers(lake, ref.name, ref.version, spec.survey, data)
-            print(f"lake embeddings of {ref.name} version {ref.version}: {'used' if frozen is not None else 'absent'}",
-                  flush=True)
+            frozen, state = ev.cached_layers(lake, ref.name, ref.version, spec.survey, data)
+            print(f"lake embeddings of {ref.name} version {ref.version}: {state}", flush=True)
             mlflow.set_tag("frozen_embeddings", "lake" if frozen is not None else "computed")
         report = ev.run_protocol(data, model, run, out, frozen_layers=frozen)
     (out / "command.txt").write_text("python jobs/classify.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -316,3 +316,47 @@ def test_embed_table_all_at_once_equals_curve_by_curve(rule):
     assert emb._flat_embedding(model, twice, 16, True) is None
     out, _ = emb.embed_table(model, twice, "V", schema, batch_size=16)
     assert out.column("n_obs").to_pylist() == [int(np.isfinite(m).sum())]
+
+
+def test_classification_uses_lake_embeddings_only_of_the_ingest_the_lake_holds(ray_local, tmp_path):
+    # embeddings written, then the survey ingested again with other magnitudes: they describe curves the
+    # lake no longer holds, and classify / sweep compute the layers afresh until the embed job runs again
+    import torch
+    from astromer import evaluate as ev
+    from astromer.ingest import dask_client, run_ingest
+    from astromer.lake.schema import LABELS
+
+    rng = np.random.default_rng(3)
+    src, lake = tmp_path / "src", str(tmp_path / "lake")
+    src.mkdir()
+
+    def write_csv(sign):
+        lines = ["star,hjd,magnitude,sigma"]
+        for i in range(9):
+            t = np.sort(rng.uniform(50000, 50300, 60))
+            lines += [f"s{i},{x:.5f},{15 + sign * 0.3 * np.sin(x / (1 + i)):.4f},0.02" for x in t]
+        (src / "phot.csv").write_text("\n".join(lines) + "\n")
+
+    options = {"columns": {"object": "star", "time": "hjd", "mag": "magnitude", "err": "sigma"}}
+    write_csv(+1)
+    with dask_client(workers=1, threads_per_worker=1, processes=False) as client:
+        run_ingest("csv", str(src), lake, client=client, progress=False, out_survey="mine", options=options)
+        paths = LakePaths(lake)
+        write_parquet(paths.fs, pa.Table.from_pylist(
+            [{"object_id": f"s{i}", "label_set": "class", "label": "abc"[i % 3]} for i in range(9)], schema=LABELS),
+            paths.own_labels("mine", "class"))
+        torch.manual_seed(0)
+        model_dir = save_model(Astromer(ModelConfig.tiny()), tmp_path / "tiny")
+        spec = ev.DatasetSpec("mine", "mine", "class", min_members=3)
+        data = ev.load_labelled_set(lake, spec)
+        assert ev.cached_layers(lake, "tiny", "x", "mine", data) == (None, "absent")
+        ref = emb.embed_survey(lake, model_dir, "mine", name="tiny", progress_every=0)
+        layers, state = ev.cached_layers(lake, "tiny", ref["version"], "mine", data)
+        assert state == "used" and layers.shape == (9, 3, 32)
+        write_csv(-1)
+        run_ingest("csv", str(src), lake, client=client, progress=False, out_survey="mine", options=options)
+    data = ev.load_labelled_set(lake, spec)
+    layers, state = ev.cached_layers(lake, "tiny", ref["version"], "mine", data)
+    assert layers is None and state.startswith("stale (band unknown was embedded from ingest"), state
+    emb.embed_survey(lake, model_dir, "mine", name="tiny", progress_every=0)
+    assert ev.cached_layers(lake, "tiny", ref["version"], "mine", data)[1] == "used"

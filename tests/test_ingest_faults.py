@@ -371,6 +371,21 @@ def test_own_labels_outlive_a_reingest_and_part_labels_do_not(tmp_path, client):
         ("s0", "RRL"), ("s1", "EB")]
 
 
+def test_a_star_in_two_files_is_two_curves_and_the_summary_says_so(tmp_path, client):
+    src = tmp_path / "seasons"
+    src.mkdir()
+    (src / "season1.csv").write_text("oid,hjd,m,e\n" + "".join(f"s1,{t},15.0,0.1\ns2,{t},16.0,0.1\n" for t in range(5)))
+    (src / "season2.csv").write_text("oid,hjd,m,e\n" + "".join(f"s1,{t},15.0,0.1\n" for t in range(10, 14)))
+    options = {"columns": {"object": "oid", "time": "hjd", "mag": "m", "err": "e"}}
+    result = run_ingest("csv", str(src), str(tmp_path / "lake"), client=client, progress=False, out_survey="mine",
+                        options=options)
+    assert result.curves == 3 and result.split_objects == 1
+    assert result.split_example == "s1 unknown (season1.csv, season2.csv)"
+    assert "objects in several inputs | 1: each input makes its own curve, e.g. s1 unknown" in result.summary()
+    with pytest.raises(FileNotFoundError, match="there is no lake at"):
+        connect(str(tmp_path / "no-such-lake"))
+
+
 def test_csv_rows_keep_empty_fields_whatever_else_the_file_holds(tmp_path, client):
     """An empty error is NaN (flagged), not a dropped row, also when another row sends the file through the
     row-by-row reader; that reader names the column and the text of a value that is not a number."""

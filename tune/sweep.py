@@ -240,13 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         return report_usage_error(exc)
     # the encoder is frozen in the trials: what jobs/embed.py wrote for this model version serves as it is
-    layers = ev.cached_layers(lake, ref.name, ref.version, spec.survey, data)
+    layers, state = ev.cached_layers(lake, ref.name, ref.version, spec.survey, data)
+    print(f"lake embeddings of {ref.name} version {ref.version}: {state}", flush=True)
     if layers is None:
         print(f"embedding {len(data.curves):,} curves with {ref.name} version {ref.version} (jobs/embed.py writes "
               "them to the lake once for every sweep and classification)", flush=True)
         layers = model.embed(data.curves, all_layers=True)
-    else:
-        print(f"lake embeddings of {ref.name} version {ref.version}: used", flush=True)
     result = sweep(layers, data.y, data.object_ids, data.class_names, samples_per_class=args.samples_per_class,
                    num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
                    finetune_choice=args.finetune_choice, curves=data.curves,

@@ -426,7 +426,11 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
                 num_gpus=gpus_per_actor or None)
             ds.write_parquet(paths.url_of(out), min_rows_per_file=50_000, compression=EMBEDDING_COMPRESSION)
-        report["bands"] = {band: {"rows": 0, "windows": 0, "skipped": []} for band in bands}
+        # the ingest the curves came from: a later ingest of the survey makes these embeddings stale
+        from astromer.lake.catalog import published_ingest_id
+
+        source = published_ingest_id(paths, survey)
+        report["bands"] = {band: {"rows": 0, "windows": 0, "skipped": [], "ingest_id": source} for band in bands}
         part = 0
         for src in _parquet_files(fs, out):
             with fs.open(src, "rb") as handle:

@@ -820,21 +820,39 @@ def _finetuned_layers(model, data: LabelledSet, fold: Fold, settings: RunSetting
     return layers
 
 
-def cached_layers(lake: str, model_name: str, version: str, survey: str, data: LabelledSet) -> np.ndarray | None:
+def cached_layers(lake: str, model_name: str, version: str, survey: str,
+                  data: LabelledSet) -> tuple[np.ndarray | None, str]:
     """Per-layer means of ``data``'s curves from the lake's embeddings of (model, version, survey), as written
-    by the embed job with the same cleaning; None unless every curve is there with the same observation count."""
+    by the embed job with the same cleaning, and ``"used"``; or None and why not: absent, embedded from
+    another ingest of the survey than the lake holds now, or a curve missing or with another observation
+    count."""
+    import json
+    import posixpath
+
     import pyarrow.dataset as pads
 
+    from astromer.lake.catalog import published_ingest_id
     from astromer.lake.paths import LakePaths
 
     paths = LakePaths(lake)
     folder = paths.embeddings(model_name, version, survey)
     if not paths.fs.exists(folder):
-        return None
+        return None, "absent"
+    report_path = posixpath.join(paths.embeddings(model_name, version), "_reports", f"survey={survey}.json")
+    embedded = {}
+    if paths.fs.exists(report_path):
+        with paths.fs.open(report_path, "r") as handle:
+            embedded = json.load(handle).get("bands", {})
+    current = published_ingest_id(paths, survey)
+    for band in sorted(set(data.bands.tolist())):
+        source = embedded.get(band, {}).get("ingest_id")
+        if source != current:
+            return None, (f"stale (band {band} was embedded from ingest {source or 'unknown'}, the lake holds "
+                          f"ingest {current} now: jobs/embed.py writes them again)")
     table = pads.dataset(folder, filesystem=paths.fs, format="parquet").to_table(
         columns=["object_id", "band", "n_obs", "layer_means"])
     if table.num_rows == 0:
-        return None
+        return None, "absent"
     k = table.schema.field("layer_means").type.list_size
     d = table.schema.field("layer_means").type.value_type.list_size
     values = table.column("layer_means").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
@@ -843,9 +861,10 @@ def cached_layers(lake: str, model_name: str, version: str, survey: str, data: L
                                                           table.column("band").to_pylist()))}
     n_obs = table.column("n_obs").to_numpy()
     rows = [index.get((o, b)) for o, b in zip(data.object_ids.tolist(), data.bands.tolist())]
-    if any(r is None for r in rows) or any(n_obs[r] != len(c[0]) for r, c in zip(rows, data.curves)):
-        return None
-    return layers[rows].astype(np.float32)
+    differ = sum(1 for r, c in zip(rows, data.curves) if r is None or n_obs[r] != len(c[0]))
+    if differ:
+        return None, f"incomplete ({differ:,} of {len(rows):,} curves missing or with other observation counts)"
+    return layers[rows].astype(np.float32), "used"
 
 
 def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str | Path, *, log_mlflow: bool = True,

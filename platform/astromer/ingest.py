@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from astromer.lake import schema
+from astromer.lake.catalog import objects_in_several_inputs, published_inputs
 from astromer.lake.paths import LakePaths, _protocols, validate_survey
 from astromer.lake.writers import (
     ParquetPartWriter,
@@ -90,6 +91,8 @@ class IngestResult:
     stage_seconds: dict = field(default_factory=dict)
     stage_cpu: dict = field(default_factory=dict)     # CPU seconds of this process (all its threads)
     report: str = ""                                   # where the quarantine report was written
+    split_objects: int = 0            # (object, band) with curves from several inputs (one curve per input)
+    split_example: str = ""
 
     @property
     def exit_code(self) -> int:
@@ -104,12 +107,16 @@ class IngestResult:
                                       if self.resumed_inputs else "")),
             ("inputs", f"{self.inputs:,} ({self.inputs_bytes / 1e6:,.1f} MB)"),
             ("curves", f"{self.curves:,}"), ("observations", f"{self.observations:,}"),
-            ("labels", f"{self.labels:,}"),
+            ("labels from the source", f"{self.labels:,}"),
             ("bands", ", ".join(f"{b}: {n:,}" for b, n in sorted(self.bands.items())) or "-"),
-            ("quarantined inputs", f"{self.quarantined_inputs:,}" + (f" (report: {self.report})"
-                                                                     if self.report else "")),
         ]
+        if self.split_objects:
+            rows.append(("objects in several inputs", f"{self.split_objects:,}: each input makes its own curve, "
+                                                      f"e.g. {self.split_example}"))
+        rows.append(("quarantined inputs", f"{self.quarantined_inputs:,} whole"))
         reasons = Counter(r for _, r, _ in self.quarantine)
+        rows.append(("quarantine records", f"{len(self.quarantine):,} (inputs and rows)"
+                     + (f", report: {self.report}" if self.report else "")))
         rows += [(f"  quarantine: {reason}", f"{count:,}") for reason, count in sorted(reasons.items())]
         rows += [("time", f"{self.seconds:,.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in
                                                                self.stage_seconds.items()) + ")"),
@@ -630,16 +637,6 @@ def no_inputs_message(reader, survey: str, source: str) -> str:
             "subfolders, a glob only as written (use **/ to reach into subfolders)")
 
 
-def published_inputs(paths: LakePaths, survey: str) -> list[dict]:
-    """The rows of the survey's published manifest (input, url, curves, ingest_id); none before its first
-    ingest."""
-    manifest = f"{paths.ingest(survey)}/manifest.parquet"
-    if not paths.fs.exists(manifest):
-        return []
-    with paths.fs.open(manifest, "rb") as handle:
-        return pq.read_table(handle, columns=["input", "url", "curves", "ingest_id"]).to_pylist()
-
-
 def check_keeps_published(published: list[dict], survey: str, source: str, held: set[str]) -> None:
     """Raise :class:`DropsPublishedInputs` when the published survey (:func:`published_inputs`) holds curves
     from inputs that the new source does not hold. ``held``: the new inputs' keys and URLs. A published input
@@ -736,6 +733,8 @@ def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake, re
     write_parquet(fs, pa.table({"input": [q[0] for q in quarantine], "reason": [q[1] for q in quarantine],
                                 "detail": [q[2] for q in quarantine]}, schema=schema.QUARANTINE),
                   f"{report_dir}/quarantine.parquet")
+    if curves:
+        result.split_objects, result.split_example = objects_in_several_inputs(paths, out_survey)
     return result
 
 

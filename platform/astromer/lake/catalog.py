@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from astromer.lake.cleaning import CleaningStats, clean_curve
 from astromer.lake.paths import LakePaths, validate_band, validate_survey
@@ -24,6 +25,39 @@ def _has_files(paths: LakePaths, pattern: str) -> bool:
     return bool(paths.fs.glob(pattern))
 
 
+def published_inputs(paths: LakePaths, survey: str) -> list[dict]:
+    """The rows of the survey's published manifest (input, url, curves, ingest_id); none before its first
+    ingest."""
+    manifest = f"{paths.ingest(survey)}/manifest.parquet"
+    if not paths.fs.exists(manifest):
+        return []
+    with paths.fs.open(manifest, "rb") as handle:
+        return pq.read_table(handle, columns=["input", "url", "curves", "ingest_id"]).to_pylist()
+
+
+def published_ingest_id(lake: str | LakePaths, survey: str) -> str | None:
+    """The ingest whose curves the survey's folder holds now (None for a lake the ingest did not write)."""
+    rows = published_inputs(lake if isinstance(lake, LakePaths) else LakePaths(lake), survey)
+    return rows[0]["ingest_id"] if rows else None
+
+
+def objects_in_several_inputs(lake: str | LakePaths, survey: str) -> tuple[int, str]:
+    """How many (object, band) of ``survey`` have a curve from more than one input, and one of them with its
+    inputs (each input makes its own curve: rows of a star in two files are two curves)."""
+    con = connect(lake)
+    try:
+        if not con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'lightcurves'").fetchone()[0]:
+            return 0, ""
+        count, example = con.execute(
+            "SELECT count(*), any_value(object_id || ' ' || band || ' (' || array_to_string(files[1:3], ', ') "
+            "|| CASE WHEN len(files) > 3 THEN ', ...' ELSE '' END || ')') FROM (SELECT object_id, band, "
+            "list(DISTINCT source_file ORDER BY source_file) AS files FROM lightcurves WHERE survey = ? "
+            "GROUP BY ALL HAVING count(*) > 1)", [validate_survey(survey)]).fetchone()
+    finally:
+        con.close()
+    return int(count), example or ""
+
+
 def connect(lake: str | LakePaths, database: str = ":memory:", *, sandbox: bool = False) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with views ``lightcurves``, ``labels``, ``embeddings`` (when present),
     and ``ingest_manifest`` / ``ingest_quarantine`` over ``_ingest``. A table without files yet
@@ -35,6 +69,8 @@ def connect(lake: str | LakePaths, database: str = ":memory:", *, sandbox: bool 
     import duckdb  # here, not at the top: Ray Data workers import the lake package and never query
 
     paths = lake if isinstance(lake, LakePaths) else LakePaths(lake)
+    if not paths.fs.exists(paths.root):   # a mistyped path would give a connection without a single table
+        raise FileNotFoundError(f"there is no lake at {paths.root}")
     con = duckdb.connect(database)
     if not paths.is_local:
         con.register_filesystem(paths.fs)
