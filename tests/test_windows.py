@@ -83,6 +83,17 @@ def test_bad_curves_are_named(mutate, message):
         curves_windows([make_curve(5), mutate(mjd, mag)])
 
 
+def test_float32_mjds_that_collapse_are_named_as_the_cause():
+    # two real MACHO times 3.5 minutes apart are one float32 value: the error says why, and float64 is fine
+    mjd = np.array([53602.22875, 53602.23115, 53603.5])
+    with pytest.raises(ValueError, match=r"duplicate times.*float32, which resolves values near 53602 only to "
+                                         r"0\.0039 days: pass float64 times"):
+        validate_curve(mjd.astype(np.float32), np.ones(3))
+    validate_curve(mjd, np.ones(3))
+    with pytest.raises(ValueError, match=r"strictly increasing\)$"):      # a real duplicate: no hint
+        validate_curve(np.array([53602.2, 53602.2, 53603.0]), np.ones(3))
+
+
 def test_non_numeric_curve_is_a_type_error():
     with pytest.raises(TypeError, match="mag must be a numeric array"):
         validate_curve(np.arange(3.0), np.array(["a", "b", "c"]))

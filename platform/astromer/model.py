@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from astromer.config import ModelConfig
-from astromer.windows import Windows, curves_windows
+from astromer.windows import Windows, curves_windows, precision_hint
 
 # Logit added to a masked key with key masking. Finite, so a row whose keys are all masked still gets a
 # (uniform) softmax instead of NaN; exp(-1e9) is exactly 0 next to any real logit, as with -inf.
@@ -428,8 +428,9 @@ class Astromer(nn.Module):
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
             kind = "duplicate" if t[row, col + 1] == t[row, col] else "unsorted"
+            hint = precision_hint(str(t.dtype).removeprefix("torch."), float(t[row, col]))
             raise ValueError(f"{kind} times in row {row}: times[{col + 1}]={float(t[row, col + 1])} after "
-                             f"times[{col}]={float(t[row, col])} (must be strictly increasing)")
+                             f"times[{col}]={float(t[row, col])} (must be strictly increasing{hint})")
         out = [tensors["times"].to(device, torch.float32), tensors["mags"].to(device, torch.float32),
                tensors["padding_mask"].to(device)]
         out.append(tensors["hidden"].to(device) if "hidden" in tensors else None)

@@ -63,6 +63,15 @@ class Windows:
 _FIELDS = ("times", "mags", "errs", "padding", "n_valid", "start", "curve")
 
 
+def precision_hint(dtype, value: float) -> str:
+    """Why two distinct times may have become equal: float32 MJDs (a hint for the duplicate-time errors)."""
+    if np.dtype(dtype).itemsize >= 8 or abs(float(value)) < 1000:
+        return ""
+    spacing = float(np.spacing(np.float32(abs(value))))
+    return (f"; these times are {np.dtype(dtype).name}, which resolves values near {abs(value):.0f} only to "
+            f"{spacing:.2g} days: pass float64 times, or subtract an offset first")
+
+
 def validate_curve(mjd, mag, err=None, *, where: str = "curve") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Check one light curve and return it as (float64 mjd, float32 mag, float32 err).
 
@@ -91,14 +100,15 @@ def validate_curve(mjd, mag, err=None, *, where: str = "curve") -> tuple[np.ndar
         if bad.any():
             row = int(np.argmax(bad))
             raise ValueError(f"{where}: {field} is not finite ({arr[row]}) at row {row}")
+    given = t.dtype
     t = t.astype(np.float64, copy=False)
     if n > 1:
         step = np.diff(t)
         if (step <= 0).any():
             row = int(np.argmax(step <= 0)) + 1
             kind = "duplicate" if step[row - 1] == 0 else "unsorted"
-            raise ValueError(f"{where}: {kind} times: mjd[{row}]={t[row]!r} after mjd[{row - 1}]={t[row - 1]!r}"
-                             " (times must be strictly increasing)")
+            raise ValueError(f"{where}: {kind} times: mjd[{row}]={float(t[row])!r} after mjd[{row - 1}]={float(t[row - 1])!r}"
+                             " (times must be strictly increasing" + precision_hint(given, t[row]) + ")")
     m = arrays["mag"].astype(np.float32, copy=False)
     e = arrays["err"].astype(np.float32, copy=False) if "err" in arrays else np.zeros(n, np.float32)
     return t, m, e
