@@ -184,6 +184,24 @@ def test_compiled_quality_flags_equal_the_numpy_ones(monkeypatch, seed):
         assert (flags & bit).any(), bit                                          # every flag occurs
 
 
+@pytest.mark.parametrize("compiled_flags", ["0", "1"])
+def test_the_first_usable_row_of_a_time_stays_clean(monkeypatch, compiled_flags):
+    # a blank magnitude, then a good one at the same time: the good one is no duplicate; a third is
+    from astromer.lake import schema
+
+    if compiled_flags == "1" and compiled is None:
+        pytest.skip("compiled kernels not built")
+    monkeypatch.setenv("ASTROMER_COMPILED", compiled_flags)
+    mjd = np.array([1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 4.0])
+    mag = np.array([15.0, np.nan, 15.1, 15.2, 15.3, 15.4, 15.5])
+    err = np.array([0.02, 0.02, 0.02, 0.02, 2.0, 0.02, 0.02])
+    flags = schema.quality_flags(mjd, mag, err, np.array([0, 7]))[3]
+    dup = (flags & schema.Quality.DUPLICATE_TIME) != 0
+    assert dup.tolist() == [False, False, False, True, False, False, False]
+    dropped = schema.CLEANING_MASK & ~schema.Quality.MAG_PERCENTILE       # the extremes' flag aside
+    assert (flags & dropped != 0).tolist() == [False, True, False, True, True, False, False]
+
+
 @pytest.mark.skipif(compiled is None, reason="compiled kernels not built")
 def test_compiled_quality_flags_decline_a_curve_out_of_time_order(monkeypatch):
     from astromer.lake import schema

@@ -532,6 +532,7 @@ static PyObject *flag_curves(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t c = 0; c < n_curves && ok; c++) {
             Py_ssize_t lo = offsets[c], hi = offsets[c + 1], n_good = 0;
+            int usable_at_time = 0;       /* a row of the current time had a usable value already */
             for (Py_ssize_t i = lo; i < hi; i++) {
                 uint8_t f = 0;
                 if (!isfinite(mjd[i]) || !isfinite(mag[i]) || !isfinite(err[i])) f |= bit_nonfinite;
@@ -540,8 +541,10 @@ static PyObject *flag_curves(PyObject *self, PyObject *args)
                 if (i > lo) {
                     double step = mjd[i] - mjd[i - 1];
                     if (step < 0) { ok = 0; break; }
-                    if (step == 0) f |= bit_duplicate;
+                    if (step != 0) usable_at_time = 0;
+                    else if (usable_at_time) f |= bit_duplicate;
                 }
+                if (!f) usable_at_time = 1;
                 flags[i] = f;
                 if (!(f & cleaning)) good[n_good++] = mag[i];
             }

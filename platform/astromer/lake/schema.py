@@ -38,7 +38,7 @@ class Quality(enum.IntFlag):
     NONFINITE = 1          # time, magnitude or error is NaN/inf (or an empty CSV field)
     ERR_NONPOSITIVE = 2    # err <= 0: the weighted loss divides by it
     ERR_ABOVE_ONE = 4      # err > 1 mag: the paper drops these
-    DUPLICATE_TIME = 8     # same time as the previous observation of the curve (the first one stays clean)
+    DUPLICATE_TIME = 8     # same time as an earlier usable observation of the curve (the first usable one stays clean)
     MAG_PERCENTILE = 16    # magnitude outside the curve's [1st, 99th] percentile, computed over the
                            # observations without any of the flags above
     UNSORTED_SOURCE = 32   # the source listed this observation out of time order (informational only)
@@ -160,7 +160,16 @@ def quality_flags(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray,
         flags = bits(~finite, Quality.NONFINITE)
         flags |= bits(err <= 0, Quality.ERR_NONPOSITIVE)
         flags |= bits(err > 1, Quality.ERR_ABOVE_ONE)
-    flags[1:] |= bits((step == 0) & inner, Quality.DUPLICATE_TIME)
+    # a duplicate repeats the time of an earlier usable row (no value flag) of the curve: the first usable
+    # row of a time stays clean, even after a row of that time whose value was bad
+    same_time = np.zeros(n, dtype=bool)
+    same_time[1:] = (step == 0) & inner
+    run = np.cumsum(~same_time) - 1                       # rows of one time in one curve share a run
+    usable = flags == 0
+    first_usable = np.full(int(run[-1]) + 1 if n else 0, n, dtype=np.int64)
+    runs_with_usable, first_row = np.unique(run[usable], return_index=True)
+    first_usable[runs_with_usable] = np.flatnonzero(usable)[first_row]
+    flags |= bits(first_usable[run] < np.arange(n), Quality.DUPLICATE_TIME)
     if moved_rows is not None:
         flags |= bits(moved_rows, Quality.UNSORTED_SOURCE)
 
