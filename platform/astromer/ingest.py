@@ -63,9 +63,10 @@ from astromer.surveys import get_reader
 from astromer.surveys.base import ArchiveError, Batch, Input
 
 #: part of the ingest id: a change to what the readers or the shards hold makes a new run, which never
-#: mixes its shards with those of a run killed under the previous code (2: the observations' list elements
-#: are non-null, schema.observations)
-READER_VERSION = "2"
+#: mixes its shards with those of a run killed under the previous code, and an ingest of unchanged files
+#: under new code writes the survey again (2: the observations' list elements are non-null,
+#: schema.observations; 3: a duplicate time repeats an earlier usable row, schema.quality_flags)
+READER_VERSION = "3"
 ROW_GROUP_CURVES = 2048
 DEFAULT_PART_BYTES = 192 << 20   # Arrow bytes per part: about 128 MB of Parquet (times barely compress)
 
