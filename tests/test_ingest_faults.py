@@ -313,7 +313,9 @@ def test_generic_parquet_with_a_column_mapping_through_the_command(tmp_path, cap
                     ("mysurvey", "s2", "g", 20.0, [1.0])]
     assert ingest_main(["--survey", "parquet", "--source", str(src), "--lake", str(lake),
                         "--columns", "object=oid,time=nope,mag=m,err=e", "--no-progress"]) == 1
-    assert "missing_column" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "missing_column" in printed.out
+    assert "time=nope not among the file's columns (oid, filt, hjd, m, e, ra_deg): --columns" in printed.err
 
 
 def test_a_second_batch_alone_is_refused_not_published_over_the_first(tmp_path, client, capsys):

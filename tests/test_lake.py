@@ -254,3 +254,18 @@ def test_clean_curves_decides_every_real_curve_as_clean_curve_does(source):
         assert usable[:-3].sum() >= 0.9 * (len(curves) - 3) > 700     # nearly every real curve is usable
     assert segment_sums(np.array([1, 2, 3, 4]), np.array([0, 0, 2, 2, 4])).tolist() == [0, 3, 0, 7]
     assert segment_sums(np.array([True, True, False]), np.array([0, 2, 3])).tolist() == [2, 0]
+
+
+def test_query_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    # `astromer lake query ... | head`: the reader leaves, the command ends as SIGPIPE would, without a traceback
+    import subprocess
+    import sys
+
+    (tmp_path / "lake").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "astromer.cli", "lake", "query", "SELECT * FROM range(200000)",
+                             "--lake", str(tmp_path / "lake"), "--max-rows", "200000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"range"
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> (module under astromer.commands, one-line help)
@@ -39,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if not argv else 2
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except BrokenPipeError:   # `astromer lake query ... | head`: the reader left; end as a program killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit's flush must not fail again
+        return 141
     return int(result or 0)
 
 

@@ -49,7 +49,9 @@ class _LongFormatReader:
             return batch
         missing = [f"{k}={v}" for k, v in mapping.items() if k in REQUIRED and v not in table.column_names]
         if missing:
-            batch.quarantine.append((item.key, "missing_column", ", ".join(missing)))
+            batch.quarantine.append((item.key, "missing_column", (
+                f"{', '.join(missing)} not among the file's columns ({', '.join(table.column_names[:12])}"
+                f"{', ...' if len(table.column_names) > 12 else ''}): --columns NAME=COLUMN maps them")[:500]))
             return batch
         add_long_table(batch, table, mapping, item, default_band=item.options.get("band", "unknown"),
                        time_offset=float(item.options.get("time_offset", 0.0)))
