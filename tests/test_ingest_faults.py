@@ -279,6 +279,58 @@ def test_a_publish_killed_then_overtaken_by_another_ingest_runs_afresh(tmp_path,
     assert [n for _, n, _ in _observations(lake)] == [51, 52, 53]
 
 
+def test_a_publish_killed_then_written_over_by_another_killed_publish_runs_afresh(tmp_path, client, monkeypatch):
+    # X moves 2 of 3 parts and dies, Y moves 1 (over X's first) and dies: X's resume must not keep Y's part
+    old, x, y = (_tiles(tmp_path / name, (1, 2, 3), n) for name, n in (("old", 20), ("x", 50), ("y", 70)))
+    lake, parts = tmp_path / "lake", {"part_bytes": 1}
+    run_ingest("macho", str(old), str(lake), client=client, progress=False, **parts)
+    for source, moves in ((x, 2), (y, 1)):
+        _publish_killed_after(monkeypatch, moves)
+        with pytest.raises(_KilledWhilePublishing):
+            run_ingest("macho", str(source), str(lake), client=client, progress=False, replace=True, **parts)
+        monkeypatch.undo()
+    out = io.StringIO()
+    result = run_ingest("macho", str(x), str(lake), client=client, progress=False, replace=True, stream=out, **parts)
+    assert "running it afresh" in out.getvalue()
+    assert _observations(lake) == [(f"1.{t}.1", 50 + t, result.ingest_id) for t in (1, 2, 3)]
+
+
+def test_the_published_files_again_after_a_killed_publish_mend_the_survey(tmp_path, client, monkeypatch):
+    # the manifest still names the old ingest, but a killed publish moved one of its own parts in: not unchanged
+    old, x = _tiles(tmp_path / "old", (1, 2, 3), 20), _tiles(tmp_path / "x", (1, 2, 3), 50)
+    lake, parts = tmp_path / "lake", {"part_bytes": 1}
+    first = run_ingest("macho", str(old), str(lake), client=client, progress=False, **parts)
+    _publish_killed_after(monkeypatch, 1)
+    with pytest.raises(_KilledWhilePublishing):
+        run_ingest("macho", str(x), str(lake), client=client, progress=False, replace=True, **parts)
+    monkeypatch.undo()
+    again = run_ingest("macho", str(old), str(lake), client=client, progress=False, replace=True, **parts)
+    assert again.status == "done" and again.ingest_id == first.ingest_id
+    assert _observations(lake) == [(f"1.{t}.1", 20 + t, first.ingest_id) for t in (1, 2, 3)]
+    assert run_ingest("macho", str(old), str(lake), client=client, progress=False, **parts).status == "unchanged"
+
+
+def test_a_run_killed_after_its_manifest_resumes_without_reading_again(tmp_path, client, monkeypatch):
+    import astromer.ingest as ingest_module
+
+    src, lake = _tiles(tmp_path / "src", (1, 2), 20), tmp_path / "lake"
+    real = ingest_module.write_json
+
+    def write_json(fs, data, path):
+        if str(path).endswith("record.json"):
+            raise _KilledWhilePublishing(path)
+        real(fs, data, path)
+
+    monkeypatch.setattr(ingest_module, "write_json", write_json)
+    with pytest.raises(_KilledWhilePublishing):
+        run_ingest("macho", str(src), str(lake), client=client, progress=False)
+    monkeypatch.undo()
+    out = io.StringIO()
+    result = run_ingest("macho", str(src), str(lake), client=client, progress=False, stream=out)
+    assert result.status == "done" and "afresh" not in out.getvalue() and result.resumed_inputs == 2
+    assert [n for _, n, _ in _observations(lake)] == [21, 22]
+
+
 def test_a_failed_rerun_keeps_the_published_survey_and_its_reports(tmp_path, client):
     good, bad = tmp_path / "good", tmp_path / "bad"
     good.mkdir()

@@ -299,6 +299,42 @@ def publish_plan_path(run: str) -> str:
     return f"{run}/publish.json"
 
 
+def part_ingest_ids(fs, path: str) -> set[str]:
+    """The ingest ids of a Parquet part's rows, from its footer's statistics (the column itself without them)."""
+    with fs.open(path, "rb") as handle:
+        meta = pq.ParquetFile(handle).metadata
+        column = meta.schema.names.index("ingest_id")
+        ids = set()
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                handle.seek(0)
+                return set(pq.read_table(handle, columns=["ingest_id"]).column(0).unique().to_pylist())
+            ids |= {stats.min, stats.max}
+    return {i.decode() if isinstance(i, bytes) else i for i in ids}
+
+
+def survey_ingest_ids(paths: LakePaths, survey: str) -> set[str]:
+    """The ingest ids of every part of the survey's curves: one id when a single ingest wrote them all."""
+    parts = paths.fs.glob(f"{paths.lightcurves(survey)}/*/*.parquet")
+    return set().union(*(part_ingest_ids(paths.fs, p) for p in parts)) if parts else set()
+
+
+def moved_parts_are_ours(paths: LakePaths, survey: str, ingest_id: str) -> bool:
+    """Whether the parts a killed publish of ``ingest_id`` moved into the survey are still its own (another
+    ingest, finished or killed in turn, may have written over them); True when it moved none."""
+    fs, run = paths.fs, paths.run(ingest_id)
+    if not fs.exists(publish_plan_path(run)):
+        return True
+    for part in read_json(fs, publish_plan_path(run))["parts"]:
+        if fs.exists(f"{run}/staging/band={part['band']}/{LakePaths.part_name(part['part'])}"):
+            continue     # not moved yet
+        final = f"{paths.lightcurves(survey, part['band'])}/{LakePaths.part_name(part['part'])}"
+        if not fs.exists(final) or part_ingest_ids(fs, final) != {ingest_id}:
+            return False
+    return True
+
+
 def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[int], part: int) -> dict:
     """Stream the ``band`` rows of some shards into one staged part file."""
     keep_freed_memory()
@@ -342,9 +378,11 @@ def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[in
 # the driver
 
 
-def ingest_id_of(survey: str, out_survey: str, options: dict, keys_and_shas: list[tuple[str, str]]) -> str:
+def ingest_id_of(survey: str, out_survey: str, options: dict, keys_and_shas: list[tuple[str, str]],
+                 part_bytes: int = DEFAULT_PART_BYTES) -> str:
+    """The ingest's identity: what is read and how, and the part size (a resume cuts the same parts)."""
     spec = {"survey": survey, "as": out_survey, "reader_version": READER_VERSION, "options": options,
-            "inputs": keys_and_shas}
+            "inputs": keys_and_shas, "part_bytes": int(part_bytes)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -499,26 +537,24 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
         checksum_group, [[plan.inputs[i] for i in group]
                          for group in input_groups(plan.inputs, threads, CHECKSUM_TASK_BYTES)],
         reader_name=survey, pure=False)) for sha in group_shas]
-    ingest_id = ingest_id_of(survey, out_survey, options, list(zip(keys, shas)))
+    ingest_id = ingest_id_of(survey, out_survey, options, list(zip(keys, shas)), part_bytes)
     run = paths.run(ingest_id)
     stages["plan"] = time.perf_counter() - t0
     stage_cpu["plan"] = time.process_time() - c0
     record_path = f"{run}/record.json"
     published_id = published[0]["ingest_id"] if published else None
-    if fs.exists(record_path):
-        record = read_json(fs, record_path)
-        if record.get("status") == "done" and published_id == ingest_id:
-            result = IngestResult(**{**record["result"], "status": "unchanged", "lake": lake, "resumed_inputs": 0,
-                                     "seconds": time.perf_counter() - started, "stage_seconds": stages})
-            print(result.summary(), file=stream)
-            return result
-    stale = (fs.exists(record_path) or (fs.exists(publish_plan_path(run))
-                                        and read_json(fs, publish_plan_path(run))["replacing"] != published_id))
-    if stale:
-        # this ingest ran before (to its end, or killed while publishing) and another has been published since:
-        # its shards and staged parts are gone, so its markers say nothing any more and it runs afresh
-        print(f"ingest {ingest_id} ran before and {out_survey} has been published since (its staged files are "
-              "gone): running it afresh", file=stream)
+    record = read_json(fs, record_path) if fs.exists(record_path) else None
+    if (record is not None and record.get("status") == "done" and published_id == ingest_id
+            and survey_ingest_ids(paths, out_survey) == {ingest_id}):
+        result = IngestResult(**{**record["result"], "status": "unchanged", "lake": lake, "resumed_inputs": 0,
+                                 "seconds": time.perf_counter() - started, "stage_seconds": stages})
+        print(result.summary(), file=stream)
+        return result
+    if record is not None or not moved_parts_are_ours(paths, out_survey, ingest_id):
+        # this ingest ran to its end before, or was killed while publishing and another ingest has written over
+        # the parts it had moved: its shards and staged parts are gone, so its markers say nothing any more
+        print(f"ingest {ingest_id} ran before and {out_survey} has changed since (its staged files are gone): "
+              "running it afresh", file=stream)
         fs.rm(run, recursive=True)
 
     # map, and reduce as soon as it can ------------------------------------------------------------
@@ -570,7 +606,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
 
     # finish ----------------------------------------------------------------------------------------
     t0, c0 = time.perf_counter(), time.process_time()
-    result = _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake, published_id)
+    result = _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake)
     result.resumed_inputs = mapped_before
     stages["finish"] = time.perf_counter() - t0
     stage_cpu["finish"] = time.process_time() - c0
@@ -653,7 +689,7 @@ def check_keeps_published(published: list[dict], survey: str, source: str, held:
             "pass --replace to replace the survey, or --as NAME to ingest this source as another survey")
 
 
-def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake, replacing) -> IngestResult:
+def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) -> IngestResult:
     fs = paths.fs
     run = paths.run(ingest_id)
     expected = Counter()
@@ -676,12 +712,12 @@ def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake, re
         quarantine=quarantine, bands=dict(sorted(expected.items())))
 
     # publish parts: each file appears complete under its final name, stale files go afterwards. The plan
-    # is written first: a publish killed half-way resumes with the parts it had moved (``replacing``: the
-    # ingest published before; if another is published meanwhile, the run starts afresh, see _run)
+    # is written first: a publish killed half-way resumes with the parts it had moved (or runs afresh when
+    # another ingest has written over them since, see moved_parts_are_ours)
     parts = sorted(parts, key=lambda p: (p["band"], p["part"]))
     if not fs.exists(publish_plan_path(run)):
-        write_json(fs, {"replacing": replacing, "parts": [{k: p[k] for k in ("band", "part", "curves")}
-                                                          for p in parts]}, publish_plan_path(run))
+        write_json(fs, {"parts": [{k: p[k] for k in ("band", "part", "curves")} for p in parts]},
+                   publish_plan_path(run))
     published = set()
     for p in parts:
         final = f"{paths.lightcurves(out_survey, p['band'])}/{LakePaths.part_name(p['part'])}"
