@@ -135,8 +135,9 @@ class CurveEmbedder:
             paths = LakePaths(self.skipped_dir)
             write_parquet(paths.fs, skipped, paths.join(f"{uuid.uuid4().hex}.parquet"))
         if self.counter is not None and batch.num_rows:   # not awaited: the count is for the progress lines
-            first = [batch.column(c)[0].as_py() for c in ("path", "object_id") if c in batch.schema.names]
-            self.counter.add.remote((*first, batch.num_rows), batch.num_rows)
+            ends = [batch.column(c)[i].as_py() for c in ("path", "object_id") if c in batch.schema.names
+                    for i in (0, batch.num_rows - 1)]
+            self.counter.add.remote((*ends, batch.num_rows), batch.num_rows)
         return table
 
 
@@ -144,8 +145,9 @@ class CurveCounter:
     """A Ray actor counting the curves the embedding actors are done with (Ray Data's own progress counts
     blocks, and a survey is often a single block: it said 0/? until the end).
 
-    Each batch is counted under a key (its first row's file and object, and its size): when an actor is lost,
-    Ray Data runs its block again and the same batches come a second time; keyed, they count once.
+    Each batch is counted under a key (its first and last rows' files and objects, and its size): when an
+    actor is lost, Ray Data runs its block again and the same batches come a second time; keyed, they count
+    once.
     """
 
     def __init__(self):
@@ -405,6 +407,10 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
     device = "cuda" if gpus_per_actor > 0 else "cpu"
     report = {"model": ref.name, "version": ref.version, "survey": survey, "bands": {}, "device": device,
               "precision": precision if device == "cuda" else "float32"}
+    # the ingest the curves come from, read before them: an ingest of the survey after it makes these rows stale
+    from astromer.lake.catalog import published_ingest_id
+
+    source = published_ingest_id(paths, survey)
     try:
         # map: one Ray Data pipeline over the chosen bands (the band comes from each file's partition folder)
         sources = [paths.url_of(paths.lightcurves(survey, band)) for band in bands]
@@ -426,10 +432,6 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
                 num_gpus=gpus_per_actor or None)
             ds.write_parquet(paths.url_of(out), min_rows_per_file=50_000, compression=EMBEDDING_COMPRESSION)
-        # the ingest the curves came from: a later ingest of the survey makes these embeddings stale
-        from astromer.lake.catalog import published_ingest_id
-
-        source = published_ingest_id(paths, survey)
         report["bands"] = {band: {"rows": 0, "windows": 0, "skipped": [], "ingest_id": source} for band in bands}
         part = 0
         for src in _parquet_files(fs, out):
