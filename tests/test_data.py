@@ -72,20 +72,34 @@ def test_split_is_deterministic_disjoint_and_by_object():
     assert other != splits
 
 
-def test_validation_digest_follows_what_decides_the_validation_windows():
+def test_validation_digest_follows_what_decides_the_validation_windows(tmp_path):
+    import pyarrow as pa
     from astromer.config import MaskConfig
     from astromer.data import validation_digest
+    from astromer.lake.paths import LakePaths
+    from astromer.lake.schema import MANIFEST
+    from astromer.lake.writers import write_parquet
 
-    units = [{"url": "lake/lightcurves/survey=a/band=V/part-00000.parquet", "row_group": 0, "rows": 10}]
-    spec = DataSpec(lake="lake")
+    lake = str(tmp_path / "lake")
+    units = [{"url": f"{lake}/lightcurves/survey=a/band=V/part-00000.parquet", "row_group": 0, "rows": 10}]
+    spec = DataSpec(lake=lake)
     digest = validation_digest(spec, units)
-    # how the stream runs does not change the windows
-    assert validation_digest(DataSpec(lake="lake", data_cpus=1.0, read_tasks=4, pass_clock="c"), units) == digest
-    for other in (DataSpec(lake="lake", seed=1), DataSpec(lake="lake", val_fraction=0.2),
-                  DataSpec(lake="lake", window_length=100), DataSpec(lake="lake", mask=MaskConfig(probed=0.4)),
-                  DataSpec(lake="lake", drop_noisy=False), DataSpec(lake="lake", surveys=["a"])):
+    # how the stream runs, how the selection was named, or where the lake is reached do not change the windows
+    assert validation_digest(DataSpec(lake=lake, data_cpus=1.0, read_tasks=4, pass_clock="c"), units) == digest
+    assert validation_digest(DataSpec(lake=lake, surveys=["a"], bands=["V"]), units) == digest
+    assert validation_digest(spec, [{**units[0], "url": "file://" + units[0]["url"]}]) == digest
+    for other in (DataSpec(lake=lake, seed=1), DataSpec(lake=lake, val_fraction=0.2),
+                  DataSpec(lake=lake, window_length=100), DataSpec(lake=lake, mask=MaskConfig(probed=0.4)),
+                  DataSpec(lake=lake, drop_noisy=False), DataSpec(lake=lake, labels=["x"])):
         assert validation_digest(other, units) != digest, other
-    assert validation_digest(spec, [{**units[0], "rows": 11}]) != digest      # the lake's content changed
+    assert validation_digest(spec, [{**units[0], "rows": 11}]) != digest      # other row groups
+    # the same layout with other content: another ingest published
+    manifest = pa.table({"input": ["f"], "url": ["f"], "size": pa.array([1], pa.int64()), "sha256": ["0"],
+                         "curves": pa.array([10], pa.int64()), "observations": pa.array([100], pa.int64()),
+                         "status": ["ok"], "ingest_id": ["abc"]}, schema=MANIFEST)
+    paths = LakePaths(lake)
+    write_parquet(paths.fs, manifest, f"{paths.ingest('a')}/manifest.parquet")
+    assert validation_digest(spec, units) != digest
 
 
 def test_cleaning_report_counts_what_the_windows_drop(ray_local, tmp_path):

@@ -348,13 +348,20 @@ def units_digest(units: list[dict]) -> str:
 
 
 def validation_digest(spec: DataSpec, units: list[dict]) -> str:
-    """A digest of everything that decides the validation windows and masks: the selected row groups, the
-    selection and cleaning, the split, the window and probe settings and the seed. Two runs with the same
-    digest scored their validation RMSE on the same windows, so the figures compare."""
+    """A digest of everything that decides the validation windows and masks: the selected row groups (by their
+    place in the lake, not the lake's address), the ingest each selected survey holds now (its content), the
+    cleaning, the split, the window and probe settings and the seed. Two runs with the same digest scored their
+    validation RMSE on the same windows, so the figures compare."""
     from dataclasses import asdict
 
-    key = {"units": units_digest(units), **{k: v for k, v in asdict(spec).items()
-                                            if k not in ("lake", "data_cpus", "read_tasks", "pass_clock")}}
+    from astromer.lake.catalog import published_ingest_id
+
+    groups = sorted((str(u["url"]).split("/lightcurves/", 1)[-1], int(u["row_group"]), int(u["rows"]))
+                    for u in units)
+    surveys = sorted({place.split("/", 1)[0].removeprefix("survey=") for place, _, _ in groups})
+    key = {"row_groups": groups, "ingests": {s: published_ingest_id(spec.lake, s) for s in surveys},
+           **{k: v for k, v in asdict(spec).items()
+              if k not in ("lake", "surveys", "bands", "data_cpus", "read_tasks", "pass_clock")}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
