@@ -88,6 +88,12 @@ def test_r2_pools_both_sums_over_windows_as_the_official_code():
 
     assert score([0, 1]) == pytest.approx(r2(pred, target, probed).item(), rel=1e-6)
     assert score([0], [1]) == pytest.approx(score([0, 1]), rel=1e-12)
+    # no deviation at all: 1, as the official divide_no_nan gives, in both places
+    flat = torch.full((1, 4), 3.0)
+    assert r2(flat + 1, flat, probed[:1]).item() == 1.0
+    acc = ProbedScore()
+    acc.add(flat + 1, {"times": torch.arange(4.0)[None], "target": flat, "probed": probed[:1], "padding": ~probed[:1]})
+    assert acc.result("val")["val_r2"] == 1.0
 
 
 def test_shape_mismatch_is_an_error():

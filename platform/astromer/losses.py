@@ -68,6 +68,7 @@ def r2_sums(pred: Tensor, target: Tensor, probed: Tensor) -> tuple[Tensor, Tenso
 def r2(pred: Tensor, target: Tensor, probed: Tensor) -> Tensor:
     """Coefficient of determination on the probed observations, as the official code computes it: one
     minus the sum of squared residuals over the sum of squared deviations from each window's mean, both
-    summed over all windows (0 with no deviation). Validation sums the same two over all its windows."""
+    summed over all windows (1 with no deviation: the official divide_no_nan). Validation sums the same two
+    over all its windows (the official loop averages its batches' values instead)."""
     ss_res, ss_tot = r2_sums(pred, target, probed)
-    return torch.where(ss_tot > 0, 1.0 - ss_res / ss_tot.clamp_min(1e-12), torch.zeros_like(ss_tot))
+    return 1.0 - torch.where(ss_tot > 0, ss_res / ss_tot.clamp_min(1e-12), torch.zeros_like(ss_tot))

@@ -498,7 +498,7 @@ class ProbedScore:
     def result(self, prefix: str) -> dict[str, float]:
         if not self.windows["probed"]:
             return {}
-        out = {f"{prefix}_r2": 1.0 - self.ss_res / self.ss_tot if self.ss_tot > 0 else float("nan"),
+        out = {f"{prefix}_r2": 1.0 - (self.ss_res / self.ss_tot if self.ss_tot > 0 else 0.0),   # as losses.r2
                f"{prefix}_windows": float(self.windows["probed"])}
         for subset in self.SUBSETS:
             if not self.windows[subset]:
