@@ -269,3 +269,7 @@ def test_query_output_cut_short_by_its_reader_ends_quietly(tmp_path):
     proc.stdout.close()
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == b""
+    # a broken pipe elsewhere (the standard output still read) is an error like any other
+    from astromer.cli import _stdout_reader_gone
+
+    assert not _stdout_reader_gone()

@@ -90,6 +90,8 @@ def test_float32_mjds_that_collapse_are_named_as_the_cause():
                                          r"0\.0039 days: pass float64 times"):
         validate_curve(mjd.astype(np.float32), np.ones(3))
     validate_curve(mjd, np.ones(3))
+    with pytest.raises(ValueError, match=r"float16, which resolves values near 53600 only to 32 days"):
+        validate_curve(mjd.astype(np.float16), np.ones(3))
     with pytest.raises(ValueError, match=r"strictly increasing\)$"):      # a real duplicate: no hint
         validate_curve(np.array([53602.2, 53602.2, 53603.0]), np.ones(3))
 

@@ -42,10 +42,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv else 2
     try:
         result = args.func(args)
-    except BrokenPipeError:   # `astromer lake query ... | head`: the reader left; end as a program killed by SIGPIPE
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        # `astromer lake query ... | head`: the reader left; end as a program killed by SIGPIPE does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit's flush must not fail again
         return 141
     return int(result or 0)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):   # no poll on this platform, or no real stdout
+        return False
 
 
 if __name__ == "__main__":

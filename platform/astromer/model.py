@@ -428,7 +428,7 @@ class Astromer(nn.Module):
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
             kind = "duplicate" if t[row, col + 1] == t[row, col] else "unsorted"
-            hint = precision_hint(str(t.dtype).removeprefix("torch."), float(t[row, col]))
+            hint = precision_hint(str(t.dtype), float(t[row, col]))
             raise ValueError(f"{kind} times in row {row}: times[{col + 1}]={float(t[row, col + 1])} after "
                              f"times[{col}]={float(t[row, col])} (must be strictly increasing{hint})")
         out = [tensors["times"].to(device, torch.float32), tensors["mags"].to(device, torch.float32),

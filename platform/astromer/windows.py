@@ -14,6 +14,7 @@ Times stay float64 until a window is centred. Errors are not centred: the weight
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -63,13 +64,20 @@ class Windows:
 _FIELDS = ("times", "mags", "errs", "padding", "n_valid", "start", "curve")
 
 
-def precision_hint(dtype, value: float) -> str:
-    """Why two distinct times may have become equal: float32 MJDs (a hint for the duplicate-time errors)."""
-    if np.dtype(dtype).itemsize >= 8 or abs(float(value)) < 1000:
+#: significand bits of the floating types that lose MJDs (float64 keeps them to microseconds)
+_SIGNIFICAND_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
+
+
+def precision_hint(dtype_name: str, value: float) -> str:
+    """Why two distinct times may have become equal: a floating type too short for MJDs (a hint for the
+    duplicate-time errors; ``dtype_name`` as numpy or torch writes it, e.g. ``float32`` or ``torch.bfloat16``)."""
+    name = str(dtype_name).removeprefix("torch.")
+    bits = _SIGNIFICAND_BITS.get(name)
+    if bits is None or not math.isfinite(value) or abs(value) < 1000:
         return ""
-    spacing = float(np.spacing(np.float32(abs(value))))
-    return (f"; these times are {np.dtype(dtype).name}, which resolves values near {abs(value):.0f} only to "
-            f"{spacing:.2g} days: pass float64 times, or subtract an offset first")
+    spacing = 2.0 ** (math.floor(math.log2(abs(value))) - bits)
+    return (f"; these times are {name}, which resolves values near {abs(value):.0f} only to {spacing:.2g} days: "
+            "pass float64 times, or subtract an offset first")
 
 
 def validate_curve(mjd, mag, err=None, *, where: str = "curve") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,7 +116,7 @@ def validate_curve(mjd, mag, err=None, *, where: str = "curve") -> tuple[np.ndar
             row = int(np.argmax(step <= 0)) + 1
             kind = "duplicate" if step[row - 1] == 0 else "unsorted"
             raise ValueError(f"{where}: {kind} times: mjd[{row}]={float(t[row])!r} after mjd[{row - 1}]={float(t[row - 1])!r}"
-                             " (times must be strictly increasing" + precision_hint(given, t[row]) + ")")
+                             " (times must be strictly increasing" + precision_hint(given.name, t[row]) + ")")
     m = arrays["mag"].astype(np.float32, copy=False)
     e = arrays["err"].astype(np.float32, copy=False) if "err" in arrays else np.zeros(n, np.float32)
     return t, m, e
