@@ -70,6 +70,8 @@ def test_production_compares_only_versions_scored_on_the_same_validation_windows
     assert registry.production_version(name) == v2 and f"{name}@production -> version 2" in capsys.readouterr().out
     assert cli_main(["models", "alias", name, "production", "9"]) == 1
     assert "no version 9" in capsys.readouterr().err and registry.production_version(name) == v2
+    assert cli_main(["models", "alias", name, "v3", str(v2)]) == 1      # MLflow reserves v<number>
+    assert capsys.readouterr().err.startswith("error: alias 'v3':")
 
 
 def test_resolve_downloads_safetensors_without_unpickling(tmp_path, mlflow_sqlite, monkeypatch):

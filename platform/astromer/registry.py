@@ -284,8 +284,13 @@ def set_alias(name: str, alias: str, version: int | str) -> None:
     try:
         client.get_model_version(name, str(int(version)))
     except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         raise LookupError(f"no version {version} of registered model {name!r}") from exc
-    client.set_registered_model_alias(name, alias, str(int(version)))
+    try:
+        client.set_registered_model_alias(name, alias, str(int(version)))
+    except MlflowException as exc:   # an alias MLflow refuses (a reserved or malformed name)
+        raise ValueError(f"alias {alias!r}: {exc.message}") from exc
 
 
 # --------------------------------------------------------------------------- resolving URIs

@@ -66,7 +66,7 @@ def _alias(args: argparse.Namespace) -> int:
 
     try:
         set_alias(args.name, args.alias, args.version)
-    except LookupError as exc:
+    except (LookupError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"{args.name}@{args.alias} -> version {args.version}")
