@@ -80,8 +80,9 @@ def test_validation_digest_follows_what_decides_the_validation_windows(tmp_path)
     from astromer.lake.schema import MANIFEST
     from astromer.lake.writers import write_parquet
 
-    lake = str(tmp_path / "lake")
-    units = [{"url": f"{lake}/lightcurves/survey=a/band=V/part-00000.parquet", "row_group": 0, "rows": 10}]
+    lake = str(tmp_path / "lightcurves" / "lake")    # a lake whose own address holds /lightcurves/
+    units = [{"url": f"{lake}/lightcurves/survey=a/band=V/part-00000.parquet", "row_group": 0, "rows": 10,
+              "survey": "a", "band": "V"}]
     spec = DataSpec(lake=lake)
     digest = validation_digest(spec, units)
     # how the stream runs, how the selection was named, or where the lake is reached do not change the windows

@@ -310,6 +310,14 @@ def test_the_published_files_again_after_a_killed_publish_mend_the_survey(tmp_pa
     assert run_ingest("macho", str(old), str(lake), client=client, progress=False, **parts).status == "unchanged"
 
 
+def test_the_part_size_is_part_of_the_ingest_id():
+    from astromer.ingest import DEFAULT_PART_BYTES, ingest_id_of
+
+    inputs = [("a.csv", "0" * 64)]
+    assert ingest_id_of("csv", "mine", {}, inputs) == ingest_id_of("csv", "mine", {}, inputs, DEFAULT_PART_BYTES)
+    assert ingest_id_of("csv", "mine", {}, inputs, 1 << 20) != ingest_id_of("csv", "mine", {}, inputs)
+
+
 def test_a_run_killed_after_its_manifest_resumes_without_reading_again(tmp_path, client, monkeypatch):
     import astromer.ingest as ingest_module
 

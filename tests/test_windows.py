@@ -92,6 +92,10 @@ def test_float32_mjds_that_collapse_are_named_as_the_cause():
     validate_curve(mjd, np.ones(3))
     with pytest.raises(ValueError, match=r"float16, which resolves values near 53600 only to 32 days"):
         validate_curve(mjd.astype(np.float16), np.ones(3))
+    from astromer.windows import precision_hint
+
+    assert "bfloat16, which resolves values near 500 only to 2 days" in precision_hint("torch.bfloat16", 500.0)
+    assert precision_hint("float32", 500.0) == "" and precision_hint("float64", 53602.0) == ""
     with pytest.raises(ValueError, match=r"strictly increasing\)$"):      # a real duplicate: no hint
         validate_curve(np.array([53602.2, 53602.2, 53603.0]), np.ones(3))
 

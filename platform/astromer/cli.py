@@ -52,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stdout_reader_gone() -> bool:
-    """Whether standard output is a pipe whose reader has closed it (poll reports an error on it)."""
+    """Whether standard output is a pipe or socket whose reader has closed it (poll reports an error or a
+    hang-up on it: Linux pipes say POLLERR, sockets and BSD pipes POLLHUP)."""
     import select
 
     try:
         poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLERR)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
+        poller.register(sys.stdout.fileno(), select.POLLERR | select.POLLHUP)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
     except (AttributeError, OSError, ValueError):   # no poll on this platform, or no real stdout
         return False
 

@@ -356,9 +356,9 @@ def validation_digest(spec: DataSpec, units: list[dict]) -> str:
 
     from astromer.lake.catalog import published_ingest_id
 
-    groups = sorted((str(u["url"]).split("/lightcurves/", 1)[-1], int(u["row_group"]), int(u["rows"]))
-                    for u in units)
-    surveys = sorted({place.split("/", 1)[0].removeprefix("survey=") for place, _, _ in groups})
+    groups = sorted((str(u["url"]).rpartition("/lightcurves/")[2], int(u["row_group"]), int(u["rows"]))
+                    for u in units)   # the last /lightcurves/ of a URL is the lake's table (a bucket may be one)
+    surveys = sorted({u["survey"] for u in units})
     key = {"row_groups": groups, "ingests": {s: published_ingest_id(spec.lake, s) for s in surveys},
            **{k: v for k, v in asdict(spec).items()
               if k not in ("lake", "surveys", "bands", "data_cpus", "read_tasks", "pass_clock")}}

@@ -407,11 +407,11 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
     device = "cuda" if gpus_per_actor > 0 else "cpu"
     report = {"model": ref.name, "version": ref.version, "survey": survey, "bands": {}, "device": device,
               "precision": precision if device == "cuda" else "float32"}
-    # the ingest the curves come from, read before them: an ingest of the survey after it makes these rows stale
-    from astromer.lake.catalog import published_ingest_id
-
-    source = published_ingest_id(paths, survey)
     try:
+        # the ingest the curves come from, read before them: an ingest of the survey after it makes them stale
+        from astromer.lake.catalog import published_ingest_id
+
+        source = published_ingest_id(paths, survey)
         # map: one Ray Data pipeline over the chosen bands (the band comes from each file's partition folder)
         sources = [paths.url_of(paths.lightcurves(survey, band)) for band in bands]
         out = posixpath.join(staging, "new")
@@ -468,7 +468,7 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
     finally:
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
-    report_path = posixpath.join(paths.embeddings(ref.name, ref.version), "_reports", f"survey={survey}.json")
+    report_path = paths.embedding_report(ref.name, ref.version, survey)
     if fs.exists(report_path):   # the bands this run kept as they were keep their entries
         with fs.open(report_path, "r") as handle:
             earlier = json.load(handle).get("bands", {})

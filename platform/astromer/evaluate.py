@@ -827,7 +827,6 @@ def cached_layers(lake: str, model_name: str, version: str, survey: str,
     another ingest of the survey than the lake holds now, or a curve missing or with another observation
     count."""
     import json
-    import posixpath
 
     import pyarrow.dataset as pads
 
@@ -838,13 +837,15 @@ def cached_layers(lake: str, model_name: str, version: str, survey: str,
     folder = paths.embeddings(model_name, version, survey)
     if not paths.fs.exists(folder):
         return None, "absent"
-    report_path = posixpath.join(paths.embeddings(model_name, version), "_reports", f"survey={survey}.json")
+    report_path = paths.embedding_report(model_name, version, survey)
     embedded = {}
     if paths.fs.exists(report_path):
         with paths.fs.open(report_path, "r") as handle:
             embedded = json.load(handle).get("bands", {})
     current = published_ingest_id(paths, survey)
     for band in sorted(set(data.bands.tolist())):
+        if embedded and band not in embedded:
+            return None, f"incomplete (band {band} was not embedded)"
         source = embedded.get(band, {}).get("ingest_id")
         if source != current:
             return None, (f"stale (band {band} was embedded from ingest {source or 'unknown'}, the lake holds "

@@ -1,7 +1,8 @@
 """The ingest pipeline: raw survey files -> the lake, with Dask, in four resumable stages.
 
     plan    list the inputs of a source, checksum them (on the workers), derive the ingest id
-            (a hash of survey, reader version, options and every input's key and sha256)
+            (a hash of survey, output name, reader version, options, part size and every input's key
+            and sha256)
     map     parse each input into shards (one Arrow IPC file per band) under
             ``_ingest/runs/<id>/shards/`` and write its marker (small inputs share a Dask task,
             :func:`input_groups`; shards and markers stay per input);
@@ -10,9 +11,9 @@
             by row group into ``_ingest/runs/<id>/staging/``; a part's shards are deleted once it is
             staged (a resumed run finds the staged part), so the shards of a whole survey never sit on
             disk at once
-    finish  verify the counts, publish every part with an atomic rename into
-            ``lightcurves/survey=<s>/band=<b>/``, write ``labels``, the manifest (inputs + sha256),
-            the quarantine report and the run record; print the summary table
+    finish  verify the counts, write the publish plan (``publish.json``), publish every part with an
+            atomic rename into ``lightcurves/survey=<s>/band=<b>/``, write ``labels``, the manifest
+            (inputs + sha256), the quarantine report and the run record; print the summary table
 
 ``_ingest/`` holds, per survey, ``survey=<s>/manifest.parquet`` (input, url, size, sha256, curves,
 observations, status, ingest_id) and ``survey=<s>/quarantine.parquet`` (input, reason, detail; the
@@ -22,7 +23,10 @@ record: counts, stage timings, source, options) and, while the run is in flight,
 staged parts.
 
 The same inputs give the same ingest id, the same files and the same rows, so re-running a finished
-ingest changes nothing (it is recognised from its run record and skipped). An ingest publishes a whole
+ingest changes nothing (it is recognised from its run record, the manifest naming it and every part of
+the survey being its own, and skipped). A publish killed half-way resumes with the parts it had moved while
+they are still its own; a run whose record or moved parts no longer match the survey runs afresh
+(:func:`moved_parts_are_ours`). An ingest publishes a whole
 survey: it owns ``lightcurves/survey=<s>/`` and the ``part-*`` files of ``labels/survey=<s>/``, and what
 a previous run left there and this one did not write is removed after publishing. So an ingest whose
 source lacks inputs that the published survey holds curves from is refused before it maps anything,
@@ -316,6 +320,7 @@ def part_ingest_ids(fs, path: str) -> set[str]:
 
 def survey_ingest_ids(paths: LakePaths, survey: str) -> set[str]:
     """The ingest ids of every part of the survey's curves: one id when a single ingest wrote them all."""
+    paths.fs.invalidate_cache(paths.lightcurves(survey))   # an object store's listing may predate a publish
     parts = paths.fs.glob(f"{paths.lightcurves(survey)}/*/*.parquet")
     return set().union(*(part_ingest_ids(paths.fs, p) for p in parts)) if parts else set()
 

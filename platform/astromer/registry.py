@@ -289,8 +289,10 @@ def set_alias(name: str, alias: str, version: int | str) -> None:
         raise LookupError(f"no version {version} of registered model {name!r}") from exc
     try:
         client.set_registered_model_alias(name, alias, str(int(version)))
-    except MlflowException as exc:   # an alias MLflow refuses (a reserved or malformed name)
-        raise ValueError(f"alias {alias!r}: {exc.message}") from exc
+    except MlflowException as exc:
+        if exc.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        raise ValueError(f"alias {alias!r}: {exc.message}") from exc   # a reserved or malformed name
 
 
 # --------------------------------------------------------------------------- resolving URIs

@@ -73,10 +73,13 @@ def precision_hint(dtype_name: str, value: float) -> str:
     duplicate-time errors; ``dtype_name`` as numpy or torch writes it, e.g. ``float32`` or ``torch.bfloat16``)."""
     name = str(dtype_name).removeprefix("torch.")
     bits = _SIGNIFICAND_BITS.get(name)
-    if bits is None or not math.isfinite(value) or abs(value) < 1000:
+    if bits is None or not math.isfinite(value) or value == 0:
         return ""
     spacing = 2.0 ** (math.floor(math.log2(abs(value))) - bits)
-    return (f"; these times are {name}, which resolves values near {abs(value):.0f} only to {spacing:.2g} days: "
+    if spacing < 1e-4:     # finer than 9 seconds: the duplicate is more likely in the data
+        return ""
+    shown = f"{spacing:.2g}" if spacing < 100 else f"{spacing:.0f}"
+    return (f"; these times are {name}, which resolves values near {abs(value):.0f} only to {shown} days: "
             "pass float64 times, or subtract an offset first")
 
 

@@ -143,6 +143,10 @@ class LakePaths:
                     parts.append(f"survey={validate_survey(survey)}")
         return self.join(*parts)
 
+    def embedding_report(self, model: str, version: str, survey: str) -> str:
+        """The embed job's report of one survey: what it embedded, skipped, and from which ingest."""
+        return "/".join([self.embeddings(model, version), "_reports", f"survey={validate_survey(survey)}.json"])
+
     def ingest(self, survey: str | None = None) -> str:
         if survey is None:
             return self.join("_ingest")
