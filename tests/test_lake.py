@@ -269,7 +269,16 @@ def test_query_output_cut_short_by_its_reader_ends_quietly(tmp_path):
     proc.stdout.close()
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == b""
-    # a broken pipe elsewhere (the standard output still read) is an error like any other
-    from astromer.cli import _stdout_reader_gone
-
-    assert not _stdout_reader_gone()
+    # whether the reader left is asked of standard output itself: a pipe still read, or a file, says no
+    probe = ("import sys, time; time.sleep(0.5); from astromer.cli import _stdout_reader_gone; "
+             "sys.stderr.write(str(_stdout_reader_gone()))")
+    for close_reader, expected in ((False, b"False"), (True, b"True")):
+        child = subprocess.Popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if close_reader:
+            child.stdout.close()
+        assert child.wait(timeout=60) == 0 and child.stderr.read() == expected, close_reader
+        if not close_reader:
+            child.stdout.close()
+    with open(tmp_path / "out.txt", "w") as handle:
+        child = subprocess.run([sys.executable, "-c", probe], stdout=handle, stderr=subprocess.PIPE, timeout=60)
+    assert child.stderr == b"False"
