@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -356,8 +357,8 @@ def validation_digest(spec: DataSpec, units: list[dict]) -> str:
 
     from astromer.lake.catalog import published_ingest_id
 
-    groups = sorted((str(u["url"]).rpartition("/lightcurves/")[2], int(u["row_group"]), int(u["rows"]))
-                    for u in units)   # the last /lightcurves/ of a URL is the lake's table (a bucket may be one)
+    groups = sorted((u["survey"], u["band"], posixpath.basename(str(u["url"])), int(u["row_group"]), int(u["rows"]))
+                    for u in units)
     surveys = sorted({u["survey"] for u in units})
     key = {"row_groups": groups, "ingests": {s: published_ingest_id(spec.lake, s) for s in surveys},
            **{k: v for k, v in asdict(spec).items()

@@ -155,8 +155,9 @@ class CurveCounter:
         self.curves = 0
 
     def add(self, key: tuple, n: int) -> None:
-        if hash(key) not in self.batches:
-            self.batches.add(hash(key))
+        key_hash = hash(key)
+        if key_hash not in self.batches:
+            self.batches.add(key_hash)
             self.curves += int(n)
 
     def count(self) -> int:

@@ -166,7 +166,7 @@ def quality_flags(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray,
     same_time[1:] = (step == 0) & inner
     run = np.cumsum(~same_time) - 1                       # rows of one time in one curve share a run
     usable = flags == 0
-    first_usable = np.full(int(run[-1]) + 1 if n else 0, n, dtype=np.int64)
+    first_usable = np.full(int(run[-1]) + 1, n, dtype=np.int64)          # n > 0 here
     runs_with_usable, first_row = np.unique(run[usable], return_index=True)
     first_usable[runs_with_usable] = np.flatnonzero(usable)[first_row]
     flags |= bits(first_usable[run] < np.arange(n), Quality.DUPLICATE_TIME)
