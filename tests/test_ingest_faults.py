@@ -180,6 +180,7 @@ def test_sigkill_during_map_then_rerun_gives_the_same_lake(tmp_path, client):
     proc.wait()
     done_before = {p: p.stat().st_mtime_ns for p in killed.glob("_ingest/runs/*/map/*.json")}
     assert 1 <= len(done_before) < 16
+    assert (killed / "_ingest" / "survey=synthetic" / "lock.json").exists()    # the killed run's, taken over below
     # nothing half-written is visible: no published table, no partial Parquet anywhere
     assert not (killed / "lightcurves").exists()
     assert all(p.suffix != ".parquet" or pq.ParquetFile(p).metadata.num_rows >= 0 for p in killed.rglob("*"))
@@ -190,6 +191,8 @@ def test_sigkill_during_map_then_rerun_gives_the_same_lake(tmp_path, client):
     assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())
     assert f"{len(done_before)} of 16 inputs mapped already" in rerun.stdout
     assert f"done (resumed: {len(done_before)} inputs mapped by an earlier run)" in rerun.stdout
+    assert "taking over the ingest lock of synthetic" in rerun.stdout
+    assert not (killed / "_ingest" / "survey=synthetic" / "lock.json").exists()
 
     reference = run_ingest("synthetic", source, str(clean), client=client, progress=False)
     assert reference.curves == 4800
@@ -495,3 +498,65 @@ def test_tab_separated_files_through_the_command(tmp_path):
     assert ingest_main(["--survey", "csv", "--source", str(src), "--lake", str(lake), "--delimiter", "\\t",
                         "--columns", "object=oid,time=hjd,mag=m,err=e", "--no-progress"]) == 0
     assert connect(str(lake)).execute("SELECT object_id, n_obs FROM lightcurves").fetchall() == [("a", 3)]
+
+
+def _lock_holder(lake: Path, survey: str) -> subprocess.Popen:
+    """Another process holding ``survey``'s ingest lock until its standard input closes."""
+    code = ("import sys\nfrom astromer.lake.locks import survey_lock\n"
+            f"with survey_lock({str(lake)!r}, {survey!r}, source='elsewhere'):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_one_ingest_of_a_survey_at_a_time(tmp_path, client, capsys):
+    from astromer.lake.locks import SurveyLocked
+
+    src, lake = _tiles(tmp_path / "src", (1, 2), 20), tmp_path / "lake"
+    lock = lake / "_ingest" / "survey=macho" / "lock.json"
+    holder = _lock_holder(lake, "macho")
+    try:
+        with pytest.raises(SurveyLocked, match=f"another ingest of macho is running: ingest of elsewhere by "
+                                               f"process {holder.pid} on "):
+            run_ingest("macho", str(src), str(lake), client=client, progress=False)
+        assert not (lake / "_ingest" / "runs").exists() and not (lake / "lightcurves").exists()
+        code = ingest_main(["--survey", "macho", "--source", str(src), "--lake", str(lake), "--no-progress"])
+        assert code == 3 and "--break-lock" in capsys.readouterr().err
+        # another survey of the same lake is not held up
+        assert run_ingest("macho", str(src), str(lake), out_survey="beside", client=client, progress=False).curves == 2
+        assert not (lake / "_ingest" / "survey=beside" / "lock.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # killed without giving the lock back: its process no longer runs, so the next ingest takes it over
+    assert lock.exists()
+    out = io.StringIO()
+    result = run_ingest("macho", str(src), str(lake), client=client, progress=False, stream=out)
+    assert result.status == "done" and "that process no longer runs" in out.getvalue()
+    assert not lock.exists()
+
+
+def test_a_lock_from_another_machine_is_broken_only_when_asked(tmp_path, client):
+    import json
+
+    from astromer.lake.locks import SurveyLocked, survey_lock
+
+    src, lake = _tiles(tmp_path / "src", (1,), 20), tmp_path / "lake"
+    lock = lake / "_ingest" / "survey=macho" / "lock.json"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"token": "t", "host": "another-node", "pid": os.getpid(), "source": "s3://b/x",
+                                "started_at": "2026-01-01T00:00:00Z"}))
+    with pytest.raises(SurveyLocked, match="by process .* on another-node since 2026-01-01"):
+        run_ingest("macho", str(src), str(lake), client=client, progress=False)
+    out = io.StringIO()
+    assert run_ingest("macho", str(src), str(lake), client=client, progress=False, stream=out,
+                      break_lock=True).curves == 1
+    assert "--break-lock" in out.getvalue() and not lock.exists()
+    # on a filesystem of fsspec's (exclusive create): held within one process, then free again
+    with survey_lock("memory://locks/lake", "macho"):
+        with pytest.raises(SurveyLocked, match="another ingest of macho is running"):
+            with survey_lock("memory://locks/lake", "macho"):
+                pass
+    with survey_lock("memory://locks/lake", "macho"):
+        pass

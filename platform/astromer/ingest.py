@@ -16,8 +16,9 @@
             (inputs + sha256), the quarantine report and the run record; print the summary table
 
 ``_ingest/`` holds, per survey, ``survey=<s>/manifest.parquet`` (input, url, size, sha256, curves,
-observations, status, ingest_id) and ``survey=<s>/quarantine.parquet`` (input, reason, detail; the
-reasons are named in ``astromer.lake.schema.QUARANTINE_REASONS``), and per run
+observations, status, ingest_id), ``survey=<s>/quarantine.parquet`` (input, reason, detail; the
+reasons are named in ``astromer.lake.schema.QUARANTINE_REASONS``) and, while an ingest of the survey runs,
+its lock ``survey=<s>/lock.json`` (:mod:`astromer.lake.locks`), and per run
 ``runs/<ingest_id>/``: ``map/<n>.json`` markers (one per finished input), ``record.json`` (the run
 record: counts, stage timings, source, options) and, while the run is in flight, its shards and
 staged parts.
@@ -53,6 +54,7 @@ import pyarrow.parquet as pq
 
 from astromer.lake import schema
 from astromer.lake.catalog import objects_in_several_inputs, published_inputs
+from astromer.lake.locks import survey_lock
 from astromer.lake.paths import LakePaths, _protocols, validate_survey
 from astromer.lake.writers import (
     ParquetPartWriter,
@@ -457,11 +459,16 @@ def many_small_inputs(inputs: list[Input]) -> bool:
 def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = None, out_survey: str | None = None,
                scheduler: str | None = None, client=None, workers: int | None = None,
                threads_per_worker: int | None = None, processes: bool | None = None, progress: bool = True,
-               part_bytes: int = DEFAULT_PART_BYTES, stream=None, replace: bool = False) -> IngestResult:
+               part_bytes: int = DEFAULT_PART_BYTES, stream=None, replace: bool = False,
+               break_lock: bool = False) -> IngestResult:
     """Ingest ``source`` (an fsspec URL) of ``survey`` into ``lake``; see the module docstring.
 
     ``replace``: publish even when the source lacks inputs that the survey now published in the lake holds
     curves from (those curves go); without it such an ingest raises :class:`DropsPublishedInputs`.
+
+    The run holds the survey's ingest lock from its plan to its end (:func:`astromer.lake.locks.survey_lock`):
+    while another ingest of the survey runs, it raises :class:`~astromer.lake.locks.SurveyLocked` before
+    reading anything. ``break_lock`` takes the lock whoever holds it (a holder killed on another machine).
 
     Uses ``client`` if given, else a client of ``scheduler``, else a local cluster (:func:`dask_client`)
     of threads, or of worker processes when ``processes`` is True or, left None, when the plan finds many
@@ -471,6 +478,13 @@ def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = No
     options = dict(options or {})
     out_survey = validate_survey(out_survey or survey)
     stream = stream or sys.stderr
+    with survey_lock(lake, out_survey, source=source, break_lock=break_lock, stream=stream):
+        return _locked_ingest(survey, source, lake, options, out_survey, scheduler, client, workers,
+                              threads_per_worker, processes, progress, part_bytes, stream, replace)
+
+
+def _locked_ingest(survey, source, lake, options, out_survey, scheduler, client, workers, threads_per_worker,
+                   processes, progress, part_bytes, stream, replace) -> IngestResult:
     plan, listed = None, None
     if any(str(u).startswith("memory://") for u in (source, lake)):
         processes = False

@@ -1,7 +1,8 @@
 """``astromer ingest --survey S --source URL --lake LAKE``: raw survey files -> the lake (Dask).
 
 Same as ``python ingest/run.py ...``. Exit status 0 when curves were ingested (bad inputs are
-quarantined and reported), 1 when every input was bad, 2 on a usage error.
+quarantined and reported), 1 when every input was bad, 2 on a usage error, 3 when another ingest of the
+survey is running.
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replace", action="store_true",
                         help="publish even when the survey in the lake holds curves from inputs this source lacks "
                              "(they are removed); without it such an ingest is refused")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="take the survey's ingest lock even though another ingest holds it (one killed on "
+                             "another machine; a holder killed on this machine is taken over without it)")
     parser.add_argument("--columns", type=parse_mapping, default=None,
                         help="csv/parquet column mapping: object=..,time=..,mag=..,err=..[,band=..,ra=..,dec=..]")
     parser.add_argument("--band", default=None, help="csv/parquet: band when no band column is mapped")
@@ -78,6 +82,7 @@ def run(args) -> int:
     import os
 
     from astromer.ingest import DEFAULT_PART_BYTES, run_ingest
+    from astromer.lake.locks import SurveyLocked
 
     for name, readers in READER_OPTIONS.items():
         if getattr(args, name) and args.survey not in readers:
@@ -99,9 +104,12 @@ def run(args) -> int:
                             scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads,
                             processes=args.processes, progress=not args.no_progress,
                             part_bytes=(args.part_mb << 20) if args.part_mb else DEFAULT_PART_BYTES,
-                            stream=sys.stdout, replace=args.replace)
+                            stream=sys.stdout, replace=args.replace, break_lock=args.break_lock)
     except (*USER_ERRORS, ConnectionError) as exc:
         return report_usage_error(exc)
+    except SurveyLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     if result.exit_code:
         print(f"error: no input of {args.source} could be ingested; why, for the first of them:", file=sys.stderr)
         for key, reason, detail in result.quarantine[:5]:

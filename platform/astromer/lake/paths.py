@@ -8,7 +8,8 @@ before they become part of a path: no separators, no ``..``, no control characte
     labels/survey=<s>/part-<n>.parquet
     windows/<name>.zarr
     embeddings/model=<m>/version=<v>/survey=<s>/part-<n>.parquet
-    _ingest/survey=<s>/{manifest,quarantine}.parquet, _ingest/runs/<ingest_id>/...
+    _ingest/survey=<s>/{manifest,quarantine}.parquet, _ingest/survey=<s>/lock.json (while an ingest runs),
+    _ingest/runs/<ingest_id>/...
 """
 from __future__ import annotations
 
@@ -151,6 +152,10 @@ class LakePaths:
         if survey is None:
             return self.join("_ingest")
         return self.join("_ingest", f"survey={validate_survey(survey)}")
+
+    def ingest_lock(self, survey: str) -> str:
+        """The lock an ingest of ``survey`` holds while it runs (:mod:`astromer.lake.locks`)."""
+        return f"{self.ingest(survey)}/lock.json"
 
     def run(self, ingest_id: str) -> str:
         return self.join("_ingest", "runs", validate_name(ingest_id, "ingest id"))

@@ -1,0 +1,128 @@
+"""One ingest of a survey at a time: a lock file in the lake, taken before the plan and given back at the end.
+
+Two ingests of one survey publishing at once would interleave their parts and each remove the other's as
+stale. The lock is ``_ingest/survey=<s>/lock.json``, naming who holds it (host, process, its start time,
+the source, the command). It is created in one step that fails when the file exists: locally a complete
+temporary file is hard-linked onto the name (the link is atomic and the holder's details are there from
+the first instant); elsewhere fsspec's exclusive-create mode (``xb``: object stores that support conditional
+writes refuse the second PUT), read back to see whose it is (a store without conditional writes keeps the
+last writer's file; two ingests started in the same instant could then both go on).
+
+A lock whose holder is gone is taken over: on the same host, a process that no longer runs (or a process
+of the same number started later: the number was reused) held it, as after a kill. A holder on another
+host cannot be checked from here, so such a lock is only broken when asked (``break_lock``,
+``--break-lock``): the error says who holds it and since when.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+
+from astromer.lake.paths import LakePaths, _protocols
+from astromer.lake.writers import read_json, tmp_name
+
+
+class SurveyLocked(RuntimeError):
+    """Another ingest of the survey holds its lock."""
+
+
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` of this host started (seconds since the epoch), None when it does not run."""
+    import psutil
+
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:
+        return -1.0      # runs, as another user: not ours to judge, so it still holds the lock
+
+
+def holder_is_gone(holder: dict) -> bool:
+    """Whether the lock's holder ran on this host and no longer runs."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    started = _process_started(int(holder.get("pid", -1)))
+    return started is None or (started > 0 and abs(started - float(holder.get("process_started", 0))) > 1.0)
+
+
+def _describe(holder: dict, path: str) -> str:
+    return (f"ingest of {holder.get('source', '?')} by process {holder.get('pid', '?')} on {holder.get('host', '?')}"
+            f" since {holder.get('started_at', '?')} (lock {path})")
+
+
+def _create_exclusive(fs, path: str, payload: bytes) -> bool:
+    """Create ``path`` holding ``payload`` unless it exists; whether this call created it."""
+    if "file" in _protocols(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tmp_name(path)
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(payload)
+    except FileExistsError:
+        return False
+    # a store without conditional writes may have taken "xb" as "wb": the last writer's file is the lock
+    return fs.cat_file(path) == payload
+
+
+def _read_holder(fs, path: str) -> dict | None:
+    try:
+        return read_json(fs, path)
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return {}       # not ours to parse: held by something that wrote another format
+
+
+@contextlib.contextmanager
+def survey_lock(lake: str | LakePaths, survey: str, *, source: str = "", break_lock: bool = False, stream=None):
+    """Hold ``survey``'s ingest lock for the block; :class:`SurveyLocked` when another ingest holds it."""
+    paths = lake if isinstance(lake, LakePaths) else LakePaths(lake)
+    fs, path = paths.fs, paths.ingest_lock(survey)
+    stream = stream or sys.stderr
+    me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+          "process_started": _process_started(os.getpid()), "source": source, "command": " ".join(sys.argv),
+          "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    payload = json.dumps(me, indent=1).encode()
+    for _ in range(3):
+        if _create_exclusive(fs, path, payload):
+            break
+        holder = _read_holder(fs, path)
+        if holder is None:
+            continue                              # given back between the two calls: try again
+        if not (break_lock or holder_is_gone(holder)):
+            raise SurveyLocked(f"another ingest of {survey} is running: {_describe(holder, path)}. Wait for it to "
+                               "end; if it ended without giving the lock back (killed on another machine), run "
+                               "again with --break-lock")
+        print(f"taking over the ingest lock of {survey} from {_describe(holder, path)}: "
+              f"{'--break-lock' if break_lock else 'that process no longer runs'}", file=stream)
+        _remove_if_holder(fs, path, holder)
+    else:
+        raise SurveyLocked(f"could not take the ingest lock of {survey} ({path}): it changed hands three times")
+    try:
+        yield me
+    finally:
+        _remove_if_holder(fs, path, me)
+
+
+def _remove_if_holder(fs, path: str, holder: dict) -> None:
+    """Remove the lock when it is still ``holder``'s (another ingest may have taken it over since)."""
+    current = _read_holder(fs, path)
+    if current is not None and current.get("token") == holder.get("token"):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path)
