@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from astromer import embeddings as emb
 from astromer.config import ModelConfig
+from astromer.lake import connect
 from astromer.lake.paths import LakePaths
 from astromer.lake.schema import LIGHTCURVES, Quality
 from astromer.lake.writers import write_parquet
@@ -359,4 +360,51 @@ def test_classification_uses_lake_embeddings_only_of_the_ingest_the_lake_holds(r
     layers, state = ev.cached_layers(lake, "tiny", ref["version"], "mine", data)
     assert layers is None and state.startswith("stale (band unknown was embedded from ingest"), state
     emb.embed_survey(lake, model_dir, "mine", name="tiny", progress_every=0)
+    assert ev.cached_layers(lake, "tiny", ref["version"], "mine", data)[1] == "used"
+
+
+def test_the_embed_report_names_the_ingest_its_curves_came_from(ray_local, tmp_path, monkeypatch):
+    # an ingest that lands while the embed job starts: the job reads the ingest id before the curves, so it
+    # embeds the curves of that id or newer ones. Staged here by an ingest of longer curves just before the
+    # id is read; read after the curves, the report would name the new ingest beside the old curves' rows.
+    import torch
+    from astromer import evaluate as ev
+    from astromer.ingest import dask_client, run_ingest
+    from astromer.lake import catalog
+    from astromer.lake.schema import LABELS
+
+    rng = np.random.default_rng(5)
+    src, lake = tmp_path / "src", str(tmp_path / "lake")
+    src.mkdir()
+
+    def write_csv(n_obs):
+        lines = ["star,hjd,magnitude,sigma"]
+        for i in range(6):
+            t = np.sort(rng.uniform(50000, 50300, n_obs))
+            lines += [f"s{i},{x:.5f},{15 + 0.3 * np.sin(x / (1 + i)):.4f},0.02" for x in t]
+        (src / "phot.csv").write_text("\n".join(lines) + "\n")
+
+    options = {"columns": {"object": "star", "time": "hjd", "mag": "magnitude", "err": "sigma"}}
+    read_id = catalog.published_ingest_id
+    with dask_client(workers=1, threads_per_worker=1, processes=False) as client:
+        write_csv(40)
+        run_ingest("csv", str(src), lake, client=client, progress=False, out_survey="mine", options=options)
+        paths = LakePaths(lake)
+        write_parquet(paths.fs, pa.Table.from_pylist(
+            [{"object_id": f"s{i}", "label_set": "class", "label": "ab"[i % 2]} for i in range(6)], schema=LABELS),
+            paths.own_labels("mine", "class"))
+
+        def ingest_then_read(*args, **kwargs):
+            write_csv(70)
+            run_ingest("csv", str(src), lake, client=client, progress=False, out_survey="mine", options=options)
+            return read_id(*args, **kwargs)
+
+        monkeypatch.setattr(catalog, "published_ingest_id", ingest_then_read)
+        torch.manual_seed(0)
+        model_dir = save_model(Astromer(ModelConfig.tiny()), tmp_path / "tiny")
+        ref = emb.embed_survey(lake, model_dir, "mine", name="tiny", progress_every=0)
+    monkeypatch.undo()
+    # the rows are of the 70-observation curves (the cleaning drops a few), not of the 40-observation ones
+    assert connect(lake).execute("SELECT count(*), min(n_obs) > 60 FROM embeddings").fetchone() == (6, True)
+    data = ev.load_labelled_set(lake, ev.DatasetSpec("mine", "mine", "class", min_members=3))
     assert ev.cached_layers(lake, "tiny", ref["version"], "mine", data)[1] == "used"
