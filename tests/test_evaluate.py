@@ -214,3 +214,10 @@ def test_repeated_draws_become_loss_weights():
                                    ev.ClassifierConfig(hidden=(8,), max_epochs=60, patience=100, standardize=False),
                                    sample_weight=np.array([1.0, 9.0], np.float32))
     assert clf.predict(x[:1])[0] == 1
+
+
+def test_method_names_become_single_dashed_slugs():
+    # file and MLflow metric names: one dash for every run of other characters ("features + RF" gave "--")
+    assert ev._slug(ev.METHOD_RF) == "light-curve-features-rf"
+    assert ev._slug(ev.METHOD_FROZEN) == "astromer-skip-frozen"
+    assert ev._slug(ev.METHOD_COMMONEST) == "commonest-test-class-reference"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -794,7 +795,8 @@ METHOD_COMMONEST = "commonest test class (reference)"
 
 
 def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-").replace("--", "-")
+    """A method's name in file and metric names: ``light-curve features + RF`` -> ``light-curve-features-rf``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def random_encoder(model, seed: int = 0):
