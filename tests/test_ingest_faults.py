@@ -436,17 +436,27 @@ def test_own_labels_outlive_a_reingest_and_part_labels_do_not(tmp_path, client):
         ("s0", "RRL"), ("s1", "EB")]
 
 
-def test_a_star_in_two_files_is_two_curves_and_the_summary_says_so(tmp_path, client):
+def test_a_star_in_two_files_is_one_curve_and_the_summary_says_so(tmp_path, client):
     src = tmp_path / "seasons"
     src.mkdir()
     (src / "season1.csv").write_text("oid,hjd,m,e\n" + "".join(f"s1,{t},15.0,0.1\ns2,{t},16.0,0.1\n" for t in range(5)))
-    (src / "season2.csv").write_text("oid,hjd,m,e\n" + "".join(f"s1,{t},15.0,0.1\n" for t in range(10, 14)))
+    (src / "season2.csv").write_text("oid,hjd,m,e\n" + "".join(f"s1,{t},15.5,0.1\n" for t in (13, 4, 10, 11)))
     options = {"columns": {"object": "oid", "time": "hjd", "mag": "m", "err": "e"}}
-    result = run_ingest("csv", str(src), str(tmp_path / "lake"), client=client, progress=False, out_survey="mine",
+    lake = tmp_path / "lake"
+    result = run_ingest("csv", str(src), str(lake), client=client, progress=False, out_survey="mine",
                         options=options)
-    assert result.curves == 3 and result.split_objects == 1
+    assert result.curves == 2 and result.split_objects == 1 and result.observations == 14
     assert result.split_example == "s1 unknown (season1.csv, season2.csv)"
-    assert "objects in several inputs | 1: each input makes its own curve, e.g. s1 unknown" in result.summary()
+    assert "objects in several inputs | 1 (object, band): merged into one curve each, e.g. s1 unknown" \
+        in result.summary()
+    rows = connect(str(lake)).execute("SELECT object_id, n_obs, mjd, mag, quality, source_file FROM lightcurves "
+                                      "ORDER BY object_id").fetchall()
+    dup, moved = int(Quality.DUPLICATE_TIME), int(Quality.UNSORTED_SOURCE)
+    # time 4 is in both files: the first input's row stays clean, the second's is the duplicate; season2
+    # listed its rows out of time order, and that flag stays with them
+    assert rows[0] == ("s1", 9, [0, 1, 2, 3, 4, 4, 10, 11, 13], [15.0] * 5 + [15.5] * 4,
+                       [0, 0, 0, 0, 0, dup | moved, moved, moved, moved], "season1.csv + season2.csv")
+    assert rows[1][:2] == ("s2", 5) and rows[1][5] == "season1.csv"
     with pytest.raises(FileNotFoundError, match="there is no lake at"):
         connect(str(tmp_path / "no-such-lake"))
 
@@ -560,3 +570,83 @@ def test_a_lock_from_another_machine_is_broken_only_when_asked(tmp_path, client)
                 pass
     with survey_lock("memory://locks/lake", "macho"):
         pass
+
+
+def _seasons(folder: Path, seasons: int = 3, objects: int = 40) -> Path:
+    """``seasons`` CSV files of two bands, most objects in every file, some in one only, a few times seen in
+    two seasons; and ``all/all.csv``, the same rows in one file (season after season)."""
+    rng = np.random.default_rng(11)
+    rows = [[] for _ in range(seasons)]
+    for i in range(objects):
+        for band in ("g", "r"):
+            for k in range(seasons):
+                if i % 7 == 3 and k:                    # in the first season only
+                    continue
+                times = 50000 + 300 * k + np.sort(rng.choice(200, size=int(rng.integers(3, 30)), replace=False))
+                if i % 5 == 0 and k:
+                    times = np.r_[times, 50000 + 300 * (k - 1) + 1]       # a time the season before may hold
+                rows[k] += [f"o{i:03d},{band},{t:.5f},{15 + rng.normal(0, 0.2):.3f},{rng.uniform(0.01, 0.1):.3f}"
+                            for t in times]
+    (folder / "all").mkdir(parents=True)
+    header = "oid,filter,hjd,m,e\n"
+    for k, season in enumerate(rows):
+        (folder / f"season{k}.csv").write_text(header + "\n".join(season) + "\n")
+    (folder / "all" / "all.csv").write_text(header + "\n".join(r for season in rows for r in season) + "\n")
+    return folder
+
+
+SEASON_OPTIONS = {"columns": {"object": "oid", "band": "filter", "time": "hjd", "mag": "m", "err": "e"}}
+
+
+def _curves(lake: Path) -> list[tuple]:
+    # UNSORTED_SOURCE says how a file listed its rows: one file of all seasons lists them otherwise
+    return connect(str(lake)).execute(
+        "SELECT object_id, band, n_obs, mjd, mag, err, list_transform(quality, lambda q: q & ~32::UTINYINT), ra, dec "
+        "FROM lightcurves ORDER BY object_id, band").fetchall()
+
+
+def test_season_files_make_the_curves_one_file_of_all_rows_makes(tmp_path, client):
+    src = _seasons(tmp_path / "src")
+    # small parts: each band's split rows spill from several parts into several buckets
+    seasons = run_ingest("csv", str(src / "season*.csv"), str(tmp_path / "seasons"), client=client, progress=False,
+                         options=SEASON_OPTIONS, part_bytes=20_000)
+    whole = run_ingest("csv", str(src / "all"), str(tmp_path / "whole"), client=client, progress=False,
+                       options=SEASON_OPTIONS)
+    assert seasons.curves == whole.curves == 80 and seasons.observations == whole.observations
+    assert seasons.split_objects == 2 * (40 - 6)          # o003, o010, ... are in one file
+    parts = list((tmp_path / "seasons" / "lightcurves").rglob("*.parquet"))
+    assert len(parts) > 8
+    assert _curves(tmp_path / "seasons") == _curves(tmp_path / "whole")
+    assert not (tmp_path / "seasons" / "_ingest" / "runs" / seasons.ingest_id / "merge").exists()
+
+
+@pytest.mark.parametrize("stage", ["split_task", "merge_task"])
+def test_a_run_killed_while_merging_resumes_to_the_same_lake(tmp_path, client, monkeypatch, stage):
+    import astromer.ingest as ingest_module
+
+    src = _seasons(tmp_path / "src")
+    real = getattr(ingest_module, stage)
+
+    def fails_on_one(lake, ingest_id, band, number, *args):
+        # tasks are pickled to the workers (a counter here would be copied): the g band's part 1 or bucket 1
+        # fails, the other tasks finish or not, in whatever order the workers take them
+        if (band, number) == ("g", 1):
+            raise RuntimeError("killed")
+        return real(lake, ingest_id, band, number, *args)
+
+    monkeypatch.setattr(ingest_module, stage, fails_on_one)
+    killed = tmp_path / "killed"
+    with pytest.raises(RuntimeError, match="killed"):
+        run_ingest("csv", str(src / "season*.csv"), str(killed), client=client, progress=False,
+                   options=SEASON_OPTIONS, part_bytes=20_000)
+    monkeypatch.undo()
+    assert not (killed / "lightcurves").exists()
+    resumed = run_ingest("csv", str(src / "season*.csv"), str(killed), client=client, progress=False,
+                         options=SEASON_OPTIONS, part_bytes=20_000)
+    clean = run_ingest("csv", str(src / "season*.csv"), str(tmp_path / "clean"), client=client, progress=False,
+                       options=SEASON_OPTIONS, part_bytes=20_000)
+    assert resumed.curves == clean.curves == 80
+    assert _curves(killed) == _curves(tmp_path / "clean")
+    a = {p.relative_to(killed): p.read_bytes() for p in (killed / "lightcurves").rglob("*.parquet")}
+    b = {p.relative_to(tmp_path / "clean"): p.read_bytes() for p in (tmp_path / "clean" / "lightcurves").rglob("*.parquet")}
+    assert a == b

@@ -44,16 +44,18 @@ import logging
 import os
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from astromer.lake import schema
-from astromer.lake.catalog import objects_in_several_inputs, published_inputs
+from astromer.lake.catalog import published_inputs
 from astromer.lake.locks import survey_lock
 from astromer.lake.paths import LakePaths, _protocols, validate_survey
 from astromer.lake.writers import (
@@ -71,8 +73,9 @@ from astromer.surveys.base import ArchiveError, Batch, Input
 #: part of the ingest id: a change to what the readers or the shards hold makes a new run, which never
 #: mixes its shards with those of a run killed under the previous code, and an ingest of unchanged files
 #: under new code writes the survey again (2: the observations' list elements are non-null,
-#: schema.observations; 3: a duplicate time repeats an earlier usable row, schema.quality_flags)
-READER_VERSION = "3"
+#: schema.observations; 3: a duplicate time repeats an earlier usable row, schema.quality_flags; 4: a star's rows
+#: from several inputs are merged into one curve, merge_split_curves)
+READER_VERSION = "4"
 ROW_GROUP_CURVES = 2048
 DEFAULT_PART_BYTES = 192 << 20   # Arrow bytes per part: about 128 MB of Parquet (times barely compress)
 
@@ -98,7 +101,7 @@ class IngestResult:
     stage_seconds: dict = field(default_factory=dict)
     stage_cpu: dict = field(default_factory=dict)     # CPU seconds of this process (all its threads)
     report: str = ""                                   # where the quarantine report was written
-    split_objects: int = 0            # (object, band) with curves from several inputs (one curve per input)
+    split_objects: int = 0            # (object, band) with rows from several inputs (merged into one curve)
     split_example: str = ""
 
     @property
@@ -118,8 +121,8 @@ class IngestResult:
             ("bands", ", ".join(f"{b}: {n:,}" for b, n in sorted(self.bands.items())) or "-"),
         ]
         if self.split_objects:
-            rows.append(("objects in several inputs", f"{self.split_objects:,}: each input makes its own curve, "
-                                                      f"e.g. {self.split_example}"))
+            rows.append(("objects in several inputs", f"{self.split_objects:,} (object, band): merged into one "
+                                                      f"curve each, e.g. {self.split_example}"))
         rows.append(("quarantined inputs", f"{self.quarantined_inputs:,} whole"))
         reasons = Counter(r for _, r, _ in self.quarantine)
         rows.append(("quarantine records", f"{len(self.quarantine):,} (inputs and rows)"
@@ -342,20 +345,34 @@ def moved_parts_are_ours(paths: LakePaths, survey: str, ingest_id: str) -> bool:
     return True
 
 
+def staged_part_path(run: str, band: str, part: int) -> str:
+    return f"{run}/staging/band={band}/{LakePaths.part_name(part)}"
+
+
+def staged_or_published(fs, run: str, band: str, part: int) -> dict | None:
+    """A part that a killed run of this ingest staged already, or that its killed publish moved into the
+    survey's folder (``curves`` from its publish plan); None when it is still to be written."""
+    out = staged_part_path(run, band, part)
+    if fs.exists(out):
+        with fs.open(out, "rb") as handle:
+            return {"band": band, "part": part, "curves": pq.read_metadata(handle).num_rows, "path": out}
+    if fs.exists(publish_plan_path(run)):
+        for planned in read_json(fs, publish_plan_path(run))["parts"]:
+            if (planned["band"], planned["part"]) == (band, part):
+                return {**planned, "path": out}
+    return None
+
+
 def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[int], part: int) -> dict:
     """Stream the ``band`` rows of some shards into one staged part file."""
     keep_freed_memory()
     paths = LakePaths(lake_url)
     fs = paths.fs
     run = paths.run(ingest_id)
-    out = f"{run}/staging/band={band}/{LakePaths.part_name(part)}"
-    if fs.exists(out):
-        meta = pq.read_metadata(fs.open(out, "rb"))
-        return {"band": band, "part": part, "curves": meta.num_rows, "path": out}
-    if fs.exists(publish_plan_path(run)):   # a killed publish moved this part into the survey's folder already
-        for planned in read_json(fs, publish_plan_path(run))["parts"]:
-            if (planned["band"], planned["part"]) == (band, part):
-                return {**planned, "path": out}
+    out = staged_part_path(run, band, part)
+    done = staged_or_published(fs, run, band, part)
+    if done is not None:
+        return done
     writer = ParquetPartWriter(fs, out, schema.LIGHTCURVES)
     try:
         # row groups of ROW_GROUP_CURVES curves across shard boundaries: a survey of one small input per
@@ -379,6 +396,189 @@ def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[in
         raise
     fs.rm([shard_path(run, index, band) for index in shard_indices])
     return {"band": band, "part": part, "curves": writer.rows, "path": out}
+
+
+# ---------------------------------------------------------------------------------------------------
+# merge: one curve per object and band, whatever number of inputs its rows came in
+#
+# A star whose rows sit in several inputs (a season per file) comes out of the map as one curve per input,
+# and the reduce puts them in whichever parts their inputs fall in. The merge finds them (plan), moves their
+# rows out of the staged parts into spill files by bucket, a bucket being a range of the sorted object
+# ids (split), and writes one curve per object per bucket into parts after the band's last (merge_task).
+# Each step is resumable: the plan is written once; a part still holding split rows spills them again
+# (the same files) before it is written without them; a bucket's part is written whole or not at all.
+
+#: flags that belong to an observation alone, kept from the map (the merge works from float32 values)
+OBSERVATION_FLAGS = int(schema.Quality.NONFINITE | schema.Quality.ERR_NONPOSITIVE | schema.Quality.ERR_ABOVE_ONE
+                        | schema.Quality.UNSORTED_SOURCE)
+
+
+def merge_folder(run: str) -> str:
+    return f"{run}/merge"
+
+
+def merge_keys_path(run: str, band: str) -> str:
+    return f"{merge_folder(run)}/keys.band={band}.arrow"
+
+
+def plan_merge(fs, run: str, parts: list[dict], part_bytes: int) -> dict:
+    """Per band, how many objects have rows from several inputs, how many rows they have, the buckets
+    their merged curves go in (about ``part_bytes`` each) and the first part number of those; the objects
+    themselves, sorted, in :func:`merge_keys_path`. Written to ``merge/plan.json``."""
+    plan = {"bands": {}}
+    for band in sorted({p["band"] for p in parts}):
+        band_parts = [p for p in parts if p["band"] == band]
+        names, nbytes, rows = [], 0, 0
+        for p in band_parts:
+            with fs.open(p["path"], "rb") as handle:
+                part = pq.ParquetFile(handle)
+                names.append(part.read(columns=["object_id", "source_file"]))
+                meta = part.metadata
+                nbytes += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+                rows += meta.num_rows
+        names = pa.concat_tables(names)
+        counts = pc.value_counts(names.column("object_id"))
+        several = counts.filter(pc.greater(counts.field("counts"), 1))
+        if not len(several):
+            continue
+        keys = several.field("values").take(pc.sort_indices(several.field("values")))
+        split_rows = int(pc.sum(several.field("counts")).as_py())
+        buckets = max(1, -(-split_rows * nbytes // max(rows, 1) // part_bytes))
+        write_arrow(fs, pa.table({"object_id": keys}), merge_keys_path(run, band))
+        files = names.filter(pc.equal(names.column("object_id"), keys[0])).column("source_file").to_pylist()
+        shown = list(dict.fromkeys(files))
+        plan["bands"][band] = {"objects": len(keys), "rows": split_rows, "buckets": int(min(buckets, len(keys))),
+                               "first_part": max(p["part"] for p in band_parts) + 1,
+                               "example": f"{keys[0].as_py()} {band} ({', '.join(shown[:3])}"
+                                          f"{', ...' if len(shown) > 3 else ''})"}
+    write_json(fs, plan, f"{merge_folder(run)}/plan.json")
+    return plan
+
+
+def split_task(lake_url: str, ingest_id: str, band: str, part: int, buckets: int) -> dict:
+    """Move the rows of the band's split objects out of one staged part into the spill files of their
+    buckets (``merge/band=<b>/bucket=<k>/part-<n>.arrow``), then write the part again without them."""
+    fs = LakePaths(lake_url).fs
+    run = LakePaths(lake_url).run(ingest_id)
+    path = staged_part_path(run, band, part)
+    keys = read_arrow(fs, merge_keys_path(run, band)).column(0)
+    with fs.open(path, "rb") as handle:
+        table = pq.read_table(handle)
+    rank = pc.index_in(table.column("object_id"), value_set=keys)
+    split = pc.is_valid(rank)
+    if not pc.any(split).as_py():
+        return {"band": band, "part": part, "curves": table.num_rows, "path": path}
+    moved = table.filter(split).append_column("input_order", pa.array(
+        np.flatnonzero(split.to_numpy(zero_copy_only=False)).astype(np.int64) + (int(part) << 32)))
+    bucket = rank.filter(split).to_numpy() * buckets // len(keys)
+    for b in np.unique(bucket):
+        write_arrow(fs, moved.filter(pa.array(bucket == b)),
+                    f"{merge_folder(run)}/band={band}/bucket={int(b)}/{part:05d}.arrow")
+    kept = table.filter(pc.invert(split))
+    writer = ParquetPartWriter(fs, path, schema.LIGHTCURVES)
+    try:
+        writer.write(kept, row_group_size=ROW_GROUP_CURVES)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"band": band, "part": part, "curves": kept.num_rows, "path": path}
+
+
+def merge_task(lake_url: str, ingest_id: str, band: str, bucket: int, part: int) -> dict:
+    """Write one part of merged curves: those of the objects of one bucket (:func:`merged_curves`)."""
+    fs = LakePaths(lake_url).fs
+    run = LakePaths(lake_url).run(ingest_id)
+    done = staged_or_published(fs, run, band, part)
+    if done is not None:
+        return done
+    spilled = [read_arrow(fs, f) for f in sorted(fs.glob(f"{merge_folder(run)}/band={band}/bucket={bucket}/*.arrow"))]
+    curves = merged_curves(pa.concat_tables(spilled))
+    writer = ParquetPartWriter(fs, staged_part_path(run, band, part), schema.LIGHTCURVES)
+    try:
+        writer.write(curves, row_group_size=ROW_GROUP_CURVES)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"band": band, "part": part, "curves": curves.num_rows, "path": staged_part_path(run, band, part)}
+
+
+def merged_curves(rows: pa.Table) -> pa.Table:
+    """One curve per object of ``rows`` (curves of one band, with their ``input_order``): the observations
+    of all its rows sorted by time (a time seen twice keeps input order, so the later one is the duplicate),
+    flagged afresh for duplicate times and magnitude percentiles over the whole curve (the other flags are
+    the observation's own), the first known position, and the inputs joined by `` + ``."""
+    rows = rows.take(pc.sort_indices(rows, [("object_id", "ascending"), ("input_order", "ascending")]))
+    ids = rows.column("object_id").to_numpy(zero_copy_only=False)
+    first = np.r_[True, ids[1:] != ids[:-1]] if len(ids) else np.zeros(0, dtype=bool)
+    starts = np.flatnonzero(first)
+    curve_of_row = np.cumsum(first) - 1
+    row_lengths = pc.list_value_length(rows.column("mjd")).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = np.add.reduceat(row_lengths, starts) if len(starts) else np.zeros(0, dtype=np.int64)
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+
+    def flat(name, dtype):
+        return pc.list_flatten(rows.column(name)).to_numpy(zero_copy_only=False).astype(dtype)
+
+    mjd, mag, err, old = flat("mjd", np.float64), flat("mag", np.float64), flat("err", np.float64), \
+        flat("quality", np.uint8)
+    order = np.lexsort((np.arange(len(mjd)), mjd, np.repeat(curve_of_row, row_lengths)))
+    mjd, mag, err, old = mjd[order], mag[order], err[order], old[order]
+    mjd, mag, err, flags = schema.quality_flags(mjd, mag, err, offsets)
+    flags = (flags & np.uint8(~OBSERVATION_FLAGS & 0xFF)) | (old & np.uint8(OBSERVATION_FLAGS))
+
+    def first_known(name):
+        values = rows.column(name).to_numpy(zero_copy_only=False).astype(np.float64)   # null -> NaN
+        known = np.where(np.isfinite(values), np.arange(len(values)), len(values))
+        pick = np.minimum.reduceat(known, starts) if len(starts) else known[:0]
+        return pa.array([float(values[i]) if i < len(values) else None for i in pick], type=pa.float64())
+
+    def joined(name):
+        values = rows.column(name).to_pylist()
+        ends = np.r_[starts[1:], len(values)]
+        return pa.array([" + ".join(dict.fromkeys(v for v in values[a:b] if v)) for a, b in zip(starts, ends)],
+                        type=pa.string())
+
+    n = len(starts)
+    return pa.table({
+        "object_id": pa.array(ids[starts], type=pa.string()),
+        "ra": first_known("ra"), "dec": first_known("dec"),
+        "mjd": schema.observation_lists(offsets, mjd, pa.float64()),
+        "mag": schema.observation_lists(offsets, mag.astype(np.float32), pa.float32()),
+        "err": schema.observation_lists(offsets, err.astype(np.float32), pa.float32()),
+        "n_obs": pa.array(lengths.astype(np.int32), type=pa.int32()),
+        "quality": schema.observation_lists(offsets, flags, pa.uint8()),
+        "source_file": joined("source_file"), "source_sha256": joined("source_sha256"),
+        "ingest_id": rows.column("ingest_id").take(pa.array(starts, type=pa.int64())) if n else
+        pa.array([], type=pa.string()),
+    }, schema=schema.LIGHTCURVES)
+
+
+def merge_split_curves(client, lake: str, paths: LakePaths, ingest_id: str, parts: list[dict], part_bytes: int,
+                       several_inputs: bool, attempt: str) -> tuple[list[dict], dict]:
+    """The merge (see above), after the reduce: the parts as they are now, the merged ones appended, and the
+    merge plan. A run of one input has nothing to merge; a run that began publishing merged before."""
+    fs, run = paths.fs, paths.run(ingest_id)
+    plan_path = f"{merge_folder(run)}/plan.json"
+    publishing = fs.exists(publish_plan_path(run))
+    if fs.exists(plan_path):
+        plan = read_json(fs, plan_path)
+    elif publishing or not several_inputs:
+        return parts, {"bands": {}}
+    else:
+        plan = plan_merge(fs, run, parts, part_bytes)
+    if not publishing:
+        split = client.gather([client.submit(split_task, lake, ingest_id, p["band"], p["part"],
+                                             plan["bands"][p["band"]]["buckets"], pure=False,
+                                             key=f"split-{attempt}-{p['band']}-{p['part']}")
+                               for p in parts if p["band"] in plan["bands"]])
+        now = {(p["band"], p["part"]): p for p in split}
+        parts = [now.get((p["band"], p["part"]), p) for p in parts]
+    merged = client.gather([client.submit(merge_task, lake, ingest_id, band, b, info["first_part"] + b, pure=False,
+                                          key=f"merge-{attempt}-{band}-{b}")
+                            for band, info in sorted(plan["bands"].items()) for b in range(info["buckets"])])
+    return parts + merged, plan
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -586,9 +786,12 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
         print(f"resuming ingest {ingest_id}: {mapped_before:,} of {len(plan.inputs):,} inputs mapped already",
               file=stream)
     context = client.scatter(plan.context, broadcast=True) if plan.context else {}
+    # task keys name this attempt: a failed attempt's keys may still be held (a notebook keeps the traceback,
+    # and with it the futures) and would hand their errors to a retry under the same client
+    attempt = f"{ingest_id}-{uuid.uuid4().hex[:8]}"
     groups = input_groups(plan.inputs, threads)
     futures = [client.submit(map_group, survey, [(i, plan.inputs[i], shas[i]) for i in group], context, lake,
-                             ingest_id, pure=False, key=f"map-{ingest_id}-{group[0]}")
+                             ingest_id, pure=False, key=f"map-{attempt}-{group[0]}")
                for group in groups]
     markers = [None] * len(plan.inputs)
     group_of = {f.key: group for f, group in zip(futures, groups)}
@@ -597,7 +800,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
 
     def submit_reduce(groups):
         reduce_futures.extend(client.submit(reduce_task, lake, ingest_id, band, indices, part, pure=False,
-                                            key=f"reduce-{ingest_id}-{band}-{part}")
+                                            key=f"reduce-{attempt}-{band}-{part}")
                               for band, part, indices in groups)
 
     in_order = 0
@@ -617,15 +820,17 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     stages["map"] = time.perf_counter() - t0
     stage_cpu["map"] = time.process_time() - c0
 
-    # reduce (what is left of it) -------------------------------------------------------------------
+    # reduce (what is left of it), then merge the curves of a star split across inputs -----------------
     t0, c0 = time.perf_counter(), time.process_time()
     parts = client.gather(reduce_futures)
+    parts, merged = merge_split_curves(client, lake, paths, ingest_id, parts, part_bytes, len(plan.inputs) > 1,
+                                       attempt)
     stages["reduce"] = time.perf_counter() - t0
     stage_cpu["reduce"] = time.process_time() - c0
 
     # finish ----------------------------------------------------------------------------------------
     t0, c0 = time.perf_counter(), time.process_time()
-    result = _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake)
+    result = _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake, merged)
     result.resumed_inputs = mapped_before
     stages["finish"] = time.perf_counter() - t0
     stage_cpu["finish"] = time.process_time() - c0
@@ -638,7 +843,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     record["result"]["quarantine"] = [list(q) for q in result.quarantine]
     write_json(fs, record, record_path)
-    for folder in ("shards", "staging"):
+    for folder in ("shards", "staging", "merge"):
         if fs.exists(f"{run}/{folder}"):
             fs.rm(f"{run}/{folder}", recursive=True)
     print(result.summary(), file=stream)
@@ -708,13 +913,15 @@ def check_keeps_published(published: list[dict], survey: str, source: str, held:
             "pass --replace to replace the survey, or --as NAME to ingest this source as another survey")
 
 
-def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) -> IngestResult:
+def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake, merged) -> IngestResult:
     fs = paths.fs
     run = paths.run(ingest_id)
     expected = Counter()
     for m in markers:
         for band, info in m["bands"].items():
             expected[band] += info["curves"]
+    for band, info in merged["bands"].items():      # the rows of a split object became one curve
+        expected[band] -= info["rows"] - info["objects"]
     staged = Counter()
     for p in parts:
         staged[p["band"]] += p["curves"]
@@ -722,7 +929,7 @@ def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) ->
         raise RuntimeError(f"reduce lost rows: shards hold {dict(expected)}, parts {dict(staged)}")
 
     quarantine = [tuple(q) for m in markers for q in m["quarantine"]]
-    curves = sum(m["curves"] for m in markers)
+    curves = sum(expected.values())
     result = IngestResult(
         ingest_id=ingest_id, survey=out_survey, lake=lake, status="done" if curves else "failed",
         inputs=len(markers), inputs_bytes=sum(int(m["size"] or 0) for m in markers), curves=curves,
@@ -789,8 +996,8 @@ def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake) ->
     write_parquet(fs, pa.table({"input": [q[0] for q in quarantine], "reason": [q[1] for q in quarantine],
                                 "detail": [q[2] for q in quarantine]}, schema=schema.QUARANTINE),
                   f"{report_dir}/quarantine.parquet")
-    if curves:
-        result.split_objects, result.split_example = objects_in_several_inputs(paths, out_survey)
+    result.split_objects = sum(info["objects"] for info in merged["bands"].values())
+    result.split_example = next((info["example"] for _, info in sorted(merged["bands"].items())), "")
     return result
 
 

@@ -41,23 +41,6 @@ def published_ingest_id(lake: str | LakePaths, survey: str) -> str | None:
     return rows[0]["ingest_id"] if rows else None
 
 
-def objects_in_several_inputs(lake: str | LakePaths, survey: str) -> tuple[int, str]:
-    """How many (object, band) of ``survey`` have a curve from more than one input, and one of them with its
-    inputs (each input makes its own curve: rows of a star in two files are two curves)."""
-    con = connect(lake)
-    try:
-        if not con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'lightcurves'").fetchone()[0]:
-            return 0, ""
-        count, example = con.execute(
-            "SELECT count(*), any_value(object_id || ' ' || band || ' (' || array_to_string(files[1:3], ', ') "
-            "|| CASE WHEN len(files) > 3 THEN ', ...' ELSE '' END || ')') FROM (SELECT object_id, band, "
-            "list(DISTINCT source_file ORDER BY source_file) AS files FROM lightcurves WHERE survey = ? "
-            "GROUP BY ALL HAVING count(*) > 1)", [validate_survey(survey)]).fetchone()
-    finally:
-        con.close()
-    return int(count), example or ""
-
-
 def connect(lake: str | LakePaths, database: str = ":memory:", *, sandbox: bool = False) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with views ``lightcurves``, ``labels``, ``embeddings`` (when present),
     and ``ingest_manifest`` / ``ingest_quarantine`` over ``_ingest``. A table without files yet

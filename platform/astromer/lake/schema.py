@@ -14,8 +14,10 @@ mag               list<float32>           magnitude
 err               list<float32>           magnitude uncertainty
 n_obs             int32                   length of the lists
 quality           list<uint8>             bit flags of :class:`Quality`, one per observation
-source_file       string                  ``<input>`` or ``<input>::<archive member>``
-source_sha256     string                  sha256 of the input file (or of a simulator partition's spec)
+source_file       string                  ``<input>`` or ``<input>::<archive member>``; ``<a> + <b>`` for a curve
+                                          merged from the rows of several inputs
+source_sha256     string                  sha256 of the input file (or of a simulator partition's spec); those
+                                          of the inputs joined by `` + `` for a merged curve
 ingest_id         string                  the ingest run that wrote the row (deterministic from inputs)
 ================  ======================  ==========================================================
 
@@ -115,6 +117,14 @@ QUARANTINE_REASONS = {
     "missing_column": "a mapped column is absent from the file",
     "reader_error": "an unexpected error in the reader (type and message in detail)",
 }
+
+
+def observation_lists(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """The :func:`observations` lists of concatenated ``values``, curve ``i`` being ``[offsets[i], offsets[i+1])``."""
+    values = pa.array(values, type=value_type)
+    if offsets[-1] < 2**31:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values, type=observations(value_type))
+    return pa.LargeListArray.from_arrays(pa.array(offsets), values).cast(observations(value_type))
 
 
 def quality_flags(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray,

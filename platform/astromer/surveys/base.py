@@ -130,14 +130,9 @@ class Batch:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         mjd, mag, err, flags = schema.quality_flags(mjd, mag, err, offsets)
-        offs = pa.array(offsets.astype(np.int32) if offsets[-1] < 2**31 else offsets)
 
         def lists(values, typ):
-            arr = pa.array(values, type=typ)
-            list_type = schema.observations(typ)
-            if offs.type == pa.int32():
-                return pa.ListArray.from_arrays(offs, arr, type=list_type)
-            return pa.LargeListArray.from_arrays(offs, arr).cast(list_type)
+            return schema.observation_lists(offsets, values, typ)
 
         n = len(lengths)
         return pa.table({
