@@ -458,7 +458,7 @@ def plan_merge(fs, run: str, parts: list[dict], part_bytes: int) -> dict:
 
 def split_task(lake_url: str, ingest_id: str, band: str, part: int, buckets: int) -> dict:
     """Move the rows of the band's split objects out of one staged part into the spill files of their
-    buckets (``merge/band=<b>/bucket=<k>/part-<n>.arrow``), then write the part again without them."""
+    buckets (``merge/band=<b>/bucket=<k>/<part>.arrow``), then write the part again without them."""
     fs = LakePaths(lake_url).fs
     run = LakePaths(lake_url).run(ingest_id)
     path = staged_part_path(run, band, part)
