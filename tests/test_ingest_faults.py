@@ -650,3 +650,45 @@ def test_a_run_killed_while_merging_resumes_to_the_same_lake(tmp_path, client, m
     a = {p.relative_to(killed): p.read_bytes() for p in (killed / "lightcurves").rglob("*.parquet")}
     b = {p.relative_to(tmp_path / "clean"): p.read_bytes() for p in (tmp_path / "clean" / "lightcurves").rglob("*.parquet")}
     assert a == b
+
+
+def test_a_lake_that_cannot_be_written_ends_in_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    import astromer.lake.writers as writers
+
+    src = _tiles(tmp_path / "src", (1, 2), 20)
+    not_a_folder = tmp_path / "lake-file"
+    not_a_folder.write_text("")
+    args = ["--survey", "macho", "--source", str(src), "--no-progress", "--workers", "1"]
+    assert ingest_main([*args, "--lake", str(not_a_folder)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    # a full disk during the map: the map task's file is removed, the command says so in one line
+    lake = tmp_path / "lake"
+    real = writers.create
+
+    def full_disk(fs, path, *, text=False):
+        handle = real(fs, path, text=text)
+        if ".arrow.tmp-" in path:
+            handle.write(b"partial")
+            raise OSError(28, "No space left on device", path)
+        return handle
+
+    monkeypatch.setattr(writers, "create", full_disk)
+    assert ingest_main([*args, "--lake", str(lake)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "the same command resumes once this is mended" in err
+    assert "Traceback" not in err
+    assert not [p for p in lake.rglob("*") if ".tmp-" in p.name] and not (lake / "lightcurves").exists()
+    monkeypatch.undo()
+    assert ingest_main([*args, "--lake", str(lake)]) == 0
+
+
+def test_an_interrupted_ingest_says_the_same_command_resumes(tmp_path, capsys, monkeypatch):
+    import astromer.ingest as ingest_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_module, "run_ingest", interrupted)
+    assert ingest_main(["--survey", "macho", "--source", str(_tiles(tmp_path / "src", (1,), 20)),
+                        "--lake", str(tmp_path / "lake")]) == 130
+    assert "interrupted: nothing partial was published" in capsys.readouterr().err

@@ -679,6 +679,9 @@ def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = No
     options = dict(options or {})
     out_survey = validate_survey(out_survey or survey)
     stream = stream or sys.stderr
+    paths = LakePaths(lake)
+    if paths.fs.isfile(paths.root):
+        raise ValueError(f"lake {lake} is a file, not a folder")
     with survey_lock(lake, out_survey, source=source, break_lock=break_lock, stream=stream):
         return _locked_ingest(survey, source, lake, options, out_survey, scheduler, client, workers,
                               threads_per_worker, processes, progress, part_bytes, stream, replace)

@@ -1,8 +1,8 @@
 """``astromer ingest --survey S --source URL --lake LAKE``: raw survey files -> the lake (Dask).
 
 Same as ``python ingest/run.py ...``. Exit status 0 when curves were ingested (bad inputs are
-quarantined and reported), 1 when every input was bad, 2 on a usage error, 3 when another ingest of the
-survey is running.
+quarantined and reported), 1 when every input was bad or the lake could not be written, 2 on a usage error,
+3 when another ingest of the survey is running, 130 when interrupted (the same command resumes).
 """
 from __future__ import annotations
 
@@ -110,6 +110,14 @@ def run(args) -> int:
     except SurveyLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("interrupted: nothing partial was published; the same command resumes from the inputs mapped so far",
+              file=sys.stderr)
+        return 130
+    except OSError as exc:        # the lake could not be written: a full disk, a read-only folder
+        print(f"error: {exc}; nothing partial was published, and the same command resumes once this is mended",
+              file=sys.stderr)
+        return 1
     if result.exit_code:
         print(f"error: no input of {args.source} could be ingested; why, for the first of them:", file=sys.stderr)
         for key, reason, detail in result.quarantine[:5]:

@@ -6,6 +6,7 @@ all-or-nothing, and fsspec's ``mv`` keeps the same contract for memory:// and fr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -72,17 +73,31 @@ def create(fs, path: str, *, text: bool = False):
     return fs.open(path, "w" if text else "wb")
 
 
+@contextlib.contextmanager
+def atomic_file(fs, path: str, *, text: bool = False):
+    """A file to write ``path`` through: a temporary name, published when the block ends and removed when it
+    fails (a full disk, an interrupt), so that no temporary file is left to fill the disk further."""
+    tmp = tmp_name(path)
+    try:
+        with create(fs, tmp, text=text) as handle:
+            yield handle
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        raise
+    publish(fs, tmp, path)
+
+
 def write_parquet(fs, table: pa.Table, path: str, *, row_group_size: int | None = None,
                   compression: str = "zstd") -> None:
     """Write ``table`` to ``path`` atomically (zstd, dictionary-encoded strings, statistics)."""
-    tmp = tmp_name(path)
     options = dict(PARQUET_OPTIONS, compression=compression)
     if compression not in ("zstd", "gzip", "brotli"):
         options.pop("compression_level")
     options["use_dictionary"] = [c for c in options["use_dictionary"] if c in table.schema.names]
-    with create(fs, tmp) as handle:
+    with atomic_file(fs, path) as handle:
         pq.write_table(table, handle, row_group_size=row_group_size, **options)
-    publish(fs, tmp, path)
 
 
 class ParquetPartWriter:
@@ -120,10 +135,8 @@ class ParquetPartWriter:
 
 def write_json(fs, obj, path: str) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True, default=str)   # one write (json.dump writes per token)
-    tmp = tmp_name(path)
-    with create(fs, tmp, text=True) as handle:
+    with atomic_file(fs, path, text=True) as handle:
         handle.write(text)
-    publish(fs, tmp, path)
 
 
 def read_json(fs, path: str):
@@ -133,12 +146,10 @@ def read_json(fs, path: str):
 
 def write_arrow(fs, table: pa.Table, path: str) -> None:
     """Write an uncompressed Arrow IPC file atomically (internal shards: no encoding cost, mmap reads)."""
-    tmp = tmp_name(path)
     # a local file goes through Arrow's own file object: fsspec's Python-level write per buffer costs more
-    with create(fs, tmp) as handle:
+    with atomic_file(fs, path) as handle:
         with pa.ipc.new_file(handle, table.schema) as writer:
             writer.write_table(table)
-    publish(fs, tmp, path)
 
 
 def read_arrow(fs, path: str) -> pa.Table:
