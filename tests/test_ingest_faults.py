@@ -692,3 +692,34 @@ def test_an_interrupted_ingest_says_the_same_command_resumes(tmp_path, capsys, m
     assert ingest_main(["--survey", "macho", "--source", str(_tiles(tmp_path / "src", (1,), 20)),
                         "--lake", str(tmp_path / "lake")]) == 130
     assert "interrupted: nothing partial was published" in capsys.readouterr().err
+
+
+def test_long_format_readers_name_what_they_drop(tmp_path, client):
+    import pyarrow as pa
+
+    src = tmp_path / "src"
+    src.mkdir()
+    # Parquet with magnitudes as text: the row that is not a number goes, the others stay
+    pq.write_table(pa.table({"oid": ["s1"] * 5, "hjd": [1.0, 2.0, 3.0, 4.0, 5.0],
+                             "m": ["15.0", "15.1", "", "abc", "15.3"], "e": [0.1] * 5}), src / "text.parquet")
+    pq.write_table(pa.table({"oid": ["s2"], "hjd": [[1.0, 2.0]], "m": [15.0], "e": [0.1]}), src / "lists.parquet")
+    result = run_ingest("parquet", str(src), str(tmp_path / "lake"), client=client, progress=False,
+                        options={"columns": {"object": "oid", "time": "hjd", "mag": "m", "err": "e"}})
+    assert sorted(result.quarantine) == [
+        ("lists.parquet", "wrong_type", "column hjd (time) holds list<element: double>, not numbers"),
+        ("text.parquet", "non_numeric", "1 row(s) dropped: row 4 (m: 'abc')")]
+    assert result.curves == 1 and result.observations == 4
+    assert "non_numeric | 1, e.g. text.parquet: 1 row(s) dropped: row 4 (m: 'abc')" in result.summary()
+    # a header alone, binary data, an object name the lake refuses
+    csvs = tmp_path / "csvs"
+    csvs.mkdir()
+    (csvs / "header.csv").write_text("oid,hjd,m,e\n")
+    (csvs / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    (csvs / "comma.csv").write_text('oid,hjd,m,e\n"q,0",1,15,0.1\nok,1,15,0.1\n')
+    result = run_ingest("csv", str(csvs), str(tmp_path / "lake"), client=client, progress=False, out_survey="c",
+                        options={"columns": {"object": "oid", "time": "hjd", "mag": "m", "err": "e"}})
+    found = {(key, reason): detail for key, reason, detail in result.quarantine}
+    assert found[("header.csv", "empty")] == "a header and no rows"
+    assert found[("binary.csv", "unreadable")].startswith("binary data, not text")
+    assert found[("comma.csv", "invalid_object_id")].startswith("'q,0': an object name is 1-128 letters")
+    assert result.curves == 1

@@ -127,7 +127,11 @@ class IngestResult:
         reasons = Counter(r for _, r, _ in self.quarantine)
         rows.append(("quarantine records", f"{len(self.quarantine):,} (inputs and rows)"
                      + (f", report: {self.report}" if self.report else "")))
-        rows += [(f"  quarantine: {reason}", f"{count:,}") for reason, count in sorted(reasons.items())]
+        first = {}
+        for key, reason, detail in self.quarantine:
+            first.setdefault(reason, f"{key}: {detail}")
+        rows += [(f"  quarantine: {reason}", f"{count:,}, e.g. {first[reason]}"[:160])
+                 for reason, count in sorted(reasons.items())]
         rows += [("time", f"{self.seconds:,.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in
                                                                self.stage_seconds.items()) + ")"),
                  ("rate", "- (unchanged: nothing read)" if self.status == "unchanged" else

@@ -31,6 +31,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _OBJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+\-]{0,127}$")
 
 
+#: the rules above in words, for messages that name a rejected value
+OBJECT_RULE = "an object name is 1-128 letters, digits and . _ : + -, starting with a letter or digit, without '..'"
+BAND_RULE = "a band name is 1-16 letters, digits, _ and -, starting with a letter or digit"
+
+
 class InvalidName(ValueError):
     """A survey/band/object/window name that must not become a path."""
 

@@ -115,6 +115,7 @@ QUARANTINE_REASONS = {
     "unreadable": "the input could not be opened or decoded",
     "no_curves": "the input yielded no light curve",
     "missing_column": "a mapped column is absent from the file",
+    "wrong_type": "a mapped column holds values of another kind than numbers (lists, dates)",
     "reader_error": "an unexpected error in the reader (type and message in detail)",
 }
 

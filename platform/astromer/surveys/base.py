@@ -29,7 +29,13 @@ import pyarrow.csv as pacsv
 
 from astromer.kernels import compiled_kernels
 from astromer.lake import schema
-from astromer.lake.paths import is_valid_band, is_valid_object_id, valid_objects_and_bands
+from astromer.lake.paths import (
+    BAND_RULE,
+    OBJECT_RULE,
+    is_valid_band,
+    is_valid_object_id,
+    valid_objects_and_bands,
+)
 
 #: HJD-2450000 (OGLE, ASAS) onto the MJD scale
 HJD2450000_TO_MJD = 49999.5
@@ -71,10 +77,10 @@ class Batch:
     def add_curve(self, object_id, band, mjd, mag, err, *, source_file, ra=None, dec=None) -> bool:
         """Add one curve after validating its names; returns False (and quarantines) if rejected."""
         if not is_valid_object_id(object_id):
-            self.quarantine.append((source_file, "invalid_object_id", repr(object_id)[:200]))
+            self.quarantine.append((source_file, "invalid_object_id", f"{repr(object_id)[:200]}: {OBJECT_RULE}"))
             return False
         if not is_valid_band(band):
-            self.quarantine.append((source_file, "invalid_band", repr(band)[:200]))
+            self.quarantine.append((source_file, "invalid_band", f"{repr(band)[:200]}: {BAND_RULE}"))
             return False
         if len(mjd) == 0:
             self.quarantine.append((source_file, "empty", f"{object_id} band {band}: no observation"))
@@ -856,9 +862,9 @@ def add_parsed(batch: Batch, object_ids: list, bands: list, columns: list[np.nda
     accepted = valid_objects_and_bands(object_ids, bands) & (lengths > 0)
     for i in np.flatnonzero(~accepted).tolist():
         if not is_valid_object_id(object_ids[i]):
-            batch.quarantine.append((source_files[i], "invalid_object_id", repr(object_ids[i])[:200]))
+            batch.quarantine.append((source_files[i], "invalid_object_id", f"{repr(object_ids[i])[:200]}: {OBJECT_RULE}"))
         elif not is_valid_band(bands[i]):
-            batch.quarantine.append((source_files[i], "invalid_band", repr(bands[i])[:200]))
+            batch.quarantine.append((source_files[i], "invalid_band", f"{repr(bands[i])[:200]}: {BAND_RULE}"))
         elif lengths[i] == 0:
             batch.quarantine.append((source_files[i], "empty", f"{object_ids[i]} band {bands[i]}: no observation"))
         else:

@@ -53,6 +53,12 @@ class _LongFormatReader:
                 f"{', '.join(missing)} not among the file's columns ({', '.join(table.column_names[:12])}"
                 f"{', ...' if len(table.column_names) > 12 else ''}): --columns NAME=COLUMN maps them")[:500]))
             return batch
+        table = numeric_columns(table, mapping, item.key, batch)
+        if table is None:
+            return batch
+        if table.num_rows == 0:
+            batch.quarantine.append((item.key, "empty", "a header and no rows"))
+            return batch
         add_long_table(batch, table, mapping, item, default_band=item.options.get("band", "unknown"),
                        time_offset=float(item.options.get("time_offset", 0.0)))
         return batch
@@ -92,12 +98,62 @@ class ParquetReader(_LongFormatReader):
         return table
 
 
+NUMERIC = ("time", "mag", "err", "ra", "dec")
+
+
+def numeric_columns(table: pa.Table, mapping: dict, key: str, batch: Batch) -> pa.Table | None:
+    """The mapped numeric columns as float64. A text column (a Parquet file's strings) is read value by
+    value: a row with text that is not a number is dropped and named (its row, column and text), as the CSV
+    reader does. A column of another kind (lists, dates) quarantines the file as ``wrong_type``."""
+    keep = np.ones(table.num_rows, dtype=bool)
+    bad: list[str] = []
+    nulls = set(pacsv.ConvertOptions().null_values)
+    for field_name in NUMERIC:
+        name = mapping.get(field_name)
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        kind = column.type
+        if pa.types.is_floating(kind) or pa.types.is_integer(kind) or pa.types.is_decimal(kind) \
+                or pa.types.is_null(kind):
+            values = pc.cast(column, pa.float64())
+        elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            try:
+                values = pc.cast(column, pa.float64())
+            except pa.ArrowInvalid:
+                parsed = []
+                for row, text in enumerate(column.to_pylist()):
+                    if text is None or text.strip() in nulls:
+                        parsed.append(float("nan"))
+                        continue
+                    try:
+                        parsed.append(float(text))
+                    except ValueError:
+                        parsed.append(float("nan"))
+                        if keep[row]:
+                            keep[row] = False
+                            bad.append(f"{row + 1} ({name}: {text[:20]!r})")
+                values = pa.array(parsed, type=pa.float64())
+        else:
+            batch.quarantine.append((key, "wrong_type", f"column {name} ({field_name}) holds {kind}, not numbers"))
+            return None
+        table = table.set_column(table.column_names.index(name), name, values)
+    if bad:
+        shown = ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+        batch.quarantine.append((key, "non_numeric", f"{len(bad)} row(s) dropped: row {shown}"))
+        table = table.filter(pa.array(keep))
+    return table
+
+
 def _rows_by_hand(key: str, data: bytes, delimiter: str, numeric: dict, batch: Batch) -> pa.Table | None:
     """Slow path for a malformed CSV: keep the good rows, name every bad one (its line, and for a value
     that is not a number its column and text). Empty fields and the null spellings pyarrow's reader knows
     become NaN here as there, so a row's fate does not depend on the other rows of its file."""
     nulls = set(pacsv.ConvertOptions().null_values)
     lines = data.split(b"\n")
+    if b"\x00" in data[:65536]:
+        batch.quarantine.append((key, "unreadable", "binary data, not text (a NUL byte in its first 64 kB)"))
+        return None
     header = next(csv.reader([lines[0].decode("utf-8", "replace")], delimiter=delimiter))
     columns = {name: [] for name in header}
     problems: dict[str, list[str]] = {}
