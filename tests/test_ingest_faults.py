@@ -498,6 +498,17 @@ def test_usage_errors_of_the_ingest_command_exit_2_with_one_line(tmp_path, capsy
     assert "0 is not a positive whole number" in capsys.readouterr().err
     assert ingest_main(["--survey", "macho", "--source", str(empty), "--columns", "object=a"]) == 2
     assert "--columns apply to --survey csv and parquet" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ingest_main(["--survey", "csv", "--source", str(empty), "--columns", "object=star;time=hjd"])
+    assert "holds two '=': separate the items with commas" in capsys.readouterr().err
+    assert ingest_main(["--survey", "csv", "--source", str(empty), "--lake", lake, "--band", "bad/band"]) == 2
+    assert "invalid band name 'bad/band'" in capsys.readouterr().err
+    assert ingest_main(["--survey", "synthetic", "--source", "synthetic://?n=abc", "--lake", lake]) == 2
+    assert "n='abc' is not a whole number" in capsys.readouterr().err
+    assert ingest_main(["--survey", "synthetic", "--source", "synthetic://?n=5&nn=1", "--lake", lake]) == 2
+    assert "unknown setting(s) nn; known: n, seed" in capsys.readouterr().err
+    # refused before writing anything: no lake left behind (the survey's lock and its folders are gone)
+    assert not os.path.exists(lake)
 
 
 def test_tab_separated_files_through_the_command(tmp_path):

@@ -22,6 +22,9 @@ def parse_mapping(text: str | None) -> dict[str, str]:
         if "=" not in item:
             raise argparse.ArgumentTypeError(f"--columns item {item!r} is not NAME=COLUMN")
         key, value = item.split("=", 1)
+        if "=" in value:
+            raise argparse.ArgumentTypeError(f"--columns item {item!r} holds two '=': separate the items with commas "
+                                             "(object=oid,time=hjd,...)")
         out[key.strip()] = value.strip()
     return out
 
@@ -83,6 +86,7 @@ def run(args) -> int:
 
     from astromer.ingest import DEFAULT_PART_BYTES, run_ingest
     from astromer.lake.locks import SurveyLocked
+    from astromer.lake.paths import validate_band
 
     for name, readers in READER_OPTIONS.items():
         if getattr(args, name) and args.survey not in readers:
@@ -100,6 +104,8 @@ def run(args) -> int:
         options["delimiter"] = args.delimiter
     lake = args.lake or settings.default_lake()
     try:
+        if args.band:
+            validate_band(args.band)
         result = run_ingest(args.survey, source, lake, options=options, out_survey=args.out_survey,
                             scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads,
                             processes=args.processes, progress=not args.no_progress,

@@ -99,6 +99,7 @@ def survey_lock(lake: str | LakePaths, survey: str, *, source: str = "", break_l
           "process_started": _process_started(os.getpid()), "source": source, "command": " ".join(sys.argv),
           "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     payload = json.dumps(me, indent=1).encode()
+    made = _missing_folders(fs, os.path.dirname(path))    # removed again with the lock when left empty
     for _ in range(3):
         if _create_exclusive(fs, path, payload):
             break
@@ -118,6 +119,19 @@ def survey_lock(lake: str | LakePaths, survey: str, *, source: str = "", break_l
         yield me
     finally:
         _remove_if_holder(fs, path, me)
+        for folder in made:       # a run refused before writing anything leaves no empty lake behind
+            with contextlib.suppress(OSError):
+                if not fs.ls(folder):
+                    fs.rmdir(folder)
+
+
+def _missing_folders(fs, folder: str) -> list[str]:
+    """The folders on the way to ``folder`` that do not exist yet, deepest first."""
+    missing = []
+    while folder and folder not in ("/", ".") and not fs.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
 
 
 def _remove_if_holder(fs, path: str, holder: dict) -> None:

@@ -44,15 +44,26 @@ PERIOD_LABEL_SET = "period"
 MJD_START = 48800.0
 
 
+#: the source's settings: their types and defaults
+SPEC = {"n": (int, 1000), "seed": (int, 0), "per_partition": (int, 500), "years": (float, 7.0), "bands": (str, "BR")}
+
+
 def parse_spec(source: str, options: dict | None = None) -> dict:
-    query = {k: v[-1] for k, v in parse_qs(urlparse(source).query).items()}
-    query.update({k: v for k, v in (options or {}).items() if k in ("n", "seed", "per_partition", "years",
-                                                                      "bands")})
-    spec = {"n": int(query.get("n", 1000)), "seed": int(query.get("seed", 0)),
-            "per_partition": int(query.get("per_partition", 500)), "years": float(query.get("years", 7)),
-            "bands": str(query.get("bands", "BR"))}
-    if spec["n"] < 1 or spec["per_partition"] < 1 or not 0 < spec["years"] <= 30:
-        raise ValueError(f"bad synthetic spec {spec}")
+    query = {k: v[-1] for k, v in parse_qs(urlparse(source).query, keep_blank_values=True).items()}
+    unknown = sorted(set(query) - set(SPEC))
+    if unknown:
+        raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SPEC)}")
+    query.update({k: v for k, v in (options or {}).items() if k in SPEC})
+    spec = {}
+    for key, (kind, default) in SPEC.items():
+        try:
+            spec[key] = kind(query.get(key, default))
+        except ValueError:
+            raise ValueError(f"{source}: {key}={query[key]!r} is not {'a whole number' if kind is int else 'a number'}"
+                             ) from None
+    if spec["n"] < 1 or spec["per_partition"] < 1 or not 0 < spec["years"] <= 30 or not spec["bands"]:
+        raise ValueError(f"{source}: n and per_partition must be at least 1, years in (0, 30] and bands not empty "
+                         f"(got {spec})")
     return spec
 
 
