@@ -136,6 +136,10 @@ def test_windows_store_matches_the_lake(small_lake):
     assert group["mjd"].compressors[0].__class__.__name__ == "ZstdCodec"
     with pytest.raises(FileExistsError):
         build_windows(small_lake, "w200", surveys=["macho"])
+    for length in (0, -5):     # refused before any store is made (-5 left a temporary store, 0 divided by zero)
+        with pytest.raises(ValueError, match="window length .* at least 1"):
+            build_windows(small_lake, "bad", surveys=["macho"], length=length)
+    assert not [p for p in os.listdir(os.path.join(small_lake, "windows")) if p.startswith("bad")]
 
 
 def test_windows_and_query_commands(small_lake, capsys):

@@ -40,6 +40,8 @@ def build_windows(lake: str, name: str, *, surveys=None, bands=None, length: int
     paths = LakePaths(lake)
     if not paths.is_local:
         raise NotImplementedError("windows are built into local lakes only (copy the store to object storage)")
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"the window length (--length) must be a whole number of observations, at least 1: got {length}")
     final = paths.windows(name)
     if os.path.exists(final) and not overwrite:
         raise FileExistsError(f"{final} exists (use overwrite=True / --overwrite)")
@@ -51,23 +53,11 @@ def build_windows(lake: str, name: str, *, surveys=None, bands=None, length: int
     tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
     stats = CleaningStats()
-    group = zarr.open_group(tmp, mode="w")
-    compressors = zarr.codecs.ZstdCodec(level=3)
-    arrays = {
-        "mjd": group.create_array("mjd", shape=(0, length), chunks=(chunk_rows, length), dtype="float64",
-                                  compressors=compressors, fill_value=0.0),
-        "mag": group.create_array("mag", shape=(0, length), chunks=(chunk_rows, length), dtype="float32",
-                                  compressors=compressors, fill_value=0.0),
-        "err": group.create_array("err", shape=(0, length), chunks=(chunk_rows, length), dtype="float32",
-                                  compressors=compressors, fill_value=0.0),
-        "n_valid": group.create_array("n_valid", shape=(0,), chunks=(chunk_rows,), dtype="int32",
-                                      compressors=compressors),
-        "start": group.create_array("start", shape=(0,), chunks=(chunk_rows,), dtype="int64", compressors=compressors),
-        "curve": group.create_array("curve", shape=(0,), chunks=(chunk_rows,), dtype="int64", compressors=compressors),
-    }
-    for key in ("object_id", "survey", "band"):
-        arrays[key] = group.create_array(key, shape=(0,), chunks=(chunk_rows,), dtype=str)
-
+    try:
+        group, arrays = _new_store(tmp, length, chunk_rows)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     buffer: dict[str, list] = {k: [] for k in arrays}
     n_windows = n_curves = 0
 
@@ -132,6 +122,27 @@ def build_windows(lake: str, name: str, *, surveys=None, bands=None, length: int
     else:
         os.replace(tmp, final)
     return info
+
+
+def _new_store(path: str, length: int, chunk_rows: int):
+    """An empty Zarr group of window arrays at ``path``, and its arrays by name."""
+    group = zarr.open_group(path, mode="w")
+    compressors = zarr.codecs.ZstdCodec(level=3)
+    arrays = {
+        "mjd": group.create_array("mjd", shape=(0, length), chunks=(chunk_rows, length), dtype="float64",
+                                  compressors=compressors, fill_value=0.0),
+        "mag": group.create_array("mag", shape=(0, length), chunks=(chunk_rows, length), dtype="float32",
+                                  compressors=compressors, fill_value=0.0),
+        "err": group.create_array("err", shape=(0, length), chunks=(chunk_rows, length), dtype="float32",
+                                  compressors=compressors, fill_value=0.0),
+        "n_valid": group.create_array("n_valid", shape=(0,), chunks=(chunk_rows,), dtype="int32",
+                                      compressors=compressors),
+        "start": group.create_array("start", shape=(0,), chunks=(chunk_rows,), dtype="int64", compressors=compressors),
+        "curve": group.create_array("curve", shape=(0,), chunks=(chunk_rows,), dtype="int64", compressors=compressors),
+    }
+    for key in ("object_id", "survey", "band"):
+        arrays[key] = group.create_array(key, shape=(0,), chunks=(chunk_rows,), dtype=str)
+    return group, arrays
 
 
 def open_windows(lake: str, name: str) -> zarr.Group:
