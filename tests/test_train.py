@@ -317,3 +317,20 @@ def test_run_history_keeps_the_later_value_of_a_step_trained_again(tmp_path):
     assert len(tracker.client.get_metric_history(run_id, "train_loss")) == 5
     assert tracker.history("train_loss") == {"train_loss": [(1, 0.9), (2, 0.8), (3, 0.75), (4, 0.6)]}
     assert RunTracker(TrainConfig(mlflow_run_id=run_id, tracking_uri=uri), rank=1).history("train_loss") == {}
+
+
+def test_settings_files_in_three_formats_and_their_errors_name_the_file(tmp_path):
+    from astromer.train import read_settings_file
+
+    files = {"ok.yaml": "max_steps: 3\n", "ok.toml": "max_steps = 3\n", "ok.json": '{"max_steps": 3}'}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        assert read_settings_file(tmp_path / name) == {"max_steps": 3}
+    broken = {"bad.yaml": ("a: 1\nb: [1,\nc: d: e\n", "not valid YAML at line 3 column 5"),
+              "bad.json": ('{"a": 1,,}', "not valid JSON at line 1 column 9"),
+              "bad.toml": ("max_steps = \n", "not valid TOML"),
+              "bad.cfg": ("max_steps: 3", "not valid JSON (a settings file is .json, .yaml, .yml or .toml)")}
+    for name, (text, message) in broken.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}: {message}")):
+            read_settings_file(tmp_path / name)

@@ -261,14 +261,33 @@ def _typed_setting(name: str, value, hint):
 
 
 def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A settings file's mapping: YAML (``.yaml``, ``.yml``), TOML (``.toml``), else JSON. A file that does
+    not parse raises a ValueError naming it, with the line and column."""
+    import tomllib
+
+    import yaml
+
     path = Path(path)
     text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        raise ValueError(f"{path}: not valid YAML at line {mark.line + 1} column {mark.column + 1}: {exc.problem}"
+                         ) from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    except json.JSONDecodeError as exc:
+        kind = "" if suffix == ".json" else " (a settings file is .json, .yaml, .yml or .toml)"
+        raise ValueError(f"{path}: not valid JSON{kind} at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of setting names to values")
     return data
