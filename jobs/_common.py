@@ -31,7 +31,7 @@ def build_parser(description: str, defaults: dict | None = None) -> argparse.Arg
     plus ``--config FILE`` (JSON or YAML) whose values the flags override."""
     parser = argparse.ArgumentParser(description=description,
                                      epilog="Every setting, grouped and explained: docs/jobs/pretrain.md.")
-    parser.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
+    parser.add_argument("--config", help="JSON, YAML or TOML file of settings (flags override it)")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                         help="extra tag for the MLflow run and the registered version (repeatable)")
     hints = typing.get_type_hints(TrainConfig)
