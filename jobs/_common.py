@@ -15,7 +15,7 @@ from dataclasses import fields
 
 from astromer import registry, settings
 from astromer.commands import USER_ERRORS, report_usage_error
-from astromer.train import JOB_SET, STOP_KEYS, TrainConfig, worker_loop
+from astromer.train import JOB_SET, STATE_FILE, STOP_KEYS, TrainConfig, worker_loop
 
 log = logging.getLogger("astromer.jobs")
 
@@ -187,6 +187,73 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+#: the run tag naming the driver process of the attempt in flight (host, process, its start)
+DRIVER_KEY = "astromer.driver"
+#: beside the runs' checkpoint folders: which experiment each run name belongs to
+RUN_OWNERS = ".astromer-runs"
+
+
+def this_driver() -> dict:
+    import socket
+
+    from astromer.lake.locks import _process_started
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "process_started": _process_started(os.getpid()),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def check_run_name(config: TrainConfig) -> int | None:
+    """What the run name's history allows, checked before Ray starts and before the MLflow run is touched:
+
+    - a run name that another experiment's job holds (pretraining and finetuning keep their checkpoints side
+      by side under ``storage_path``: a finetune would resume a pretraining run's weights) is refused;
+    - a run whose newest checkpoint holds a model of another shape than these settings make is refused
+      (a resume would fail in every worker, after Ray had started, three times over);
+    - a run whose attempt is still in flight (its MLflow run RUNNING, its driver alive on this host) is refused;
+    - a run that finished at or past the steps (or passes) asked for: its step is returned (nothing to train;
+      training it again would write its final checkpoint over itself, and Ray would then delete the folder).
+    Raises ValueError for the refusals."""
+    import fsspec
+    from astromer.lake.locks import holder_is_gone
+    from astromer.train import _init_config, model_mismatch, run_checkpoints
+
+    fs, root = fsspec.core.url_to_fs(config.storage_path)
+    owner_path = f"{root.rstrip('/')}/{RUN_OWNERS}/{config.run_name}.json"
+    owner = json.loads(fs.cat_file(owner_path)) if fs.exists(owner_path) else None
+    if owner and owner.get("experiment") != config.experiment:
+        raise ValueError(f"run name {config.run_name} belongs to a run of experiment {owner.get('experiment')} "
+                         f"(its checkpoints are in {config.storage_path}/{config.run_name}): choose another --run-name")
+    checkpoints = run_checkpoints(config.storage_path, config.run_name)
+    if checkpoints:
+        step, final, url = checkpoints[0]
+        expected = _init_config(config.init_from, config.tracking_uri) if config.init_from else config.model_config()
+        mismatch = model_mismatch(url, expected)
+        if mismatch:
+            raise ValueError(f"run {config.run_name} cannot resume with these settings: its checkpoint at step {step} "
+                             f"holds another model ({mismatch}); start it with the settings it began with "
+                             "(see its MLflow parameters), or choose another --run-name")
+    registry.setup_tracking(config.tracking_uri)
+    run_id = registry.find_run(config.experiment, config.run_name)
+    if run_id is not None:
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient().get_run(run_id)
+        driver = json.loads(run.data.tags.get(DRIVER_KEY, "{}") or "{}")
+        if run.info.status == "RUNNING" and driver and not holder_is_gone(driver) \
+                and driver.get("pid") != os.getpid() and driver.get("host") == this_driver()["host"]:
+            raise ValueError(f"run {config.run_name} is running: driver process {driver.get('pid')} on "
+                             f"{driver.get('host')} since {driver.get('started_at')}; wait for it to end or stop "
+                             "it (ray job stop), then run the same command to continue it")
+    if owner is None:
+        fs.makedirs(os.path.dirname(owner_path), exist_ok=True)
+        fs.pipe_file(owner_path, json.dumps({"experiment": config.experiment, "run_name": config.run_name}).encode())
+    if checkpoints and checkpoints[0][1]:
+        state = json.loads(fs.cat_file(f"{checkpoints[0][2].rstrip('/')}/{STATE_FILE}"))
+        if state["step"] >= (config.max_steps or 10**12) or state["epoch"] >= config.epochs:
+            return int(state["step"])
+    return None
+
+
 def run_tags(config: TrainConfig, register_tags: dict | None = None) -> dict:
     """What the run trains, as tags (``astromer.<key>`` on the run, ``<key>`` on its registered version): set
     when the run starts, so that a stopped or failed run is found by them too."""
@@ -209,9 +276,10 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None, register_t
     run_id = registry.find_run(config.experiment, config.run_name)
     flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in (params or config.to_dict()).items()
             if k not in (*JOB_SET, "tracking_uri", "pid_dir")}
+    driver = {DRIVER_KEY: json.dumps(this_driver())}
     if run_id is None:
         run = client.create_run(registry.experiment_id(config.experiment), run_name=config.run_name,
-                                tags=_run_tag_items(config, register_tags))
+                                tags={**_run_tag_items(config, register_tags), **driver})
         run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for lo in range(0, len(items), 100):
@@ -223,7 +291,7 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None, register_t
                    if k in logged and logged[k] != str(v)[:6000]}
         # what it trains, again: tags added on this attempt (or a run older than these tags) match the version
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in
-                                       {**_run_tag_items(config, register_tags), **changed}.items()])
+                                       {**_run_tag_items(config, register_tags), **changed, **driver}.items()])
         tags = client.get_run(run_id).data.tags
         for _, key in STOP_KEYS:    # a NaN or no-batch stop of an earlier attempt
             if key in tags:
@@ -237,9 +305,10 @@ def start_mlflow_run(config: TrainConfig, params: dict | None = None, register_t
     return run_id
 
 
-def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict:
+def run_training(config: TrainConfig, register_tags: dict | None = None, checked: bool = False) -> dict:
     """Train with Ray (TorchTrainer over the lake's datasets), then log and register the final model from the
-    driver. Returns a summary dict (also printed as JSON by the jobs)."""
+    driver. Returns a summary dict (also printed as JSON by the jobs). ``checked``: the caller has run
+    :func:`check_run_name` and trains (it is run here otherwise)."""
     import ray.train
     from astromer.data import (
         make_datasets,
@@ -253,6 +322,9 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
     from mlflow.tracking import MlflowClient
     from ray.train.torch import TorchTrainer
 
+    finished = None if checked else check_run_name(config)
+    if finished is not None:
+        return finished_summary(config, finished)
     init_ray(config)
     config.mlflow_run_id = start_mlflow_run(config, register_tags=register_tags)
     client = MlflowClient()
@@ -308,7 +380,12 @@ def run_training(config: TrainConfig, register_tags: dict | None = None) -> dict
         client.set_tag(config.mlflow_run_id, ERROR_KEY, message[:5000])
         client.set_terminated(config.mlflow_run_id, status="FAILED")
         raise stop[0](message) if stop else RuntimeError(message)
-    summary = finish_run(config, result, register_tags)
+    try:
+        summary = finish_run(config, result, register_tags)
+    except BaseException as exc:    # trained, but not registered: the run says why, as for any other failure
+        client.set_tag(config.mlflow_run_id, ERROR_KEY, f"registering the model: {_root_message(exc)}"[:5000])
+        client.set_terminated(config.mlflow_run_id, status="FAILED")
+        raise
     if cleaning is not None:
         summary["cleaning"] = cleaning.get("all", {})
     client.set_terminated(config.mlflow_run_id, status="FINISHED")
@@ -370,12 +447,27 @@ def _root_message(exc: BaseException) -> str:
     return f"{type(seen).__name__}: {text[-1] if text else ''}"
 
 
+def registered_name(config: TrainConfig) -> str:
+    return config.register_as or registry.pretrained_name(str(config.corpus))
+
+
+def finished_summary(config: TrainConfig, step: int) -> dict:
+    """A run that had finished at ``step``: what it registered then (nothing runs)."""
+    name = registered_name(config)
+    version = registry.version_with_tags(name, {"run_name": config.run_name, "step": step})
+    log.warning("run %s finished at step %d (its final checkpoint), as far as --max-steps and --epochs ask: "
+                "nothing to train (raise them to continue it)", config.run_name, step)
+    return {"run_name": config.run_name, "mlflow_run_id": registry.find_run(config.experiment, config.run_name),
+            "finished_before": step, "registered": name if version is not None else None, "version": version,
+            "production": registry.production_version(name) if version is not None else None}
+
+
 def finish_run(config: TrainConfig, result, register_tags: dict) -> dict:
     """Log the final checkpoint's model into the run and register it (candidate; production if better)."""
     import mlflow
 
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
-    name = config.register_as or registry.pretrained_name(str(config.corpus))
+    name = registered_name(config)
     tags = {**run_tags(config, register_tags), "step": int(metrics.get("step", 0))}
     earlier = registry.version_with_tags(name, {"run_name": config.run_name, "step": tags["step"]})
     if earlier is not None:
@@ -406,11 +498,13 @@ def main(description: str, prefix: str, defaults: dict | None = None, prepare=No
         if prepare is not None:
             register_tags = prepare(config) or {}
         complete(config, prefix)
+        finished = check_run_name(config)
     except (*USER_ERRORS, OSError, settings.EphemeralHome) as exc:
         return report_usage_error(exc)
     log.info("settings: %s", json.dumps(config.to_dict(), sort_keys=True))
     try:
-        summary = run_training(config, register_tags)
+        summary = finished_summary(config, finished) if finished is not None else \
+            run_training(config, register_tags, checked=True)
     except (KeyboardInterrupt, SystemExit):   # Ray Train turns Ctrl-C into SystemExit once it has aborted
         print(f"interrupted: the same command with --run-name {config.run_name} continues from the last "
               "checkpoint", file=sys.stderr)

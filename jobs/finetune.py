@@ -11,6 +11,7 @@ that carry a label of the chosen label set. The result is registered (default na
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -20,10 +21,28 @@ from _common import main  # noqa: E402
 from astromer import registry  # noqa: E402
 from astromer.train import TrainConfig  # noqa: E402
 
+log = logging.getLogger("astromer.jobs.finetune")
+
 # finetuning runs on catalogued variable stars: keep observation-level cleaning only (the noise criteria
 # would reject most of them), a shorter warm-up and run, and its own MLflow experiment
 DEFAULTS = {"drop_noisy": False, "lr": 1e-4, "warmup_steps": 20, "epochs": 20, "patience": 3,
             "experiment": registry.FINETUNE_EXPERIMENT}
+
+
+def _first_parent_version(config: TrainConfig, name: str) -> str | None:
+    """The parent version an earlier attempt of this run (same name) recorded, when it was of ``name``."""
+    if not config.run_name:
+        return None
+    registry.setup_tracking(config.tracking_uri)
+    run_id = registry.find_run(config.experiment, config.run_name)
+    if run_id is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient().get_run(run_id).data.tags
+    if tags.get("astromer.parent_model") != name:
+        return None
+    return tags.get("astromer.parent_version")
 
 
 def lineage(config: TrainConfig) -> dict[str, str]:
@@ -38,6 +57,14 @@ def lineage(config: TrainConfig) -> dict[str, str]:
                                           "labels": config.labels}, sort_keys=True)}
     if str(config.init_from).startswith("models:/"):
         name, version = registry.resolve_version(config.init_from)
+        first = _first_parent_version(config, name)
+        if first is not None and first != str(version):
+            log.warning("run %s began from %s version %s; %s is version %s now: it continues from its checkpoints "
+                        "and keeps version %s as its parent", config.run_name, name, first, config.init_from,
+                        version, first)
+            version = first
+        # pinned: the workers, a later resume and the lineage tags all name the version this run starts from
+        config.init_from = f"models:/{name}/{version}"
         tags.update(parent_model=name, parent_version=str(version))
         parent = name
     else:

@@ -299,8 +299,17 @@ def test_finetune_from_registry_records_lineage(ray_local, mlflow_sqlite, tmp_pa
     selection = json.loads(tags["data_selection"])
     assert selection["surveys"] == ["asas"] and selection["label_set"] == "class" and selection["labels"] == ["long"]
     run = MlflowClient().get_run(summary["mlflow_run_id"])
-    assert run.data.params["init_from"] == "models:/astromer2-parent@production"
+    # the alias is resolved once, pinned, and the URI asked for kept beside it
+    assert run.data.params["init_from"] == f"models:/astromer2-parent/{parent_version}"
+    assert tags["parent_uri"] == "models:/astromer2-parent@production"
     assert MlflowClient().get_experiment(run.info.experiment_id).name == registry.FINETUNE_EXPERIMENT
+    # production moves to another version: the run, resumed, still names the parent it began from
+    newer = registry.register_model_dir(tmp_path / "parent", "astromer2-parent")
+    registry.set_alias("astromer2-parent", "production", newer)
+    resumed = TrainConfig(**{**config.to_dict(), "init_from": "models:/astromer2-parent@production",
+                             "max_steps": 6, "tags": {}, "register_as": None})
+    assert finetune.lineage(resumed)["parent_version"] == str(parent_version) != str(newer)
+    assert resumed.init_from == f"models:/astromer2-parent/{parent_version}"
 
 
 def test_what_a_job_is_asked_is_checked_before_ray_starts(lake, tmp_path, monkeypatch, capsys):
@@ -342,3 +351,45 @@ def test_what_a_job_is_asked_is_checked_before_ray_starts(lake, tmp_path, monkey
     assert settings.home(persistent=False) == copy / ".astromer"      # a cache may live there
     monkeypatch.setenv("ASTROMER_HOME", str(tmp_path / "home"))
     assert settings.default_lake() == str(tmp_path / "home" / "lake")
+
+
+def test_a_run_name_is_checked_before_ray_starts(ray_local, mlflow_sqlite, lake, capsys):
+    from astromer.lake.locks import _process_started
+
+    settings = dict(max_steps=6, checkpoint_every=3, count_cleaning=False)
+    first = _common.run_training(tiny(lake, "done-once", **settings))
+    folder = Path(tiny(lake, "done-once").storage_path) / "done-once"
+    before = sorted(p.name for p in folder.glob("step-*"))
+    assert before[-1] == "step-00000006-final"
+    # a finished run started again, twice: nothing trains, nothing is written (the second attempt deleted the
+    # final checkpoint: each attempt wrote a final folder of the same name, and Ray dropped the older record's)
+    for _ in range(2):
+        again = _common.run_training(tiny(lake, "done-once", **settings))
+        assert again["finished_before"] == 6 and again["version"] == first["version"]
+    assert sorted(p.name for p in folder.glob("step-*")) == before
+    client = MlflowClient()
+    run_id = first["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # settings that make another model cannot resume it; nor can another experiment's job of that name
+    with pytest.raises(ValueError, match=r"its checkpoint at step 6 holds another model \(\S+ is \[\d+"):
+        _common.check_run_name(tiny(lake, "done-once", preset="astromer1"))
+    with pytest.raises(ValueError, match="run name done-once belongs to a run of experiment astromer-pretrain"):
+        _common.check_run_name(tiny(lake, "done-once", experiment=registry.FINETUNE_EXPERIMENT))
+    # the command says so in one line, exit status 2, before Ray or MLflow are touched
+    code = _common.main("pretrain", "pretrain", argv=["--lake", str(lake), "--preset", "astromer1", "--run-name",
+                                                      "done-once", "--max-steps", "6"])
+    assert code == 2 and "cannot resume with these settings" in capsys.readouterr().err
+    assert client.get_run(run_id).info.status == "FINISHED" and client.get_run(run_id).data.params["preset"] == "tiny"
+    # an attempt in flight (RUNNING, its driver alive on this host) is not joined by a second one
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        driver = {**_common.this_driver(), "pid": sleeper.pid, "process_started": _process_started(sleeper.pid)}
+        client.set_tag(run_id, _common.DRIVER_KEY, json.dumps(driver))
+        client.update_run(run_id, status="RUNNING")
+        with pytest.raises(ValueError, match=f"run done-once is running: driver process {sleeper.pid}"):
+            _common.check_run_name(tiny(lake, "done-once", max_steps=9))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert _common.check_run_name(tiny(lake, "done-once", max_steps=9)) is None      # its driver is gone
+    client.set_terminated(run_id, status="FINISHED")

@@ -687,25 +687,57 @@ def checkpoint_dir_name(step: int, final: bool = False) -> str:
     return f"step-{step:08d}" + ("-final" if final else "")
 
 
+def run_checkpoints(storage_path: str, run_name: str) -> list[tuple[int, bool, str]]:
+    """The checkpoint folders under ``storage_path/run_name`` as (step, final, url), newest first."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(storage_path)
+    base = f"{root.rstrip('/')}/{run_name}"
+    if not fs.exists(base):
+        return []
+    found = []
+    for path in fs.ls(base, detail=False):
+        match = _CHECKPOINT_DIR.fullmatch(path.rstrip("/").rsplit("/", 1)[-1])
+        if match:
+            found.append((int(match.group(1)), bool(match.group(2)),
+                          fs.unstrip_protocol(path) if "://" in storage_path else path))
+    return sorted(found, reverse=True)
+
+
+def model_mismatch(checkpoint_url: str, expected: ModelConfig) -> str | None:
+    """How the model in a checkpoint folder differs from a model of ``expected`` (a tensor one has and the
+    other lacks, or of another shape), or None when it would load. Reads the safetensors header only."""
+    import fsspec
+
+    from astromer.model import Astromer
+    from astromer.weights import MODEL_FILE
+
+    with fsspec.open(f"{checkpoint_url.rstrip('/')}/{MODEL_FILE}", "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    held = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    with torch.device("meta"):
+        wanted = {k: list(v.shape) for k, v in Astromer(expected).state_dict().items()}
+    for key in sorted(set(held) | set(wanted)):
+        if key not in held:
+            return f"it lacks {key}"
+        if key not in wanted:
+            return f"it holds {key}, which a {expected.name} model has not"
+        if held[key] != wanted[key]:
+            return f"{key} is {held[key]} there, {wanted[key]} for these settings"
+    return None
+
+
 def unrecorded_checkpoint(storage_path: str, run_name: str, after_step: int, device="cpu") -> str | None:
     """The newest complete checkpoint folder of the run above ``after_step`` (Ray Train's latest record).
 
     Ray writes a reported checkpoint's files, then records it; a job interrupted between the two (Ctrl-C
     did so for the last two checkpoints in one trial) leaves complete checkpoints that Ray does not offer
     on resume. A folder counts when all its files read (a partly copied one does not)."""
-    import fsspec
     import ray.train
 
-    fs, root = fsspec.core.url_to_fs(storage_path)
-    base = f"{root.rstrip('/')}/{run_name}"
-    if not fs.exists(base):
-        return None
-    found = []
-    for path in fs.ls(base, detail=False):
-        match = _CHECKPOINT_DIR.fullmatch(path.rstrip("/").rsplit("/", 1)[-1])
-        if match and int(match.group(1)) > after_step:
-            found.append((int(match.group(1)), fs.unstrip_protocol(path) if "://" in storage_path else path))
-    for _, url in sorted(found, reverse=True):
+    found = [(step, url) for step, _, url in run_checkpoints(storage_path, run_name) if step > after_step]
+    for _, url in found:
         try:
             with ray.train.Checkpoint(url).as_directory() as folder:
                 read_checkpoint(folder, device)
