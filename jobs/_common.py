@@ -196,9 +196,9 @@ RUN_OWNERS = ".astromer-runs"
 def this_driver() -> dict:
     import socket
 
-    from astromer.lake.locks import _process_started
+    from astromer.lake.locks import process_started
 
-    return {"host": socket.gethostname(), "pid": os.getpid(), "process_started": _process_started(os.getpid()),
+    return {"host": socket.gethostname(), "pid": os.getpid(), "process_started": process_started(os.getpid()),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

@@ -354,7 +354,7 @@ def test_what_a_job_is_asked_is_checked_before_ray_starts(lake, tmp_path, monkey
 
 
 def test_a_run_name_is_checked_before_ray_starts(ray_local, mlflow_sqlite, lake, capsys):
-    from astromer.lake.locks import _process_started
+    from astromer.lake.locks import process_started
 
     settings = dict(max_steps=6, checkpoint_every=3, count_cleaning=False)
     first = _common.run_training(tiny(lake, "done-once", **settings))
@@ -383,7 +383,7 @@ def test_a_run_name_is_checked_before_ray_starts(ray_local, mlflow_sqlite, lake,
     # an attempt in flight (RUNNING, its driver alive on this host) is not joined by a second one
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        driver = {**_common.this_driver(), "pid": sleeper.pid, "process_started": _process_started(sleeper.pid)}
+        driver = {**_common.this_driver(), "pid": sleeper.pid, "process_started": process_started(sleeper.pid)}
         client.set_tag(run_id, _common.DRIVER_KEY, json.dumps(driver))
         client.update_run(run_id, status="RUNNING")
         with pytest.raises(ValueError, match=f"run done-once is running: driver process {sleeper.pid}"):

@@ -31,7 +31,7 @@ class SurveyLocked(RuntimeError):
     """Another ingest of the survey holds its lock."""
 
 
-def _process_started(pid: int) -> float | None:
+def process_started(pid: int) -> float | None:
     """When process ``pid`` of this host started (seconds since the epoch), None when it does not run."""
     import psutil
 
@@ -47,7 +47,7 @@ def holder_is_gone(holder: dict) -> bool:
     """Whether the lock's holder ran on this host and no longer runs."""
     if holder.get("host") != socket.gethostname():
         return False
-    started = _process_started(int(holder.get("pid", -1)))
+    started = process_started(int(holder.get("pid", -1)))
     return started is None or (started > 0 and abs(started - float(holder.get("process_started", 0))) > 1.0)
 
 
@@ -96,7 +96,7 @@ def survey_lock(lake: str | LakePaths, survey: str, *, source: str = "", break_l
     fs, path = paths.fs, paths.ingest_lock(survey)
     stream = stream or sys.stderr
     me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-          "process_started": _process_started(os.getpid()), "source": source, "command": " ".join(sys.argv),
+          "process_started": process_started(os.getpid()), "source": source, "command": " ".join(sys.argv),
           "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     payload = json.dumps(me, indent=1).encode()
     made = _missing_folders(fs, os.path.dirname(path))    # removed again with the lock when left empty
