@@ -15,7 +15,7 @@ from dataclasses import fields
 
 from astromer import registry, settings
 from astromer.commands import USER_ERRORS, report_usage_error
-from astromer.train import JOB_SET, STATE_FILE, STOP_KEYS, TrainConfig, worker_loop
+from astromer.train import JOB_SET, STATE_FILE, STOP_KEYS, TrainConfig, check_init_from, worker_loop
 
 log = logging.getLogger("astromer.jobs")
 
@@ -493,6 +493,8 @@ def main(description: str, prefix: str, defaults: dict | None = None, prepare=No
     args = build_parser(description, defaults).parse_args(argv)
     try:   # what was asked (settings file, preset, lake, selection, model to start from) is checked here
         config = config_from_args(args)
+        if config.init_from:   # loaded here once: a damaged model would fail every worker after Ray starts
+            check_init_from(config.init_from, config.tracking_uri)
         register_tags = {}
         config.lake = config.lake or settings.default_lake()
         if prepare is not None:

@@ -182,6 +182,24 @@ def test_embed_job_rejects_unknown_survey_and_band(ray_local, small_lake, capsys
         emb.embed_survey(lake, model_dir, SURVEY, precision="fp16")
 
 
+def test_embed_job_refuses_a_damaged_model_before_ray_starts(small_lake, capsys, monkeypatch):
+    import ray
+
+    lake, model_dir, _, _ = small_lake
+    tensors = Path(model_dir) / "model.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started for a model the job could not load")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    capsys.readouterr()
+    assert _load_job("embed").main(["--model", model_dir, "--lake", lake, "--survey", SURVEY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tensors}: not a readable safetensors file") and err.count("\n") == 1, err
+
+
 def test_embedder_precision_reaches_the_model(small_lake, tmp_path):
     _, model_dir, _, _ = small_lake
     assert emb.CurveEmbedder(model_dir, str(tmp_path), device="cpu").model.bf16_on_cuda

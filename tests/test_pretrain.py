@@ -333,6 +333,20 @@ def test_what_a_job_is_asked_is_checked_before_ray_starts(lake, tmp_path, monkey
     # one label misspelt among good ones is refused too (it would drop its class without a word)
     cases.append(([*lab, "--label-set", "class", "--labels", "short", "Nope"],
                   "no curve has the label(s) ['Nope'] in label set 'class' of the lake; there are ['long', 'short']"))
+    # a damaged model to start from: refused in the driver, naming the file (not in every worker after Ray starts)
+    from astromer.config import ModelConfig
+    from astromer.model import Astromer
+    from astromer.weights import save_model
+
+    damaged = {name: save_model(Astromer(ModelConfig.tiny()), tmp_path / name) for name in ("cut", "badjson", "other")}
+    tensors = damaged["cut"] / "model.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+    (damaged["badjson"] / "config.json").write_text('{"name": "tiny",,}')
+    ModelConfig.astromer2().to_json(damaged["other"] / "config.json")
+    cases.append(([*base, "--init-from", str(damaged["cut"])], f"{tensors}: not a readable safetensors file"))
+    cases.append(([*base, "--init-from", str(damaged["badjson"]), "--window-length", "64"],
+                  f"{damaged['badjson'] / 'config.json'}: not valid JSON"))
+    cases.append(([*base, "--init-from", str(damaged["other"])], "config.json says d_model 256; model.safetensors"))
     for argv, words in cases:
         assert _common.main("pretrain", "pretrain", argv=argv) == 2, argv
         err = capsys.readouterr().err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 
 import astromer
@@ -113,6 +114,60 @@ def test_save_and_load_round_trip(tmp_path):
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
         astromer.load_model(tmp_path / "m")
+
+
+def _damage(folder, case):
+    """Damage a tiny model folder the way a copy, an edit or another preset's file does."""
+    config = json.loads((folder / "config.json").read_text())
+    tensors = folder / "model.safetensors"
+    if case == "other preset":
+        config = ModelConfig.astromer1().to_dict()
+    elif case == "more layers":
+        config["n_layers"] = 3
+    elif case == "truncated":
+        tensors.write_bytes(tensors.read_bytes()[:-100])
+    elif case == "garbled header":
+        data = bytearray(tensors.read_bytes())
+        data[20:60] = bytes(40)
+        tensors.write_bytes(bytes(data))
+    elif case == "json syntax":
+        (folder / "config.json").write_text(json.dumps(config, indent=2).replace('"d_ff"', '"d_ff",', 1))
+        return
+    elif case == "not a mapping":
+        config = [config]
+    else:
+        key, value = {"d_ff text": ("d_ff", "big"), "unknown key": ("colour", "red"), "no heads": ("n_heads", 0),
+                      "dropout text": ("dropout", "x")}[case]
+        config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("case, file, words", [
+    ("other preset", "model.safetensors", "config.json says d_model 256; model.safetensors holds 32 "
+                                          "(encoder.embedding.proj.weight)"),
+    ("more layers", "model.safetensors", "config.json says n_layers 3; model.safetensors holds 2 blocks"),
+    ("truncated", "model.safetensors", "not a readable safetensors file"),
+    ("garbled header", "model.safetensors", "not a readable safetensors file"),
+    ("json syntax", "config.json", "not valid JSON: Expecting ':' delimiter: line 4 column 9"),
+    ("not a mapping", "config.json", "expected a mapping"),
+    ("d_ff text", "config.json", "ModelConfig.d_ff='big': expected a positive integer"),
+    ("unknown key", "config.json", "unknown field(s) ['colour']"),
+    ("no heads", "config.json", "ModelConfig.n_heads=0: expected a positive integer"),
+    ("dropout text", "config.json", "ModelConfig.dropout='x': expected a number"),
+])
+def test_a_damaged_model_folder_is_refused_in_one_error_naming_the_file(tmp_path, case, file, words):
+    from astromer.registry import resolve_model_dir
+
+    folder = save_model(Astromer(ModelConfig.tiny()), tmp_path / "m")
+    _damage(folder, case)
+    with pytest.raises(ValueError) as caught:
+        load_model_dir(folder)
+    message = str(caught.value)
+    assert message.startswith(f"{folder / file}: ") and words in message and "\n" not in message, message
+    # a job's pre-flight loads the folder it resolves
+    assert resolve_model_dir(folder) == folder
+    with pytest.raises(ValueError, match=re.escape(words)):
+        resolve_model_dir(folder, check=True)
 
 
 def test_import_from_npz_equals_import_from_zip(tmp_path):

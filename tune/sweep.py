@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = dataclasses.replace(spec, max_per_class=args.max_per_class)
     lake = args.lake or settings.default_lake()
     try:   # the set and the model, checked before any trial
-        data = ev.load_labelled_set(lake, spec)
         model = astromer.load_model(args.model)
         ref = resolve_model(args.model)
+        data = ev.load_labelled_set(lake, spec)
     except USER_ERRORS as exc:
         return report_usage_error(exc)
     # the encoder is frozen in the trials: what jobs/embed.py wrote for this model version serves as it is

@@ -55,6 +55,14 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{field}={value!r}: expected a positive integer")
         if self.d_model % self.n_heads:
             raise ValueError(f"ModelConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        for field in ("dropout", "layernorm_eps", "pe_base"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"ModelConfig.{field}={value!r}: expected a number")
+        if not isinstance(self.mask_token, bool):
+            raise ValueError(f"ModelConfig.mask_token={self.mask_token!r}: expected true or false")
+        if not isinstance(self.name, str):
+            raise ValueError(f"ModelConfig.name={self.name!r}: expected a string")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout={self.dropout!r}: expected 0 <= dropout < 1")
         if self.layernorm_eps <= 0 or self.pe_base <= 0:
@@ -92,6 +100,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"ModelConfig: expected a mapping of field names to values, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -103,8 +113,19 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> ModelConfig:
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+        """The config in a JSON file; a file that is not JSON or not a valid config raises one ValueError that
+        names it (a missing one: FileNotFoundError)."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {

@@ -311,7 +311,8 @@ class ModelRef:
 
 def resolve_model(model: str, name: str | None = None) -> ModelRef:
     """``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` -> the registered name and version; a model folder
-    -> ``name`` (default: the folder's name) and version ``local-<sha256 of the weights, 12 hex>``."""
+    -> ``name`` (default: the folder's name) and version ``local-<sha256 of the weights, 12 hex>``. The model is
+    loaded once here: a damaged one is refused (ValueError naming the file) before any actor starts."""
     import hashlib
 
     from astromer.lake.paths import validate_name
@@ -319,8 +320,8 @@ def resolve_model(model: str, name: str | None = None) -> ModelRef:
 
     if str(model).startswith("models:/"):
         reg_name, version = resolve_version(model)
-        return ModelRef(reg_name, str(version), resolve_model_dir(model))
-    folder = resolve_model_dir(model)
+        return ModelRef(reg_name, str(version), resolve_model_dir(model, check=True))
+    folder = resolve_model_dir(model, check=True)
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12]
     return ModelRef(validate_name(name or folder.resolve().name, "model"), f"local-{digest}", folder)
 

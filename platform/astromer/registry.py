@@ -321,11 +321,26 @@ def resolve_version(uri: str, tracking_uri: str | None = None) -> tuple[str, int
     return name, version
 
 
-def resolve_model_dir(uri: str | Path, tracking_uri: str | None = None) -> Path:
+def resolve_model_dir(uri: str | Path, tracking_uri: str | None = None, *, check: bool = False) -> Path:
     """A local folder with model.safetensors + config.json for ``uri``: a folder path is returned as is; a
     ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI is resolved to a version and its files are
-    downloaded once into ASTROMER_HOME/models/NAME/VERSION (written to a temporary folder, then renamed)."""
-    text = str(uri)
+    downloaded once into ASTROMER_HOME/models/NAME/VERSION (written to a temporary folder, then renamed).
+    ``check``: the folder is loaded too (the checks of ``astromer.weights.load_model_dir``), so that a damaged
+    model is refused where a job starts, in one ValueError naming the file (and the URI)."""
+    folder = _resolve_model_dir(str(uri), tracking_uri)
+    if check:
+        from astromer.weights import load_model_dir
+
+        try:
+            load_model_dir(folder)
+        except ValueError as exc:
+            if str(uri).startswith("models:/"):
+                raise ValueError(f"{uri}: {exc}") from None
+            raise
+    return folder
+
+
+def _resolve_model_dir(text: str, tracking_uri: str | None) -> Path:
     if not text.startswith("models:/"):
         return _check_model_dir(text)
     name, version = resolve_version(text, tracking_uri)

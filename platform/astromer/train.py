@@ -293,6 +293,15 @@ def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def check_init_from(init_from: str, tracking_uri: str | None = None) -> ModelConfig:
+    """The config of the model a run starts from, after loading it once in the driver: a damaged folder or
+    registered version (config, safetensors, tensors that do not fit) raises a ValueError naming the file
+    before Ray starts, instead of failing every worker and every retry."""
+    from astromer.registry import resolve_model_dir
+
+    return ModelConfig.from_json(resolve_model_dir(init_from, tracking_uri, check=True) / "config.json")
+
+
 def _init_config(init_from: str, tracking_uri: str | None = None) -> ModelConfig:
     from astromer.registry import resolve_model_dir
 

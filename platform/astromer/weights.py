@@ -69,10 +69,22 @@ def weights_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Build an Astromer from ``path/config.json`` and load ``path/model.safetensors`` (strict)."""
+def read_model_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file that is not one (truncated, garbled header) raises a
+    ValueError that names it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Build an Astromer from ``path/config.json`` and load ``path/model.safetensors`` (strict). A damaged
+    folder (config that is not JSON or not a valid config, unreadable safetensors, tensors that do not fit
+    the config) raises one ValueError naming the file."""
     from astromer.model import Astromer
 
     folder = Path(path)
@@ -80,13 +92,52 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: missing {name} (a model folder holds {MODEL_FILE} + {CONFIG_FILE})")
     model = Astromer(ModelConfig.from_json(folder / CONFIG_FILE))
-    state = load_file(str(folder / MODEL_FILE), device=str(device))
+    state = read_model_tensors(folder / MODEL_FILE, device=device)
+    mismatch = _state_mismatch(model.config, model.state_dict(), state)
+    if mismatch:
+        raise ValueError(f"{folder / MODEL_FILE}: does not match {folder / CONFIG_FILE}: {mismatch}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{folder / MODEL_FILE}: does not match {folder / CONFIG_FILE}: {exc}") from None
     model.eval()
     return model.to(device)
+
+
+def _state_mismatch(config: ModelConfig, expected: dict, found: dict) -> str | None:
+    """Why a file's tensors do not fit the model a config builds, in a line (None: they fit): the config's
+    setting the file contradicts where one explains it."""
+    def blocks(names) -> int:
+        return len({m.group(1) for n in names if (m := re.match(r"encoder\.blocks\.(\d+)\.", n))})
+
+    for name, want in expected.items():
+        have = found.get(name)
+        if have is None or tuple(have.shape) == tuple(want.shape):
+            continue
+        if len(have.shape) == len(want.shape):
+            for want_dim, have_dim in zip(want.shape, have.shape):
+                if want_dim == have_dim:
+                    continue
+                for field in ("d_model", "d_ff", "n_heads"):
+                    if getattr(config, field) == want_dim:
+                        return (f"{CONFIG_FILE} says {field} {want_dim}; {MODEL_FILE} holds {have_dim} "
+                                f"({name})")
+        return f"{name} is {list(have.shape)} in {MODEL_FILE}, {list(want.shape)} by {CONFIG_FILE}"
+    if blocks(found) != blocks(expected):
+        return f"{CONFIG_FILE} says n_layers {config.n_layers}; {MODEL_FILE} holds {blocks(found)} blocks"
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    if any(".leak" in n for n in missing + unexpected):
+        return (f"{CONFIG_FILE} says residual {config.residual!r}; {MODEL_FILE} "
+                f"{'lacks' if missing else 'holds'} the residual projections (leak1, leak2) of the other layout")
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"holds unknown {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        return f"{MODEL_FILE} {' and '.join(parts)}"
+    return None
 
 
 # ================================================================================================
@@ -498,5 +549,5 @@ def import_official(src: str | os.PathLike, out_dir: str | os.PathLike, preset: 
     return model
 
 
-__all__ = ["save_model", "load_model_dir", "read_tf_checkpoint", "list_tf_checkpoint", "import_official",
-           "tf_name_map", "state_dict_from_tf", "crc32c"]
+__all__ = ["save_model", "load_model_dir", "read_model_tensors", "read_tf_checkpoint", "list_tf_checkpoint",
+           "import_official", "tf_name_map", "state_dict_from_tf", "crc32c"]
