@@ -279,6 +279,31 @@ def test_similar_finds_planted_neighbour_and_binds_parameters(tmp_path):
         emb.similar(lake, "o7", model="m", version="9")
 
 
+def test_a_curve_whose_embedding_is_not_finite_is_skipped_with_its_reason(small_lake):
+    """The second guard behind load_model_dir's: a model that gives NaN never publishes a NaN row."""
+    import torch
+
+    lake, _, curves, model = small_lake
+    ids = ["obj-0", "obj-1", "bad-0"]
+    table = pa.Table.from_pylist(
+        [{"object_id": oid, "mjd": curves[(oid, "g")][0], "mag": curves[(oid, "g")][1], "err": curves[(oid, "g")][2],
+          "quality": np.full(len(curves[(oid, "g")][0]), Quality.ERR_ABOVE_ONE if oid == "bad-0" else 0, np.uint8)}
+         for oid in ids])
+    schema = emb.embeddings_schema(model.config.d_model, model.config.n_layers + 1)
+    out, skipped = emb.embed_table(model, table, "g", schema, batch_size=16)
+    assert out.column("object_id").to_pylist() == ["obj-0", "obj-1"] and skipped.num_rows == 1
+    out, skipped = emb.embed_table(model, table.slice(2), "g", schema, batch_size=16)   # nothing to embed
+    assert out.num_rows == 0 and skipped.column("object_id").to_pylist() == ["bad-0"]
+    with torch.no_grad():
+        model.encoder.blocks[1].attention.wq.weight[0, :4] = float("nan")
+    out, skipped = emb.embed_table(model, table, "g", schema, batch_size=16)
+    assert out.num_rows == 0
+    reasons = dict(zip(skipped.column("object_id").to_pylist(), skipped.column("reason").to_pylist()))
+    assert reasons == {"obj-0": "the model's embedding is not finite (NaN or infinite values)",
+                       "obj-1": "the model's embedding is not finite (NaN or infinite values)",
+                       "bad-0": "no usable observation after cleaning"}
+
+
 def test_readme_sql_example_runs(tmp_path):
     """The DuckDB query shown in the README, on the lake's catalog."""
     from astromer.lake import connect

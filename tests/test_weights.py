@@ -170,6 +170,27 @@ def test_a_damaged_model_folder_is_refused_in_one_error_naming_the_file(tmp_path
         resolve_model_dir(folder, check=True)
 
 
+def test_a_model_file_with_non_finite_values_is_refused_naming_the_tensor(tmp_path):
+    """Bytes overwritten with 0xff inside model.safetensors read as NaN: every embedding would be NaN."""
+    from astromer.registry import resolve_model_dir
+
+    folder = save_model(Astromer(ModelConfig.tiny()), tmp_path / "m")
+    tensors = folder / "model.safetensors"
+    name = "encoder.blocks.1.attention.wq.weight"
+    # the file: 8 bytes of header length, the JSON header (each tensor's data offsets), then the data
+    header_len = int.from_bytes(tensors.read_bytes()[:8], "little")
+    offsets = json.loads(tensors.read_bytes()[8:8 + header_len])[name]["data_offsets"]
+    data = bytearray(tensors.read_bytes())
+    start = 8 + header_len + offsets[0]
+    data[start:start + 400] = b"\xff" * 400          # 100 float32 values, each a NaN
+    tensors.write_bytes(bytes(data))
+    message = f"{tensors}: tensor {name} has 100 non-finite values"
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        load_model_dir(folder)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_model_dir(folder, check=True)
+
+
 def test_import_from_npz_equals_import_from_zip(tmp_path):
     a = import_official(shared_path(*ZIP), tmp_path / "zip")
     b = import_official(shared_path(*NPZ), tmp_path / "npz")

@@ -15,7 +15,7 @@ Rows (one per single-band curve): ``object_id``, ``band``, ``n_obs`` (observatio
 ``n_windows``, ``embedding`` (``FLOAT[D]``: the last block's mean over the real observations of all
 windows) and ``layer_means`` (``FLOAT[D][n_layers + 1]``: the input embedding and every block, the
 inputs of the ``skip`` classifier). A curve that cannot be embedded (no usable observation after
-cleaning) gets no row: it is listed with its reason in
+cleaning, or an embedding that is not finite) gets no row: it is listed with its reason in
 ``embeddings/model=<m>/version=<v>/_reports/survey=<s>.json``.
 """
 from __future__ import annotations
@@ -217,6 +217,14 @@ def embed_table(model, batch: pa.Table, bands: Sequence[str] | str, schema: pa.S
     done = _flat_embedding(model, batch, batch_size, clean)
     rows, reasons, n_obs, n_windows, layers = done if done is not None else \
         _curve_by_curve_embedding(model, batch, batch_size, clean)
+    # a NaN or infinite embedding is never published (similarity search would rank it as nan): the curve is
+    # listed as skipped with its reason
+    finite = np.isfinite(layers).all(axis=tuple(range(1, layers.ndim)))
+    if not finite.all():
+        for j in np.flatnonzero(~finite):
+            reasons[rows[j]] = "the model's embedding is not finite (NaN or infinite values)"
+        rows = [row for row, ok in zip(rows, finite) if ok]
+        layers = layers[finite]
     d, k = model.config.d_model, model.config.n_layers + 1
     # fixed-size lists without nulls (Parquet readers mishandle null fixed-size lists)
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(layers.reshape(-1), pa.float32()), d)

@@ -84,7 +84,7 @@ def read_model_tensors(path: str | os.PathLike, device: str | torch.device = "cp
 def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Build an Astromer from ``path/config.json`` and load ``path/model.safetensors`` (strict). A damaged
     folder (config that is not JSON or not a valid config, unreadable safetensors, tensors that do not fit
-    the config) raises one ValueError naming the file."""
+    the config, NaN or infinite values) raises one ValueError naming the file."""
     from astromer.model import Astromer
 
     folder = Path(path)
@@ -96,12 +96,24 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu"):
     mismatch = _state_mismatch(model.config, model.state_dict(), state)
     if mismatch:
         raise ValueError(f"{folder / MODEL_FILE}: does not match {folder / CONFIG_FILE}: {mismatch}")
+    check_finite(state, folder / MODEL_FILE)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{folder / MODEL_FILE}: does not match {folder / CONFIG_FILE}: {exc}") from None
     model.eval()
     return model.to(device)
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """Raise a ValueError naming ``where``, the first tensor and its count when a tensor holds NaN or
+    infinite values (a damaged file: every output of the model would be NaN)."""
+    bad = {name: int((~torch.isfinite(value)).sum()) for name, value in state.items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())}
+    if bad:
+        name = next(iter(bad))
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise ValueError(f"{where}: tensor {name} has {bad[name]:,} non-finite values{more}")
 
 
 def _state_mismatch(config: ModelConfig, expected: dict, found: dict) -> str | None:
