@@ -231,6 +231,11 @@ def test_cli_import_list_and_register(tmp_path, mlflow_sqlite, capsys):
                 "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed["layer_with_weights-2/gamma/.ATTRIBUTES/VARIABLE_VALUE"]["shape"] == [7]
+    # a name the registry cannot take is refused before the model folder is written
+    assert cli(["weights", "import", str(shared_path(*NPZ)), str(tmp_path / "named"), "--register", "Bad Name!"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --register: model name 'Bad Name!' must be letters, digits, '.', '_' or '-'\n", err
+    assert not (tmp_path / "named").exists()
     assert cli(["weights", "import", str(tmp_path / "missing.zip"), str(tmp_path / "x")]) == 1
     assert "missing.zip" in capsys.readouterr().err
     # the digest of a model's tensors: the same for the same weights written twice, another for others

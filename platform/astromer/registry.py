@@ -47,6 +47,14 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")   # a registered name, or a co
 _URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
 
 
+def validate_model_name(name: str) -> str:
+    """``name`` when it can be a registered model's name (letters, digits, '.', '_' or '-'; it goes into
+    models:/ URIs and registry filter strings), else a ValueError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"model name {name!r} must be letters, digits, '.', '_' or '-'")
+    return name
+
+
 def pretrained_name(corpus: str) -> str:
     """Registered name of an Astromer 2 pretrained on ``corpus`` (a lake or survey mix name)."""
     if not _NAME.fullmatch(corpus or ""):
@@ -204,8 +212,7 @@ def version_with_tags(name: str, tags: dict[str, Any]) -> int | None:
     """The newest version of registered model ``name`` that carries all of ``tags`` (None: none, or no such
     model). Jobs use it to find what they registered before: a run name at a step, a checkpoint's digest."""
     setup_tracking()
-    if not _NAME.fullmatch(name):   # it goes into a filter string
-        raise ValueError(f"model name {name!r} must be letters, digits, '.', '_' or '-'")
+    validate_model_name(name)   # it goes into a filter string
     wanted = {k: str(v) for k, v in tags.items()}
     found = [int(mv.version) for mv in MlflowClient().search_model_versions(f"name = '{name}'")
              if all(mv.tags.get(k) == v for k, v in wanted.items())]

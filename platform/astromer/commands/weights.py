@@ -53,9 +53,16 @@ def _digest(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from astromer.commands import error_line
+    from astromer.commands import error_line, report_usage_error
     from astromer.weights import import_official
 
+    if args.register:   # checked before anything is written
+        from astromer.registry import validate_model_name
+
+        try:
+            validate_model_name(args.register)
+        except ValueError as exc:
+            return report_usage_error(ValueError(f"--register: {exc}"))
     try:
         model = import_official(args.src, args.out_dir, preset=args.preset)
     except (FileNotFoundError, ValueError, KeyError) as exc:
