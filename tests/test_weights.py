@@ -83,8 +83,20 @@ def test_corrupt_data_and_index_are_detected(checkpoint_folder, tmp_path):
     (tmp_path / "weights.data-00000-of-00001").unlink()
     with pytest.raises(FileNotFoundError, match="data shard missing"):
         read_tf_checkpoint(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+    with pytest.raises(FileNotFoundError, match="nothing-here: does not exist"):
         read_tf_checkpoint(tmp_path / "nothing-here")
+    # a zip cut short (no end record), or with a damaged member
+    whole = shared_path(*ZIP).read_bytes()
+    (tmp_path / "cut.zip").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "cut").write_bytes(whole[:len(whole) // 2])     # known by its first bytes, whatever its name
+    for cut in ("cut.zip", "cut"):
+        with pytest.raises(ValueError, match=f"{cut}: zip is corrupt or truncated"):
+            read_tf_checkpoint(tmp_path / cut)
+    damaged = bytearray(whole)
+    damaged[len(whole) // 2] ^= 0xFF
+    (tmp_path / "damaged.zip").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="damaged.zip: zip is corrupt or truncated"):
+        read_tf_checkpoint(tmp_path / "damaged.zip")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no \\*.index"):
         read_tf_checkpoint(tmp_path / "empty")
@@ -237,7 +249,11 @@ def test_cli_import_list_and_register(tmp_path, mlflow_sqlite, capsys):
     assert err == "error: --register: model name 'Bad Name!' must be letters, digits, '.', '_' or '-'\n", err
     assert not (tmp_path / "named").exists()
     assert cli(["weights", "import", str(tmp_path / "missing.zip"), str(tmp_path / "x")]) == 1
-    assert "missing.zip" in capsys.readouterr().err
+    assert f"{tmp_path / 'missing.zip'}: does not exist" in capsys.readouterr().err
+    (tmp_path / "cut.zip").write_bytes(shared_path(*ZIP).read_bytes()[:100_000])
+    assert cli(["weights", "import", str(tmp_path / "cut.zip"), str(tmp_path / "x")]) == 1
+    assert f"{tmp_path / 'cut.zip'}: zip is corrupt or truncated" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     # the digest of a model's tensors: the same for the same weights written twice, another for others
     assert cli(["weights", "import", str(shared_path(*NPZ)), str(tmp_path / "again")]) == 0
     capsys.readouterr()

@@ -16,6 +16,7 @@ import re
 import struct
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -374,8 +375,13 @@ class _Source:
     def __init__(self, src: str | os.PathLike):
         self.src = Path(src)
         self.zip: zipfile.ZipFile | None = None
-        if self.src.is_file() and zipfile.is_zipfile(self.src):
-            self.zip = zipfile.ZipFile(self.src)
+        if not self.src.exists() and not Path(str(self.src) + ".index").is_file():
+            raise FileNotFoundError(f"{self.src}: does not exist")
+        if self.src.is_file() and _looks_like_zip(self.src):
+            try:
+                self.zip = zipfile.ZipFile(self.src)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise ValueError(f"{self.src}: zip is corrupt or truncated ({exc})") from None
             indexes = [n for n in self.zip.namelist() if n.endswith(".index")]
             self.index_name = self._pick(indexes)
         elif self.src.is_dir():
@@ -401,7 +407,10 @@ class _Source:
 
     def read(self, name: str) -> bytes:
         if self.zip is not None:
-            return self.zip.read(name)
+            try:
+                return self.zip.read(name)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                raise ValueError(f"{self.src}: zip is corrupt or truncated ({name}: {exc})") from None
         return Path(name).read_bytes()
 
     def shard_name(self, shard: int, n_shards: int) -> str:
@@ -409,6 +418,14 @@ class _Source:
 
     def where(self, name: str) -> str:
         return f"{self.src}:{name}" if self.zip is not None else name
+
+
+def _looks_like_zip(path: Path) -> bool:
+    """A zip, whole or not: its end record (what zipfile looks for) or its first bytes, or its name."""
+    if zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
 
 
 def list_tf_checkpoint(src: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -536,8 +553,11 @@ def state_dict_from_tf(tensors: dict[str, np.ndarray], config: ModelConfig, stri
 def _read_tensors(src: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(src)
     if path.suffix == ".npz" and path.is_file():
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise ValueError(f"{path}: .npz (a zip) is corrupt or truncated ({exc})") from None
     return read_tf_checkpoint(path)
 
 
