@@ -714,27 +714,22 @@ def run_checkpoints(storage_path: str, run_name: str) -> list[tuple[int, bool, s
 
 
 def model_mismatch(checkpoint_url: str, expected: ModelConfig) -> str | None:
-    """How the model in a checkpoint folder differs from a model of ``expected`` (a tensor one has and the
-    other lacks, or of another shape), or None when it would load. Reads the safetensors header only."""
+    """How the model in a checkpoint folder differs from a model of ``expected`` (:func:`weights.shape_mismatch`
+    in the settings' words), or None when it would load. Reads the safetensors header only."""
     import fsspec
 
     from astromer.model import Astromer
-    from astromer.weights import MODEL_FILE
+    from astromer.weights import MODEL_FILE, shape_mismatch
 
     with fsspec.open(f"{checkpoint_url.rstrip('/')}/{MODEL_FILE}", "rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
         header = json.loads(handle.read(size))
-    held = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    held = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
     with torch.device("meta"):
-        wanted = {k: list(v.shape) for k, v in Astromer(expected).state_dict().items()}
-    for key in sorted(set(held) | set(wanted)):
-        if key not in held:
-            return f"it lacks {key}"
-        if key not in wanted:
-            return f"it holds {key}, which a {expected.name} model has not"
-        if held[key] != wanted[key]:
-            return f"{key} is {held[key]} there, {wanted[key]} for these settings"
-    return None
+        wanted = {k: tuple(v.shape) for k, v in Astromer(expected).state_dict().items()}
+    mismatch = shape_mismatch(expected, wanted, held)
+    return mismatch and mismatch.replace("config.json says", "the settings say").replace("by config.json",
+                                                                                         "by the settings")
 
 
 def unrecorded_checkpoint(storage_path: str, run_name: str, after_step: int, device="cpu") -> str | None:

@@ -94,7 +94,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu"):
             raise FileNotFoundError(f"{folder}: missing {name} (a model folder holds {MODEL_FILE} + {CONFIG_FILE})")
     model = Astromer(ModelConfig.from_json(folder / CONFIG_FILE))
     state = read_model_tensors(folder / MODEL_FILE, device=device)
-    mismatch = _state_mismatch(model.config, model.state_dict(), state)
+    mismatch = shape_mismatch(model.config, _shapes(model.state_dict()), _shapes(state))
     if mismatch:
         raise ValueError(f"{folder / MODEL_FILE}: does not match {folder / CONFIG_FILE}: {mismatch}")
     check_finite(state, folder / MODEL_FILE)
@@ -117,25 +117,29 @@ def check_finite(state: dict[str, torch.Tensor], where: str | os.PathLike) -> No
         raise ValueError(f"{where}: tensor {name} has {bad[name]:,} non-finite values{more}")
 
 
-def _state_mismatch(config: ModelConfig, expected: dict, found: dict) -> str | None:
-    """Why a file's tensors do not fit the model a config builds, in a line (None: they fit): the config's
-    setting the file contradicts where one explains it."""
+def _shapes(state: dict) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(value.shape) for name, value in state.items()}
+
+
+def shape_mismatch(config: ModelConfig, expected: dict[str, tuple], found: dict[str, tuple]) -> str | None:
+    """Why tensors of the shapes ``found`` do not fit the model ``config`` builds (``expected``: its shapes),
+    in a line (None: they fit): the config's setting the file contradicts where one explains it."""
     def blocks(names) -> int:
         return len({m.group(1) for n in names if (m := re.match(r"encoder\.blocks\.(\d+)\.", n))})
 
     for name, want in expected.items():
         have = found.get(name)
-        if have is None or tuple(have.shape) == tuple(want.shape):
+        if have is None or tuple(have) == tuple(want):
             continue
-        if len(have.shape) == len(want.shape):
-            for want_dim, have_dim in zip(want.shape, have.shape):
+        if len(have) == len(want):
+            for want_dim, have_dim in zip(want, have):
                 if want_dim == have_dim:
                     continue
                 for field in ("d_model", "d_ff", "n_heads"):
                     if getattr(config, field) == want_dim:
                         return (f"{CONFIG_FILE} says {field} {want_dim}; {MODEL_FILE} holds {have_dim} "
                                 f"({name})")
-        return f"{name} is {list(have.shape)} in {MODEL_FILE}, {list(want.shape)} by {CONFIG_FILE}"
+        return f"{name} is {list(have)} in {MODEL_FILE}, {list(want)} by {CONFIG_FILE}"
     if blocks(found) != blocks(expected):
         return f"{CONFIG_FILE} says n_layers {config.n_layers}; {MODEL_FILE} holds {blocks(found)} blocks"
     missing = [n for n in expected if n not in found]
