@@ -23,6 +23,7 @@ from pathlib import Path
 
 from astromer import evaluate as ev
 from astromer import registry, settings
+from astromer.commands import non_negative_int, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-set", help="custom dataset: label set (e.g. class, mode, rrlyrae_type)")
     parser.add_argument("--band", "--bands", dest="bands", nargs="+", help="bands to use (default: the set's)")
     parser.add_argument("--classes", nargs="+", help="only these classes")
-    parser.add_argument("--min-members", type=int, help="drop classes with fewer objects (default: the set's)")
-    parser.add_argument("--max-per-class", type=int,
+    parser.add_argument("--min-members", type=non_negative_int,
+                        help="drop classes with fewer objects (default: the set's)")
+    parser.add_argument("--max-per-class", type=positive_int,
                         help="use a random subset of at most this many objects per class (quick runs; not the protocol)")
     parser.add_argument("--periods", help="CSV with object id and period columns (folds the attention figure)")
     parser.add_argument("--config", help="JSON settings (RunSettings; tune/sweep.py writes one)")
@@ -44,16 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="finetune the encoder on each fold's training curves first")
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
                         help="also run light-curve features + RF and the random-encoder skip head")
-    parser.add_argument("--samples-per-class", type=int, nargs="+", help="default 20 100 500")
-    parser.add_argument("--folds", type=int, help="default 3")
-    parser.add_argument("--test-per-class", type=int, help="default 1000")
-    parser.add_argument("--max-epochs", type=int, help="classifier epochs cap (default 500)")
-    parser.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 40)")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--samples-per-class", type=positive_int, nargs="+", help="default 20 100 500")
+    parser.add_argument("--folds", type=positive_int, help="default 3")
+    parser.add_argument("--test-per-class", type=positive_int, help="default 1000")
+    parser.add_argument("--max-epochs", type=positive_int, help="classifier epochs cap (default 500)")
+    parser.add_argument("--patience", type=positive_int, help="early-stopping patience in epochs (default 40)")
+    parser.add_argument("--seed", type=non_negative_int, default=None)
     parser.add_argument("--out", help="output folder (default: ASTROMER_HOME/classify/<dataset>-<time>)")
     parser.add_argument("--experiment", default="astromer-classify", help="MLflow experiment")
     parser.add_argument("--run-name", help="MLflow parent run name")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
     parser.add_argument("--no-lake-embeddings", dest="use_lake_embeddings", action="store_false",
                         help="recompute the frozen model's embeddings even when jobs/embed.py wrote them")
     return parser
@@ -82,7 +84,7 @@ def dataset_spec(args) -> ev.DatasetSpec:
         changes["classes"] = tuple(args.classes)
     if args.min_members is not None:
         changes["min_members"] = args.min_members
-    if args.max_per_class:
+    if args.max_per_class is not None:
         changes["max_per_class"] = args.max_per_class
     return replace(spec, **changes)
 
@@ -95,15 +97,15 @@ def run_settings(args) -> ev.RunSettings:
         run.finetune = args.finetune
     if args.baselines is not None:
         run.baselines = args.baselines
-    if args.samples_per_class:
+    if args.samples_per_class is not None:
         run.protocol.samples_per_class = tuple(args.samples_per_class)
-    if args.folds:
+    if args.folds is not None:
         run.protocol.n_folds = args.folds
-    if args.test_per_class:
+    if args.test_per_class is not None:
         run.protocol.test_per_class = args.test_per_class
-    if args.max_epochs:
+    if args.max_epochs is not None:
         run.classifier.max_epochs = args.max_epochs
-    if args.patience:
+    if args.patience is not None:
         run.classifier.patience = args.patience
     if args.seed is not None:
         run.protocol.seed = run.classifier.seed = args.seed
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
     import torch
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     from astromer.commands import USER_ERRORS, report_usage_error
 

@@ -110,6 +110,24 @@ def test_classify_job_checks_what_it_is_asked_before_training(labelled_lake, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_classify_job_refuses_counts_out_of_range_before_anything(tmp_path, capsys):
+    job = _load_job("classify")
+    base = ["--model", str(tmp_path / "model"), "--lake", str(tmp_path / "lake"), "--dataset", "stripe82"]
+    for flag, value in [("--folds", "0"), ("--folds", "-1"), ("--max-epochs", "-3"), ("--samples-per-class", "0"),
+                        ("--test-per-class", "0"), ("--patience", "0"), ("--threads", "0"),
+                        ("--max-per-class", "0"), ("--min-members", "-1"), ("--seed", "-1")]:
+        with pytest.raises(SystemExit) as stop:
+            job.main([*base, flag, value])
+        assert stop.value.code == 2, (flag, value)
+        assert f"argument {flag}: {value} is not a" in capsys.readouterr().err
+    # what is given is used, the smallest counts too (a test of truth, not `if args.folds:`)
+    args = job.build_parser().parse_args([*base, "--folds", "1", "--patience", "1", "--min-members", "0",
+                                          "--max-per-class", "1"])
+    run = job.run_settings(args)
+    assert (run.protocol.n_folds, run.classifier.patience) == (1, 1)
+    assert (job.dataset_spec(args).min_members, job.dataset_spec(args).max_per_class) == (0, 1)
+
+
 def test_classify_job_runs_protocol_with_baselines_and_logs_to_mlflow(labelled_lake, tmp_path, mlflow_sqlite):
     import mlflow
 

@@ -1,6 +1,8 @@
 """The downstream protocol on small synthetic arrays: folds, the skip head, scores, baselines, figures."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from astromer import evaluate as ev
@@ -80,6 +82,28 @@ def test_folds_reject_bad_input():
         ev.make_folds(["a", "a", "b"], [0, 1, 0])
     with pytest.raises(ValueError, match="class 'rare' has 2 objects"):
         ev.make_folds(["a", "b", "c", "d", "e"], ["x", "x", "x", "rare", "rare"])
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: ev.ProtocolConfig(n_folds=0), "protocol.n_folds=0: expected a positive whole number"),
+    (lambda: ev.ProtocolConfig(n_folds=-1), "protocol.n_folds=-1"),
+    (lambda: ev.ProtocolConfig(samples_per_class=(20, 0)), "protocol.samples_per_class=(20, 0)"),
+    (lambda: ev.ProtocolConfig(samples_per_class=()), "protocol.samples_per_class=()"),
+    (lambda: ev.ProtocolConfig(test_per_class=0), "protocol.test_per_class=0"),
+    (lambda: ev.ProtocolConfig(val_fraction=-0.5), "protocol.val_fraction=-0.5: expected a fraction"),
+    (lambda: ev.ProtocolConfig(seed=-1), "protocol.seed=-1"),
+    (lambda: ev.ProtocolConfig.from_dict({"n_folds": 0}), "protocol.n_folds=0"),
+    (lambda: ev.ClassifierConfig(max_epochs=-3), "classifier.max_epochs=-3: expected a positive whole number"),
+    (lambda: ev.ClassifierConfig(patience=0), "classifier.patience=0"),
+    (lambda: ev.ClassifierConfig(batch_size=0), "classifier.batch_size=0"),
+    (lambda: ev.ClassifierConfig.from_dict({"max_epochs": 0}), "classifier.max_epochs=0"),
+    (lambda: ev.DatasetSpec("toy", "synthetic", "class", max_per_class=0), "dataset.max_per_class=0"),
+    (lambda: ev.DatasetSpec("toy", "synthetic", "class", min_members=-1), "dataset.min_members=-1"),
+])
+def test_protocol_and_classifier_settings_refuse_values_out_of_range(make, words):
+    # a count of 0 or less used to run the default, nothing at all, or fail deep in the protocol
+    with pytest.raises(ValueError, match=re.escape(words)):
+        make()
 
 
 def _separable_embeddings(labels, n_layers=3, dim=16, seed=0):

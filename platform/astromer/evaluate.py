@@ -46,6 +46,11 @@ class ProtocolConfig:
     val_fraction: float = 0.25  # validation objects per scenario, relative to its samples per class
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check_ranges(self, "protocol", {"samples_per_class": _COUNTS, "n_folds": _POSITIVE_INT,
+                                         "test_per_class": _POSITIVE_INT, "val_fraction": _FRACTION,
+                                         "seed": _NON_NEGATIVE_INT})
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -55,6 +60,26 @@ class ProtocolConfig:
         if "samples_per_class" in out:
             out["samples_per_class"] = tuple(int(n) for n in out["samples_per_class"])
         return cls(**out)
+
+
+#: what a setting may be: a test of its value and the words an error gives
+_POSITIVE_INT = (lambda v: v >= 1, "a positive whole number")
+_NON_NEGATIVE_INT = (lambda v: v >= 0, "a whole number >= 0")
+_FRACTION = (lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+_COUNTS = (lambda v: len(v) > 0 and all(n >= 1 for n in v), "a list of positive whole numbers")
+
+
+def _check_ranges(config, section: str, ranges: dict[str, tuple[Callable, str]]) -> None:
+    """Each setting of ``config`` named in ``ranges`` (name -> (test, what it expects)) passes its test, or a
+    ValueError names the section and the setting; None (an optional setting left out) passes."""
+    for name, (test, expected) in ranges.items():
+        value = getattr(config, name)
+        try:
+            ok = value is None or bool(test(value))
+        except TypeError:   # not even comparable (a name where a number belongs)
+            ok = False
+        if not ok:
+            raise ValueError(f"setting {section}.{name}={value!r}: expected {expected}")
 
 
 def _known_fields(cls, data: dict, section: str) -> dict:
@@ -177,6 +202,10 @@ class ClassifierConfig:
     # scenario of a short class is mostly repeats). False trains on the repeated rows as drawn.
     weighted_repeats: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "classifier", {"batch_size": _POSITIVE_INT, "max_epochs": _POSITIVE_INT,
+                                           "patience": _POSITIVE_INT, "seed": _NON_NEGATIVE_INT})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -604,6 +633,9 @@ class DatasetSpec:
     classes: tuple[str, ...] | None = None  # None: every class with at least min_members objects
     min_members: int = 20
     max_per_class: int | None = None  # a random subset of the objects of larger classes (quick runs only)
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "dataset", {"min_members": _NON_NEGATIVE_INT, "max_per_class": _POSITIVE_INT})
 
 
 DATASETS: dict[str, DatasetSpec] = {

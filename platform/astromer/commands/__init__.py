@@ -2,6 +2,7 @@
 sub-commands and sets ``func`` on each, a callable taking the parsed args and returning an exit code."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 
@@ -29,3 +30,28 @@ def one_line_errors(run):
         except USER_ERRORS as exc:
             return report_usage_error(exc)
     return wrapped
+
+
+# argparse types of counts: a flag out of range is refused before anything starts, naming the flag
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number >= 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    import math
+
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
+    return value

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from astromer import settings
-from astromer.commands import USER_ERRORS, report_usage_error
+from astromer.commands import USER_ERRORS, positive_int, report_usage_error
 
 
 def parse_mapping(text: str | None) -> dict[str, str]:
@@ -36,13 +36,6 @@ def delimiter(text: str) -> str:
     if len(text) != 1:
         raise argparse.ArgumentTypeError(f"--delimiter {text!r} is not one character (a tab: '\\t' or tab)")
     return text
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
-    return value
 
 
 #: the options only some readers read, and those readers
