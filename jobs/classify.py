@@ -14,7 +14,6 @@ per (method, samples per class).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -92,7 +91,13 @@ def dataset_spec(args) -> ev.DatasetSpec:
 def run_settings(args) -> ev.RunSettings:
     run = ev.RunSettings()
     if args.config:
-        run = ev.RunSettings.from_dict(json.loads(Path(args.config).read_text()))
+        from astromer.train import read_settings_file
+
+        data = read_settings_file(args.config)
+        try:
+            run = ev.RunSettings.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"settings file {args.config}: {exc}") from None
     if args.finetune is not None:
         run.finetune = args.finetune
     if args.baselines is not None:

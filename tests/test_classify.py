@@ -98,7 +98,14 @@ def test_classify_job_checks_what_it_is_asked_before_training(labelled_lake, tmp
     base = ["--model", model_dir, "--lake", lake, "--survey", "synthetic", "--label-set", "class",
             "--out", str(tmp_path / "out")]
     (tmp_path / "typo2.json").write_text('{"finetune_config": {"lrr": 0.01}}')
-    cases = [([*base, "--config", str(tmp_path / "typo.json")], "unknown classifier setting(s) ['lr_decay']"),
+    (tmp_path / "fast.json").write_text('{"classifier": {"lr": "fast"}}')
+    (tmp_path / "dropout.yaml").write_text('classifier:\n  dropout: 1.5\n')
+    (tmp_path / "broken.json").write_text('{"classifier": {"lr": 0.01,}}')
+    cases = [([*base, "--config", str(tmp_path / "fast.json")],
+              f"settings file {tmp_path / 'fast.json'}: setting classifier.lr='fast' (str): expected a finite"),
+             ([*base, "--config", str(tmp_path / "dropout.yaml")], "classifier.dropout=1.5: expected a fraction"),
+             ([*base, "--config", str(tmp_path / "broken.json")], f"{tmp_path / 'broken.json'}: not valid JSON"),
+             ([*base, "--config", str(tmp_path / "typo.json")], "unknown classifier setting(s) ['lr_decay']"),
              ([*base, "--config", str(tmp_path / "typo2.json")], "unknown finetune_config setting(s) ['lrr']"),
              ([*base, "--classes", "fast", "Mira"], "no class ['Mira']"),
              (["--model", model_dir, "--lake", lake, "--survey", "nosuch", "--label-set", "class"], "nosuch"),

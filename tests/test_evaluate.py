@@ -106,6 +106,35 @@ def test_protocol_and_classifier_settings_refuse_values_out_of_range(make, words
         make()
 
 
+@pytest.mark.parametrize("data, words", [
+    ({"classifier": {"lr": "fast"}}, "setting classifier.lr='fast' (str): expected a finite number"),
+    ({"classifier": {"lr": 0}}, "setting classifier.lr=0.0: expected a positive number"),
+    ({"classifier": {"dropout": 1.5}}, "setting classifier.dropout=1.5: expected a fraction in [0, 1)"),
+    ({"classifier": {"hidden": [-5]}}, "setting classifier.hidden=(-5,): expected a list of positive whole"),
+    ({"classifier": {"hidden": [2.5]}}, "setting classifier.hidden=[2.5] (list): expected a list of whole"),
+    ({"classifier": {"gamma_init": "first"}}, "setting classifier.gamma_init='first': expected one of"),
+    ({"classifier": {"weight_decay": -1}}, "setting classifier.weight_decay=-1.0"),
+    ({"classifier": {"standardize": "no"}}, "setting classifier.standardize='no' (str): expected true or false"),
+    ({"classifier": "fast"}, "setting classifier='fast': expected a mapping"),
+    ({"protocol": {"samples_per_class": ["many"]}}, "setting protocol.samples_per_class=['many'] (list)"),
+    ({"finetune": "false"}, "setting finetune='false' (str): expected true or false"),
+    ({"rf_trees": 0}, "setting rf_trees=0: expected a positive whole number"),
+    ({"finetune_config": {"lr": "fast"}}, "finetune_config: setting lr='fast' (str)"),
+])
+def test_run_settings_refuse_values_of_the_wrong_type_or_range(data, words):
+    # a settings file has no types: these failed in torch.optim or the model's layers, after the embedding
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ev.RunSettings.from_dict(data)
+
+
+def test_run_settings_read_numbers_and_lists_as_their_fields_declare():
+    run = ev.RunSettings.from_dict({"classifier": {"lr": "1e-3", "hidden": [64.0, 32], "max_epochs": 5.0},
+                                    "protocol": {"samples_per_class": [10, 20]}, "baselines": False})
+    assert run.classifier.lr == 1e-3 and run.classifier.hidden == (64, 32) and run.classifier.max_epochs == 5
+    assert run.protocol.samples_per_class == (10, 20) and run.baselines is False
+    assert ev.ClassifierConfig(hidden=[]).hidden == ()     # no hidden layer: a linear head on the layer means
+
+
 def _separable_embeddings(labels, n_layers=3, dim=16, seed=0):
     rng = np.random.default_rng(seed)
     n_classes = int(labels.max()) + 1

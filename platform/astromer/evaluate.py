@@ -47,7 +47,7 @@ class ProtocolConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_ranges(self, "protocol", {"samples_per_class": _COUNTS, "n_folds": _POSITIVE_INT,
+        _check_settings(self, "protocol", {"samples_per_class": _COUNTS, "n_folds": _POSITIVE_INT,
                                          "test_per_class": _POSITIVE_INT, "val_fraction": _FRACTION,
                                          "seed": _NON_NEGATIVE_INT})
 
@@ -56,22 +56,30 @@ class ProtocolConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ProtocolConfig:
-        out = _known_fields(cls, data, "protocol")
-        if "samples_per_class" in out:
-            out["samples_per_class"] = tuple(int(n) for n in out["samples_per_class"])
-        return cls(**out)
+        return cls(**_known_fields(cls, data, "protocol"))
 
 
 #: what a setting may be: a test of its value and the words an error gives
 _POSITIVE_INT = (lambda v: v >= 1, "a positive whole number")
 _NON_NEGATIVE_INT = (lambda v: v >= 0, "a whole number >= 0")
+_POSITIVE = (lambda v: v > 0, "a positive number")
+_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
 _FRACTION = (lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
 _COUNTS = (lambda v: len(v) > 0 and all(n >= 1 for n in v), "a list of positive whole numbers")
 
 
-def _check_ranges(config, section: str, ranges: dict[str, tuple[Callable, str]]) -> None:
+def _check_settings(config, section: str, ranges: dict[str, tuple[Callable, str]]) -> None:
+    """Every setting of ``config`` of the type its field declares (checked and converted as the training
+    settings are: a settings file has no types of its own), then in range (:func:`_check_ranges`)."""
+    from astromer.train import _check_setting_types
+
+    _check_setting_types(config, prefix=f"{section}.")
+    _check_ranges(config, f"{section}.", ranges)
+
+
+def _check_ranges(config, prefix: str, ranges: dict[str, tuple[Callable, str]]) -> None:
     """Each setting of ``config`` named in ``ranges`` (name -> (test, what it expects)) passes its test, or a
-    ValueError names the section and the setting; None (an optional setting left out) passes."""
+    ValueError names it (after ``prefix``, its section); None (an optional setting left out) passes."""
     for name, (test, expected) in ranges.items():
         value = getattr(config, name)
         try:
@@ -79,7 +87,7 @@ def _check_ranges(config, section: str, ranges: dict[str, tuple[Callable, str]])
         except TypeError:   # not even comparable (a name where a number belongs)
             ok = False
         if not ok:
-            raise ValueError(f"setting {section}.{name}={value!r}: expected {expected}")
+            raise ValueError(f"setting {prefix}{name}={value!r}: expected {expected}")
 
 
 def _known_fields(cls, data: dict, section: str) -> dict:
@@ -181,6 +189,9 @@ def make_folds(object_ids: Sequence[str], labels: Sequence, config: ProtocolConf
 # 2. the skip classifier on cached per-layer means
 
 
+GAMMA_INITS = ("uniform", "last", "random")
+
+
 @dataclass
 class ClassifierConfig:
     """Training settings of the skip head (defaults: the official ``skip`` classifier)."""
@@ -204,18 +215,19 @@ class ClassifierConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_ranges(self, "classifier", {"batch_size": _POSITIVE_INT, "max_epochs": _POSITIVE_INT,
-                                           "patience": _POSITIVE_INT, "seed": _NON_NEGATIVE_INT})
+        _check_settings(self, "classifier", {
+            "hidden": (lambda v: all(h >= 1 for h in v), "a list of positive whole numbers (layer widths)"),
+            "dropout": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"), "lr": _POSITIVE,
+            "batch_size": _POSITIVE_INT, "max_epochs": _POSITIVE_INT, "patience": _POSITIVE_INT,
+            "gamma_init": (lambda v: v in GAMMA_INITS, f"one of {', '.join(GAMMA_INITS)}"),
+            "weight_decay": _NON_NEGATIVE, "seed": _NON_NEGATIVE_INT})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> ClassifierConfig:
-        out = _known_fields(cls, data, "classifier")
-        if "hidden" in out:
-            out["hidden"] = tuple(int(h) for h in out["hidden"])
-        return cls(**out)
+        return cls(**_known_fields(cls, data, "classifier"))
 
 
 @dataclass
@@ -635,7 +647,7 @@ class DatasetSpec:
     max_per_class: int | None = None  # a random subset of the objects of larger classes (quick runs only)
 
     def __post_init__(self) -> None:
-        _check_ranges(self, "dataset", {"min_members": _NON_NEGATIVE_INT, "max_per_class": _POSITIVE_INT})
+        _check_settings(self, "dataset", {"min_members": _NON_NEGATIVE_INT, "max_per_class": _POSITIVE_INT})
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -789,6 +801,13 @@ class RunSettings:
     rf_trees: int = 300
     embed_batch_size: int = 256
 
+    def __post_init__(self) -> None:
+        from astromer.train import _typed_setting
+
+        for name, kind in (("finetune", bool), ("baselines", bool), ("rf_trees", int), ("embed_batch_size", int)):
+            setattr(self, name, _typed_setting(name, getattr(self, name), kind))
+        _check_ranges(self, "", {"rf_trees": _POSITIVE_INT, "embed_batch_size": _POSITIVE_INT})
+
     def to_dict(self) -> dict:
         return {"classifier": self.classifier.to_dict(), "protocol": self.protocol.to_dict(),
                 "finetune": self.finetune, "finetune_config": dict(self.finetune_config),
@@ -800,20 +819,25 @@ class RunSettings:
                                "embed_batch_size", "metric", "trial"}
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
-        out = cls()
+        for key in ("classifier", "protocol", "finetune_config"):
+            if key in data and not isinstance(data[key], dict):
+                raise ValueError(f"setting {key}={data[key]!r}: expected a mapping of settings")
+        out = cls(**{key: data[key] for key in ("finetune", "baselines", "rf_trees", "embed_batch_size")
+                     if key in data})
         if "classifier" in data:
             out.classifier = ClassifierConfig.from_dict({**out.classifier.to_dict(), **data["classifier"]})
         if "protocol" in data:
             out.protocol = ProtocolConfig.from_dict({**out.protocol.to_dict(), **data["protocol"]})
-        for key in ("finetune", "baselines", "rf_trees", "embed_batch_size"):
-            if key in data:
-                setattr(out, key, type(getattr(out, key))(data[key]))
         if "finetune_config" in data:
             from astromer.train import TrainConfig
 
-            # the same check fit_windows' TrainConfig makes, here before any embedding or training
+            # the checks fit_windows' TrainConfig makes, here before any embedding or training
             _known_fields(TrainConfig, data["finetune_config"], "finetune_config")
             out.finetune_config = {**out.finetune_config, **data["finetune_config"]}
+            try:
+                TrainConfig.from_dict(out.finetune_config)
+            except ValueError as exc:
+                raise ValueError(f"finetune_config: {exc}") from None
         return out
 
 

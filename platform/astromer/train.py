@@ -198,11 +198,12 @@ class TrainConfig:
 JOB_SET = ("mlflow_run_id", "pass_clock", "lake_digest")
 
 
-def _check_setting_types(config) -> None:
+def _check_setting_types(config, prefix: str = "") -> None:
     """Every setting of the type its field declares, whatever gave it (a settings file has no types of its
-    own): raises ValueError naming the setting. A quoted "false" would otherwise be true, and a number in
-    quotes a string that fails much later. Numbers in text are read as numbers (YAML reads 1e-3 as text),
-    whole floats pass as ints, ints as floats, a lone name as a list of one."""
+    own): raises ValueError naming the setting (after ``prefix``, a section such as ``classifier.``). A
+    quoted "false" would otherwise be true, and a number in quotes a string that fails much later. Numbers
+    in text are read as numbers (YAML reads 1e-3 as text), whole floats pass as ints, ints as floats, a lone
+    name as a list of one, a list as a tuple."""
     import types
     import typing
 
@@ -214,7 +215,7 @@ def _check_setting_types(config) -> None:
             if value is None and type(None) in args:
                 continue
             hint = next(a for a in args if a is not type(None))
-        setattr(config, f.name, _typed_setting(f.name, value, hint))
+        setattr(config, f.name, _typed_setting(prefix + f.name, value, hint))
 
 
 def _typed_setting(name: str, value, hint):
@@ -251,6 +252,16 @@ def _typed_setting(name: str, value, hint):
         if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
             return list(items)
         expected = "a list of names"
+    elif origin is tuple:
+        item = (typing.get_args(hint) or (None,))[0]
+        items = [value] if isinstance(value, str) and item is str else value
+        if isinstance(items, (list, tuple)):
+            try:
+                return tuple(_typed_setting(name, v, item) for v in items)
+            except ValueError:
+                pass
+        expected = {int: "a list of whole numbers", float: "a list of numbers", str: "a list of names"}.get(
+            item, "a list")
     elif origin is dict:
         if isinstance(value, dict):
             return {str(k): str(v) for k, v in value.items()}
