@@ -18,6 +18,7 @@ import logging
 import sys
 
 from astromer import settings
+from astromer.commands import non_negative_float, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,15 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lake", default=None, help="lake root (default: ASTROMER_HOME/lake)")
     parser.add_argument("--survey", required=True, nargs="+", help="survey(s) to embed")
     parser.add_argument("--band", "--bands", dest="bands", nargs="+", help="only these bands (default: all)")
-    parser.add_argument("--actors", type=int, default=1, help="model replicas in the actor pool")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="Ray CPUs reserved per actor")
-    parser.add_argument("--threads", type=int, help="torch threads per actor (default: cores / actors)")
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (0: CPU inference)")
+    parser.add_argument("--actors", type=positive_int, default=1, help="model replicas in the actor pool")
+    parser.add_argument("--cpus-per-actor", type=non_negative_float, default=1.0, help="Ray CPUs reserved per actor")
+    parser.add_argument("--threads", type=positive_int, help="torch threads per actor (default: cores / actors)")
+    parser.add_argument("--gpus-per-actor", type=non_negative_float, default=0.0,
+                        help="GPUs per actor (0: CPU inference)")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
                         help="on GPUs: bf16 autocast (faster) or float32 (matches the CPU and the official "
                              "outputs; bf16 put Astromer 1 5%% off them)")
-    parser.add_argument("--curves-per-batch", type=int, default=128, help="curves per Ray Data batch")
-    parser.add_argument("--batch-size", type=int, default=256, help="windows per model forward")
+    parser.add_argument("--curves-per-batch", type=positive_int, default=128, help="curves per Ray Data batch")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="windows per model forward")
     parser.add_argument("--no-clean", dest="clean", action="store_false",
                         help="embed every observation, ignoring the lake's quality flags")
     parser.add_argument("--detail-objects", nargs="+", default=(),

@@ -200,6 +200,24 @@ def test_embed_job_refuses_a_damaged_model_before_ray_starts(small_lake, capsys,
     assert err.startswith(f"error: {tensors}: not a readable safetensors file") and err.count("\n") == 1, err
 
 
+def test_embed_counts_out_of_range_are_refused_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    job = _load_job("embed")
+    base = ["--model", str(tmp_path / "model"), "--lake", str(tmp_path / "lake"), "--survey", SURVEY]
+    for flag, value in [("--actors", "0"), ("--batch-size", "0"), ("--curves-per-batch", "-1"), ("--threads", "0"),
+                        ("--cpus-per-actor", "-1"), ("--gpus-per-actor", "-0.5")]:
+        with pytest.raises(SystemExit) as stop:
+            job.main([*base, flag, value])
+        assert stop.value.code == 2 and f"argument {flag}: {value} is not a" in capsys.readouterr().err
+    started = ray.is_initialized()
+    for setting, value in [("actors", 0), ("batch_size", 0), ("curves_per_batch", 0), ("threads", 0),
+                           ("gpus_per_actor", -1.0)]:
+        with pytest.raises(ValueError, match=rf"^{setting}={value}: expected"):
+            emb.embed_survey(str(tmp_path / "lake"), str(tmp_path / "model"), SURVEY, **{setting: value})
+    assert ray.is_initialized() == started and not (tmp_path / "lake").exists()
+
+
 def test_embedder_precision_reaches_the_model(small_lake, tmp_path):
     _, model_dir, _, _ = small_lake
     assert emb.CurveEmbedder(model_dir, str(tmp_path), device="cpu").model.bf16_on_cuda

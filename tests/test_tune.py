@@ -61,3 +61,17 @@ def test_sweep_with_asha_logs_every_trial_and_writes_a_usable_config(ray_local, 
     assert settings.classifier.lr == best_trial["config"]["lr"]
     assert settings.classifier.gamma_init == best_trial["config"]["gamma_init"]
     assert best["metric"]["val_loss"] == best_trial["val_loss"]
+
+
+def test_sweep_counts_out_of_range_are_refused_before_any_trial(tmp_path, capsys):
+    sweep = _load_sweep()
+    base = ["--model", str(tmp_path / "model"), "--lake", str(tmp_path / "lake"), "--dataset", "stripe82"]
+    for flag in ("--num-samples", "--samples-per-class", "--max-epochs", "--grace-period", "--max-per-class"):
+        with pytest.raises(SystemExit) as stop:
+            sweep.main([*base, flag, "0"])
+        assert stop.value.code == 2 and f"argument {flag}: 0 is not a positive whole number" in capsys.readouterr().err
+    y = np.repeat(np.arange(2), 5)
+    ids = np.array([f"o{i}" for i in range(len(y))])
+    for setting in ("num_samples", "max_epochs", "grace_period", "patience"):   # "every trial failed: none ran"
+        with pytest.raises(ValueError, match=f"^{setting}=0: expected a positive whole number"):
+            sweep.sweep(np.zeros((len(y), 2, 4), np.float32), y, ids, ["a", "b"], **{setting: 0})

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from astromer import evaluate as ev
 from astromer import registry, settings
+from astromer.commands import positive_int
 from ray.tune import Callback
 
 METRIC = "val_loss"
@@ -144,6 +145,10 @@ def sweep(layers: np.ndarray, y: np.ndarray, object_ids: np.ndarray, class_names
 
     if finetune_choice and (curves is None or model_dir is None):
         raise ValueError("finetune_choice needs the curves and the model folder")
+    for name, value in (("num_samples", num_samples), ("max_epochs", max_epochs), ("grace_period", grace_period),
+                        ("patience", patience)):
+        if not value >= 1:   # no trial would run, or each would fail in it (samples_per_class: make_folds checks)
+            raise ValueError(f"{name}={value!r}: expected a positive whole number")
     module = sys.modules[trial.__module__]
     if module.__name__ != "__main__":  # a script, not an installed package: ship its code to the workers
         ray.cloudpickle.register_pickle_by_value(module)
@@ -204,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lake", default=None)
     parser.add_argument("--dataset", required=True, help=f"one of {', '.join(ev.DATASETS)}")
     parser.add_argument("--band", "--bands", dest="bands", nargs="+")
-    parser.add_argument("--samples-per-class", type=int, default=100)
-    parser.add_argument("--max-per-class", type=int, default=None,
+    parser.add_argument("--samples-per-class", type=positive_int, default=100)
+    parser.add_argument("--max-per-class", type=positive_int, default=None,
                         help="a random subset of at most N objects per class (quick sweeps on large sets)")
-    parser.add_argument("--num-samples", type=int, default=16, help="trials")
-    parser.add_argument("--max-epochs", type=int, default=60)
-    parser.add_argument("--grace-period", type=int, default=5, help="epochs before ASHA may stop a trial")
+    parser.add_argument("--num-samples", type=positive_int, default=16, help="trials")
+    parser.add_argument("--max-epochs", type=positive_int, default=60)
+    parser.add_argument("--grace-period", type=positive_int, default=5, help="epochs before ASHA may stop a trial")
     parser.add_argument("--finetune-choice", action="store_true", help="also search finetune yes/no + its settings")
     parser.add_argument("--experiment", default="astromer-sweep")
     parser.add_argument("--run-name")
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = ev.DATASETS[args.dataset]
     if args.bands:
         spec = dataclasses.replace(spec, bands=tuple(args.bands))
-    if args.max_per_class:
+    if args.max_per_class is not None:
         spec = dataclasses.replace(spec, max_per_class=args.max_per_class)
     lake = args.lake or settings.default_lake()
     try:   # the set and the model, checked before any trial

@@ -397,6 +397,11 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
     from astromer.lake.writers import write_json, write_parquet
 
     started = time.perf_counter()
+    counts = {"actors": actors, "batch_size": batch_size, "curves_per_batch": curves_per_batch, "threads": threads}
+    for setting, value in {**counts, "cpus_per_actor": cpus_per_actor, "gpus_per_actor": gpus_per_actor}.items():
+        least = 1 if setting in counts else 0   # before Ray starts: a pool of 0 actors or a batch of 0 fails in it
+        if value is not None and not value >= least:
+            raise ValueError(f"{setting}={value!r}: expected {'a positive whole number' if least else 'a number >= 0'}")
     validate_survey(survey)
     check_precision(precision)
     ref = resolve_model(model, name)
