@@ -85,10 +85,31 @@ def test_load_labelled_set_filters_classes_and_keeps_objects_together(labelled_l
     capped = ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "class", min_members=10, max_per_class=7))
     assert [len(set(capped.object_ids[capped.y == c])) for c in range(3)] == [7, 7, 7]
     assert len(capped) == 3 * 7 * 2  # both bands of every kept object
-    with pytest.raises(LookupError, match="no labelled curves"):
+    with pytest.raises(ValueError, match="no label set 'mode'"):
         ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "mode"))
     with pytest.raises(LookupError, match=r"no class \['Mira'\] in label set 'class'.*'eclipse'"):
         ev.load_labelled_set(lake, ev.DatasetSpec("toy", "synthetic", "class", classes=("fast", "Mira")))
+
+
+def test_an_empty_labelled_selection_says_what_the_lake_lacks_and_has(labelled_lake, tmp_path):
+    lake, _ = labelled_lake
+    # a survey without labels beside the labelled one
+    paths = LakePaths(lake)
+    row = {"object_id": "x", "ra": None, "dec": None, "mjd": [1.0, 2.0], "mag": [15.0, 15.1], "err": [0.1, 0.1],
+           "n_obs": 2, "quality": [0, 0], "source_file": "t", "source_sha256": "0" * 64, "ingest_id": "t"}
+    write_parquet(paths.fs, pa.Table.from_pylist([row], schema=LIGHTCURVES),
+                  posixpath.join(paths.lightcurves("plain", "V"), paths.part_name(0)))
+    cases = [(ev.DatasetSpec("t", "synthetc", "class"), FileNotFoundError,
+              r"surveys=\['synthetc'\].*the lake holds plain \(bands V\); synthetic \(bands g, r\)"),
+             (ev.DatasetSpec("t", "plain", "class"), ValueError,
+              r"no labels in surveys \['plain'\]; the labelled surveys are \['synthetic'\]"),
+             (ev.DatasetSpec("t", "synthetic", "mode"), ValueError,
+              r"no label set 'mode' in surveys \['synthetic'\]; there are \['class', 'period'\]"),
+             (ev.DatasetSpec("t", "synthetic", "class", bands=("Q",)), FileNotFoundError,
+              r"survey 'synthetic' has no band\(s\) \['Q'\].*it has \['g', 'r'\]")]
+    for spec, kind, words in cases:   # each was "no labelled curves for survey ..., label set ..., bands ..."
+        with pytest.raises(kind, match=words):
+            ev.load_labelled_set(lake, spec)
 
 
 def test_classify_job_checks_what_it_is_asked_before_training(labelled_lake, tmp_path, capsys):

@@ -408,12 +408,15 @@ def label_lookup(spec: DataSpec) -> dict[tuple[str, str], str]:
     if not paths.fs.exists(paths.labels()):
         raise ValueError(f"{spec.lake}: no labels table (the ingest of a labelled survey writes it)")
     table = pq.read_table(paths.url_of(paths.labels()), filesystem=None if paths.is_local else paths.fs)
-    frame = table.to_pandas()
+    frame = everything = table.to_pandas()
     if spec.surveys:
         frame = frame[frame["survey"].isin(spec.surveys)]
     in_set = frame[frame["label_set"] == spec.label_set]
     chosen = in_set[in_set["label"].isin(spec.labels)] if spec.labels else in_set
     where = f"surveys {spec.surveys}" if spec.surveys else "the lake"
+    if frame.empty:
+        raise ValueError(f"{spec.lake}: no labels in {where}; the labelled surveys are "
+                         f"{sorted(set(everything['survey']))}")
     if in_set.empty:
         raise ValueError(f"{spec.lake}: no label set {spec.label_set!r} in {where}; there are "
                          f"{sorted(set(frame['label_set']))}")

@@ -703,6 +703,14 @@ def load_labelled_set(lake: str, spec: DatasetSpec, periods: dict[str, float] | 
     sql += " ORDER BY c.object_id, c.band"
     table = con.sql(sql, params=params).to_arrow_table()
     if table.num_rows == 0:
+        from astromer.data import DataSpec, label_lookup
+        from astromer.embeddings import check_selection
+
+        # which part of the selection the lake lacks, and what it has instead (the checks the embed and
+        # finetune jobs make): the survey (the lake's surveys), a band (the survey's), the label set (the
+        # survey's label sets, or the labelled surveys)
+        check_selection(lake, spec.survey, spec.bands)
+        label_lookup(DataSpec(lake=lake, surveys=[spec.survey], label_set=spec.label_set))
         raise LookupError(f"no labelled curves for survey {spec.survey!r}, label set {spec.label_set!r}, bands "
                           f"{spec.bands or 'all'} in lake {lake}")
     if periods is None:
