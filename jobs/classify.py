@@ -62,14 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def dataset_spec(args) -> ev.DatasetSpec:
     if args.dataset:
-        if args.dataset not in ev.DATASETS:
-            raise SystemExit(f"unknown dataset {args.dataset!r}: expected one of {', '.join(ev.DATASETS)} "
-                             "or --survey/--label-set")
-        spec = ev.DATASETS[args.dataset]
+        spec = ev.named_dataset(args.dataset)
     elif args.survey and args.label_set:
         spec = ev.DatasetSpec(name=f"{args.survey}-{args.label_set}", survey=args.survey, label_set=args.label_set)
     else:
-        raise SystemExit("give --dataset NAME, or --survey and --label-set")
+        raise ValueError("give --dataset NAME, or --survey and --label-set")
     changes = {}
     if args.survey:
         changes["survey"] = args.survey
@@ -126,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    from astromer.commands import USER_ERRORS, report_usage_error
+    from astromer.commands import USER_ERRORS, check_output, report_usage_error
 
     lake = args.lake or settings.default_lake()
-    try:   # what was asked (set, classes, settings file, periods, model) is checked before any training
+    try:   # what was asked (set, classes, settings file, periods, model, output) is checked before any training
+        if args.out:
+            check_output(args.out)
         spec = dataset_spec(args)
         run = run_settings(args)
         periods = ev.read_periods_csv(args.periods) if args.periods else None

@@ -129,6 +129,11 @@ def test_classify_job_checks_what_it_is_asked_before_training(labelled_lake, tmp
              ([*base, "--config", str(tmp_path / "typo.json")], "unknown classifier setting(s) ['lr_decay']"),
              ([*base, "--config", str(tmp_path / "typo2.json")], "unknown finetune_config setting(s) ['lrr']"),
              ([*base, "--classes", "fast", "Mira"], "no class ['Mira']"),
+             (["--model", model_dir, "--lake", lake, "--dataset", "stripe-82"],
+              "unknown dataset 'stripe-82': expected one of asas, stripe82,"),
+             (["--model", model_dir, "--lake", lake, "--survey", "synthetic"], "give --dataset NAME, or --survey"),
+             ([*base[:-1], str(tmp_path / "typo.json")], "a file is there; expected a folder"),
+             ([*base[:-1], str(tmp_path / "typo.json" / "out")], f"{tmp_path / 'typo.json'} is a file, not a folder"),
              (["--model", model_dir, "--lake", lake, "--survey", "nosuch", "--label-set", "class"], "nosuch"),
              ([*base[2:], "--model", str(tmp_path / "nomodel")], "nomodel")]
     for argv, words in cases:

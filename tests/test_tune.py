@@ -75,3 +75,18 @@ def test_sweep_counts_out_of_range_are_refused_before_any_trial(tmp_path, capsys
     for setting in ("num_samples", "max_epochs", "grace_period", "patience"):   # "every trial failed: none ran"
         with pytest.raises(ValueError, match=f"^{setting}=0: expected a positive whole number"):
             sweep.sweep(np.zeros((len(y), 2, 4), np.float32), y, ids, ["a", "b"], **{setting: 0})
+
+
+def test_sweep_checks_its_dataset_and_output_before_any_work(tmp_path, capsys):
+    sweep = _load_sweep()
+    (tmp_path / "a-file").write_text("")
+    base = ["--model", str(tmp_path / "model"), "--lake", str(tmp_path / "lake")]
+    cases = [([*base, "--dataset", "stripe-82"], "unknown dataset 'stripe-82': expected one of asas, stripe82,"),
+             # this one failed with a FileExistsError traceback when writing the result, after every trial
+             ([*base, "--dataset", "stripe82", "--out", str(tmp_path / "a-file" / "best.json")],
+              f"--out {tmp_path / 'a-file' / 'best.json'}: {tmp_path / 'a-file'} is a file, not a folder"),
+             ([*base, "--dataset", "stripe82", "--out", str(tmp_path)], "a folder is there; expected a file name")]
+    for argv, words in cases:
+        assert sweep.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and "Traceback" not in err, (argv, err)

@@ -224,21 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     import dataclasses
 
     import astromer
-    from astromer.commands import USER_ERRORS, report_usage_error
+    from astromer.commands import USER_ERRORS, check_output, report_usage_error
     from astromer.embeddings import resolve_model
     from astromer.registry import resolve_model_dir
 
-    if args.dataset not in ev.DATASETS:
-        parser.error(f"unknown dataset {args.dataset!r}")
     if args.grace_period > args.max_epochs:
         parser.error(f"--grace-period {args.grace_period} is longer than --max-epochs {args.max_epochs}")
-    spec = ev.DATASETS[args.dataset]
-    if args.bands:
-        spec = dataclasses.replace(spec, bands=tuple(args.bands))
-    if args.max_per_class is not None:
-        spec = dataclasses.replace(spec, max_per_class=args.max_per_class)
     lake = args.lake or settings.default_lake()
-    try:   # the set and the model, checked before any trial
+    try:   # the output, the set and the model, checked before any trial
+        check_output(args.out, folder=False)
+        spec = ev.named_dataset(args.dataset)
+        if args.bands:
+            spec = dataclasses.replace(spec, bands=tuple(args.bands))
+        if args.max_per_class is not None:
+            spec = dataclasses.replace(spec, max_per_class=args.max_per_class)
         model = astromer.load_model(args.model)
         ref = resolve_model(args.model)
         data = ev.load_labelled_set(lake, spec)

@@ -659,6 +659,13 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+def named_dataset(name: str) -> DatasetSpec:
+    """The labelled set of :data:`DATASETS` called ``name``, or a LookupError naming those there are."""
+    if name not in DATASETS:
+        raise LookupError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
 @dataclass
 class LabelledSet:
     """Cleaned curves with integer labels; one row per single-band curve."""

@@ -32,6 +32,23 @@ def one_line_errors(run):
     return wrapped
 
 
+def check_output(path, flag: str = "--out", folder: bool = True) -> None:
+    """Refuse, before any work, an output ``path`` that cannot be written: a file where a folder is to be
+    (``folder``) or a folder where a file is, or a file where one of its parent folders would be made.
+    Raises FileExistsError naming the flag and what is in the way."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise FileExistsError(f"{flag} {path}: a {'file' if folder else 'folder'} is there; expected "
+                              f"{'a folder (new or existing)' if folder else 'a file name (new or existing)'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+
+
 # argparse types of counts: a flag out of range is refused before anything starts, naming the flag
 
 def positive_int(text: str) -> int:
