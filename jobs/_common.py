@@ -113,8 +113,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig.from_dict({**base, **values})
     for item in args.tag:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--tag {item!r}: expected KEY=VALUE")
+        if not sep or not key.strip():
+            raise ValueError(f"--tag {item!r}: expected KEY=VALUE (e.g. --tag owner=survey-team)")
         config.tags[key] = value
     return config
 

@@ -323,6 +323,8 @@ def test_what_a_job_is_asked_is_checked_before_ray_starts(lake, tmp_path, monkey
         ([*base, "--surveys", "nosuch"], "the lake holds"),
         ([*base, "--config", str(tmp_path / "missing.yaml")], "missing.yaml"),
     ]
+    cases.append(([*base, "--tag", "novalue"], "--tag 'novalue': expected KEY=VALUE"))   # it exited 1
+    cases.append(([*base, "--tag", "=value"], "--tag '=value': expected KEY=VALUE"))
     (tmp_path / "bad.json").write_text('{"max_step": 3}')
     cases.append(([*base, "--config", str(tmp_path / "bad.json")], "max_step"))
     cases.append(([*base, "--batch-size", "256"], "fewer than one step takes (--batch-size 256 x --num-workers 2"))
