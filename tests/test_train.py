@@ -71,6 +71,11 @@ def test_settings_file_flags_and_validation(tmp_path):
         TrainConfig(loss="l1")
     with pytest.raises(ValueError, match="MaskConfig.probed"):
         TrainConfig(probed=1.5)
+    with pytest.raises(ValueError, match=re.escape("MaskConfig.probed=0.0: expected a fraction in (0, 1]")):
+        TrainConfig(probed=0)    # it trained until 'loss is nan at step 2'
+    # --random applies to what --same leaves of the probed ones (windows.probe_counts), as its help says
+    assert ("--random RANDOM fraction of the probed ones left after `same` that get another observation's "
+            "magnitude; the rest are hidden ([MASK]) (default: 0.2)") in help_text
     # a settings file has no types of its own: each value is checked against its setting's
     (tmp_path / "typed.yaml").write_text("lr: 1e-3\nsystem_metrics_every: '5'\nsurveys: ogle\nbatch_size: 32.0\n")
     typed = TrainConfig.from_file(tmp_path / "typed.yaml")

@@ -164,6 +164,9 @@ class MaskConfig:
             value = getattr(self, field)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"MaskConfig.{field}={value!r}: expected a fraction in [0, 1]")
+        if self.probed == 0:   # the loss is over the probed observations: with none it is NaN from the start
+            raise ValueError(f"MaskConfig.probed={self.probed!r}: expected a fraction in (0, 1]: the loss is "
+                             "computed over the probed observations")
 
 
 def file_mode() -> int:

@@ -81,7 +81,8 @@ class TrainConfig:
     # task
     probed: float = 0.5                     # fraction of a window's observations probed
     same: float = 0.2                       # fraction of the probed ones left as they are
-    random: float = 0.2                     # fraction of the probed ones replaced by a random value
+    random: float = 0.2                     # fraction of the probed ones left after `same` that get another
+                                            # observation's magnitude; the rest are hidden ([MASK])
     loss: str = "plain"                     # "plain" | "weighted" (uncertainty-weighted RMSE)
     # optimisation
     optimizer: str = "adam"                 # "adam" | "adamw"
