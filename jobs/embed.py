@@ -55,14 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from astromer.commands import USER_ERRORS, report_usage_error
     from astromer.embeddings import check_gpus, check_selection, embed_survey, resolve_model
+    from astromer.lake.paths import LakePaths
+    from astromer.lake.writers import check_writable
 
     lake = args.lake or settings.default_lake()
     try:   # every survey, band and the model are checked before Ray starts and before any survey is embedded
         for survey in args.survey:
             check_selection(lake, survey, args.bands)
         resolve_model(args.model, args.name)
+        paths = LakePaths(lake)
+        check_writable(paths.fs, paths.join("_embed"))     # a read-only or full lake, before Ray starts
     except USER_ERRORS as exc:
         return report_usage_error(exc)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if not ray.is_initialized():
         if settings.ray_address() != "local":
             ray.init(address=settings.ray_address())
@@ -74,11 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             return report_usage_error(exc)
     for survey in args.survey:
-        report = embed_survey(lake, args.model, survey, args.bands, name=args.name, batch_size=args.batch_size,
-                              curves_per_batch=args.curves_per_batch, actors=args.actors,
-                              cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-                              threads=args.threads, precision=args.precision,
-                              clean=args.clean, detail_objects=args.detail_objects)
+        try:
+            report = embed_survey(lake, args.model, survey, args.bands, name=args.name, batch_size=args.batch_size,
+                                  curves_per_batch=args.curves_per_batch, actors=args.actors,
+                                  cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
+                                  threads=args.threads, precision=args.precision,
+                                  clean=args.clean, detail_objects=args.detail_objects)
+        except KeyboardInterrupt:
+            print(f"interrupted while embedding {survey}: its published embeddings are as they were (the surveys "
+                  "embedded before it stay); the same command embeds it again", file=sys.stderr)
+            return 130
+        except OSError as exc:    # the lake could not be written: a full disk, a read-only folder
+            print(f"error: embedding {survey}: {exc}; its published embeddings are as they were", file=sys.stderr)
+            return 1
         summary = {k: v for k, v in report.items() if k != "bands"}
         summary["bands"] = {b: {k: (len(v) if k == "skipped" else v) for k, v in info.items()}
                             for b, info in report["bands"].items()}

@@ -469,3 +469,36 @@ def test_the_embed_report_names_the_ingest_its_curves_came_from(ray_local, tmp_p
     assert connect(lake).execute("SELECT count(*), min(n_obs) > 60 FROM embeddings").fetchone() == (6, True)
     data = ev.load_labelled_set(lake, ev.DatasetSpec("mine", "mine", "class", min_members=3))
     assert ev.cached_layers(lake, "tiny", ref["version"], "mine", data)[1] == "used"
+
+
+def test_embed_job_ends_in_one_line_when_the_lake_cannot_be_written_or_it_is_interrupted(small_lake, capsys,
+                                                                                            monkeypatch):
+    import ray
+    from astromer import embeddings
+
+    lake, model_dir, _, _ = small_lake
+    job = _load_job("embed")
+    args = ["--model", model_dir, "--lake", lake, "--survey", SURVEY]
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started for a lake the job could not write")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    (Path(lake) / "_embed").write_text("a file where the staging folder goes")
+    capsys.readouterr()
+    assert job.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write in {lake}/_embed") and err.count("\n") == 1, err
+    (Path(lake) / "_embed").unlink()
+    # stopped, or the disk full, while a survey is embedded: one line each, and what it says
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    for raised, code, words in [(KeyboardInterrupt(), 130, "interrupted while embedding"),
+                                (OSError(28, "No space left on device"), 1, "No space left on device")]:
+        def stopped(*a, raised=raised, **k):
+            raise raised
+
+        monkeypatch.setattr(embeddings, "embed_survey", stopped)
+        assert job.main(args) == code
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and err.count("\n") == 1, err

@@ -89,6 +89,18 @@ def atomic_file(fs, path: str, *, text: bool = False):
     publish(fs, tmp, path)
 
 
+def check_writable(fs, folder: str) -> None:
+    """Write and remove a small file in ``folder`` (made if missing): an OSError naming the folder when the
+    store refuses (read-only, full, a file where the folder goes), before a job does any work there."""
+    probe = f"{folder}/.write-check-{uuid.uuid4().hex[:12]}"
+    try:
+        with atomic_file(fs, probe) as handle:
+            handle.write(b"ok")
+        fs.rm(probe)
+    except OSError as exc:
+        raise OSError(f"cannot write in {folder}: {exc.strerror or exc}") from None
+
+
 def write_parquet(fs, table: pa.Table, path: str, *, row_group_size: int | None = None,
                   compression: str = "zstd") -> None:
     """Write ``table`` to ``path`` atomically (zstd, dictionary-encoded strings, statistics)."""
