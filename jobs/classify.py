@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     from astromer.commands import USER_ERRORS, check_output, report_usage_error
+    from astromer.embeddings import resolve_model
 
     lake = args.lake or settings.default_lake()
     try:   # what was asked (set, classes, settings file, periods, model, output) is checked before any training
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         run = run_settings(args)
         periods = ev.read_periods_csv(args.periods) if args.periods else None
         model = astromer.load_model(args.model)
+        ref = resolve_model(args.model)
         data = ev.load_labelled_set(lake, spec, periods=periods)
     except USER_ERRORS as exc:
         return report_usage_error(exc)
@@ -143,13 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     registry.setup_tracking()
     experiment = registry.experiment_id(args.experiment)
     with mlflow.start_run(experiment_id=experiment, run_name=args.run_name or f"classify-{spec.name}-{started}"):
-        mlflow.set_tags({"model": str(args.model), "dataset": spec.name, "survey": spec.survey,
-                         "label_set": spec.label_set, "lake": str(lake), "output": str(out)})
+        # the model as asked (an alias moves) and as resolved (the version that ran)
+        mlflow.set_tags({"model": str(args.model), "model_name": ref.name, "model_version": ref.version,
+                         "dataset": spec.name, "survey": spec.survey, "label_set": spec.label_set,
+                         "lake": str(lake), "output": str(out)})
         frozen = None
         if args.use_lake_embeddings and not run.finetune:
-            from astromer.embeddings import resolve_model
-
-            ref = resolve_model(args.model)
             frozen, state = ev.cached_layers(lake, ref.name, ref.version, spec.survey, data)
             print(f"lake embeddings of {ref.name} version {ref.version}: {state}", flush=True)
             mlflow.set_tag("frozen_embeddings", "lake" if frozen is not None else "computed")

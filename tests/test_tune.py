@@ -32,7 +32,8 @@ def test_sweep_with_asha_logs_every_trial_and_writes_a_usable_config(ray_local, 
     layers = (centres[y][:, None, :] + rng.normal(0, 1.0, size=(len(y), 3, 16))).astype(np.float32)
     out = tmp_path / "best.json"
     result = sweep.sweep(layers, y, ids, ["a", "b", "c"], samples_per_class=20, num_samples=8, max_epochs=8,
-                         grace_period=1, patience=8, run_name="toy-sweep", out=out)
+                         grace_period=1, patience=8, run_name="toy-sweep", out=out,
+                         inputs={"model": "models:/toy@production", "model_name": "toy", "model_version": "3"})
 
     trials = result["trials"]
     assert len(trials) == 8 and all("error" not in t for t in trials)
@@ -61,6 +62,11 @@ def test_sweep_with_asha_logs_every_trial_and_writes_a_usable_config(ray_local, 
     assert settings.classifier.lr == best_trial["config"]["lr"]
     assert settings.classifier.gamma_init == best_trial["config"]["gamma_init"]
     assert best["metric"]["val_loss"] == best_trial["val_loss"]
+    # what the sweep ran on, in the parent run and beside the best configuration
+    parent = mlflow.tracking.MlflowClient().get_run(result["parent_run_id"])
+    assert parent.data.params["model_name"] == "toy" and parent.data.params["model_version"] == "3"
+    assert best["sweep"]["model"] == "models:/toy@production" and best["sweep"]["run_name"] == "toy-sweep"
+    assert best["sweep"]["samples_per_class"] == 20
 
 
 def test_sweep_counts_out_of_range_are_refused_before_any_trial(tmp_path, capsys):

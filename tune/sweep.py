@@ -135,8 +135,12 @@ def sweep(layers: np.ndarray, y: np.ndarray, object_ids: np.ndarray, class_names
           samples_per_class: int = 100, num_samples: int = 16, max_epochs: int = 60, grace_period: int = 5,
           patience: int = 40, finetune_choice: bool = False, curves: list | None = None,
           model_dir: str | None = None, seed: int = 0, experiment: str = "astromer-sweep",
-          run_name: str | None = None, out: str | Path | None = None, cpus_per_trial: float = 1.0) -> dict:
-    """Run the sweep and return {"best": RunSettings dict, "trials": [...], "parent_run_id": ...}."""
+          run_name: str | None = None, out: str | Path | None = None, cpus_per_trial: float = 1.0,
+          inputs: dict | None = None) -> dict:
+    """Run the sweep and return {"best": RunSettings dict, "trials": [...], "parent_run_id": ...}.
+
+    ``inputs``: what the layers came from (model, its registered name and version, dataset, lake, bands, ...):
+    the parent run's parameters and the ``sweep`` entry of the best configuration, beside the search's own."""
     import mlflow
     import ray
     from ray import tune
@@ -166,9 +170,10 @@ def sweep(layers: np.ndarray, y: np.ndarray, object_ids: np.ndarray, class_names
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=grace_period,
                               reduction_factor=2)
     with mlflow.start_run(experiment_id=experiment_id, run_name=name) as parent:
-        mlflow.log_params({"samples_per_class": samples_per_class, "num_samples": num_samples,
-                           "max_epochs": max_epochs, "grace_period": grace_period, "scheduler": "ASHA",
-                           "finetune_choice": finetune_choice, "n_curves": len(y), "classes": ",".join(class_names)})
+        searched = {"samples_per_class": samples_per_class, "num_samples": num_samples, "max_epochs": max_epochs,
+                    "grace_period": grace_period, "scheduler": "ASHA", "finetune_choice": finetune_choice,
+                    "n_curves": len(y), "classes": ",".join(class_names)}
+        mlflow.log_params({**searched, **{k: str(v)[:6000] for k, v in (inputs or {}).items()}})
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(trial, data=data), {"cpu": cpus_per_trial}),
             param_space=search_space(finetune_choice),
@@ -194,6 +199,7 @@ def sweep(layers: np.ndarray, y: np.ndarray, object_ids: np.ndarray, class_names
                                    patience=ev.ClassifierConfig.patience).to_dict()
         best["metric"] = {METRIC: best_trial[METRIC], "best_epoch": best_trial["best_epoch"],
                           "epochs": best_trial["epochs"]}
+        best["sweep"] = {"run_name": name, **(inputs or {}), **searched}
         mlflow.log_metric(RANKED, best_trial[METRIC])
         mlflow.log_dict(best, "best_config.json")
         if out is not None:
@@ -218,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-choice", action="store_true", help="also search finetune yes/no + its settings")
     parser.add_argument("--experiment", default="astromer-sweep")
     parser.add_argument("--run-name")
-    parser.add_argument("--out", default="best_config.json")
+    parser.add_argument("--out", default=None,
+                        help="where the best configuration goes (default: $ASTROMER_HOME/sweeps/RUN_NAME/"
+                             "best_config.json; a relative path is taken from the job's working folder)")
     args = parser.parse_args(argv)
 
     import dataclasses
@@ -231,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.grace_period > args.max_epochs:
         parser.error(f"--grace-period {args.grace_period} is longer than --max-epochs {args.max_epochs}")
     lake = args.lake or settings.default_lake()
+    name = args.run_name or f"sweep-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:   # the output, the set and the model, checked before any trial
-        check_output(args.out, folder=False)
+        out = Path(args.out or settings.home() / "sweeps" / name / "best_config.json").resolve()
+        check_output(str(out), folder=False)
         spec = ev.named_dataset(args.dataset)
         if args.bands:
             spec = dataclasses.replace(spec, bands=tuple(args.bands))
@@ -254,9 +264,13 @@ def main(argv: list[str] | None = None) -> int:
                    num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
                    finetune_choice=args.finetune_choice, curves=data.curves,
                    model_dir=str(resolve_model_dir(args.model)), experiment=args.experiment,
-                   run_name=args.run_name, out=args.out)
+                   run_name=name, out=out,
+                   inputs={"model": str(args.model), "model_name": ref.name, "model_version": ref.version,
+                           "dataset": spec.name, "survey": spec.survey, "label_set": spec.label_set,
+                           "bands": ",".join(spec.bands or ()) or "all", "max_per_class": spec.max_per_class,
+                           "lake": str(lake), "lake_embeddings": state})
     print(json.dumps(result["best"], indent=2))
-    print(f"best configuration written to {args.out}")
+    print(f"best configuration written to {out}")
     return 0
 
 

@@ -831,7 +831,7 @@ class RunSettings:
     @classmethod
     def from_dict(cls, data: dict) -> RunSettings:
         unknown = set(data) - {"classifier", "protocol", "finetune", "finetune_config", "baselines", "rf_trees",
-                               "embed_batch_size", "metric", "trial"}
+                               "embed_batch_size", "metric", "trial", "sweep"}
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
         for key in ("classifier", "protocol", "finetune_config"):
