@@ -63,9 +63,11 @@ pid_alive() {
 }
 
 # Live (non-zombie) processes of the session led by a pid: every service is started with setsid, so its
-# session holds exactly the processes it spawned.
+# session holds exactly the processes it spawned. An empty session prints nothing and succeeds: ps exits 1
+# when it lists no process, which under `set -e -o pipefail` would end the caller (once every process of
+# a stopped service has exited and been reaped).
 session_pids() {
-    ps -s "$1" -o pid=,stat= 2>/dev/null | awk '$2 !~ /^Z/ {print $1}'
+    { ps -s "$1" -o pid=,stat= 2>/dev/null || true; } | awk '$2 !~ /^Z/ {print $1}'
 }
 
 # curl arguments that authenticate against the Ray dashboard when token authentication is on.

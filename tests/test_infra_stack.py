@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -89,6 +90,34 @@ def stack_env(tmp_path):
     yield env
     subprocess.run([str(INFRA / "local-down")], env=env, cwd=ROOT, capture_output=True, timeout=120)
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_local_down_stops_both_services_when_their_processes_are_reaped(stack_env):
+    """Under an init that reaps exited processes (systemd, tini, docker --init), a service's session is
+    empty once it has stopped, and ``ps -s`` then exits 1: local-down must go on to the next service."""
+    stack = Path(stack_env["ASTROMER_HOME"]) / "stack"
+    stack.mkdir(parents=True)
+    services = {}
+    for name in ("ray", "mlflow"):   # stand-ins: one process per session, matching the pid files' patterns
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", name],
+                                start_new_session=True)
+        # wait() reaps it the moment it exits, as such an init does
+        threading.Thread(target=proc.wait, daemon=True).start()
+        (stack / f"{name}.pid").write_text(str(proc.pid))
+        services[name] = proc
+    (stack / "env.sh").write_text("")
+    try:
+        down = subprocess.run([str(INFRA / "local-down")], env=stack_env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert "Ray head stopped" in down.stdout and "MLflow server stopped" in down.stdout, down.stdout
+        assert all(proc.wait(timeout=10) is not None for proc in services.values())
+        assert sorted(p.name for p in stack.iterdir()) == []
+    finally:
+        for proc in services.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_local_stack_starts_serves_on_loopback_and_stops(stack_env, ray_local):
