@@ -120,6 +120,32 @@ def test_local_down_stops_both_services_when_their_processes_are_reaped(stack_en
                 proc.wait()
 
 
+@pytest.mark.parametrize("problem", ["ray port taken", "client port in worker range"])
+def test_local_up_checks_every_port_before_starting_anything(stack_env, problem):
+    """A Ray port that cannot be used is refused before the MLflow server starts, naming the setting."""
+    env = dict(stack_env)
+    holder = socket.socket()
+    if problem == "ray port taken":
+        holder.bind(("127.0.0.1", int(env["ASTROMER_RAY_DASHBOARD_PORT"])))
+        holder.listen()
+        setting, reason = "ASTROMER_RAY_DASHBOARD_PORT", "is taken"
+    else:
+        env["ASTROMER_RAY_CLIENT_PORT"] = "10021"
+        setting, reason = "ASTROMER_RAY_CLIENT_PORT", "in Ray's worker port range 10002-19999"
+    try:
+        up = subprocess.run([str(INFRA / "local-up")], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    finally:
+        holder.close()
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert reason in up.stderr and f"(set {setting})" in up.stderr, up.stderr
+    assert "starting" not in up.stdout, up.stdout
+    stack = Path(env["ASTROMER_HOME"]) / "stack"
+    assert not (stack / "mlflow.pid").exists() and not (stack / "ray.pid").exists()
+    with pytest.raises(OSError):
+        _get(f"http://127.0.0.1:{env['ASTROMER_MLFLOW_PORT']}/health")
+
+
 def test_local_stack_starts_serves_on_loopback_and_stops(stack_env, ray_local):
     """``ray_local``: another Ray runs on the machine meanwhile, as the stack must allow."""
     env = stack_env
