@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -209,10 +210,32 @@ def test_local_stack_starts_serves_on_loopback_and_stops(stack_env, ray_local):
     assert Path(runs[0].data.params["python"]).parent == Path(sys.executable).parent
     assert runs[0].data.params["nodes_seen_by_a_task"] == "1"
 
-    # Stop: every process of both sessions ends, nothing answers, and a second stop is a no-op.
+    # A job still running when the stack stops: like the project's jobs, it ends its MLflow run as KILLED
+    # on SIGTERM (which ray.init() turns into SystemExit in a driver).
+    in_flight = Path(env["ASTROMER_HOME"]) / "in_flight.py"
+    in_flight.write_text(
+        "import time\nimport mlflow\nimport ray\n\nray.init()\nmlflow.set_experiment('stack-check')\n"
+        "mlflow.start_run(run_name='in-flight')\ntry:\n    time.sleep(600)\nexcept SystemExit:\n"
+        "    mlflow.end_run(status='KILLED')\n    raise\n")
+    job = subprocess.run(ray_cli + ["job", "submit", "--no-wait", "--submission-id", "in-flight", "--",
+                                    "python", str(in_flight)],
+                         env=job_env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert job.returncode == 0, job.stdout + job.stderr
+    deadline = time.monotonic() + 180
+    while not client.search_runs([experiment.experiment_id], "attributes.run_name = 'in-flight'"):
+        assert time.monotonic() < deadline, "the in-flight job did not start its run"
+        time.sleep(1)
+
+    # Stop: the job is stopped through Ray's job API before the head (its run ends KILLED, not left
+    # RUNNING), every process of both sessions ends, nothing answers, and a second stop is a no-op.
     down = subprocess.run([str(INFRA / "local-down")], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=180)
     assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopping 1 Ray job(s) first" in down.stdout and "job in-flight ended (STOPPED)" in down.stdout, \
+        down.stdout
+    with sqlite3.connect(Path(env["ASTROMER_HOME"]) / "mlflow.db") as db:
+        statuses = dict(db.execute("SELECT name, status FROM runs"))
+    assert statuses == {"from-ray-job": "FINISHED", "in-flight": "KILLED"}, statuses
     time.sleep(0.5)
     assert _session_alive(ray_sid) == [] and _session_alive(mlflow_sid) == []
     with pytest.raises(OSError):
