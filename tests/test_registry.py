@@ -50,6 +50,17 @@ def test_production_moves_only_on_improvement(tmp_path, mlflow_sqlite):
     assert registry.production_version(name) == 3
     with pytest.raises(ValueError, match="nan"):
         registry.promote(name, 2, float("nan"))
+    # a damaged model is not registered: NaN weights are refused naming the file and tensor
+    from safetensors.torch import load_file, save_file
+
+    broken = _model_dir(tmp_path / "d", 4)
+    tensors = load_file(str(broken / "model.safetensors"))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] * float("nan")
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"model.safetensors: tensor {first} has"):
+        registry.register_model_dir(broken, name, metrics={"val_rmse": 0.01})
+    assert registry.production_version(name) == 3 and len(client.search_model_versions(f"name = '{name}'")) == 3
 
 
 def test_production_compares_only_versions_scored_on_the_same_validation_windows(tmp_path, mlflow_sqlite, capsys,

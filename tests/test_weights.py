@@ -233,6 +233,9 @@ def test_cli_import_list_and_register(tmp_path, mlflow_sqlite, capsys):
     printed = printed.out
     model = astromer.load_model("models:/astromer1-macho@candidate")
     assert model.num_parameters() == 661_505 and model.config.window_rule == "astromer1"
+    # the lineage tag names the checkpoint by its absolute path, whatever folder the command ran in
+    version = MlflowClient().get_model_version("astromer1-macho", "1")
+    assert version.tags["source"] == str(shared_path(*ZIP).resolve())
     # the same checkpoint again adds no version
     assert cli(["weights", "import", str(shared_path(*ZIP)), str(out), "--register", "astromer1-macho"]) == 0
     assert "version 1 holds these weights already" in capsys.readouterr().out

@@ -177,7 +177,12 @@ def register_model_dir(model_dir: str | Path, name: str, tags: dict[str, Any] | 
     """Log ``model_dir`` (into the active run, or a new run in ``experiment``) and register it as a new version
     of ``name``. ``tags`` become version tags; ``metrics`` are logged to the run and, when they include
     ``val_rmse``, decide promotion. The new version always gets alias ``candidate``; ``production`` follows
-    ``promote``'s rule (``log_metrics=False`` when the run already has them per step). Returns the version."""
+    ``promote``'s rule (``log_metrics=False`` when the run already has them per step). Returns the version.
+    The weights are read first: an unreadable safetensors file or NaN/infinite weights raise a ValueError
+    naming the file and the tensor, and nothing is registered."""
+    from astromer.weights import MODEL_FILE, check_finite, read_model_tensors
+
+    check_finite(read_model_tensors(Path(model_dir) / MODEL_FILE), Path(model_dir) / MODEL_FILE)
     setup_tracking()
     own_run = mlflow.active_run() is None
     if own_run:

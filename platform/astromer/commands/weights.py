@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from astromer.config import PRESETS
 
@@ -84,9 +85,15 @@ def _import(args: argparse.Namespace) -> int:
             print(f"{args.register} version {same} holds these weights already: nothing registered")
             return 0
         version = register_model_dir(args.out_dir, args.register,
-                                     tags={"source": str(args.src), "preset": args.preset, "weights_sha256": digest})
+                                     tags={"source": _absolute(args.src), "preset": args.preset,
+                                           "weights_sha256": digest})
         print(f"registered {args.register} version {version}")
     return 0
+
+
+def _absolute(src: str) -> str:
+    """A local source as an absolute path (the lineage tag outlives the folder the command ran in); a URL as is."""
+    return src if "://" in str(src) else str(Path(src).resolve())
 
 
 def _missing_from_source(model_dir: str) -> list[str]:
