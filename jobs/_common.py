@@ -110,6 +110,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         from astromer.train import read_settings_file
 
         base = read_settings_file(args.config)
+        internal = sorted(set(base) & set(JOB_SET))
+        if internal:    # the job fills these in for its workers; from a file they would point at another run
+            raise ValueError(f"{args.config}: {', '.join(internal)} are set by the job itself, not settings")
     config = TrainConfig.from_dict({**base, **values})
     for item in args.tag:
         key, sep, value = item.partition("=")

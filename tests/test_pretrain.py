@@ -327,6 +327,8 @@ def test_what_a_job_is_asked_is_checked_before_ray_starts(lake, tmp_path, monkey
     cases.append(([*base, "--tag", "=value"], "--tag '=value': expected KEY=VALUE"))
     (tmp_path / "bad.json").write_text('{"max_step": 3}')
     cases.append(([*base, "--config", str(tmp_path / "bad.json")], "max_step"))
+    (tmp_path / "inner.json").write_text('{"mlflow_run_id": "abc"}')
+    cases.append(([*base, "--config", str(tmp_path / "inner.json")], "mlflow_run_id are set by the job itself"))
     cases.append(([*base, "--batch-size", "256"], "fewer than one step takes (--batch-size 256 x --num-workers 2"))
     labelled = write_lake(tmp_path / "labelled", 40, survey="asas", seed=7, labels=True)
     lab = ["--lake", str(labelled), "--preset", "tiny", "--max-steps", "1"]
