@@ -948,7 +948,9 @@ def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake, me
     # publish parts: each file appears complete under its final name, stale files go afterwards. The plan
     # is written first: a publish killed half-way resumes with the parts it had moved (or runs afresh when
     # another ingest has written over them since, see moved_parts_are_ours)
-    parts = sorted(parts, key=lambda p: (p["band"], p["part"]))
+    # a part whose every curve the merge moved out stays in staging: an empty file has no footer statistics to
+    # say whose it is (moved_parts_are_ours), and readers gain nothing from it
+    parts = sorted((p for p in parts if p["curves"]), key=lambda p: (p["band"], p["part"]))
     if not fs.exists(publish_plan_path(run)):
         write_json(fs, {"parts": [{k: p[k] for k in ("band", "part", "curves")} for p in parts]},
                    publish_plan_path(run))
