@@ -757,3 +757,23 @@ def test_a_publish_of_merged_curves_killed_half_way_resumes_without_starting_ove
     assert _curves(killed) == _curves(clean)
     parts = list((killed / "lightcurves").rglob("*.parquet"))
     assert parts and all(pq.ParquetFile(p).metadata.num_rows > 0 for p in parts)
+
+
+def test_flags_judge_the_stored_values_so_a_merge_flags_as_one_file_does(tmp_path, client):
+    # an error of 1.00000001 is 1.0 in the lake's float32: not above one, in one file as in two
+    rows1 = "oid,hjd,m,e\ns,1,15.0,0.1\ns,4,15.0,1.00000001\n"
+    rows2 = "oid,hjd,m,e\ns,4,15.2,0.1\ns,6,15.1,0.1\n"
+    options = {"columns": {"object": "oid", "time": "hjd", "mag": "m", "err": "e"}}
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "a.csv").write_text(rows1)
+    (tmp_path / "two" / "b.csv").write_text(rows2)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "ab.csv").write_text(rows1 + rows2.split("\n", 1)[1])
+    flags = {}
+    for name in ("two", "one"):
+        run_ingest("csv", str(tmp_path / name), str(tmp_path / f"lake-{name}"), client=client, progress=False,
+                   options=options)
+        flags[name] = connect(str(tmp_path / f"lake-{name}")).execute(
+            "SELECT err, quality FROM lightcurves").fetchone()
+    assert flags["two"] == flags["one"]
+    assert flags["one"][1][1:3] == [0, int(Quality.DUPLICATE_TIME)]    # the first row of time 4 stays usable

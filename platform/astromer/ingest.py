@@ -412,9 +412,9 @@ def reduce_task(lake_url: str, ingest_id: str, band: str, shard_indices: list[in
 # Each step is resumable: the plan is written once; a part still holding split rows spills them again
 # (the same files) before it is written without them; a bucket's part is written whole or not at all.
 
-#: flags that belong to an observation alone, kept from the map (the merge works from float32 values)
-OBSERVATION_FLAGS = int(schema.Quality.NONFINITE | schema.Quality.ERR_NONPOSITIVE | schema.Quality.ERR_ABOVE_ONE
-                        | schema.Quality.UNSORTED_SOURCE)
+#: the flag kept from the map: how its input listed an observation (the others are computed again from the
+#: lake's values, as the map computed them)
+SOURCE_ORDER_FLAG = int(schema.Quality.UNSORTED_SOURCE)
 
 
 def merge_folder(run: str) -> str:
@@ -512,8 +512,8 @@ def merge_task(lake_url: str, ingest_id: str, band: str, bucket: int, part: int)
 def merged_curves(rows: pa.Table) -> pa.Table:
     """One curve per object of ``rows`` (curves of one band, with their ``input_order``): the observations
     of all its rows sorted by time (a time seen twice keeps input order, so the later one is the duplicate),
-    flagged afresh for duplicate times and magnitude percentiles over the whole curve (the other flags are
-    the observation's own), the first known position, and the inputs joined by `` + ``."""
+    flagged afresh over the whole curve from the stored values, as the map flags (duplicate times, magnitude
+    percentiles), the first known position, and the inputs joined by `` + ``."""
     rows = rows.take(pc.sort_indices(rows, [("object_id", "ascending"), ("input_order", "ascending")]))
     ids = rows.column("object_id").to_numpy(zero_copy_only=False)
     first = np.r_[True, ids[1:] != ids[:-1]] if len(ids) else np.zeros(0, dtype=bool)
@@ -531,7 +531,7 @@ def merged_curves(rows: pa.Table) -> pa.Table:
     order = np.lexsort((np.arange(len(mjd)), mjd, np.repeat(curve_of_row, row_lengths)))
     mjd, mag, err, old = mjd[order], mag[order], err[order], old[order]
     mjd, mag, err, flags = schema.quality_flags(mjd, mag, err, offsets)
-    flags = (flags & np.uint8(~OBSERVATION_FLAGS & 0xFF)) | (old & np.uint8(OBSERVATION_FLAGS))
+    flags = (flags & np.uint8(~SOURCE_ORDER_FLAG & 0xFF)) | (old & np.uint8(SOURCE_ORDER_FLAG))
 
     def first_known(name):
         values = rows.column(name).to_numpy(zero_copy_only=False).astype(np.float64)   # null -> NaN
