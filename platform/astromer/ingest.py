@@ -74,7 +74,8 @@ from astromer.surveys.base import ArchiveError, Batch, Input
 #: mixes its shards with those of a run killed under the previous code, and an ingest of unchanged files
 #: under new code writes the survey again (2: the observations' list elements are non-null,
 #: schema.observations; 3: a duplicate time repeats an earlier usable row, schema.quality_flags; 4: a star's rows
-#: from several inputs are merged into one curve, merge_split_curves)
+#: from several inputs are merged into one curve, merge_split_curves, and the flags judge the stored float32
+#: values)
 READER_VERSION = "4"
 ROW_GROUP_CURVES = 2048
 DEFAULT_PART_BYTES = 192 << 20   # Arrow bytes per part: about 128 MB of Parquet (times barely compress)
