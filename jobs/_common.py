@@ -205,15 +205,18 @@ def this_driver() -> dict:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def check_run_name(config: TrainConfig) -> int | None:
+def check_run_name(config: TrainConfig) -> dict | None:
     """What the run name's history allows, checked before Ray starts and before the MLflow run is touched:
 
     - a run name that another experiment's job holds (pretraining and finetuning keep their checkpoints side
-      by side under ``storage_path``: a finetune would resume a pretraining run's weights) is refused;
-    - a run whose newest checkpoint holds a model of another shape than these settings make is refused
-      (a resume would fail in every worker, after Ray had started, three times over);
+      by side under ``storage_path``: a finetune would resume a pretraining run's weights) is refused; the
+      owner is recorded in ``RUN_OWNERS``, or found in MLflow for runs older than that record;
+    - a run whose newest usable checkpoint holds a model of another shape than these settings make is
+      refused (a resume would fail in every worker, after Ray had started, three times over); a folder a
+      killed copy left half-written is passed over, as the workers pass it over;
     - a run whose attempt is still in flight (its MLflow run RUNNING, its driver alive on this host) is refused;
-    - a run that finished at or past the steps (or passes) asked for: its step is returned (nothing to train;
+    - a run that finished as far as these settings ask (``--max-steps``, ``--epochs``, or early stopping at
+      this ``--patience``): its final checkpoint is returned as {"step", "url", "state"} (nothing to train;
       training it again would write its final checkpoint over itself, and Ray would then delete the folder).
     Raises ValueError for the refusals."""
     import fsspec
@@ -222,20 +225,32 @@ def check_run_name(config: TrainConfig) -> int | None:
 
     fs, root = fsspec.core.url_to_fs(config.storage_path)
     owner_path = f"{root.rstrip('/')}/{RUN_OWNERS}/{config.run_name}.json"
-    owner = json.loads(fs.cat_file(owner_path)) if fs.exists(owner_path) else None
-    if owner and owner.get("experiment") != config.experiment:
-        raise ValueError(f"run name {config.run_name} belongs to a run of experiment {owner.get('experiment')} "
-                         f"(its checkpoints are in {config.storage_path}/{config.run_name}): choose another --run-name")
+    owner = json.loads(fs.cat_file(owner_path))["experiment"] if fs.exists(owner_path) else None
     checkpoints = run_checkpoints(config.storage_path, config.run_name)
-    if checkpoints:
-        step, final, url = checkpoints[0]
-        expected = _init_config(config.init_from, config.tracking_uri) if config.init_from else config.model_config()
-        mismatch = model_mismatch(url, expected)
+    registry.setup_tracking(config.tracking_uri)
+    if owner is None and checkpoints:     # checkpoints older than the owner record: MLflow knows their run
+        owner = _experiment_of_run(config.run_name, config.experiment)
+    if owner is not None and owner != config.experiment:
+        raise ValueError(f"run name {config.run_name} belongs to a run of experiment {owner} (its checkpoints are "
+                         f"in {config.storage_path}/{config.run_name}): choose another --run-name")
+    newest = None
+    expected = None
+    for step, final, url in checkpoints:
+        try:
+            state = json.loads(fs.cat_file(f"{url.rstrip('/')}/{STATE_FILE}"))
+            if expected is None:
+                expected = _init_config(config.init_from, config.tracking_uri) if config.init_from \
+                    else config.model_config()
+            mismatch = model_mismatch(url, expected)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("checkpoint %s is not usable (%s): passed over", url, exc)
+            continue
         if mismatch:
             raise ValueError(f"run {config.run_name} cannot resume with these settings: its checkpoint at step {step} "
                              f"holds another model ({mismatch}); start it with the settings it began with "
                              "(see its MLflow parameters), or choose another --run-name")
-    registry.setup_tracking(config.tracking_uri)
+        newest = {"step": int(state["step"]), "final": final, "url": url, "state": state}
+        break
     run_id = registry.find_run(config.experiment, config.run_name)
     if run_id is not None:
         from mlflow.tracking import MlflowClient
@@ -247,14 +262,27 @@ def check_run_name(config: TrainConfig) -> int | None:
             raise ValueError(f"run {config.run_name} is running: driver process {driver.get('pid')} on "
                              f"{driver.get('host')} since {driver.get('started_at')}; wait for it to end or stop "
                              "it (ray job stop), then run the same command to continue it")
-    if owner is None:
+    if not fs.exists(owner_path):
         fs.makedirs(os.path.dirname(owner_path), exist_ok=True)
         fs.pipe_file(owner_path, json.dumps({"experiment": config.experiment, "run_name": config.run_name}).encode())
-    if checkpoints and checkpoints[0][1]:
-        state = json.loads(fs.cat_file(f"{checkpoints[0][2].rstrip('/')}/{STATE_FILE}"))
-        if state["step"] >= (config.max_steps or 10**12) or state["epoch"] >= config.epochs:
-            return int(state["step"])
+    if newest and newest["final"] and newest["state"].get("finished"):
+        state = newest["state"]
+        if state["step"] >= (config.max_steps or 10**12) or state["epoch"] >= config.epochs \
+                or state.get("evals_since_best", 0) >= config.patience:
+            return newest
     return None
+
+
+def _experiment_of_run(run_name: str, preferred: str) -> str | None:
+    """The experiment of the MLflow run called ``run_name`` (``preferred`` when it has one of that name too),
+    None when no experiment has one."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    ids = {e.experiment_id: e.name for e in client.search_experiments()}
+    runs = client.search_runs(list(ids), filter_string=f"tags.`mlflow.runName` = '{run_name}'") if ids else []
+    names = {ids[r.info.experiment_id] for r in runs}
+    return preferred if preferred in names else (sorted(names)[0] if names else None)
 
 
 def run_tags(config: TrainConfig, register_tags: dict | None = None) -> dict:
@@ -327,7 +355,7 @@ def run_training(config: TrainConfig, register_tags: dict | None = None, checked
 
     finished = None if checked else check_run_name(config)
     if finished is not None:
-        return finished_summary(config, finished)
+        return finished_summary(config, finished, register_tags)
     init_ray(config)
     config.mlflow_run_id = start_mlflow_run(config, register_tags=register_tags)
     client = MlflowClient()
@@ -454,15 +482,42 @@ def registered_name(config: TrainConfig) -> str:
     return config.register_as or registry.pretrained_name(str(config.corpus))
 
 
-def finished_summary(config: TrainConfig, step: int) -> dict:
-    """A run that had finished at ``step``: what it registered then (nothing runs)."""
+def finished_summary(config: TrainConfig, finished: dict, register_tags: dict | None = None) -> dict:
+    """A run that had finished (:func:`check_run_name`'s final checkpoint): nothing trains. What it registered
+    then is reported; a run whose registration had failed is registered now, from that checkpoint."""
+    import ray.train
+    from mlflow.tracking import MlflowClient
+
+    step = finished["step"]
     name = registered_name(config)
     version = registry.version_with_tags(name, {"run_name": config.run_name, "step": step})
-    log.warning("run %s finished at step %d (its final checkpoint), as far as --max-steps and --epochs ask: "
-                "nothing to train (raise them to continue it)", config.run_name, step)
-    return {"run_name": config.run_name, "mlflow_run_id": registry.find_run(config.experiment, config.run_name),
-            "finished_before": step, "registered": name if version is not None else None, "version": version,
-            "production": registry.production_version(name) if version is not None else None}
+    run_id = registry.find_run(config.experiment, config.run_name)
+    log.warning("run %s finished at step %d (its final checkpoint), as far as --max-steps, --epochs and --patience "
+                "ask: nothing to train (raise them to continue it)", config.run_name, step)
+    if version is not None or run_id is None:
+        return {"run_name": config.run_name, "mlflow_run_id": run_id, "finished_before": step,
+                "registered": name if version is not None else None, "version": version,
+                "production": registry.production_version(name) if version is not None else None}
+    # trained to its end, but its registration failed: register the final checkpoint, as the run would have
+    from types import SimpleNamespace
+
+    from astromer.data import row_groups, validation_digest
+
+    log.warning("run %s has no registered version at step %d: registering its final checkpoint", config.run_name,
+                step)
+    spec = config.data_spec()
+    register_tags = {**(register_tags or {}), registry.VAL_SET_TAG: validation_digest(spec, row_groups(spec))}
+    config.mlflow_run_id = run_id
+    metrics = {**(finished["state"].get("metrics") or {}), "step": step, "epoch": finished["state"].get("epoch", 0)}
+    summary = finish_run(config, SimpleNamespace(metrics=metrics, checkpoint=ray.train.Checkpoint(finished["url"])),
+                         register_tags)
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    if ERROR_KEY in tags:
+        client.set_tag(run_id, f"{ERROR_KEY}.previous", tags[ERROR_KEY])
+        client.delete_tag(run_id, ERROR_KEY)
+    client.set_terminated(run_id, status="FINISHED")
+    return {**summary, "finished_before": step}
 
 
 def finish_run(config: TrainConfig, result, register_tags: dict) -> dict:
@@ -495,20 +550,25 @@ def main(description: str, prefix: str, defaults: dict | None = None, prepare=No
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser(description, defaults).parse_args(argv)
     try:   # what was asked (settings file, preset, lake, selection, model to start from) is checked here
+        from mlflow.exceptions import MlflowException
+
         config = config_from_args(args)
-        if config.init_from:   # loaded here once: a damaged model would fail every worker after Ray starts
-            check_init_from(config.init_from, config.tracking_uri)
+        checked = config.init_from
+        if checked:   # loaded here: a damaged model would fail every worker after Ray starts
+            check_init_from(checked, config.tracking_uri)
         register_tags = {}
         config.lake = config.lake or settings.default_lake()
         if prepare is not None:
             register_tags = prepare(config) or {}
+        if config.init_from and config.init_from != checked:   # a finetune's resume pins the version it began from
+            check_init_from(config.init_from, config.tracking_uri)
         complete(config, prefix)
         finished = check_run_name(config)
-    except (*USER_ERRORS, OSError, settings.EphemeralHome) as exc:
+    except (*USER_ERRORS, OSError, settings.EphemeralHome, MlflowException) as exc:
         return report_usage_error(exc)
     log.info("settings: %s", json.dumps(config.to_dict(), sort_keys=True))
     try:
-        summary = finished_summary(config, finished) if finished is not None else \
+        summary = finished_summary(config, finished, register_tags) if finished is not None else \
             run_training(config, register_tags, checked=True)
     except (KeyboardInterrupt, SystemExit):   # Ray Train turns Ctrl-C into SystemExit once it has aborted
         print(f"interrupted: the same command with --run-name {config.run_name} continues from the last "

@@ -412,3 +412,34 @@ def test_a_run_name_is_checked_before_ray_starts(ray_local, mlflow_sqlite, lake,
         sleeper.wait()
     assert _common.check_run_name(tiny(lake, "done-once", max_steps=9)) is None      # its driver is gone
     client.set_terminated(run_id, status="FINISHED")
+
+    # a newer folder that a killed copy left half-written is passed over, as the workers pass it over
+    (folder / "step-00000009").mkdir()
+    (folder / "step-00000009" / "state.json").write_text('{"step": 9}')
+    assert _common.check_run_name(tiny(lake, "done-once", **settings))["step"] == 6
+    # a run name from before the owner records: MLflow says whose it is
+    (Path(tiny(lake, "done-once").storage_path) / _common.RUN_OWNERS / "done-once.json").unlink()
+    with pytest.raises(ValueError, match="belongs to a run of experiment astromer-pretrain"):
+        _common.check_run_name(tiny(lake, "done-once", experiment=registry.FINETUNE_EXPERIMENT))
+    # trained to its end, but its registration failed: the same command registers the final checkpoint
+    name = first["registered"]
+    client.delete_model_version(name, str(first["version"]))
+    client.set_tag(run_id, _common.ERROR_KEY, "registering the model: the registry was down")
+    client.set_terminated(run_id, status="FAILED")
+    again = _common.run_training(tiny(lake, "done-once", **settings))
+    assert again["finished_before"] == 6 and again["version"] == first["version"] + 1 and again["step"] == 6
+    assert client.get_model_version(name, str(again["version"])).tags["run_name"] == "done-once"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and _common.ERROR_KEY not in run.data.tags
+    assert sorted(p.name for p in folder.glob("step-*")) == [*before, "step-00000009"]
+
+    # a run that stopped early stays finished at the same --patience, and goes on at a larger one
+    stopped = Path(tiny(lake, "done-once").storage_path) / "early-stop"
+    (stopped / "step-00000004-final").mkdir(parents=True)
+    for f in (folder / "step-00000006-final").iterdir():
+        (stopped / "step-00000004-final" / f.name).write_bytes(f.read_bytes())
+    state = json.loads((stopped / "step-00000004-final" / "state.json").read_text())
+    state.update(step=4, epoch=0, finished=True, evals_since_best=2)
+    (stopped / "step-00000004-final" / "state.json").write_text(json.dumps(state))
+    assert _common.check_run_name(tiny(lake, "early-stop", max_steps=50, patience=2))["step"] == 4
+    assert _common.check_run_name(tiny(lake, "early-stop", max_steps=50, patience=5)) is None
