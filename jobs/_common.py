@@ -197,12 +197,9 @@ RUN_OWNERS = ".astromer-runs"
 
 
 def this_driver() -> dict:
-    import socket
+    from astromer.lake.locks import this_process
 
-    from astromer.lake.locks import process_started
-
-    return {"host": socket.gethostname(), "pid": os.getpid(), "process_started": process_started(os.getpid()),
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {**this_process(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def check_run_name(config: TrainConfig) -> dict | None:
@@ -220,7 +217,7 @@ def check_run_name(config: TrainConfig) -> dict | None:
       training it again would write its final checkpoint over itself, and Ray would then delete the folder).
     Raises ValueError for the refusals."""
     import fsspec
-    from astromer.lake.locks import holder_is_gone
+    from astromer.lake.locks import holder_is_gone, on_this_machine
     from astromer.train import _init_config, model_mismatch, run_checkpoints
 
     fs, root = fsspec.core.url_to_fs(config.storage_path)
@@ -257,8 +254,8 @@ def check_run_name(config: TrainConfig) -> dict | None:
 
         run = MlflowClient().get_run(run_id)
         driver = json.loads(run.data.tags.get(DRIVER_KEY, "{}") or "{}")
-        if run.info.status == "RUNNING" and driver and not holder_is_gone(driver) \
-                and driver.get("pid") != os.getpid() and driver.get("host") == this_driver()["host"]:
+        if run.info.status == "RUNNING" and driver and on_this_machine(driver) and not holder_is_gone(driver) \
+                and driver.get("pid") != os.getpid():
             raise ValueError(f"run {config.run_name} is running: driver process {driver.get('pid')} on "
                              f"{driver.get('host')} since {driver.get('started_at')}; wait for it to end or stop "
                              "it (ray job stop), then run the same command to continue it")

@@ -777,3 +777,34 @@ def test_flags_judge_the_stored_values_so_a_merge_flags_as_one_file_does(tmp_pat
             "SELECT err, quality FROM lightcurves").fetchone()
     assert flags["two"] == flags["one"]
     assert flags["one"][1][1:3] == [0, int(Quality.DUPLICATE_TIME)]    # the first row of time 4 stays usable
+
+
+def test_the_lock_on_a_store_without_exclusive_create_and_when_taken_over(tmp_path):
+    import json
+
+    import fsspec
+    from astromer.lake import locks
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class PlainStore(MemoryFileSystem):       # a store that takes "xb" as "wb" (no conditional writes)
+        protocol = "plainstore"
+
+        def _open(self, path, mode="rb", **kwargs):
+            return super()._open(path, mode.replace("x", "w"), **kwargs)
+
+    fsspec.register_implementation("plainstore", PlainStore, clobber=True)
+    with locks.survey_lock("plainstore://locks/lake", "macho"):
+        with pytest.raises(locks.SurveyLocked, match="another ingest of macho is running"):
+            with locks.survey_lock("plainstore://locks/lake", "macho"):
+                pass
+    # a holder of this host name but another boot or process namespace (a container) is not judged gone
+    me = locks.this_process()
+    assert not locks.holder_is_gone({**me, "boot_id": "another-boot", "pid": 2**22 + 7})
+    assert locks.holder_is_gone({**me, "pid": 2**22 + 7})
+    # taking over: a lock that is no longer the stale one (another ingest took it over first) is put back
+    lock = tmp_path / "lock.json"
+    lock.write_text(json.dumps({"token": "fresh", **me}))
+    locks._remove_stale(fsspec.filesystem("file"), str(lock), {"token": "stale"})
+    assert json.loads(lock.read_text())["token"] == "fresh" and [p.name for p in tmp_path.iterdir()] == ["lock.json"]
+    locks._remove_stale(fsspec.filesystem("file"), str(lock), {"token": "fresh"})
+    assert not lock.exists() and not list(tmp_path.iterdir())

@@ -4,14 +4,16 @@ Two ingests of one survey publishing at once would interleave their parts and ea
 stale. The lock is ``_ingest/survey=<s>/lock.json``, naming who holds it (host, process, its start time,
 the source, the command). It is created in one step that fails when the file exists: locally a complete
 temporary file is hard-linked onto the name (the link is atomic and the holder's details are there from
-the first instant); elsewhere fsspec's exclusive-create mode (``xb``: object stores that support conditional
-writes refuse the second PUT), read back to see whose it is (a store without conditional writes keeps the
-last writer's file; two ingests started in the same instant could then both go on).
+the first instant); elsewhere an existing lock is looked for, then fsspec's exclusive-create mode (``xb``:
+object stores that support conditional writes refuse the second PUT), read back to see whose it is (a store
+without conditional writes keeps the last writer's file: two ingests started in the same instant could
+then both go on).
 
-A lock whose holder is gone is taken over: on the same host, a process that no longer runs (or a process
-of the same number started later: the number was reused) held it, as after a kill. A holder on another
-host cannot be checked from here, so such a lock is only broken when asked (``break_lock``,
-``--break-lock``): the error says who holds it and since when.
+A lock whose holder is gone is taken over: on this machine (the same host name, boot and process-number
+namespace: containers may share a host name), a process that no longer runs (or a process of the same
+number started later: the number was reused) held it, as after a kill. A holder elsewhere cannot be
+checked from here, so such a lock is only broken when asked (``break_lock``, ``--break-lock``): the error
+says who holds it and since when.
 """
 from __future__ import annotations
 
@@ -43,9 +45,37 @@ def process_started(pid: int) -> float | None:
         return -1.0      # runs, as another user: not ours to judge, so it still holds the lock
 
 
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def machine() -> dict:
+    """What tells this machine and process namespace from others: the host name, the boot (a restarted host
+    reuses process numbers) and the process-number namespace (containers on one host may share its name)."""
+    try:
+        pid_ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pid_ns = None
+    return {"host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"), "pid_ns": pid_ns}
+
+
+def this_process() -> dict:
+    """This process, as a lock or a run records its holder: :func:`machine`, the process and its start."""
+    return {**machine(), "pid": os.getpid(), "process_started": process_started(os.getpid())}
+
+
+def on_this_machine(holder: dict) -> bool:
+    """Whether ``holder`` (:func:`this_process` of some process) ran where this process runs."""
+    return all(holder.get(key) == value for key, value in machine().items())
+
+
 def holder_is_gone(holder: dict) -> bool:
-    """Whether the lock's holder ran on this host and no longer runs."""
-    if holder.get("host") != socket.gethostname():
+    """Whether the lock's holder ran on this machine (and process namespace) and no longer runs."""
+    if not on_this_machine(holder):
         return False
     started = process_started(int(holder.get("pid", -1)))
     return started is None or (started > 0 and abs(started - float(holder.get("process_started", 0))) > 1.0)
@@ -71,12 +101,14 @@ def _create_exclusive(fs, path: str, payload: bytes) -> bool:
         finally:
             os.remove(tmp)
     fs.makedirs(os.path.dirname(path), exist_ok=True)
+    if fs.exists(path):        # a store without conditional writes takes "xb" as "wb": never write over a lock
+        return False
     try:
         with fs.open(path, "xb") as f:
             f.write(payload)
     except FileExistsError:
         return False
-    # a store without conditional writes may have taken "xb" as "wb": the last writer's file is the lock
+    # two writers between the check and the write on such a store: the last writer's file is the lock
     return fs.cat_file(path) == payload
 
 
@@ -95,8 +127,7 @@ def survey_lock(lake: str | LakePaths, survey: str, *, source: str = "", break_l
     paths = lake if isinstance(lake, LakePaths) else LakePaths(lake)
     fs, path = paths.fs, paths.ingest_lock(survey)
     stream = stream or sys.stderr
-    me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-          "process_started": process_started(os.getpid()), "source": source, "command": " ".join(sys.argv),
+    me = {"token": uuid.uuid4().hex, **this_process(), "source": source, "command": " ".join(sys.argv),
           "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     payload = json.dumps(me, indent=1).encode()
     made = _missing_folders(fs, os.path.dirname(path))    # removed again with the lock when left empty
@@ -112,7 +143,7 @@ def survey_lock(lake: str | LakePaths, survey: str, *, source: str = "", break_l
                                "again with --break-lock")
         print(f"taking over the ingest lock of {survey} from {_describe(holder, path)}: "
               f"{'--break-lock' if break_lock else 'that process no longer runs'}", file=stream)
-        _remove_if_holder(fs, path, holder)
+        _remove_stale(fs, path, holder)
     else:
         raise SurveyLocked(f"could not take the ingest lock of {survey} ({path}): it changed hands three times")
     try:
@@ -132,6 +163,25 @@ def _missing_folders(fs, folder: str) -> list[str]:
         missing.append(folder)
         folder = os.path.dirname(folder)
     return missing
+
+
+def _remove_stale(fs, path: str, holder: dict) -> None:
+    """Remove the lock ``holder`` left. Locally it is renamed aside first and checked there: two ingests taking
+    over at once cannot both remove it and then each other's new lock (the second rename finds the first's
+    new lock, puts it back and goes round again). Elsewhere a check then a removal."""
+    if "file" not in _protocols(fs):
+        _remove_if_holder(fs, path, holder)
+        return
+    aside = f"{path}.stale-{uuid.uuid4().hex[:12]}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return                          # gone already: the next round takes it
+    taken = _read_holder(fs, aside)
+    if taken is not None and taken.get("token") != holder.get("token"):
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)        # someone's new lock: put back
+    os.remove(aside)
 
 
 def _remove_if_holder(fs, path: str, holder: dict) -> None:
