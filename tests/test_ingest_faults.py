@@ -808,3 +808,26 @@ def test_the_lock_on_a_store_without_exclusive_create_and_when_taken_over(tmp_pa
     assert json.loads(lock.read_text())["token"] == "fresh" and [p.name for p in tmp_path.iterdir()] == ["lock.json"]
     locks._remove_stale(fsspec.filesystem("file"), str(lock), {"token": "fresh"})
     assert not lock.exists() and not list(tmp_path.iterdir())
+
+
+def test_merge_buckets_hold_about_equal_observations_and_an_empty_one_is_no_part(tmp_path, client):
+    # one star with far more observations than the others: buckets cut by observations leave some with no
+    # object starting in them (four of six here)
+    src = tmp_path / "src"
+    (src / "all").mkdir(parents=True)
+    header, seasons = "oid,hjd,m,e\n", []
+    for k in range(3):
+        rows = [f"big,{50000 + 1000 * k + i * 0.5:.2f},15.0,0.05" for i in range(1500)]
+        rows += [f"s{j},{50000 + 1000 * k + j:.2f},16.0,0.05" for j in range(5) for _ in range(1)]
+        seasons.append(rows)
+        (src / f"season{k}.csv").write_text(header + "\n".join(rows) + "\n")
+    (src / "all" / "all.csv").write_text(header + "\n".join(r for s in seasons for r in s) + "\n")
+    options = {"columns": {"object": "oid", "time": "hjd", "mag": "m", "err": "e"}}
+    merged = run_ingest("csv", str(src / "season*.csv"), str(tmp_path / "merged"), client=client, progress=False,
+                        options=options, part_bytes=4_000)
+    whole = run_ingest("csv", str(src / "all"), str(tmp_path / "whole"), client=client, progress=False,
+                       options=options)
+    assert merged.curves == whole.curves == 6 and merged.split_objects == 6
+    assert _curves(tmp_path / "merged") == _curves(tmp_path / "whole")
+    parts = list((tmp_path / "merged" / "lightcurves").rglob("*.parquet"))
+    assert 2 <= len(parts) and all(pq.ParquetFile(p).metadata.num_rows > 0 for p in parts)

@@ -41,6 +41,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -434,26 +435,38 @@ def plan_merge(fs, run: str, parts: list[dict], part_bytes: int) -> dict:
     plan = {"bands": {}}
     for band in sorted({p["band"] for p in parts}):
         band_parts = [p for p in parts if p["band"] == band]
-        names, nbytes, rows = [], 0, 0
+        names, nbytes = [], 0
         for p in band_parts:
             with fs.open(p["path"], "rb") as handle:
                 part = pq.ParquetFile(handle)
-                names.append(part.read(columns=["object_id", "source_file"]))
+                names.append(part.read(columns=["object_id", "n_obs"]))
                 meta = part.metadata
                 nbytes += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-                rows += meta.num_rows
         names = pa.concat_tables(names)
-        counts = pc.value_counts(names.column("object_id"))
-        several = counts.filter(pc.greater(counts.field("counts"), 1))
-        if not len(several):
+        per_object = names.group_by("object_id").aggregate([("n_obs", "sum"), ("n_obs", "count")])
+        several = per_object.filter(pc.greater(per_object.column("n_obs_count"), 1))
+        if not several.num_rows:
             continue
-        keys = several.field("values").take(pc.sort_indices(several.field("values")))
-        split_rows = int(pc.sum(several.field("counts")).as_py())
-        buckets = max(1, -(-split_rows * nbytes // max(rows, 1) // part_bytes))
-        write_arrow(fs, pa.table({"object_id": keys}), merge_keys_path(run, band))
-        files = names.filter(pc.equal(names.column("object_id"), keys[0])).column("source_file").to_pylist()
+        several = several.sort_by("object_id")
+        keys = several.column("object_id").combine_chunks()
+        observations = several.column("n_obs_sum").to_numpy().astype(np.int64)
+        split_rows = int(pc.sum(several.column("n_obs_count")).as_py())
+        # buckets of about part_bytes, cut by observations (a bucket of as many objects as another could hold a
+        # field of long curves several times over); a bucket in which no object starts stays empty
+        total = int(observations.sum())
+        per_observation = nbytes / max(int(pc.sum(names.column("n_obs")).as_py()), 1)
+        buckets = int(min(max(1, math.ceil(total * per_observation / part_bytes)), len(keys)))
+        before = np.cumsum(observations) - observations
+        write_arrow(fs, pa.table({"object_id": keys, "bucket": pa.array(before * buckets // max(total, 1),
+                                                                        type=pa.int64())}),
+                    merge_keys_path(run, band))
+        files = []
+        for p in band_parts:
+            with fs.open(p["path"], "rb") as handle:
+                files += pq.read_table(handle, columns=["source_file"],
+                                       filters=[("object_id", "=", keys[0].as_py())]).column(0).to_pylist()
         shown = list(dict.fromkeys(files))
-        plan["bands"][band] = {"objects": len(keys), "rows": split_rows, "buckets": int(min(buckets, len(keys))),
+        plan["bands"][band] = {"objects": len(keys), "rows": split_rows, "buckets": buckets,
                                "first_part": max(p["part"] for p in band_parts) + 1,
                                "example": f"{keys[0].as_py()} {band} ({', '.join(shown[:3])}"
                                           f"{', ...' if len(shown) > 3 else ''})"}
@@ -461,22 +474,22 @@ def plan_merge(fs, run: str, parts: list[dict], part_bytes: int) -> dict:
     return plan
 
 
-def split_task(lake_url: str, ingest_id: str, band: str, part: int, buckets: int) -> dict:
+def split_task(lake_url: str, ingest_id: str, band: str, part: int) -> dict:
     """Move the rows of the band's split objects out of one staged part into the spill files of their
     buckets (``merge/band=<b>/bucket=<k>/<part>.arrow``), then write the part again without them."""
     fs = LakePaths(lake_url).fs
     run = LakePaths(lake_url).run(ingest_id)
     path = staged_part_path(run, band, part)
-    keys = read_arrow(fs, merge_keys_path(run, band)).column(0)
+    keys = read_arrow(fs, merge_keys_path(run, band))
     with fs.open(path, "rb") as handle:
         table = pq.read_table(handle)
-    rank = pc.index_in(table.column("object_id"), value_set=keys)
+    rank = pc.index_in(table.column("object_id"), value_set=keys.column("object_id"))
     split = pc.is_valid(rank)
     if not pc.any(split).as_py():
         return {"band": band, "part": part, "curves": table.num_rows, "path": path}
     moved = table.filter(split).append_column("input_order", pa.array(
         np.flatnonzero(split.to_numpy(zero_copy_only=False)).astype(np.int64) + (int(part) << 32)))
-    bucket = rank.filter(split).to_numpy() * buckets // len(keys)
+    bucket = keys.column("bucket").to_numpy()[rank.filter(split).to_numpy()]
     for b in np.unique(bucket):
         write_arrow(fs, moved.filter(pa.array(bucket == b)),
                     f"{merge_folder(run)}/band={band}/bucket={int(b)}/{part:05d}.arrow")
@@ -499,6 +512,8 @@ def merge_task(lake_url: str, ingest_id: str, band: str, bucket: int, part: int)
     if done is not None:
         return done
     spilled = [read_arrow(fs, f) for f in sorted(fs.glob(f"{merge_folder(run)}/band={band}/bucket={bucket}/*.arrow"))]
+    if not spilled:     # no object starts in this bucket's range of rows (one before it holds more than a bucket)
+        return {"band": band, "part": part, "curves": 0, "path": staged_part_path(run, band, part)}
     curves = merged_curves(pa.concat_tables(spilled))
     writer = ParquetPartWriter(fs, staged_part_path(run, band, part), schema.LIGHTCURVES)
     try:
@@ -540,10 +555,12 @@ def merged_curves(rows: pa.Table) -> pa.Table:
         pick = np.minimum.reduceat(known, starts) if len(starts) else known[:0]
         return pa.array([float(values[i]) if i < len(values) else None for i in pick], type=pa.float64())
 
-    def joined(name):
-        values = rows.column(name).to_pylist()
-        ends = np.r_[starts[1:], len(values)]
-        return pa.array([" + ".join(dict.fromkeys(v for v in values[a:b] if v)) for a, b in zip(starts, ends)],
+    # each input once, in input order, its file and its sha256 side by side
+    files, shas = rows.column("source_file").to_pylist(), rows.column("source_sha256").to_pylist()
+    inputs = [list(dict.fromkeys(zip(files[a:b], shas[a:b]))) for a, b in zip(starts, np.r_[starts[1:], len(files)])]
+
+    def joined(position):
+        return pa.array([" + ".join(str(pair[position] or "") for pair in pairs) for pairs in inputs],
                         type=pa.string())
 
     n = len(starts)
@@ -555,7 +572,7 @@ def merged_curves(rows: pa.Table) -> pa.Table:
         "err": schema.observation_lists(offsets, err.astype(np.float32), pa.float32()),
         "n_obs": pa.array(lengths.astype(np.int32), type=pa.int32()),
         "quality": schema.observation_lists(offsets, flags, pa.uint8()),
-        "source_file": joined("source_file"), "source_sha256": joined("source_sha256"),
+        "source_file": joined(0), "source_sha256": joined(1),
         "ingest_id": rows.column("ingest_id").take(pa.array(starts, type=pa.int64())) if n else
         pa.array([], type=pa.string()),
     }, schema=schema.LIGHTCURVES)
@@ -575,8 +592,7 @@ def merge_split_curves(client, lake: str, paths: LakePaths, ingest_id: str, part
     else:
         plan = plan_merge(fs, run, parts, part_bytes)
     if not publishing:
-        split = client.gather([client.submit(split_task, lake, ingest_id, p["band"], p["part"],
-                                             plan["bands"][p["band"]]["buckets"], pure=False,
+        split = client.gather([client.submit(split_task, lake, ingest_id, p["band"], p["part"], pure=False,
                                              key=f"split-{attempt}-{p['band']}-{p['part']}")
                                for p in parts if p["band"] in plan["bands"]])
         now = {(p["band"], p["part"]): p for p in split}
