@@ -704,7 +704,7 @@ def test_an_interrupted_ingest_says_the_same_command_resumes(tmp_path, capsys, m
     monkeypatch.setattr(ingest_module, "run_ingest", interrupted)
     assert ingest_main(["--survey", "macho", "--source", str(_tiles(tmp_path / "src", (1,), 20)),
                         "--lake", str(tmp_path / "lake")]) == 130
-    assert "interrupted: nothing partial was published" in capsys.readouterr().err
+    assert "interrupted: no file is half-written; the same command resumes" in capsys.readouterr().err
 
 
 def test_long_format_readers_name_what_they_drop(tmp_path, client):

@@ -579,15 +579,16 @@ def merged_curves(rows: pa.Table) -> pa.Table:
 
 
 def merge_split_curves(client, lake: str, paths: LakePaths, ingest_id: str, parts: list[dict], part_bytes: int,
-                       several_inputs: bool, attempt: str) -> tuple[list[dict], dict]:
+                       attempt: str) -> tuple[list[dict], dict]:
     """The merge (see above), after the reduce: the parts as they are now, the merged ones appended, and the
-    merge plan. A run of one input has nothing to merge; a run that began publishing merged before."""
+    merge plan. A run that began publishing merged before. (An object with two curves of a band in one input,
+    such as two archive members of one star, is merged as well.)"""
     fs, run = paths.fs, paths.run(ingest_id)
     plan_path = f"{merge_folder(run)}/plan.json"
     publishing = fs.exists(publish_plan_path(run))
     if fs.exists(plan_path):
         plan = read_json(fs, plan_path)
-    elif publishing or not several_inputs:
+    elif publishing:
         return parts, {"bands": {}}
     else:
         plan = plan_merge(fs, run, parts, part_bytes)
@@ -848,8 +849,7 @@ def _run(survey, source, lake, options, out_survey, client, progress, part_bytes
     # reduce (what is left of it), then merge the curves of a star split across inputs -----------------
     t0, c0 = time.perf_counter(), time.process_time()
     parts = client.gather(reduce_futures)
-    parts, merged = merge_split_curves(client, lake, paths, ingest_id, parts, part_bytes, len(plan.inputs) > 1,
-                                       attempt)
+    parts, merged = merge_split_curves(client, lake, paths, ingest_id, parts, part_bytes, attempt)
     stages["reduce"] = time.perf_counter() - t0
     stage_cpu["reduce"] = time.process_time() - c0
 

@@ -110,12 +110,12 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("interrupted: nothing partial was published; the same command resumes from the inputs mapped so far",
-              file=sys.stderr)
+        print("interrupted: no file is half-written; the same command resumes from the inputs mapped so far (and "
+              "finishes a publish that was under way)", file=sys.stderr)
         return 130
     except OSError as exc:        # the lake could not be written: a full disk, a read-only folder
-        print(f"error: {exc}; nothing partial was published, and the same command resumes once this is mended",
-              file=sys.stderr)
+        print(f"error: {exc}; no file is half-written, and the same command resumes once this is mended (and "
+              "finishes a publish that was under way)", file=sys.stderr)
         return 1
     if result.exit_code:
         print(f"error: no input of {args.source} could be ingested; why, for the first of them:", file=sys.stderr)

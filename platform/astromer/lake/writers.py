@@ -93,12 +93,16 @@ def check_writable(fs, folder: str) -> None:
     """Write and remove a small file in ``folder`` (made if missing): an OSError naming the folder when the
     store refuses (read-only, full, a file where the folder goes), before a job does any work there."""
     probe = f"{folder}/.write-check-{uuid.uuid4().hex[:12]}"
+    existed = fs.exists(folder)
     try:
         with atomic_file(fs, probe) as handle:
             handle.write(b"ok")
         fs.rm(probe)
     except OSError as exc:
         raise OSError(f"cannot write in {folder}: {exc.strerror or exc}") from None
+    if not existed:       # made for the check: the job makes it again when it writes there
+        with contextlib.suppress(OSError):
+            fs.rmdir(folder)
 
 
 def write_parquet(fs, table: pa.Table, path: str, *, row_group_size: int | None = None,
