@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -281,3 +282,33 @@ def test_a_staged_part_frees_its_shards_and_a_resumed_reduce_finds_it(tmp_path):
     assert not any(p.exists() for p in shards)
     assert all(Path(shard_path(run, i, "B")).exists() for i in indices if "B" in markers[i]["bands"])
     assert reduce_task(lake, "run1", "R", indices, 0) == staged
+
+
+def test_ogle_cut_into_two_seasons_merges_back_to_the_same_curves(lake, client, tmp_path):
+    """The real OGLE-IV sample cut in time into two archives (each star's rows before and after its median
+    time): ingested together, every star's two pieces merge back into the curve the one archive gives."""
+    root, _ = lake
+    source = shared_path("data", "ogle4_lmc_cepheids")
+    seasons = tmp_path / "seasons"
+    seasons.mkdir()
+    (seasons / "ident.dat").write_bytes((source / "ident.dat").read_bytes())
+    with tarfile.open(source / "phot_I.tar.gz") as whole, \
+            tarfile.open(seasons / "phot_I_early.tar.gz", "w:gz") as early, \
+            tarfile.open(seasons / "phot_I_late.tar.gz", "w:gz") as late:
+        for member in whole.getmembers():
+            if not member.isfile():
+                continue
+            lines = whole.extractfile(member).read().decode().splitlines(keepends=True)
+            rows = [line for line in lines if line.strip() and not line.startswith("#")]
+            cut = float(np.median([float(r.split()[0]) for r in rows]))
+            for archive, later in ((early, False), (late, True)):
+                body = "".join(r for r in rows if (float(r.split()[0]) >= cut) == later).encode()
+                info = tarfile.TarInfo(member.name)
+                info.size = len(body)
+                archive.addfile(info, io.BytesIO(body))
+    cut_lake = tmp_path / "lake"
+    result = run_ingest("ogle", str(seasons), str(cut_lake), client=client, progress=False)
+    assert (result.curves, result.observations, result.split_objects) == (4_647, 2_579_048, 4_647)
+    query = ("SELECT object_id, n_obs, mjd, mag, err, list_transform(quality, lambda q: q & ~32::UTINYINT), ra, dec "
+             "FROM lightcurves WHERE survey = 'ogle' ORDER BY object_id")
+    assert connect(str(cut_lake)).execute(query).fetchall() == connect(str(root)).execute(query).fetchall()
