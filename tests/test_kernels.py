@@ -162,6 +162,8 @@ def _random_curves(rng, sorted_in_time=True):
     err[rng.integers(0, n, 5)] = np.inf
     mjd[rng.integers(0, n, 5)] = np.nan
     err[offsets[3]:offsets[4]] = 2.0                                     # a curve without a good row
+    err[rng.integers(0, n, 10)] = 1.00000001                             # above one, but 1.0 as stored
+    mag[rng.integers(0, n, 10)] += 1e-9                                  # apart in float64, equal as stored
     if not sorted_in_time:
         lo = offsets[5]
         mjd[lo], mjd[lo + 1] = mjd[lo + 1] + 1.0, mjd[lo]
@@ -340,3 +342,19 @@ def test_macho_names_and_coordinates_agree_either_way_on_random_archives(monkeyp
 
         a, b = _both_paths(monkeypatch, run)
         assert repr(a) == repr(b), (trial, pairs)      # repr: a nan Dec equals itself
+
+
+@pytest.mark.parametrize("compiled_flags", ["0", "1"])
+def test_flags_judge_magnitudes_and_errors_as_the_lake_stores_them(monkeypatch, compiled_flags):
+    # an error of 1.00000001 is 1.0 in float32: not above one; a magnitude 1e-9 above the 99th percentile's
+    # value is that value as stored: not outside
+    from astromer.lake import schema
+
+    if compiled_flags == "1" and compiled is None:
+        pytest.skip("compiled kernels not built")
+    monkeypatch.setenv("ASTROMER_COMPILED", compiled_flags)
+    mjd = np.arange(5, dtype=np.float64)
+    mag = np.array([15.0, 15.0, 15.0, 15.0, 15.0 + 1e-9])
+    err = np.array([0.02, 1.00000001, 1.5, 0.02, 0.02])
+    flags = schema.quality_flags(mjd, mag, err, np.array([0, 5]))[3]
+    assert flags.tolist() == [0, 0, int(schema.Quality.ERR_ABOVE_ONE), 0, 0]

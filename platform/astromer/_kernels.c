@@ -535,9 +535,11 @@ static PyObject *flag_curves(PyObject *self, PyObject *args)
             int usable_at_time = 0;       /* a row of the current time had a usable value already */
             for (Py_ssize_t i = lo; i < hi; i++) {
                 uint8_t f = 0;
-                if (!isfinite(mjd[i]) || !isfinite(mag[i]) || !isfinite(err[i])) f |= bit_nonfinite;
-                if (err[i] <= 0) f |= bit_err_nonpositive;
-                if (err[i] > 1) f |= bit_err_above_one;
+                /* magnitudes and errors as the lake stores them (float32) */
+                double m = (double)(float)mag[i], e = (double)(float)err[i];
+                if (!isfinite(mjd[i]) || !isfinite(m) || !isfinite(e)) f |= bit_nonfinite;
+                if (e <= 0) f |= bit_err_nonpositive;
+                if (e > 1) f |= bit_err_above_one;
                 if (i > lo) {
                     double step = mjd[i] - mjd[i - 1];
                     if (step < 0) { ok = 0; break; }
@@ -546,7 +548,7 @@ static PyObject *flag_curves(PyObject *self, PyObject *args)
                 }
                 if (!f) usable_at_time = 1;
                 flags[i] = f;
-                if (!(f & cleaning)) good[n_good++] = mag[i];
+                if (!(f & cleaning)) good[n_good++] = m;
             }
             if (!ok || n_good == 0) continue;        /* no good magnitude: nothing is outside */
             int64_t rank[4];
@@ -557,8 +559,10 @@ static PyObject *flag_curves(PyObject *self, PyObject *args)
             values_of_ranks(good, n_good, rank, 4, value, good);     /* good magnitudes are finite */
             bound[0] = value[0] + (value[1] - value[0]) * fraction[0];
             bound[1] = value[2] + (value[3] - value[2]) * fraction[1];
-            for (Py_ssize_t i = lo; i < hi; i++)
-                if (!(flags[i] & cleaning) && (mag[i] < bound[0] || mag[i] > bound[1])) flags[i] |= bit_outside;
+            for (Py_ssize_t i = lo; i < hi; i++) {
+                double m = (double)(float)mag[i];
+                if (!(flags[i] & cleaning) && (m < bound[0] || m > bound[1])) flags[i] |= bit_outside;
+            }
         }
         Py_END_ALLOW_THREADS
         free(good);

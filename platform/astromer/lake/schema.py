@@ -133,7 +133,10 @@ def quality_flags(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray,
     """Sort every curve by time and compute its quality flags, vectorised over a whole shard.
 
     ``mjd``, ``mag``, ``err`` are the concatenated observations of all curves; curve ``i`` is
-    ``[offsets[i], offsets[i+1])``. Returns sorted (mjd, mag, err) and the uint8 flags.
+    ``[offsets[i], offsets[i+1])``. Returns sorted (mjd, mag, err) and the uint8 flags. Magnitudes and errors
+    are judged as the lake stores them, as float32: an error of 1.00000001 is 1.0 there, not above one, and a
+    curve flagged again from the lake's values (a merge of several inputs' rows, a reader's cleaning) gets
+    the same flags.
     """
     n = len(mjd)
     lengths = np.diff(offsets)
@@ -142,6 +145,7 @@ def quality_flags(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray,
     flags = _flags_compiled(mjd, mag, err, offsets)
     if flags is not None:
         return mjd, mag, err, flags
+    mag, err = _as_stored(mag), _as_stored(err)
     # inner[i]: observations i and i+1 belong to the same curve
     inner = np.ones(n - 1, dtype=bool)
     last = offsets[1:-1] - 1
@@ -191,6 +195,11 @@ def quality_flags(mjd: np.ndarray, mag: np.ndarray, err: np.ndarray,
         outside = (mag < np.repeat(lo_q, lengths)) | (mag > np.repeat(hi_q, lengths))
     flags |= bits(good & outside, Quality.MAG_PERCENTILE)
     return mjd, mag, err, flags
+
+
+def _as_stored(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to float32, as float64 (what the compiled kernel compares)."""
+    return values.astype(np.float32).astype(np.float64)
 
 
 def _flags_compiled(mjd, mag, err, offsets) -> np.ndarray | None:

@@ -135,10 +135,6 @@ class Batch:
             self.mjd, self.mag, self.err = [mjd], [mag], [err]
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        # the flags judge the values the lake stores (float32): an error of 1.00000001 is 1.0 there, not above
-        # one, and a curve flagged again from the lake's values (a merge of several inputs' rows, a reader's
-        # cleaning) gets the same flags
-        mag, err = mag.astype(np.float32).astype(np.float64), err.astype(np.float32).astype(np.float64)
         mjd, mag, err, flags = schema.quality_flags(mjd, mag, err, offsets)
 
         def lists(values, typ):
