@@ -494,14 +494,19 @@ def split_task(lake_url: str, ingest_id: str, band: str, part: int) -> dict:
         write_arrow(fs, moved.filter(pa.array(bucket == b)),
                     f"{merge_folder(run)}/band={band}/bucket={int(b)}/{part:05d}.arrow")
     kept = table.filter(pc.invert(split))
+    _write_part(fs, path, kept)
+    return {"band": band, "part": part, "curves": kept.num_rows, "path": path}
+
+
+def _write_part(fs, path: str, curves: pa.Table) -> None:
+    """A whole table of curves as one part, in row groups of ROW_GROUP_CURVES, published atomically."""
     writer = ParquetPartWriter(fs, path, schema.LIGHTCURVES)
     try:
-        writer.write(kept, row_group_size=ROW_GROUP_CURVES)
+        writer.write(curves, row_group_size=ROW_GROUP_CURVES)
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    return {"band": band, "part": part, "curves": kept.num_rows, "path": path}
 
 
 def merge_task(lake_url: str, ingest_id: str, band: str, bucket: int, part: int) -> dict:
@@ -515,13 +520,7 @@ def merge_task(lake_url: str, ingest_id: str, band: str, bucket: int, part: int)
     if not spilled:     # no object starts in this bucket's range of rows (one before it holds more than a bucket)
         return {"band": band, "part": part, "curves": 0, "path": staged_part_path(run, band, part)}
     curves = merged_curves(pa.concat_tables(spilled))
-    writer = ParquetPartWriter(fs, staged_part_path(run, band, part), schema.LIGHTCURVES)
-    try:
-        writer.write(curves, row_group_size=ROW_GROUP_CURVES)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    _write_part(fs, staged_part_path(run, band, part), curves)
     return {"band": band, "part": part, "curves": curves.num_rows, "path": staged_part_path(run, band, part)}
 
 
