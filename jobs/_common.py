@@ -231,15 +231,22 @@ def check_run_name(config: TrainConfig) -> dict | None:
         raise ValueError(f"run name {config.run_name} belongs to a run of experiment {owner} (its checkpoints are "
                          f"in {config.storage_path}/{config.run_name}): choose another --run-name")
     newest = None
-    expected = None
+    expected = (_init_config(config.init_from, config.tracking_uri) if config.init_from else config.model_config()) \
+        if checkpoints else None
     for step, final, url in checkpoints:
+        # a folder that a killed copy left half-written (a file missing, or cut short) is passed over, as the
+        # workers pass it over; any other failure to read (a store that does not answer) ends the check
         try:
             state = json.loads(fs.cat_file(f"{url.rstrip('/')}/{STATE_FILE}"))
-            if expected is None:
-                expected = _init_config(config.init_from, config.tracking_uri) if config.init_from \
-                    else config.model_config()
+        except (FileNotFoundError, ValueError) as exc:
+            log.warning("checkpoint %s is not usable (%s): passed over", url, exc)
+            continue
+        try:
             mismatch = model_mismatch(url, expected)
-        except (OSError, ValueError, KeyError) as exc:
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            if final and state.get("finished"):   # passed over, the run would train again and overwrite it
+                raise ValueError(f"run {config.run_name}: its final checkpoint at step {step} cannot be read "
+                                 f"({exc}); move that folder aside to resume from the one before") from None
             log.warning("checkpoint %s is not usable (%s): passed over", url, exc)
             continue
         if mismatch:
@@ -492,6 +499,10 @@ def finished_summary(config: TrainConfig, finished: dict, register_tags: dict | 
     log.warning("run %s finished at step %d (its final checkpoint), as far as --max-steps, --epochs and --patience "
                 "ask: nothing to train (raise them to continue it)", config.run_name, step)
     if version is not None or run_id is None:
+        if run_id is not None and version is not None:   # registered, then its driver was stopped before the end
+            status = MlflowClient().get_run(run_id).info.status
+            if status != "FINISHED":
+                MlflowClient().set_terminated(run_id, status="FINISHED")
         return {"run_name": config.run_name, "mlflow_run_id": run_id, "finished_before": step,
                 "registered": name if version is not None else None, "version": version,
                 "production": registry.production_version(name) if version is not None else None}
@@ -502,13 +513,18 @@ def finished_summary(config: TrainConfig, finished: dict, register_tags: dict | 
 
     log.warning("run %s has no registered version at step %d: registering its final checkpoint", config.run_name,
                 step)
-    spec = config.data_spec()
-    register_tags = {**(register_tags or {}), registry.VAL_SET_TAG: validation_digest(spec, row_groups(spec))}
+    client = MlflowClient()
+    # the validation windows the run was scored on, as it recorded them (the lake may have changed since)
+    val_set = client.get_run(run_id).data.tags.get(f"astromer.{registry.VAL_SET_TAG}")
+    if val_set is None:
+        log.warning("run %s recorded no validation set: the lake's present one is tagged", config.run_name)
+        spec = config.data_spec()
+        val_set = validation_digest(spec, row_groups(spec))
+    register_tags = {**(register_tags or {}), registry.VAL_SET_TAG: val_set}
     config.mlflow_run_id = run_id
     metrics = {**(finished["state"].get("metrics") or {}), "step": step, "epoch": finished["state"].get("epoch", 0)}
     summary = finish_run(config, SimpleNamespace(metrics=metrics, checkpoint=ray.train.Checkpoint(finished["url"])),
                          register_tags)
-    client = MlflowClient()
     tags = client.get_run(run_id).data.tags
     if ERROR_KEY in tags:
         client.set_tag(run_id, f"{ERROR_KEY}.previous", tags[ERROR_KEY])

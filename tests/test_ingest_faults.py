@@ -801,13 +801,34 @@ def test_the_lock_on_a_store_without_exclusive_create_and_when_taken_over(tmp_pa
     me = locks.this_process()
     assert not locks.holder_is_gone({**me, "boot_id": "another-boot", "pid": 2**22 + 7})
     assert locks.holder_is_gone({**me, "pid": 2**22 + 7})
-    # taking over: a lock that is no longer the stale one (another ingest took it over first) is put back
-    lock = tmp_path / "lock.json"
-    lock.write_text(json.dumps({"token": "fresh", **me}))
-    locks._remove_stale(fsspec.filesystem("file"), str(lock), {"token": "stale"})
-    assert json.loads(lock.read_text())["token"] == "fresh" and [p.name for p in tmp_path.iterdir()] == ["lock.json"]
-    locks._remove_stale(fsspec.filesystem("file"), str(lock), {"token": "fresh"})
-    assert not lock.exists() and not list(tmp_path.iterdir())
+    # a stale lock met by many at once (threads here; processes alike): exactly one takes it over
+    import threading
+
+    lake = tmp_path / "lake"
+    lock = lake / "_ingest" / "survey=macho" / "lock.json"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"token": "stale", **me, "pid": 2**22 + 7}))
+    start, held, outcomes = threading.Barrier(8), threading.Event(), []
+
+    def take():
+        start.wait()
+        try:
+            with locks.survey_lock(str(lake), "macho", stream=io.StringIO()):
+                outcomes.append("held")
+                held.wait(timeout=30)
+        except locks.SurveyLocked:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while len(outcomes) < 8 and time.time() < deadline:
+        time.sleep(0.01)
+    held.set()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["held"] + ["refused"] * 7 and not lock.exists()
 
 
 def test_merge_buckets_hold_about_equal_observations_and_an_empty_one_is_no_part(tmp_path, client):

@@ -75,9 +75,9 @@ from astromer.surveys.base import ArchiveError, Batch, Input
 #: mixes its shards with those of a run killed under the previous code, and an ingest of unchanged files
 #: under new code writes the survey again (2: the observations' list elements are non-null,
 #: schema.observations; 3: a duplicate time repeats an earlier usable row, schema.quality_flags; 4: a star's rows
-#: from several inputs are merged into one curve, merge_split_curves, and the flags judge the stored float32
-#: values)
-READER_VERSION = "4"
+#: from several inputs are merged into one curve, merge_split_curves; 5: the flags judge the stored float32
+#: values, and the merge's buckets are cut by observations)
+READER_VERSION = "5"
 ROW_GROUP_CURVES = 2048
 DEFAULT_PART_BYTES = 192 << 20   # Arrow bytes per part: about 128 MB of Parquet (times barely compress)
 
@@ -556,7 +556,8 @@ def merged_curves(rows: pa.Table) -> pa.Table:
 
     # each input once, in input order, its file and its sha256 side by side
     files, shas = rows.column("source_file").to_pylist(), rows.column("source_sha256").to_pylist()
-    inputs = [list(dict.fromkeys(zip(files[a:b], shas[a:b]))) for a, b in zip(starts, np.r_[starts[1:], len(files)])]
+    inputs = [[pair for pair in dict.fromkeys(zip(files[a:b], shas[a:b])) if pair[0]]
+              for a, b in zip(starts, np.r_[starts[1:], len(files)])]
 
     def joined(position):
         return pa.array([" + ".join(str(pair[position] or "") for pair in pairs) for pairs in inputs],

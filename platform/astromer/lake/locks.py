@@ -69,8 +69,9 @@ def this_process() -> dict:
 
 
 def on_this_machine(holder: dict) -> bool:
-    """Whether ``holder`` (:func:`this_process` of some process) ran where this process runs."""
-    return all(holder.get(key) == value for key, value in machine().items())
+    """Whether ``holder`` (:func:`this_process` of some process) ran where this process runs (a record without
+    the boot and namespace, written before they were, is judged by its host name)."""
+    return all(holder.get(key) == value for key, value in machine().items() if key == "host" or key in holder)
 
 
 def holder_is_gone(holder: dict) -> bool:
@@ -101,6 +102,7 @@ def _create_exclusive(fs, path: str, payload: bytes) -> bool:
         finally:
             os.remove(tmp)
     fs.makedirs(os.path.dirname(path), exist_ok=True)
+    fs.invalidate_cache(os.path.dirname(path))    # an object store's listing may be cached from a while ago
     if fs.exists(path):        # a store without conditional writes takes "xb" as "wb": never write over a lock
         return False
     try:
@@ -131,6 +133,37 @@ def survey_lock(lake: str | LakePaths, survey: str, *, source: str = "", break_l
           "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     payload = json.dumps(me, indent=1).encode()
     made = _missing_folders(fs, os.path.dirname(path))    # removed again with the lock when left empty
+    with _acquiring(fs, os.path.dirname(path)):
+        _acquire(fs, path, payload, survey, break_lock, stream)
+    try:
+        yield me
+    finally:
+        _remove_if_holder(fs, path, me)
+        for folder in made:       # a run refused before writing anything leaves no empty lake behind
+            with contextlib.suppress(OSError):
+                if not fs.ls(folder):
+                    fs.rmdir(folder)
+
+
+@contextlib.contextmanager
+def _acquiring(fs, folder: str):
+    """Locally, one process at a time takes or takes over a lock of ``folder`` (an flock on the folder): a
+    takeover's check and removal cannot interleave with another's. Elsewhere there is nothing to hold."""
+    if "file" not in _protocols(fs):
+        yield
+        return
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)          # closing the descriptor releases the flock
+
+
+def _acquire(fs, path: str, payload: bytes, survey: str, break_lock: bool, stream) -> None:
     for _ in range(3):
         if _create_exclusive(fs, path, payload):
             break
@@ -143,17 +176,9 @@ def survey_lock(lake: str | LakePaths, survey: str, *, source: str = "", break_l
                                "again with --break-lock")
         print(f"taking over the ingest lock of {survey} from {_describe(holder, path)}: "
               f"{'--break-lock' if break_lock else 'that process no longer runs'}", file=stream)
-        _remove_stale(fs, path, holder)
+        _remove_if_holder(fs, path, holder)
     else:
         raise SurveyLocked(f"could not take the ingest lock of {survey} ({path}): it changed hands three times")
-    try:
-        yield me
-    finally:
-        _remove_if_holder(fs, path, me)
-        for folder in made:       # a run refused before writing anything leaves no empty lake behind
-            with contextlib.suppress(OSError):
-                if not fs.ls(folder):
-                    fs.rmdir(folder)
 
 
 def _missing_folders(fs, folder: str) -> list[str]:
@@ -163,25 +188,6 @@ def _missing_folders(fs, folder: str) -> list[str]:
         missing.append(folder)
         folder = os.path.dirname(folder)
     return missing
-
-
-def _remove_stale(fs, path: str, holder: dict) -> None:
-    """Remove the lock ``holder`` left. Locally it is renamed aside first and checked there: two ingests taking
-    over at once cannot both remove it and then each other's new lock (the second rename finds the first's
-    new lock, puts it back and goes round again). Elsewhere a check then a removal."""
-    if "file" not in _protocols(fs):
-        _remove_if_holder(fs, path, holder)
-        return
-    aside = f"{path}.stale-{uuid.uuid4().hex[:12]}"
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return                          # gone already: the next round takes it
-    taken = _read_holder(fs, aside)
-    if taken is not None and taken.get("token") != holder.get("token"):
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, path)        # someone's new lock: put back
-    os.remove(aside)
 
 
 def _remove_if_holder(fs, path: str, holder: dict) -> None:

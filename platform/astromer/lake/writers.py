@@ -100,9 +100,10 @@ def check_writable(fs, folder: str) -> None:
         fs.rm(probe)
     except OSError as exc:
         raise OSError(f"cannot write in {folder}: {exc.strerror or exc}") from None
-    if not existed:       # made for the check: the job makes it again when it writes there
-        with contextlib.suppress(OSError):
-            fs.rmdir(folder)
+    finally:
+        if not existed:       # made for the check: the job makes it again when it writes there
+            with contextlib.suppress(OSError):
+                fs.rmdir(folder)
 
 
 def write_parquet(fs, table: pa.Table, path: str, *, row_group_size: int | None = None,
