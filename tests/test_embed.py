@@ -380,6 +380,15 @@ def test_embed_table_all_at_once_equals_curve_by_curve(rule):
     assert out.column("n_obs").to_pylist() == [int(np.isfinite(m).sum())]
 
 
+def _write_photometry(path, rng, *, stars: int, n_obs: int, sign: float = 1.0) -> None:
+    """A long-format CSV of ``stars`` sinusoidal curves of ``n_obs`` observations each."""
+    lines = ["star,hjd,magnitude,sigma"]
+    for i in range(stars):
+        t = np.sort(rng.uniform(50000, 50300, n_obs))
+        lines += [f"s{i},{x:.5f},{15 + sign * 0.3 * np.sin(x / (1 + i)):.4f},0.02" for x in t]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def test_classification_uses_lake_embeddings_only_of_the_ingest_the_lake_holds(ray_local, tmp_path):
     # embeddings written, then the survey ingested again with other magnitudes: they describe curves the
     # lake no longer holds, and classify / sweep compute the layers afresh until the embed job runs again
@@ -393,11 +402,7 @@ def test_classification_uses_lake_embeddings_only_of_the_ingest_the_lake_holds(r
     src.mkdir()
 
     def write_csv(sign):
-        lines = ["star,hjd,magnitude,sigma"]
-        for i in range(9):
-            t = np.sort(rng.uniform(50000, 50300, 60))
-            lines += [f"s{i},{x:.5f},{15 + sign * 0.3 * np.sin(x / (1 + i)):.4f},0.02" for x in t]
-        (src / "phot.csv").write_text("\n".join(lines) + "\n")
+        _write_photometry(src / "phot.csv", rng, stars=9, n_obs=60, sign=sign)
 
     options = {"columns": {"object": "star", "time": "hjd", "mag": "magnitude", "err": "sigma"}}
     write_csv(+1)
@@ -439,11 +444,7 @@ def test_the_embed_report_names_the_ingest_its_curves_came_from(ray_local, tmp_p
     src.mkdir()
 
     def write_csv(n_obs):
-        lines = ["star,hjd,magnitude,sigma"]
-        for i in range(6):
-            t = np.sort(rng.uniform(50000, 50300, n_obs))
-            lines += [f"s{i},{x:.5f},{15 + 0.3 * np.sin(x / (1 + i)):.4f},0.02" for x in t]
-        (src / "phot.csv").write_text("\n".join(lines) + "\n")
+        _write_photometry(src / "phot.csv", rng, stars=6, n_obs=n_obs)
 
     options = {"columns": {"object": "star", "time": "hjd", "mag": "magnitude", "err": "sigma"}}
     read_id = catalog.published_ingest_id
