@@ -566,14 +566,11 @@ def main(description: str, prefix: str, defaults: dict | None = None, prepare=No
         from mlflow.exceptions import MlflowException
 
         config = config_from_args(args)
-        checked = config.init_from
-        if checked:   # loaded here: a damaged model would fail every worker after Ray starts
-            check_init_from(checked, config.tracking_uri)
         register_tags = {}
         config.lake = config.lake or settings.default_lake()
-        if prepare is not None:
+        if prepare is not None:       # a finetune pins its parent's version here
             register_tags = prepare(config) or {}
-        if config.init_from and config.init_from != checked:   # a finetune's resume pins the version it began from
+        if config.init_from:   # loaded here, once: a damaged model would fail every worker after Ray starts
             check_init_from(config.init_from, config.tracking_uri)
         complete(config, prefix)
         finished = check_run_name(config)

@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = dataset_spec(args)
         run = run_settings(args)
         periods = ev.read_periods_csv(args.periods) if args.periods else None
-        model = astromer.load_model(args.model)
-        ref = resolve_model(args.model)
+        model = astromer.load_model(args.model)           # loaded, so checked: resolved without a second load
+        ref = resolve_model(args.model, check=False)
         data = ev.load_labelled_set(lake, spec, periods=periods)
     except USER_ERRORS as exc:
         return report_usage_error(exc)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:   # every survey, band and the model are checked before Ray starts and before any survey is embedded
         for survey in args.survey:
             check_selection(lake, survey, args.bands)
-        resolve_model(args.model, args.name)
+        ref = resolve_model(args.model, args.name)
         paths = LakePaths(lake)
         check_writable(paths.fs, paths.join("_embed"))     # a read-only or full lake, before Ray starts
     except USER_ERRORS as exc:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             return report_usage_error(exc)
     for survey in args.survey:
         try:
-            report = embed_survey(lake, args.model, survey, args.bands, name=args.name, batch_size=args.batch_size,
+            report = embed_survey(lake, ref, survey, args.bands, batch_size=args.batch_size,
                                   curves_per_batch=args.curves_per_batch, actors=args.actors,
                                   cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
                                   threads=args.threads, precision=args.precision,

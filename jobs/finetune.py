@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import main  # noqa: E402
 from astromer import registry  # noqa: E402
+from astromer.config import ModelConfig  # noqa: E402
 from astromer.train import TrainConfig  # noqa: E402
 
 log = logging.getLogger("astromer.jobs.finetune")
@@ -70,8 +71,8 @@ def lineage(config: TrainConfig) -> dict[str, str]:
     else:
         parent = Path(config.init_from).resolve().name
         tags.update(parent_model=parent, parent_version="folder")
-    parent_config = registry.resolve_model_dir(config.init_from) / "config.json"
-    preset = json.loads(parent_config.read_text()).get("name")
+    # the parent's settings as a checked config (a damaged file is named); its weights are checked in main
+    preset = ModelConfig.from_json(registry.resolve_model_dir(config.init_from) / "config.json").name
     if preset in ("astromer1", "astromer2", "tiny"):
         config.preset = preset
     if not config.register_as:

@@ -234,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     import astromer
     from astromer.commands import USER_ERRORS, check_output, report_usage_error
     from astromer.embeddings import resolve_model
-    from astromer.registry import resolve_model_dir
 
     if args.grace_period > args.max_epochs:
         parser.error(f"--grace-period {args.grace_period} is longer than --max-epochs {args.max_epochs}")
@@ -248,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = dataclasses.replace(spec, bands=tuple(args.bands))
         if args.max_per_class is not None:
             spec = dataclasses.replace(spec, max_per_class=args.max_per_class)
-        model = astromer.load_model(args.model)
-        ref = resolve_model(args.model)
+        model = astromer.load_model(args.model)           # loaded, so checked: resolved without a second load
+        ref = resolve_model(args.model, check=False)
         data = ev.load_labelled_set(lake, spec)
     except USER_ERRORS as exc:
         return report_usage_error(exc)
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     result = sweep(layers, data.y, data.object_ids, data.class_names, samples_per_class=args.samples_per_class,
                    num_samples=args.num_samples, max_epochs=args.max_epochs, grace_period=args.grace_period,
                    finetune_choice=args.finetune_choice, curves=data.curves,
-                   model_dir=str(resolve_model_dir(args.model)), experiment=args.experiment,
+                   model_dir=str(ref.model_dir), experiment=args.experiment,
                    run_name=name, out=out,
                    inputs={"model": str(args.model), "model_name": ref.name, "model_version": ref.version,
                            "dataset": spec.name, "survey": spec.survey, "label_set": spec.label_set,

@@ -317,10 +317,11 @@ class ModelRef:
     model_dir: Path
 
 
-def resolve_model(model: str, name: str | None = None) -> ModelRef:
+def resolve_model(model: str, name: str | None = None, *, check: bool = True) -> ModelRef:
     """``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` -> the registered name and version; a model folder
-    -> ``name`` (default: the folder's name) and version ``local-<sha256 of the weights, 12 hex>``. The model is
-    loaded once here: a damaged one is refused (ValueError naming the file) before any actor starts."""
+    -> ``name`` (default: the folder's name) and version ``local-<sha256 of the weights, 12 hex>``. With
+    ``check``, the model is loaded once here: a damaged one is refused (ValueError naming the file) before any
+    actor starts (a caller that has loaded it already passes ``check=False``)."""
     import hashlib
 
     from astromer.lake.paths import validate_name
@@ -328,8 +329,8 @@ def resolve_model(model: str, name: str | None = None) -> ModelRef:
 
     if str(model).startswith("models:/"):
         reg_name, version = resolve_version(model)
-        return ModelRef(reg_name, str(version), resolve_model_dir(model, check=True))
-    folder = resolve_model_dir(model, check=True)
+        return ModelRef(reg_name, str(version), resolve_model_dir(model, check=check))
+    folder = resolve_model_dir(model, check=check)
     digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12]
     return ModelRef(validate_name(name or folder.resolve().name, "model"), f"local-{digest}", folder)
 
@@ -378,7 +379,7 @@ def _parquet_files(fs, folder: str) -> list[str]:
     return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
 
 
-def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None = None, *,
+def embed_survey(lake: str, model: str | ModelRef, survey: str, bands: Sequence[str] | None = None, *,
                  name: str | None = None, batch_size: int = 256, curves_per_batch: int = 128,
                  actors: int = 1, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
                  threads: int | None = None, clean: bool = True, detail_objects: Sequence[str] = (),
@@ -404,7 +405,7 @@ def embed_survey(lake: str, model: str, survey: str, bands: Sequence[str] | None
             raise ValueError(f"{setting}={value!r}: expected {'a positive whole number' if least else 'a number >= 0'}")
     validate_survey(survey)
     check_precision(precision)
-    ref = resolve_model(model, name)
+    ref = model if isinstance(model, ModelRef) else resolve_model(model, name)   # a job resolves it once
     paths = LakePaths(lake)
     fs = paths.fs
     bands = check_selection(lake, survey, bands)
