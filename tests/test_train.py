@@ -73,6 +73,16 @@ def test_settings_file_flags_and_validation(tmp_path):
         TrainConfig(probed=1.5)
     with pytest.raises(ValueError, match=re.escape("MaskConfig.probed=0.0: expected a fraction in (0, 1]")):
         TrainConfig(probed=0)    # it trained until 'loss is nan at step 2'
+    # a fraction that rounds to no probed observation on the shortest window a run trains on: batches of
+    # such windows have no loss term and a NaN gradient
+    with pytest.raises(ValueError, match=re.escape("probed=0.05 probes no observation of a window of 10 "
+                                                   "observations (the shortest this run trains on")):
+        TrainConfig(probed=0.05)
+    assert TrainConfig(probed=0.05, min_observations=20).min_observations == 20   # floor(0.05 * 20) = 1
+    with pytest.raises(ValueError, match="a window of 8 observations"):
+        TrainConfig(probed=0.1, min_observations=20, window_length=8)   # the window is the shortest then
+    with pytest.raises(ValueError, match="min_observations=0: expected a positive integer"):
+        TrainConfig(min_observations=0)
     # --random applies to what --same leaves of the probed ones (windows.probe_counts), as its help says
     assert ("--random RANDOM fraction of the probed ones left after `same` that get another observation's "
             "magnitude; the rest are hidden ([MASK]) (default: 0.2)") in help_text

@@ -30,6 +30,7 @@ import torch
 
 from astromer.config import PRESETS, MaskConfig, ModelConfig
 from astromer.losses import probed_rmse, r2, r2_sums, weighted_rmse
+from astromer.windows import probe_counts
 
 log = logging.getLogger("astromer.train")
 
@@ -147,6 +148,22 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr}: expected a positive learning rate")
         MaskConfig(self.probed, self.same, self.random)   # validates the fractions
+        self._check_probed_counts()
+
+    def _check_probed_counts(self) -> None:
+        """Every window must probe an observation: floor(probed * n) is 0 on a window of n observations when
+        probed < 1/n, and a batch of such windows has no loss term (its gradient is NaN)."""
+        if int(self.min_observations) < 1:
+            raise ValueError(f"min_observations={self.min_observations!r}: expected a positive integer")
+        shortest = int(self.min_observations)    # a shorter curve is left out; a longer one fills the window
+        length = self.window_length or (None if self.init_from else PRESETS[self.preset]().window_length)
+        if length is not None:
+            shortest = min(shortest, int(length))
+        if probe_counts(np.array([shortest]), self.mask)[0][0] < 1:
+            raise ValueError(
+                f"probed={self.probed!r} probes no observation of a window of {shortest} observations (the "
+                f"shortest this run trains on: min_observations {self.min_observations}): expected probed >= "
+                f"{1 / shortest:.4g}, or a larger min_observations")
 
     # ---- derived ----
     @property
