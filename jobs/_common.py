@@ -15,7 +15,7 @@ from dataclasses import fields
 
 from astromer import registry, settings
 from astromer.commands import USER_ERRORS, report_usage_error
-from astromer.train import JOB_SET, STATE_FILE, STOP_KEYS, TrainConfig, check_init_from, worker_loop
+from astromer.train import JOB_SET, STATE_FILE, STOP_KEYS, TrainConfig, init_config, worker_loop
 
 log = logging.getLogger("astromer.jobs")
 
@@ -107,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {k: v for k, v in vars(args).items() if k not in ("config", "tag")}
     base = {}
     if args.config:
-        from astromer.train import read_settings_file
+        from astromer.config import read_settings_file
 
         base = read_settings_file(args.config)
         internal = sorted(set(base) & set(JOB_SET))
@@ -218,7 +218,7 @@ def check_run_name(config: TrainConfig) -> dict | None:
     Raises ValueError for the refusals."""
     import fsspec
     from astromer.lake.locks import holder_is_gone, on_this_machine
-    from astromer.train import _init_config, model_mismatch, run_checkpoints
+    from astromer.train import model_mismatch, run_checkpoints
 
     fs, root = fsspec.core.url_to_fs(config.storage_path)
     owner_path = f"{root.rstrip('/')}/{RUN_OWNERS}/{config.run_name}.json"
@@ -231,7 +231,7 @@ def check_run_name(config: TrainConfig) -> dict | None:
         raise ValueError(f"run name {config.run_name} belongs to a run of experiment {owner} (its checkpoints are "
                          f"in {config.storage_path}/{config.run_name}): choose another --run-name")
     newest = None
-    expected = (_init_config(config.init_from, config.tracking_uri) if config.init_from else config.model_config()) \
+    expected = (init_config(config.init_from, config.tracking_uri) if config.init_from else config.model_config()) \
         if checkpoints else None
     for step, final, url in checkpoints:
         # a folder that a killed copy left half-written (a file missing, or cut short) is passed over, as the
@@ -571,7 +571,7 @@ def main(description: str, prefix: str, defaults: dict | None = None, prepare=No
         if prepare is not None:       # a finetune pins its parent's version here
             register_tags = prepare(config) or {}
         if config.init_from:   # loaded here, once: a damaged model would fail every worker after Ray starts
-            check_init_from(config.init_from, config.tracking_uri)
+            init_config(config.init_from, config.tracking_uri, check=True)
         complete(config, prefix)
         finished = check_run_name(config)
     except (*USER_ERRORS, OSError, settings.EphemeralHome, MlflowException) as exc:

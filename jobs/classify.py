@@ -88,7 +88,7 @@ def dataset_spec(args) -> ev.DatasetSpec:
 def run_settings(args) -> ev.RunSettings:
     run = ev.RunSettings()
     if args.config:
-        from astromer.train import read_settings_file
+        from astromer.config import read_settings_file
 
         data = read_settings_file(args.config)
         try:

@@ -335,7 +335,7 @@ def test_run_history_keeps_the_later_value_of_a_step_trained_again(tmp_path):
 
 
 def test_settings_files_in_three_formats_and_their_errors_name_the_file(tmp_path):
-    from astromer.train import read_settings_file
+    from astromer.config import read_settings_file
 
     files = {"ok.yaml": "max_steps: 3\n", "ok.toml": "max_steps = 3\n", "ok.json": '{"max_steps": 3}'}
     for name, text in files.items():

@@ -1,13 +1,18 @@
 """Configuration dataclasses: the model (with the presets that reproduce the published models), the
-windowing rule and the pretraining mask. Every config round-trips through JSON."""
+windowing rule and the pretraining mask. Every config round-trips through JSON. Also how every job reads a
+settings file (YAML, TOML or JSON) and checks each value against its setting's declared type."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 WINDOW_RULES = ("astromer1", "astromer2")
 RESIDUALS = ("none", "projection")
@@ -167,6 +172,115 @@ class MaskConfig:
         if self.probed == 0:   # the loss is over the probed observations: with none it is NaN from the start
             raise ValueError(f"MaskConfig.probed={self.probed!r}: expected a fraction in (0, 1]: the loss is "
                              "computed over the probed observations")
+
+
+# --------------------------------------------------------------------------- settings files and types
+
+def check_setting_types(config, prefix: str = "") -> None:
+    """Every setting of the type its field declares, whatever gave it (a settings file has no types of its
+    own): raises ValueError naming the setting (after ``prefix``, a section such as ``classifier.``). A
+    quoted "false" would otherwise be true, and a number in quotes a string that fails much later. Numbers
+    in text are read as numbers (YAML reads 1e-3 as text), whole floats pass as ints, ints as floats, a lone
+    name as a list of one, a list as a tuple."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            if value is None and type(None) in args:
+                continue
+            hint = next(a for a in args if a is not type(None))
+        setattr(config, f.name, typed_setting(prefix + f.name, value, hint))
+
+
+def typed_setting(name: str, value, hint):
+    """``value`` as the type ``hint`` names (see check_setting_types), or a ValueError naming the setting."""
+    import numbers
+    import typing
+
+    origin, given = typing.get_origin(hint) or hint, value
+    if origin in (int, float) and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    # numpy's numbers too (a search algorithm's samples): numbers.Real; a flag is not a number
+    flag = isinstance(value, (bool, np.bool_))
+    number = not flag and isinstance(value, numbers.Real) and math.isfinite(value)
+    if origin is bool:
+        if flag:
+            return bool(value)
+        expected = "true or false"
+    elif origin is int:
+        if number and float(value).is_integer():
+            return int(value)
+        expected = "a whole number"
+    elif origin is float:
+        if number:
+            return float(value)
+        expected = "a finite number"
+    elif origin is str:
+        if isinstance(value, str):
+            return value
+        expected = "a text"
+    elif origin is list:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
+            return list(items)
+        expected = "a list of names"
+    elif origin is tuple:
+        item = (typing.get_args(hint) or (None,))[0]
+        items = [value] if isinstance(value, str) and item is str else value
+        if isinstance(items, (list, tuple)):
+            try:
+                return tuple(typed_setting(name, v, item) for v in items)
+            except ValueError:
+                pass
+        expected = {int: "a list of whole numbers", float: "a list of numbers", str: "a list of names"}.get(
+            item, "a list")
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        expected = "a mapping"
+    else:
+        return value
+    raise ValueError(f"setting {name}={given!r} ({type(given).__name__}): expected {expected}")
+
+
+def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A settings file's mapping: YAML (``.yaml``, ``.yml``), TOML (``.toml``), else JSON. A file that does
+    not parse raises a ValueError naming it, with the line and column."""
+    import tomllib
+
+    import yaml
+
+    path = Path(path)
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        raise ValueError(f"{path}: not valid YAML at line {mark.line + 1} column {mark.column + 1}: {exc.problem}"
+                         ) from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    except json.JSONDecodeError as exc:
+        kind = "" if suffix == ".json" else " (a settings file is .json, .yaml, .yml or .toml)"
+        raise ValueError(f"{path}: not valid JSON{kind} at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of setting names to values")
+    return data
 
 
 def file_mode() -> int:

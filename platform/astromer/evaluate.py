@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from astromer.config import check_setting_types, typed_setting
 from astromer.model import SkipHead
 
 # ----------------------------------------------------------------------------------------------
@@ -71,9 +72,7 @@ _COUNTS = (lambda v: len(v) > 0 and all(n >= 1 for n in v), "a list of positive 
 def _check_settings(config, section: str, ranges: dict[str, tuple[Callable, str]]) -> None:
     """Every setting of ``config`` of the type its field declares (checked and converted as the training
     settings are: a settings file has no types of its own), then in range (:func:`_check_ranges`)."""
-    from astromer.train import _check_setting_types
-
-    _check_setting_types(config, prefix=f"{section}.")
+    check_setting_types(config, prefix=f"{section}.")
     _check_ranges(config, f"{section}.", ranges)
 
 
@@ -817,10 +816,8 @@ class RunSettings:
     embed_batch_size: int = 256
 
     def __post_init__(self) -> None:
-        from astromer.train import _typed_setting
-
         for name, kind in (("finetune", bool), ("baselines", bool), ("rf_trees", int), ("embed_batch_size", int)):
-            setattr(self, name, _typed_setting(name, getattr(self, name), kind))
+            setattr(self, name, typed_setting(name, getattr(self, name), kind))
         _check_ranges(self, "", {"rf_trees": _POSITIVE_INT, "embed_batch_size": _POSITIVE_INT})
 
     def to_dict(self) -> dict:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from astromer.config import PRESETS, MaskConfig, ModelConfig
+from astromer.config import PRESETS, MaskConfig, ModelConfig, check_setting_types, read_settings_file
 from astromer.losses import probed_rmse, r2, r2_sums, weighted_rmse
 from astromer.windows import probe_counts
 
@@ -128,7 +128,7 @@ class TrainConfig:
     pid_dir: str | None = None              # workers append their pid to rank<N>.pid here (operations, fault tests)
 
     def __post_init__(self):
-        _check_setting_types(self)
+        check_setting_types(self)
         if self.preset not in PRESETS:
             raise ValueError(f"preset {self.preset!r}: expected one of {sorted(PRESETS)}")
         checks = {"loss": ("plain", "weighted"), "optimizer": ("adam", "adamw"),
@@ -191,7 +191,7 @@ class TrainConfig:
 
     def _window_length(self) -> int:
         if self.init_from:
-            return int(self.window_length or _init_config(self.init_from, self.tracking_uri).window_length)
+            return int(self.window_length or init_config(self.init_from, self.tracking_uri).window_length)
         return self.model_config().window_length
 
     # ---- round-trip ----
@@ -216,125 +216,14 @@ class TrainConfig:
 JOB_SET = ("mlflow_run_id", "pass_clock", "lake_digest")
 
 
-def _check_setting_types(config, prefix: str = "") -> None:
-    """Every setting of the type its field declares, whatever gave it (a settings file has no types of its
-    own): raises ValueError naming the setting (after ``prefix``, a section such as ``classifier.``). A
-    quoted "false" would otherwise be true, and a number in quotes a string that fails much later. Numbers
-    in text are read as numbers (YAML reads 1e-3 as text), whole floats pass as ints, ints as floats, a lone
-    name as a list of one, a list as a tuple."""
-    import types
-    import typing
-
-    hints = typing.get_type_hints(type(config))
-    for f in fields(config):
-        value, hint = getattr(config, f.name), hints[f.name]
-        args = typing.get_args(hint)
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):
-            if value is None and type(None) in args:
-                continue
-            hint = next(a for a in args if a is not type(None))
-        setattr(config, f.name, _typed_setting(prefix + f.name, value, hint))
-
-
-def _typed_setting(name: str, value, hint):
-    import numbers
-    import typing
-
-    origin, given = typing.get_origin(hint) or hint, value
-    if origin in (int, float) and isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    # numpy's numbers too (a search algorithm's samples): numbers.Real; a flag is not a number
-    flag = isinstance(value, (bool, np.bool_))
-    number = not flag and isinstance(value, numbers.Real) and math.isfinite(value)
-    if origin is bool:
-        if flag:
-            return bool(value)
-        expected = "true or false"
-    elif origin is int:
-        if number and float(value).is_integer():
-            return int(value)
-        expected = "a whole number"
-    elif origin is float:
-        if number:
-            return float(value)
-        expected = "a finite number"
-    elif origin is str:
-        if isinstance(value, str):
-            return value
-        expected = "a text"
-    elif origin is list:
-        items = [value] if isinstance(value, str) else value
-        if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
-            return list(items)
-        expected = "a list of names"
-    elif origin is tuple:
-        item = (typing.get_args(hint) or (None,))[0]
-        items = [value] if isinstance(value, str) and item is str else value
-        if isinstance(items, (list, tuple)):
-            try:
-                return tuple(_typed_setting(name, v, item) for v in items)
-            except ValueError:
-                pass
-        expected = {int: "a list of whole numbers", float: "a list of numbers", str: "a list of names"}.get(
-            item, "a list")
-    elif origin is dict:
-        if isinstance(value, dict):
-            return {str(k): str(v) for k, v in value.items()}
-        expected = "a mapping"
-    else:
-        return value
-    raise ValueError(f"setting {name}={given!r} ({type(given).__name__}): expected {expected}")
-
-
-def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A settings file's mapping: YAML (``.yaml``, ``.yml``), TOML (``.toml``), else JSON. A file that does
-    not parse raises a ValueError naming it, with the line and column."""
-    import tomllib
-
-    import yaml
-
-    path = Path(path)
-    text = path.read_text()
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        elif suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        raise ValueError(f"{path}: not valid YAML at line {mark.line + 1} column {mark.column + 1}: {exc.problem}"
-                         ) from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from None
-    except json.JSONDecodeError as exc:
-        kind = "" if suffix == ".json" else " (a settings file is .json, .yaml, .yml or .toml)"
-        raise ValueError(f"{path}: not valid JSON{kind} at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of setting names to values")
-    return data
-
-
-def check_init_from(init_from: str, tracking_uri: str | None = None) -> ModelConfig:
-    """The config of the model a run starts from, after loading it once in the driver: a damaged folder or
-    registered version (config, safetensors, tensors that do not fit) raises a ValueError naming the file
-    before Ray starts, instead of failing every worker and every retry."""
+def init_config(init_from: str, tracking_uri: str | None = None, check: bool = False) -> ModelConfig:
+    """The config of the model a run starts from (a registry URI or a model folder). With ``check`` the
+    model is loaded once in the driver first: a damaged folder or registered version (config, safetensors,
+    tensors that do not fit) raises a ValueError naming the file before Ray starts, instead of failing
+    every worker and every retry."""
     from astromer.registry import resolve_model_dir
 
-    return ModelConfig.from_json(resolve_model_dir(init_from, tracking_uri, check=True) / "config.json")
-
-
-def _init_config(init_from: str, tracking_uri: str | None = None) -> ModelConfig:
-    from astromer.registry import resolve_model_dir
-
-    return ModelConfig.from_json(resolve_model_dir(init_from, tracking_uri) / "config.json")
+    return ModelConfig.from_json(resolve_model_dir(init_from, tracking_uri, check=check) / "config.json")
 
 
 # --------------------------------------------------------------------------- model, optimiser, schedule
