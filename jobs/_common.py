@@ -14,7 +14,7 @@ import uuid
 from dataclasses import fields
 
 from astromer import registry, settings
-from astromer.commands import USER_ERRORS, report_usage_error
+from astromer.commands import USER_ERRORS, ArgumentParser, report_usage_error
 from astromer.train import JOB_SET, STATE_FILE, STOP_KEYS, TrainConfig, init_config, worker_loop
 
 log = logging.getLogger("astromer.jobs")
@@ -29,7 +29,7 @@ ALIASES = {"surveys": ["--survey"], "bands": ["--band"], "labels": ["--label"]}
 def build_parser(description: str, defaults: dict | None = None) -> argparse.ArgumentParser:
     """One flag per TrainConfig field (``--max-steps``, ``--surveys ogle asas``, ``--use-gpu/--no-use-gpu``),
     plus ``--config FILE`` (JSON or YAML) whose values the flags override."""
-    parser = argparse.ArgumentParser(description=description,
+    parser = ArgumentParser(description=description,
                                      epilog="Every setting, grouped and explained: docs/jobs/pretrain.md.")
     parser.add_argument("--config", help="JSON, YAML or TOML file of settings (flags override it)")
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",

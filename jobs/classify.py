@@ -22,11 +22,11 @@ from pathlib import Path
 
 from astromer import evaluate as ev
 from astromer import registry, settings
-from astromer.commands import non_negative_int, positive_int
+from astromer.commands import ArgumentParser, non_negative_int, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a model folder")
     parser.add_argument("--lake", default=None, help="lake root (default: ASTROMER_HOME/lake)")

@@ -18,13 +18,13 @@ import logging
 import sys
 
 from astromer import settings
-from astromer.commands import non_negative_float, positive_int
+from astromer.commands import ArgumentParser, non_negative_float, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
     from astromer.embeddings import PRECISIONS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a model folder")
     parser.add_argument("--name", help="model name in the lake for a model folder (default: the folder name)")

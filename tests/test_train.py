@@ -102,6 +102,24 @@ def test_settings_file_flags_and_validation(tmp_path):
             TrainConfig(**setting)
 
 
+def test_a_flag_error_is_the_first_line_and_a_long_usage_is_left_to_help(capsys):
+    import _common
+    from astromer.cli import build_parser
+
+    with pytest.raises(SystemExit) as stop:
+        _common.build_parser("x").parse_args(["--lr", "abc"])
+    err = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2
+    # the job's usage block ran to thirty lines above the error
+    assert err == ["error: argument --lr: invalid float value: 'abc'", f"see {Path(sys.argv[0]).name} --help for "
+                   "every flag"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["lake", "query"])            # a short usage still follows the error
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: the following arguments are required: sql"
+    assert err[1].startswith("usage: astromer lake query") and len(err) <= 5
+
+
 def test_schedule_warmup_then_cosine():
     config = TrainConfig(preset="tiny", lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
     model = build_model(config)

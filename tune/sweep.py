@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from astromer import evaluate as ev
 from astromer import registry, settings
-from astromer.commands import positive_int
+from astromer.commands import ArgumentParser, positive_int
 from ray.tune import Callback
 
 METRIC = "val_loss"
@@ -209,7 +209,7 @@ def sweep(layers: np.ndarray, y: np.ndarray, object_ids: np.ndarray, class_names
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or a model folder")
     parser.add_argument("--lake", default=None)

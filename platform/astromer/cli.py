@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from astromer.commands import ArgumentParser
+
 # command name -> (module under astromer.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "weights": ("weights", "import official TensorFlow weights, inspect checkpoints"),
@@ -21,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="astromer", description="Astromer light-curve platform")
+    parser = ArgumentParser(prog="astromer", description="Astromer light-curve platform")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         if only is not None and name != only:

@@ -11,6 +11,19 @@ import sys
 USER_ERRORS = (FileExistsError, FileNotFoundError, LookupError, ValueError)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with the error line first: a job with fifty flags printed a usage block of thirty
+    lines above it, and the line that says what was wrong scrolled out of sight. A short usage (a few
+    lines) still follows the error; a long one is left to ``--help``."""
+
+    SHORT_USAGE_LINES = 4
+
+    def error(self, message: str):
+        usage = self.format_usage()
+        hint = usage if usage.count("\n") <= self.SHORT_USAGE_LINES else f"see {self.prog} --help for every flag\n"
+        self.exit(2, f"error: {message}\n{hint}")
+
+
 def error_line(exc: BaseException) -> str:
     """The message of ``exc`` (a KeyError's str() would quote it)."""
     return str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from astromer import settings
-from astromer.commands import USER_ERRORS, positive_int, report_usage_error
+from astromer.commands import USER_ERRORS, ArgumentParser, positive_int, report_usage_error
 
 
 def parse_mapping(text: str | None) -> dict[str, str]:
@@ -131,7 +131,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ingest/run.py", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="ingest/run.py", description=__doc__.splitlines()[0])
     register(parser)
     args = parser.parse_args(argv)
     return args.func(args)
