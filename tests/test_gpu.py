@@ -162,3 +162,19 @@ def test_non_finite_step_is_skipped_on_the_device_and_raised_at_the_read():
     train_step(model, good, optimizer, scheduler, cfg, step=3, into=steps)          # later steps go on
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 2 \(epoch 0, batch 7\)"):
         steps.read()
+
+
+def test_the_jobs_gpu_path_under_nccl_without_ray():
+    """DDP with every compile mode, the collectives on the device and a checkpoint round trip that restores
+    the device generator (benchmarks/gpu_ddp_check.py, which needs neither Ray nor MLflow)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_ddp_check.py"), "--preset", "tiny"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "platform")})
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("OK"), done.stdout + done.stderr[-3000:]
+    assert "backend nccl" in done.stdout and "2 generator(s)" in done.stdout

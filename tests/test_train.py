@@ -367,3 +367,18 @@ def test_settings_files_in_three_formats_and_their_errors_name_the_file(tmp_path
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}: {message}")):
             read_settings_file(tmp_path / name)
+
+
+def test_the_gpu_ddp_check_runs_on_a_cpu():
+    """benchmarks/gpu_ddp_check.py is what a lent GPU machine (torch, no Ray) runs first; here it runs its
+    eager mode under gloo, so that it still matches the job's functions when a GPU comes."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_ddp_check.py"), "--preset", "tiny",
+                           "--modes", "eager", "--steps", "4"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "platform")})
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "checkpoint round trip ok" in done.stdout and done.stdout.rstrip().endswith("OK")

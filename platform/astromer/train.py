@@ -540,8 +540,9 @@ def save_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, stat
 
     folder = Path(folder)
     save_model(_unwrap(model), folder, metadata={"step": state.step})
+    # the writer's generators: the CPU one, and on a GPU the device's, which draws the dropout masks there
     extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state()}
+             "torch_rng": torch.get_rng_state(), "rng": rng_states()}
     if rank_rng is not None:
         extra["rank_rng"] = rank_rng
     torch.save(extra, folder / TRAINER_STATE_FILE)
@@ -567,7 +568,8 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=
                     device: torch.device | str = "cpu", rank: int | None = None) -> TrainState:
     """Restore model (safetensors), optimiser/scheduler/RNG (weights_only) and the train state. With a
     ``rank`` and every rank's generators in the checkpoint, that rank's are restored (its CPU and, on a GPU,
-    its device generator); otherwise the CPU generator rank 0 saved."""
+    its device generator); otherwise rank 0's (CPU, and the device's: restored on a GPU only the CPU one,
+    rank 0 drew its dropout masks from step 0's again after every resume)."""
     tensors, extra, state = read_checkpoint(folder, device)
     _unwrap(model).load_state_dict(tensors)
     if optimizer is not None:
@@ -577,7 +579,9 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer=None, scheduler=
     ranks = extra.get("rank_rng")
     if rank is not None and ranks is not None and rank < len(ranks):
         set_rng_states(ranks[rank])
-    else:
+    elif "rng" in extra:
+        set_rng_states(extra["rng"])
+    else:                                       # a checkpoint from before the device generator was saved
         torch.set_rng_state(extra["torch_rng"].cpu())
     return TrainState(**state)
 
