@@ -137,6 +137,9 @@ def time_variant(name: str, args, device, flops: float, peak: float, matmul: flo
     import astromer.model as model_module
 
     batch = args.batch * (2 if name.endswith("1024") else 1)
+    # each variant compiles afresh: they share Encoder.forward, and past Dynamo's recompile limit a later
+    # variant would run eager with only a warning, timed as if compiled
+    torch._dynamo.reset()
     t_build = time.perf_counter()
     saved = model_module.PositionalEncoding.forward, model_module.F
     if name == "before":
