@@ -407,7 +407,7 @@ def label_lookup(spec: DataSpec) -> dict[tuple[str, str], str]:
     paths = LakePaths(spec.lake)
     if not paths.fs.exists(paths.labels()):
         raise ValueError(f"{spec.lake}: no labels table (the ingest of a labelled survey writes it)")
-    table = pq.read_table(paths.url_of(paths.labels()), filesystem=None if paths.is_local else paths.fs)
+    table = pq.read_table(paths.labels(), filesystem=None if paths.is_local else paths.fs)
     frame = everything = table.to_pandas()
     if spec.surveys:
         frame = frame[frame["survey"].isin(spec.surveys)]

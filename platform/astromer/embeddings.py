@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import posixpath
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -374,6 +376,7 @@ def check_gpus(needed: float) -> None:
 
 
 def _parquet_files(fs, folder: str) -> list[str]:
+    fs.invalidate_cache(folder)    # an object store's cached listing predates what Ray's workers wrote
     if not fs.exists(folder):
         return []
     return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
@@ -395,7 +398,7 @@ def embed_survey(lake: str, model: str | ModelRef, survey: str, bands: Sequence[
 
     from astromer.data import DataSpec, quiet_progress, row_groups
     from astromer.lake.paths import LakePaths, validate_survey
-    from astromer.lake.writers import write_json, write_parquet
+    from astromer.lake.writers import replace_folder, write_json, write_parquet
 
     started = time.perf_counter()
     counts = {"actors": actors, "batch_size": batch_size, "curves_per_batch": curves_per_batch, "threads": threads}
@@ -475,12 +478,8 @@ def embed_survey(lake: str, model: str | ModelRef, survey: str, bands: Sequence[
                 write_parquet(fs, kept, posixpath.join(new_dir, LakePaths.part_name(part)),
                               compression=EMBEDDING_COMPRESSION)
                 part += 1
-        # finish: swap the survey folder (readers see the old or the new one, never a mixture)
-        fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        trash = posixpath.join(staging, "replaced")
-        if fs.exists(final):
-            fs.mv(final, trash, recursive=True)
-        fs.mv(new_dir, final, recursive=True)
+        # finish: swap the survey folder (locally readers see the old or the new one, never a mixture)
+        replace_folder(fs, new_dir, final, trash=posixpath.join(staging, "replaced"))
     finally:
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
@@ -569,32 +568,43 @@ def write_detail(lake: str, ref: ModelRef, survey: str, object_ids: list[str], c
         log.warning("detail: none of %s is in survey %s", object_ids, survey)
         return {"path": None, "curves": [], "missing": sorted(object_ids)}
     final = detail_path(lake, ref, survey)
-    if not paths.is_local:
-        raise NotImplementedError("per-observation detail is written to local lakes only")
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
-    root = zarr.open_group(tmp, mode="w")
-    root.attrs.update({"model": ref.name, "version": ref.version, "survey": survey,
-                       "window_rule": model.config.window_rule, "window_length": model.config.window_length})
+    # built beside its final name, or on the local disk for an object store (uploaded at the end)
+    local_tmp = None if paths.is_local else tempfile.mkdtemp(prefix="astromer-detail-")
+    tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}" if paths.is_local else \
+        os.path.join(local_tmp, posixpath.basename(final))
     written = []
-    for row in table.to_pylist():
-        curve, reason = usable_curve(row["mjd"], row["mag"], row["err"], row["quality"], clean)
-        if curve is None:
-            log.warning("detail: %s band %s skipped: %s", row["object_id"], row["band"], reason)
-            continue
-        detail = observation_detail(model, *curve)
-        group = root.require_group(row["object_id"]).require_group(str(row["band"]))
-        for key, value in detail.items():
-            group.create_array(key, data=value, overwrite=True)
-        written.append(f"{row['object_id']}/{row['band']}")
-    if os.path.exists(final):
-        os.rename(final, f"{tmp}.old")
-    os.rename(tmp, final)
-    if os.path.exists(f"{tmp}.old"):
-        import shutil
+    try:
+        root = zarr.open_group(tmp, mode="w")
+        root.attrs.update({"model": ref.name, "version": ref.version, "survey": survey,
+                           "window_rule": model.config.window_rule, "window_length": model.config.window_length})
+        for row in table.to_pylist():
+            curve, reason = usable_curve(row["mjd"], row["mag"], row["err"], row["quality"], clean)
+            if curve is None:
+                log.warning("detail: %s band %s skipped: %s", row["object_id"], row["band"], reason)
+                continue
+            detail = observation_detail(model, *curve)
+            group = root.require_group(row["object_id"]).require_group(str(row["band"]))
+            for key, value in detail.items():
+                group.create_array(key, data=value, overwrite=True)
+            written.append(f"{row['object_id']}/{row['band']}")
+        if local_tmp:
+            from astromer.lake.writers import upload_folder
 
-        shutil.rmtree(f"{tmp}.old")
+            upload_folder(paths.fs, tmp, final)
+        else:
+            if os.path.exists(final):
+                os.rename(final, f"{tmp}.old")
+            os.rename(tmp, final)
+            shutil.rmtree(f"{tmp}.old", ignore_errors=True)
+    except BaseException:
+        if not local_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)   # no half-written store is left beside the lake's
+        raise
+    finally:
+        if local_tmp:
+            shutil.rmtree(local_tmp, ignore_errors=True)
     missing = sorted(set(object_ids) - {w.split("/")[0] for w in written})
-    return {"path": final, "curves": written, "missing": missing}
+    return {"path": paths.url_of(final), "curves": written, "missing": missing}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1010,7 +1010,7 @@ def _finish(paths, out_survey, survey, ingest_id, plan, markers, parts, lake, me
     report_dir = paths.ingest(out_survey)
     if not curves and fs.exists(f"{report_dir}/manifest.parquet"):
         report_dir = run
-    result.report = f"{report_dir}/quarantine.parquet"
+    result.report = paths.url_of(f"{report_dir}/quarantine.parquet")   # a URL on an object store
     manifest = pa.table({
         "input": [m["input"] for m in markers], "url": [m["url"] for m in markers],
         "size": pa.array([int(m["size"] or 0) for m in markers], type=pa.int64()),

@@ -56,7 +56,8 @@ def connect(lake: str | LakePaths, database: str = ":memory:", *, sandbox: bool 
         raise FileNotFoundError(f"there is no lake at {paths.root}")
     con = duckdb.connect(database)
     if not paths.is_local:
-        con.register_filesystem(paths.fs)
+        paths.fs.invalidate_cache()                   # the views below are made from fresh listings
+        con.register_filesystem(paths.uncached_fs())  # and its queries list afresh each time
     views = {
         "lightcurves": paths.lightcurves() + "/*/*/*.parquet",
         "labels": paths.labels() + "/*/*.parquet",

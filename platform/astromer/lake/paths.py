@@ -109,6 +109,15 @@ class LakePaths:
     def is_local(self) -> bool:
         return "file" in _protocols(self.fs)
 
+    def uncached_fs(self) -> fsspec.AbstractFileSystem:
+        """The lake's filesystem without cached listings, for a reader that lives on while jobs publish (a
+        DuckDB connection): a cached listing names files a publish has replaced since, and reading one fails
+        (S3: "The remote file ... no longer exists")."""
+        if self.is_local:
+            return self.fs
+        return type(self.fs)(**{**self.fs.storage_options, "skip_instance_cache": True,
+                                "use_listings_cache": False})
+
     def join(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 

@@ -13,12 +13,15 @@ Arrays (one row per window, chunked along the rows, zstd):
 Window starts come from :func:`astromer.windows.window_starts` (the one place for the windowing rule;
 ``astromer2``: consecutive, non-overlapping windows, the last one zero-padded; ``astromer1``: the
 official library's rule). Values are stored raw so that every consumer centres them the same way
-(``astromer.windows``). The store is written under a temporary name and renamed into place.
+(``astromer.windows``). The store is written under a temporary name and renamed into place; for a lake on
+an object store it is built in a local temporary folder, uploaded beside its final name, then put in place
+(:func:`astromer.lake.writers.replace_folder`).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 import uuid
 
@@ -28,6 +31,7 @@ import zarr
 from astromer.lake.catalog import iter_curves
 from astromer.lake.cleaning import CleaningStats
 from astromer.lake.paths import LakePaths
+from astromer.lake.writers import upload_folder
 from astromer.windows import window_starts
 
 CHUNK_ROWS = 4096
@@ -38,19 +42,20 @@ def build_windows(lake: str, name: str, *, surveys=None, bands=None, length: int
                   chunk_rows: int = CHUNK_ROWS) -> dict:
     """Write ``windows/<name>.zarr`` from the lake's curves; returns a summary dict."""
     paths = LakePaths(lake)
-    if not paths.is_local:
-        raise NotImplementedError("windows are built into local lakes only (copy the store to object storage)")
     if not isinstance(length, int) or length < 1:
         raise ValueError(f"the window length (--length) must be a whole number of observations, at least 1: got {length}")
     final = paths.windows(name)
-    if os.path.exists(final) and not overwrite:
-        raise FileExistsError(f"{final} exists (use overwrite=True / --overwrite)")
+    if paths.fs.exists(final) and not overwrite:
+        raise FileExistsError(f"{paths.url_of(final)} exists (use overwrite=True / --overwrite)")
     from astromer.data import partitions
 
     partitions(lake, [surveys] if isinstance(surveys, str) else surveys,
                [bands] if isinstance(bands, str) else bands)   # a selection the lake lacks fails here, naming what it holds
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    if paths.is_local:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    else:
+        tmp = os.path.join(tempfile.mkdtemp(prefix="astromer-windows-"), os.path.basename(final))
     started = time.perf_counter()
     stats = CleaningStats()
     try:
@@ -105,16 +110,21 @@ def build_windows(lake: str, name: str, *, surveys=None, bands=None, length: int
                 flush()
                 pending = 0
         flush()
-        info = {"name": name, "path": final, "windows": n_windows, "curves": n_curves, "length": length,
+        info = {"name": name, "path": paths.url_of(final), "windows": n_windows, "curves": n_curves, "length": length,
                 "rule": rule, "clean": clean, "drop_noisy": drop_noisy,
                 "surveys": list(surveys) if surveys else None, "bands": list(bands) if bands else None,
                 "centred": False, "padding": "zeros after n_valid", "window_rule_source": "astromer.windows",
                 "cleaning": stats.as_dict() if clean else None, "seconds": round(time.perf_counter() - started, 3)}
         group.attrs.update(info)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp if paths.is_local else os.path.dirname(tmp), ignore_errors=True)
         raise
-    if os.path.exists(final):
+    if not paths.is_local:
+        try:
+            upload_folder(paths.fs, tmp, final)
+        finally:
+            shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
+    elif os.path.exists(final):
         trash = f"{final}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, trash)
         os.replace(tmp, final)

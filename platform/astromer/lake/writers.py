@@ -56,6 +56,46 @@ def publish(fs, tmp: str, final: str) -> None:
         fs.mv(tmp, final)
 
 
+def replace_folder(fs, new: str, final: str, trash: str | None = None) -> None:
+    """Put the finished folder ``new`` in the place of ``final`` (made or replaced).
+
+    Locally by two renames (``final`` to ``trash``, which the caller removes, then ``new`` to ``final``;
+    ``trash`` is required there): a reader sees the old folder or the new one. An object store has no
+    folders to rename (fsspec's recursive move of a prefix copies the objects, then fails on the prefix
+    itself), so each file of ``new`` is copied over its name under ``final`` (one object at a time, never a
+    partial one), then the files ``new`` lacks are removed: a reader during that can see some new files
+    beside old ones. ``new`` is left for the caller to remove.
+    """
+    if "file" in _protocols(fs):
+        fs.makedirs(os.path.dirname(final), exist_ok=True)
+        if fs.exists(final):
+            fs.mv(final, trash, recursive=True)
+        fs.mv(new, final, recursive=True)
+        return
+    for folder in (new, final):
+        fs.invalidate_cache(folder)    # a listing cached before other processes wrote there
+    fresh = {os.path.relpath(path, new): path for path in fs.find(new)}
+    for name, path in sorted(fresh.items()):
+        fs.copy(path, f"{final}/{name}")
+    for path in fs.find(final):
+        if os.path.relpath(path, final) not in fresh:
+            fs.rm(path)
+    fs.invalidate_cache(final)
+
+
+def upload_folder(fs, local: str, final: str) -> None:
+    """Upload a folder built on the local disk (a Zarr store) to ``final`` on an object store: beside it
+    first, then into place with :func:`replace_folder`; the upload is removed whatever happens."""
+    staging = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        fs.put(local, staging, recursive=True)
+        replace_folder(fs, staging, final)
+    finally:
+        fs.invalidate_cache(staging)
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+
+
 def create(fs, path: str, *, text: bool = False):
     """A new file at ``path`` (a temporary name) opened for writing. A local file goes through Arrow's own
     file object (text: Python's), and its folder is made only when the open finds it missing: a map task
