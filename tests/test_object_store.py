@@ -130,3 +130,27 @@ def test_lake_training_and_embeddings_on_s3(s3_env, tmp_path):
                        "--out", str(tmp_path / "classify")], env)
     assert "lake embeddings of" in classified.stdout + classified.stderr
     assert (tmp_path / "classify" / "results.md").exists()
+
+
+def test_the_ingest_lock_on_s3_is_taken_once_even_by_two_that_looked_at_once(s3_env):
+    """S3 refuses a second conditional write (If-None-Match), so two ingests that both found no lock and
+    wrote in the same instant cannot both hold it."""
+    from astromer.lake.locks import SurveyLocked, _create_exclusive, survey_lock
+
+    lake = f"s3://{BUCKET}/locked-lake"
+    with survey_lock(lake, "macho", source="first"):
+        with pytest.raises(SurveyLocked, match="another ingest of macho is running"):
+            with survey_lock(lake, "macho", source="second"):
+                pass
+    with survey_lock(lake, "macho"):      # released: free again
+        pass
+
+    class LookedBeforeTheOtherWrote(s3fs.S3FileSystem):
+        def exists(self, path, **kwargs):
+            return False
+
+    blind = LookedBeforeTheOtherWrote(skip_instance_cache=True)
+    path = f"{BUCKET}/locked-lake/_ingest/survey=ogle/lock.json"
+    assert _create_exclusive(blind, path, b'{"token": "a"}')
+    assert not _create_exclusive(blind, path, b'{"token": "b"}')
+    assert blind.cat_file(path) == b'{"token": "a"}'
