@@ -571,7 +571,9 @@ def main(description: str, prefix: str, defaults: dict | None = None, prepare=No
         if prepare is not None:       # a finetune pins its parent's version here
             register_tags = prepare(config) or {}
         if config.init_from:   # loaded here, once: a damaged model would fail every worker after Ray starts
-            init_config(config.init_from, config.tracking_uri, check=True)
+            parent = init_config(config.init_from, config.tracking_uri, check=True)
+        config.check_probed(config.window_length or (parent if config.init_from else config.model_config()
+                                                     ).window_length)
         complete(config, prefix)
         finished = check_run_name(config)
     except (*USER_ERRORS, OSError, settings.EphemeralHome, MlflowException) as exc:

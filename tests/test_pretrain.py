@@ -351,6 +351,14 @@ def test_what_a_job_is_asked_is_checked_before_ray_starts(lake, tmp_path, monkey
     cases.append(([*base, "--init-from", str(damaged["badjson"]), "--window-length", "64"],
                   f"{damaged['badjson'] / 'config.json'}: not valid JSON"))
     cases.append(([*base, "--init-from", str(damaged["other"])], "config.json says d_model 256; model.safetensors"))
+    # a --probed that probes nothing of the shortest window: a curve of --min-observations, or the parent's
+    # own short windows (it trained until 'loss is nan')
+    import dataclasses
+
+    short = save_model(Astromer(dataclasses.replace(ModelConfig.tiny(), window_length=8)), tmp_path / "short")
+    cases.append(([*base, "--probed", "0.05"], "probes no observation of a window of 10 observations"))
+    cases.append(([*base, "--init-from", str(short), "--probed", "0.1"],
+                  "probed=0.1 probes no observation of a window of 8 observations (the window length)"))
     for argv, words in cases:
         assert _common.main("pretrain", "pretrain", argv=argv) == 2, argv
         err = capsys.readouterr().err

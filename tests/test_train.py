@@ -74,15 +74,16 @@ def test_settings_file_flags_and_validation(tmp_path):
     with pytest.raises(ValueError, match=re.escape("MaskConfig.probed=0.0: expected a fraction in (0, 1]")):
         TrainConfig(probed=0)    # it trained until 'loss is nan at step 2'
     # a fraction that rounds to no probed observation on the shortest window a run trains on: batches of
-    # such windows have no loss term and a NaN gradient
+    # such windows have no loss term and a NaN gradient (the job checks it once it knows the window length)
     with pytest.raises(ValueError, match=re.escape("probed=0.05 probes no observation of a window of 10 "
-                                                   "observations (the shortest this run trains on")):
-        TrainConfig(probed=0.05)
-    assert TrainConfig(probed=0.05, min_observations=20).min_observations == 20   # floor(0.05 * 20) = 1
-    with pytest.raises(ValueError, match="a window of 8 observations"):
-        TrainConfig(probed=0.1, min_observations=20, window_length=8)   # the window is the shortest then
-    with pytest.raises(ValueError, match="min_observations=0: expected a positive integer"):
-        TrainConfig(min_observations=0)
+                                                   "observations (the shortest curve kept: --min-observations 10)")):
+        TrainConfig(probed=0.05).check_probed(200)
+    TrainConfig(probed=0.05, min_observations=20).check_probed(200)       # floor(0.05 * 20) = 1
+    with pytest.raises(ValueError, match=re.escape("a window of 8 observations (the window length)")):
+        TrainConfig(probed=0.1, min_observations=20).check_probed(8)
+    TrainConfig(probed=0.2, min_observations=4).check_probed(200)   # the cleaning keeps no curve under 5
+    with pytest.raises(ValueError, match="a window of 4 observations"):
+        TrainConfig(probed=0.2, min_observations=4, clean=False).check_probed(200)
     # --random applies to what --same leaves of the probed ones (windows.probe_counts), as its help says
     assert ("--random RANDOM fraction of the probed ones left after `same` that get another observation's "
             "magnitude; the rest are hidden ([MASK]) (default: 0.2)") in help_text
@@ -315,6 +316,20 @@ def test_fit_windows_learns_and_plots(tmp_path):
     assert png.read_bytes()[:4] == curve.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="no curves"):
         fit_windows(model, [], config)
+    # classify's in-process finetune: curves too short to probe one observation are left out (a batch of
+    # them had a NaN gradient), and a model whose windows are all too short is refused
+    import dataclasses
+
+    sparse = TrainConfig(preset="tiny", probed=0.1, batch_size=4, epochs=1, warmup_steps=0, schedule="constant")
+    short_curves = [(t[:9], m[:9]) for t, m, *_ in _curves(8, 2)]
+    with pytest.raises(ValueError, match="no curves"):        # 9 observations: floor(0.9) probes none
+        fit_windows(build_model(sparse), short_curves, sparse)
+    assert len(fit_windows(build_model(sparse), short_curves + curves[:4], sparse)["loss"]) == 1   # 4 kept
+    from astromer.model import Astromer
+
+    short_model = Astromer(dataclasses.replace(model.config, window_length=8))
+    with pytest.raises(ValueError, match="probes no observation of the model's 8-observation windows"):
+        fit_windows(short_model, curves, sparse)
 
 
 def test_learning_curve_panels_split_hidden_and_drop_a_loss_equal_to_the_rmse():

@@ -30,7 +30,7 @@ import torch
 
 from astromer.config import PRESETS, MaskConfig, ModelConfig, check_setting_types, read_settings_file
 from astromer.losses import probed_rmse, r2, r2_sums, weighted_rmse
-from astromer.windows import probe_counts
+from astromer.windows import shortest_probed_window
 
 log = logging.getLogger("astromer.train")
 
@@ -148,22 +148,21 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr}: expected a positive learning rate")
         MaskConfig(self.probed, self.same, self.random)   # validates the fractions
-        self._check_probed_counts()
 
-    def _check_probed_counts(self) -> None:
-        """Every window must probe an observation: floor(probed * n) is 0 on a window of n observations when
-        probed < 1/n, and a batch of such windows has no loss term (its gradient is NaN)."""
-        if int(self.min_observations) < 1:
-            raise ValueError(f"min_observations={self.min_observations!r}: expected a positive integer")
-        shortest = int(self.min_observations)    # a shorter curve is left out; a longer one fills the window
-        length = self.window_length or (None if self.init_from else PRESETS[self.preset]().window_length)
-        if length is not None:
-            shortest = min(shortest, int(length))
-        if probe_counts(np.array([shortest]), self.mask)[0][0] < 1:
-            raise ValueError(
-                f"probed={self.probed!r} probes no observation of a window of {shortest} observations (the "
-                f"shortest this run trains on: min_observations {self.min_observations}): expected probed >= "
-                f"{1 / shortest:.4g}, or a larger min_observations")
+    def check_probed(self, window_length: int) -> None:
+        """Refuse a ``probed`` fraction that probes no observation of the shortest window this run trains on
+        (floor(probed * n) is 0 when probed < 1/n): a batch of such windows has no loss term and a NaN
+        gradient. The shortest window: the model's length, or a curve of the fewest observations the run keeps
+        (``min_observations``; with the cleaning on, never fewer than it needs)."""
+        from astromer.lake.cleaning import MIN_OBS
+
+        kept = max(int(self.min_observations), MIN_OBS if self.clean else 1)
+        shortest = min(int(window_length), kept)
+        if shortest < shortest_probed_window(self.mask):
+            which = "the window length" if shortest == int(window_length) else \
+                f"the shortest curve kept: --min-observations {self.min_observations}"
+            raise ValueError(f"probed={self.probed!r} probes no observation of a window of {shortest} observations "
+                             f"({which}): expected probed >= {1 / shortest:.4g}")
 
     # ---- derived ----
     @property
@@ -1337,7 +1336,19 @@ def fit_windows(model, curves, config: TrainConfig | dict | None = None, *, val_
         config = TrainConfig(warmup_steps=0, schedule="constant", lr=1e-4, batch_size=32, epochs=5)
     elif isinstance(config, dict):
         config = TrainConfig.from_dict(config)
-    curves = list(curves)
+    # every window must probe an observation (a batch without any has a NaN gradient): curves too short for
+    # that are left out, and a model whose windows are all too short is refused
+    needed = shortest_probed_window(config.mask)
+    if model.config.window_length < needed:
+        raise ValueError(f"probed={config.probed!r} probes no observation of the model's {model.config.window_length}-"
+                         f"observation windows: expected probed >= {1 / model.config.window_length:.4g}")
+    given = list(curves)
+    curves = [c for c in given if len(c[0]) >= needed]
+    if len(curves) < len(given):
+        log.info("fit_windows: %d of %d curves have fewer than %d observations, too few to probe one; left out",
+                 len(given) - len(curves), len(given), needed)
+    if val_curves:
+        val_curves = [c for c in val_curves if len(c[0]) >= needed]
     if not curves:
         raise ValueError("fit_windows: no curves to train on")
     rng = rng or np.random.default_rng(config.seed)

@@ -304,6 +304,15 @@ def probe_counts(n_valid: np.ndarray, config: MaskConfig) -> tuple[np.ndarray, n
     return n_probed, n_same, n_random
 
 
+def shortest_probed_window(config: MaskConfig) -> int:
+    """The fewest observations a window needs for ``config`` to probe one of them: a window with fewer has no
+    loss term, and a batch of such windows a NaN gradient."""
+    n = max(1, math.ceil((1 - 1e-9) / config.probed))
+    while probe_counts(np.array([n]), config)[0][0] < 1:     # the rounding's guard, should it fall short
+        n += 1
+    return n
+
+
 def probe(mags: np.ndarray, padding: np.ndarray, *, rng: np.random.Generator,
           config: MaskConfig = MaskConfig()) -> Probe:
     """Draw the probed / same / random / hidden observations of each window (vectorised).
