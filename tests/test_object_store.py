@@ -154,3 +154,23 @@ def test_the_ingest_lock_on_s3_is_taken_once_even_by_two_that_looked_at_once(s3_
     assert _create_exclusive(blind, path, b'{"token": "a"}')
     assert not _create_exclusive(blind, path, b'{"token": "b"}')
     assert blind.cat_file(path) == b'{"token": "a"}'
+
+
+def test_a_folder_is_replaced_object_by_object_on_s3(s3_env):
+    """replace_folder on S3: a new folder in place of none, nested files copied, stale ones removed, empty
+    folder markers (as pyarrow writes them) passed over, and an empty new folder never empties the old one."""
+    from astromer.lake.writers import replace_folder
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    root = f"{BUCKET}/replace"
+    fs.pipe({f"{root}/new/a.parquet": b"a1", f"{root}/new/sub/b": b"b1", f"{root}/new/marker/": b""})
+    replace_folder(fs, f"s3://{root}/new", f"{root}/final/")     # a URL and a trailing slash are the same place
+    assert fs.cat(fs.find(f"{root}/final")) == {f"{root}/final/a.parquet": b"a1", f"{root}/final/sub/b": b"b1"}
+    fs.rm(f"{root}/new", recursive=True)
+    fs.pipe({f"{root}/new/a.parquet": b"a2"})
+    replace_folder(fs, f"{root}/new", f"{root}/final")
+    fs.invalidate_cache()
+    assert fs.cat(fs.find(f"{root}/final")) == {f"{root}/final/a.parquet": b"a2"}    # sub/b was stale
+    with pytest.raises(FileNotFoundError, match="nothing under"):
+        replace_folder(fs, f"{root}/missing", f"{root}/final")
+    assert fs.cat(f"{root}/final/a.parquet") == b"a2"

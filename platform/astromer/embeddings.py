@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import posixpath
-import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -551,11 +549,12 @@ def observation_detail(model, mjd, mag, err) -> dict[str, np.ndarray]:
 
 def write_detail(lake: str, ref: ModelRef, survey: str, object_ids: list[str], clean: bool = True) -> dict:
     """Zarr group ``<object_id>/<band>/{mjd, mag, embedding, attention, ...}`` for the chosen objects,
-    written to a temporary folder and renamed into place."""
+    built aside and put in place whole (:func:`astromer.lake.writers.folder_to_build`)."""
     import pyarrow.dataset as pads
     import zarr
 
     from astromer.lake.paths import LakePaths, validate_object_id
+    from astromer.lake.writers import folder_to_build
     from astromer.weights import load_model_dir
 
     for oid in object_ids:
@@ -568,12 +567,8 @@ def write_detail(lake: str, ref: ModelRef, survey: str, object_ids: list[str], c
         log.warning("detail: none of %s is in survey %s", object_ids, survey)
         return {"path": None, "curves": [], "missing": sorted(object_ids)}
     final = detail_path(lake, ref, survey)
-    # built beside its final name, or on the local disk for an object store (uploaded at the end)
-    local_tmp = None if paths.is_local else tempfile.mkdtemp(prefix="astromer-detail-")
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}" if paths.is_local else \
-        os.path.join(local_tmp, posixpath.basename(final))
     written = []
-    try:
+    with folder_to_build(paths.fs, final) as tmp:     # put in place when the block ends; removed if it fails
         root = zarr.open_group(tmp, mode="w")
         root.attrs.update({"model": ref.name, "version": ref.version, "survey": survey,
                            "window_rule": model.config.window_rule, "window_length": model.config.window_length})
@@ -587,22 +582,6 @@ def write_detail(lake: str, ref: ModelRef, survey: str, object_ids: list[str], c
             for key, value in detail.items():
                 group.create_array(key, data=value, overwrite=True)
             written.append(f"{row['object_id']}/{row['band']}")
-        if local_tmp:
-            from astromer.lake.writers import upload_folder
-
-            upload_folder(paths.fs, tmp, final)
-        else:
-            if os.path.exists(final):
-                os.rename(final, f"{tmp}.old")
-            os.rename(tmp, final)
-            shutil.rmtree(f"{tmp}.old", ignore_errors=True)
-    except BaseException:
-        if not local_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)   # no half-written store is left beside the lake's
-        raise
-    finally:
-        if local_tmp:
-            shutil.rmtree(local_tmp, ignore_errors=True)
     missing = sorted(set(object_ids) - {w.split("/")[0] for w in written})
     return {"path": paths.url_of(final), "curves": written, "missing": missing}
 

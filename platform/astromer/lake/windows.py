@@ -19,11 +19,7 @@ an object store it is built in a local temporary folder, uploaded beside its fin
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
-import uuid
 
 import numpy as np
 import zarr
@@ -31,7 +27,7 @@ import zarr
 from astromer.lake.catalog import iter_curves
 from astromer.lake.cleaning import CleaningStats
 from astromer.lake.paths import LakePaths
-from astromer.lake.writers import upload_folder
+from astromer.lake.writers import folder_to_build
 from astromer.windows import window_starts
 
 CHUNK_ROWS = 4096
@@ -51,33 +47,24 @@ def build_windows(lake: str, name: str, *, surveys=None, bands=None, length: int
 
     partitions(lake, [surveys] if isinstance(surveys, str) else surveys,
                [bands] if isinstance(bands, str) else bands)   # a selection the lake lacks fails here, naming what it holds
-    if paths.is_local:
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-    else:
-        tmp = os.path.join(tempfile.mkdtemp(prefix="astromer-windows-"), os.path.basename(final))
     started = time.perf_counter()
     stats = CleaningStats()
-    try:
+    with folder_to_build(paths.fs, final) as tmp:     # put in place when the block ends; removed if it fails
         group, arrays = _new_store(tmp, length, chunk_rows)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    buffer: dict[str, list] = {k: [] for k in arrays}
-    n_windows = n_curves = 0
+        buffer: dict[str, list] = {k: [] for k in arrays}
+        n_windows = n_curves = 0
 
-    def flush():
-        nonlocal buffer
-        if not buffer["n_valid"]:
-            return
-        for key, parts in buffer.items():
-            if key in ("object_id", "survey", "band"):
-                arrays[key].append(np.asarray(parts, dtype=str))
-            else:
-                arrays[key].append(np.concatenate(parts) if parts[0].ndim else np.asarray(parts))
-        buffer = {k: [] for k in arrays}
+        def flush():
+            nonlocal buffer
+            if not buffer["n_valid"]:
+                return
+            for key, parts in buffer.items():
+                if key in ("object_id", "survey", "band"):
+                    arrays[key].append(np.asarray(parts, dtype=str))
+                else:
+                    arrays[key].append(np.concatenate(parts) if parts[0].ndim else np.asarray(parts))
+            buffer = {k: [] for k in arrays}
 
-    try:
         pending = 0
         for index, curve in enumerate(iter_curves(lake, surveys=surveys, bands=bands, clean=clean,
                                                   drop_noisy=drop_noisy, stats=stats if clean else None)):
@@ -116,21 +103,6 @@ def build_windows(lake: str, name: str, *, surveys=None, bands=None, length: int
                 "centred": False, "padding": "zeros after n_valid", "window_rule_source": "astromer.windows",
                 "cleaning": stats.as_dict() if clean else None, "seconds": round(time.perf_counter() - started, 3)}
         group.attrs.update(info)
-    except BaseException:
-        shutil.rmtree(tmp if paths.is_local else os.path.dirname(tmp), ignore_errors=True)
-        raise
-    if not paths.is_local:
-        try:
-            upload_folder(paths.fs, tmp, final)
-        finally:
-            shutil.rmtree(os.path.dirname(tmp), ignore_errors=True)
-    elif os.path.exists(final):
-        trash = f"{final}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
     return info
 
 

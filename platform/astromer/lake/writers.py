@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
+import shutil
+import tempfile
 import uuid
 
 import pyarrow as pa
@@ -59,34 +62,44 @@ def publish(fs, tmp: str, final: str) -> None:
 def replace_folder(fs, new: str, final: str, trash: str | None = None) -> None:
     """Put the finished folder ``new`` in the place of ``final`` (made or replaced).
 
-    Locally by two renames (``final`` to ``trash``, which the caller removes, then ``new`` to ``final``;
-    ``trash`` is required there): a reader sees the old folder or the new one. An object store has no
-    folders to rename (fsspec's recursive move of a prefix copies the objects, then fails on the prefix
-    itself), so each file of ``new`` is copied over its name under ``final`` (one object at a time, never a
-    partial one), then the files ``new`` lacks are removed: a reader during that can see some new files
-    beside old ones. ``new`` is left for the caller to remove.
+    Locally by two renames (``final`` to ``trash``, which the caller removes, then ``new`` to ``final``): a
+    reader sees the old folder or the new one. An object store has no folders to rename (fsspec's recursive
+    move of a prefix copies the objects, then fails on the prefix itself), so the files of ``new`` are
+    copied over their names under ``final`` (each object whole, never a partial one), then the files ``new``
+    lacks are removed: a reader during that can see some new files beside old ones. ``new`` is left for the
+    caller to remove.
     """
     if "file" in _protocols(fs):
+        if trash is None:
+            raise ValueError("replace_folder: a local folder swap needs a trash path")
         fs.makedirs(os.path.dirname(final), exist_ok=True)
         if fs.exists(final):
             fs.mv(final, trash, recursive=True)
         fs.mv(new, final, recursive=True)
         return
+    new, final = (fs._strip_protocol(path).rstrip("/") for path in (new, final))
     for folder in (new, final):
         fs.invalidate_cache(folder)    # a listing cached before other processes wrote there
-    fresh = {os.path.relpath(path, new): path for path in fs.find(new)}
-    for name, path in sorted(fresh.items()):
-        fs.copy(path, f"{final}/{name}")
-    for path in fs.find(final):
-        if os.path.relpath(path, final) not in fresh:
-            fs.rm(path)
+    fresh = {posixpath.relpath(path, new): path for path in _files_under(fs, new)}
+    if not fresh:   # never empty the published folder for want of the new one
+        raise FileNotFoundError(f"replace_folder: nothing under {new} to put in place of {final}")
+    names = sorted(fresh)
+    fs.copy([fresh[name] for name in names], [f"{final}/{name}" for name in names])
+    stale = [path for path in _files_under(fs, final) if posixpath.relpath(path, final) not in fresh]
+    if stale:
+        fs.rm(stale)
     fs.invalidate_cache(final)
+
+
+def _files_under(fs, folder: str) -> list[str]:
+    """The files below ``folder`` (an object store's empty folder markers, names ending in /, left out)."""
+    return [path for path in fs.find(folder) if not path.endswith("/")] if fs.exists(folder) else []
 
 
 def upload_folder(fs, local: str, final: str) -> None:
     """Upload a folder built on the local disk (a Zarr store) to ``final`` on an object store: beside it
     first, then into place with :func:`replace_folder`; the upload is removed whatever happens."""
-    staging = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+    staging = tmp_name(final.rstrip("/"))
     try:
         fs.put(local, staging, recursive=True)
         replace_folder(fs, staging, final)
@@ -94,6 +107,28 @@ def upload_folder(fs, local: str, final: str) -> None:
         fs.invalidate_cache(staging)
         if fs.exists(staging):
             fs.rm(staging, recursive=True)
+
+
+@contextlib.contextmanager
+def folder_to_build(fs, final: str):
+    """Where to build a folder (a Zarr store) that replaces ``final`` when the block ends: locally beside it
+    (put in place by renames), for an object store on the local disk (uploaded, then put in place). What was
+    built is removed when the block fails, and so is the local copy of an upload."""
+    local = "file" in _protocols(fs)
+    scratch = None if local else tempfile.mkdtemp(prefix="astromer-build-")
+    built = tmp_name(final) if local else os.path.join(scratch, posixpath.basename(final.rstrip("/")))
+    if local:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+    try:
+        yield built
+        if local:
+            trash = tmp_name(final)
+            replace_folder(fs, built, final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            upload_folder(fs, built, final)
+    finally:
+        shutil.rmtree(scratch or built, ignore_errors=True)
 
 
 def create(fs, path: str, *, text: bool = False):
