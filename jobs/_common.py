@@ -218,9 +218,11 @@ def check_run_name(config: TrainConfig) -> dict | None:
     Raises ValueError for the refusals."""
     import fsspec
     from astromer.lake.locks import holder_is_gone, on_this_machine
+    from astromer.lake.paths import check_bucket
     from astromer.train import model_mismatch, run_checkpoints
 
     fs, root = fsspec.core.url_to_fs(config.storage_path)
+    check_bucket(fs, root, "--storage-path")
     owner_path = f"{root.rstrip('/')}/{RUN_OWNERS}/{config.run_name}.json"
     owner = json.loads(fs.cat_file(owner_path))["experiment"] if fs.exists(owner_path) else None
     checkpoints = run_checkpoints(config.storage_path, config.run_name)

@@ -174,3 +174,36 @@ def test_a_folder_is_replaced_object_by_object_on_s3(s3_env):
     with pytest.raises(FileNotFoundError, match="nothing under"):
         replace_folder(fs, f"{root}/missing", f"{root}/final")
     assert fs.cat(f"{root}/final/a.parquet") == b"a2"
+
+
+def test_store_mistakes_end_in_one_line_before_anything_is_written(s3_env, tmp_path):
+    """A mistyped bucket is refused (s3fs would make it and write there), a local-only output given a URL is
+    refused (it became a local folder named 's3:'), and a store that cannot be reached or refuses the
+    credentials is one line naming its settings, not a traceback."""
+    from astromer.commands import check_output
+    from astromer.ingest import run_ingest
+    from astromer.lake.paths import check_bucket
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    with pytest.raises(FileNotFoundError, match="--lake s3://no-such-bucket/lake: there is no bucket 'no-such-bucket'"):
+        run_ingest("synthetic", "synthetic://?n=5&seed=1", "s3://no-such-bucket/lake", progress=False)
+    with pytest.raises(FileNotFoundError, match="--storage-path"):
+        check_bucket(fs, "no-such-bucket/runs", "--storage-path")
+    check_bucket(fs, f"{BUCKET}/runs", "--storage-path")        # an existing bucket, a new folder: fine
+    assert "no-such-bucket" not in fs.ls("", refresh=True)
+    with pytest.raises(ValueError, match="--out s3://b/c: expected a local folder"):
+        check_output("s3://b/c")
+    cli = [sys.executable, "-m", "astromer.cli"]
+    refused = subprocess.run([*cli, "weights", "import", str(tmp_path / "x.zip"), f"s3://{BUCKET}/models/x"],
+                             capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **s3_env})
+    assert refused.returncode == 2 and "expected a local folder" in refused.stderr
+    assert not (tmp_path / "s3:").exists()
+    # no credentials anywhere (and no instance metadata to ask): one line, exit 2
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    bare.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+                AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"])
+    query = subprocess.run([*cli, "lake", "query", "SELECT 1", "--lake", f"s3://{BUCKET}/lake"],
+                           capture_output=True, text=True, env=bare, timeout=120)
+    assert query.returncode == 2, query.stderr
+    assert query.stderr.startswith("error: the object store: Unable to locate credentials") and \
+        "AWS_ENDPOINT_URL" in query.stderr and "Traceback" not in query.stderr, query.stderr

@@ -257,9 +257,15 @@ def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
 
     import yaml
 
-    path = Path(path)
-    text = path.read_text()
-    suffix = path.suffix.lower()
+    path = str(path)
+    if "://" in path:      # a settings file on a store (s3://bucket/best.json): read through fsspec
+        import fsspec
+
+        with fsspec.open(path, "r", encoding="utf-8") as handle:
+            text = handle.read()
+    else:
+        text = Path(path).read_text()
+    suffix = os.path.splitext(path)[1].lower()
     try:
         if suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text)

@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 from astromer.lake import schema
 from astromer.lake.catalog import published_inputs
 from astromer.lake.locks import survey_lock
-from astromer.lake.paths import LakePaths, _protocols, validate_survey
+from astromer.lake.paths import LakePaths, _protocols, check_bucket, validate_survey
 from astromer.lake.writers import (
     ParquetPartWriter,
     publish,
@@ -702,6 +702,7 @@ def run_ingest(survey: str, source: str, lake: str, *, options: dict | None = No
     out_survey = validate_survey(out_survey or survey)
     stream = stream or sys.stderr
     paths = LakePaths(lake)
+    check_bucket(paths.fs, paths.root, "--lake")
     if paths.fs.isfile(paths.root):
         raise ValueError(f"lake {lake} is a file, not a folder")
     with survey_lock(lake, out_survey, source=source, break_lock=break_lock, stream=stream):

@@ -9,6 +9,13 @@ import sys
 #: what a user's mistake raises (a path or store that exists or not, a name or value the lake, the registry or
 #: a settings file does not know): a command reports it in one line and exits 2, with no traceback
 USER_ERRORS = (FileExistsError, FileNotFoundError, LookupError, ValueError)
+try:   # an object store that cannot be reached or refuses the credentials (s3fs, with the s3 extra)
+    from botocore.exceptions import BotoCoreError
+
+    STORE_ERRORS: tuple = (BotoCoreError,)
+except ImportError:
+    STORE_ERRORS = ()
+USER_ERRORS = USER_ERRORS + STORE_ERRORS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -25,7 +32,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def error_line(exc: BaseException) -> str:
-    """The message of ``exc`` (a KeyError's str() would quote it)."""
+    """The message of ``exc`` (a KeyError's str() would quote it); what an object store said, with the settings
+    that decide where it is and who asks."""
+    if STORE_ERRORS and isinstance(exc, STORE_ERRORS):
+        return (f"the object store: {exc} (its settings: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or another "
+                "credential, and AWS_ENDPOINT_URL for MinIO or Ceph; Ray's workers need them too: see "
+                "docs/deployment.md)")
     return str(exc.args[0]) if isinstance(exc, LookupError) and exc.args else str(exc)
 
 
@@ -51,6 +63,9 @@ def check_output(path, flag: str = "--out", folder: bool = True) -> None:
     Raises FileExistsError naming the flag and what is in the way."""
     from pathlib import Path
 
+    if "://" in str(path):   # pathlib would make a local folder named "s3:" and report success
+        raise ValueError(f"{flag} {path}: expected a local {'folder' if folder else 'file'} (this output is "
+                         "written to the local disk; its figures and tables also go to MLflow)")
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         raise FileExistsError(f"{flag} {path}: a {'file' if folder else 'folder'} is there; expected "

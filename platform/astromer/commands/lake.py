@@ -18,6 +18,7 @@ def _lake(args) -> str:
     return args.lake or settings.default_lake()
 
 
+@one_line_errors
 def run_query(args) -> int:
     import duckdb
 

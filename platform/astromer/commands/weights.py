@@ -57,6 +57,9 @@ def _import(args: argparse.Namespace) -> int:
     from astromer.commands import error_line, report_usage_error
     from astromer.weights import import_official
 
+    if "://" in args.out_dir:   # a model folder is local; --register puts a copy in MLflow's artifact store
+        return report_usage_error(ValueError(f"out_dir {args.out_dir}: expected a local folder (--register NAME "
+                                             "stores the model in the MLflow registry, wherever its artifacts live)"))
     if args.register:   # checked before anything is written
         from astromer.registry import validate_model_name
 

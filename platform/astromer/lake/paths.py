@@ -189,6 +189,20 @@ class LakePaths:
         return _PART_NAME.fullmatch(name) is not None
 
 
+def check_bucket(fs, path: str, what: str) -> None:
+    """Refuse a path on an object store whose bucket does not exist, naming ``what`` (a flag): s3fs makes a
+    missing bucket on the first write, so a mistyped name became a new bucket holding the job's output."""
+    if {"file", "memory"} & set(_protocols(fs)):
+        return
+    bucket = fs._strip_protocol(path).split("/", 1)[0]
+    fs.invalidate_cache(bucket)
+    try:
+        fs.info(bucket)       # not exists(): it answers False for a store it cannot reach, too
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {fs.unstrip_protocol(fs._strip_protocol(path))}: there is no bucket "
+                                f"{bucket!r} (the jobs never make one: check the name, or make it first)") from None
+
+
 def _protocols(fs) -> tuple[str, ...]:
     proto = fs.protocol
     return (proto,) if isinstance(proto, str) else tuple(proto)
