@@ -557,8 +557,14 @@ def finish_run(config: TrainConfig, result, register_tags: dict) -> dict:
                     log_metrics=False)   # the run already has val_rmse per step (and final_val_rmse)
     summary = {"run_name": config.run_name, "mlflow_run_id": config.mlflow_run_id, "registered": name,
                "version": version, "production": registry.production_version(name),
-               "checkpoint": result.checkpoint.path, **metrics}
+               "checkpoint": _url(result.checkpoint), **metrics}
     return summary
+
+
+def _url(checkpoint) -> str:
+    """A Ray checkpoint's location as a URL (its path alone drops the store's scheme: astro/runs/...)."""
+    fs = checkpoint.filesystem
+    return checkpoint.path if fs is None or fs.type_name == "local" else f"{fs.type_name}://{checkpoint.path}"
 
 
 def main(description: str, prefix: str, defaults: dict | None = None, prepare=None, argv=None) -> int:

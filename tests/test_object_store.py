@@ -99,6 +99,7 @@ def test_lake_training_and_embeddings_on_s3(s3_env, tmp_path):
              "--storage-path", runs, "--run-name", "on-s3"]
     trained = _last_json(_run(flags, env).stdout)
     assert trained["registered"] and trained["version"] == 1
+    assert trained["checkpoint"] == f"{runs}/on-s3/step-00000006-final"     # a URL, to paste into a command
     fs.invalidate_cache()
     checkpoints = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/runs/on-s3") if "/step-" in p)
     assert checkpoints[-1] == "step-00000006-final", checkpoints

@@ -53,7 +53,7 @@ def connect(lake: str | LakePaths, database: str = ":memory:", *, sandbox: bool 
 
     paths = lake if isinstance(lake, LakePaths) else LakePaths(lake)
     if not paths.fs.exists(paths.root):   # a mistyped path would give a connection without a single table
-        raise FileNotFoundError(f"there is no lake at {paths.root}")
+        raise FileNotFoundError(f"there is no lake at {paths.url_of(paths.root)}")
     con = duckdb.connect(database)
     if not paths.is_local:
         paths.fs.invalidate_cache()                   # the views below are made from fresh listings

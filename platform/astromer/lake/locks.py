@@ -82,9 +82,10 @@ def holder_is_gone(holder: dict) -> bool:
     return started is None or (started > 0 and abs(started - float(holder.get("process_started", 0))) > 1.0)
 
 
-def _describe(holder: dict, path: str) -> str:
+def _describe(holder: dict, path: str, fs=None) -> str:
+    where = fs.unstrip_protocol(path) if fs is not None and "file" not in _protocols(fs) else path
     return (f"ingest of {holder.get('source', '?')} by process {holder.get('pid', '?')} on {holder.get('host', '?')}"
-            f" since {holder.get('started_at', '?')} (lock {path})")
+            f" since {holder.get('started_at', '?')} (lock {where})")
 
 
 def _create_exclusive(fs, path: str, payload: bytes) -> bool:
@@ -171,10 +172,10 @@ def _acquire(fs, path: str, payload: bytes, survey: str, break_lock: bool, strea
         if holder is None:
             continue                              # given back between the two calls: try again
         if not (break_lock or holder_is_gone(holder)):
-            raise SurveyLocked(f"another ingest of {survey} is running: {_describe(holder, path)}. Wait for it to "
+            raise SurveyLocked(f"another ingest of {survey} is running: {_describe(holder, path, fs)}. Wait for it to "
                                "end; if it ended without giving the lock back (killed on another machine), run "
                                "again with --break-lock")
-        print(f"taking over the ingest lock of {survey} from {_describe(holder, path)}: "
+        print(f"taking over the ingest lock of {survey} from {_describe(holder, path, fs)}: "
               f"{'--break-lock' if break_lock else 'that process no longer runs'}", file=stream)
         _remove_if_holder(fs, path, holder)
     else:
