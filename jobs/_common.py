@@ -15,6 +15,7 @@ from dataclasses import fields
 
 from astromer import registry, settings
 from astromer.commands import USER_ERRORS, ArgumentParser, report_usage_error
+from astromer.config import ModelConfig
 from astromer.train import JOB_SET, STATE_FILE, STOP_KEYS, TrainConfig, init_config, worker_loop
 
 log = logging.getLogger("astromer.jobs")
@@ -202,7 +203,7 @@ def this_driver() -> dict:
     return {**this_process(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def check_run_name(config: TrainConfig) -> dict | None:
+def check_run_name(config: TrainConfig, parent: ModelConfig | None = None) -> dict | None:
     """What the run name's history allows, checked before Ray starts and before the MLflow run is touched:
 
     - a run name that another experiment's job holds (pretraining and finetuning keep their checkpoints side
@@ -215,7 +216,7 @@ def check_run_name(config: TrainConfig) -> dict | None:
     - a run that finished as far as these settings ask (``--max-steps``, ``--epochs``, or early stopping at
       this ``--patience``): its final checkpoint is returned as {"step", "url", "state"} (nothing to train;
       training it again would write its final checkpoint over itself, and Ray would then delete the folder).
-    Raises ValueError for the refusals."""
+    Raises ValueError for the refusals. ``parent``: a finetune's parent config, when the job has read it."""
     import fsspec
     from astromer.lake.locks import holder_is_gone, on_this_machine
     from astromer.lake.paths import check_bucket
@@ -233,8 +234,8 @@ def check_run_name(config: TrainConfig) -> dict | None:
         raise ValueError(f"run name {config.run_name} belongs to a run of experiment {owner} (its checkpoints are "
                          f"in {config.storage_path}/{config.run_name}): choose another --run-name")
     newest = None
-    expected = (init_config(config.init_from, config.tracking_uri) if config.init_from else config.model_config()) \
-        if checkpoints else None
+    expected = ((parent or init_config(config.init_from, config.tracking_uri)) if config.init_from
+                else config.model_config()) if checkpoints else None
     for step, final, url in checkpoints:
         # a folder that a killed copy left half-written (a file missing, or cut short) is passed over, as the
         # workers pass it over; any other failure to read (a store that does not answer) ends the check
@@ -578,12 +579,11 @@ def main(description: str, prefix: str, defaults: dict | None = None, prepare=No
         config.lake = config.lake or settings.default_lake()
         if prepare is not None:       # a finetune pins its parent's version here
             register_tags = prepare(config) or {}
-        if config.init_from:   # loaded here, once: a damaged model would fail every worker after Ray starts
-            parent = init_config(config.init_from, config.tracking_uri, check=True)
-        config.check_probed(config.window_length or (parent if config.init_from else config.model_config()
-                                                     ).window_length)
+        # a parent model is loaded here, once: a damaged one would fail every worker after Ray starts
+        parent = init_config(config.init_from, config.tracking_uri, check=True) if config.init_from else None
+        config.check_probed(config.effective_window_length(parent))
         complete(config, prefix)
-        finished = check_run_name(config)
+        finished = check_run_name(config, parent)
     except (*USER_ERRORS, OSError, settings.EphemeralHome, MlflowException) as exc:
         return report_usage_error(exc)
     log.info("settings: %s", json.dumps(config.to_dict(), sort_keys=True))

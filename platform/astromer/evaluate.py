@@ -952,13 +952,9 @@ def run_protocol(data: LabelledSet, model, settings: RunSettings, out_dir: str |
     import time
 
     if settings.finetune:   # before the embeddings: what fit_windows would refuse at the first fold
-        from astromer.train import TrainConfig
-        from astromer.windows import shortest_probed_window
+        from astromer.train import TrainConfig, check_model_windows
 
-        mask = TrainConfig.from_dict(settings.finetune_config).mask
-        if model.config.window_length < shortest_probed_window(mask):
-            raise ValueError(f"finetune_config probed={mask.probed!r} probes no observation of the model's "
-                             f"{model.config.window_length}-observation windows")
+        check_model_windows(TrainConfig.from_dict(settings.finetune_config).mask, model.config.window_length)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda _msg: None)

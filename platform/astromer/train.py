@@ -181,16 +181,20 @@ class TrainConfig:
         from astromer.data import DataSpec
 
         return DataSpec(lake=str(self.lake), surveys=self.surveys, bands=self.bands,
-                        window_length=self._window_length(), mask=self.mask, val_fraction=self.val_fraction,
+                        window_length=self.effective_window_length(), mask=self.mask, val_fraction=self.val_fraction,
                         test_fraction=self.test_fraction, seed=self.seed, clean=self.clean,
                         drop_noisy=self.drop_noisy,
                         min_observations=self.min_observations, label_set=self.label_set,
                         labels=self.labels, data_cpus=self.data_cpus, read_tasks=self.read_tasks,
                         pass_clock=self.pass_clock if self.reproducible else None)
 
-    def _window_length(self) -> int:
+    def effective_window_length(self, parent: ModelConfig | None = None) -> int:
+        """The run's window length: ``window_length``, else the parent model's (``parent``, when the caller has
+        read its config already) or the preset's."""
+        if self.window_length:
+            return int(self.window_length)
         if self.init_from:
-            return int(self.window_length or init_config(self.init_from, self.tracking_uri).window_length)
+            return (parent or init_config(self.init_from, self.tracking_uri)).window_length
         return self.model_config().window_length
 
     # ---- round-trip ----
@@ -1323,6 +1327,13 @@ class _Loop:
 
 # --------------------------------------------------------------------------- in-process finetuning
 
+def check_model_windows(mask: MaskConfig, window_length: int) -> None:
+    """Refuse to finetune a model whose windows are all too short for ``mask`` to probe an observation."""
+    if window_length < shortest_probed_window(mask):
+        raise ValueError(f"probed={mask.probed!r} probes no observation of the model's {window_length}-observation "
+                         f"windows: expected probed >= {1 / window_length:.4g}")
+
+
 def fit_windows(model, curves, config: TrainConfig | dict | None = None, *, val_curves=None,
                 rng: np.random.Generator | None = None, device: str | torch.device = "cpu") -> dict[str, list]:
     """Masked-reconstruction training of ``model`` in place on a small list of curves ``(mjd, mag[, err])``
@@ -1338,10 +1349,8 @@ def fit_windows(model, curves, config: TrainConfig | dict | None = None, *, val_
         config = TrainConfig.from_dict(config)
     # every window must probe an observation (a batch without any has a NaN gradient): curves too short for
     # that are left out, and a model whose windows are all too short is refused
+    check_model_windows(config.mask, model.config.window_length)
     needed = shortest_probed_window(config.mask)
-    if model.config.window_length < needed:
-        raise ValueError(f"probed={config.probed!r} probes no observation of the model's {model.config.window_length}-"
-                         f"observation windows: expected probed >= {1 / model.config.window_length:.4g}")
     given = list(curves)
     curves = [c for c in given if len(c[0]) >= needed]
     if len(curves) < len(given):

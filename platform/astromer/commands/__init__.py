@@ -65,7 +65,7 @@ def check_output(path, flag: str = "--out", folder: bool = True) -> None:
 
     if "://" in str(path):   # pathlib would make a local folder named "s3:" and report success
         raise ValueError(f"{flag} {path}: expected a local {'folder' if folder else 'file'} (this output is "
-                         "written to the local disk; its figures and tables also go to MLflow)")
+                         "written to the local disk, not to an object store)")
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         raise FileExistsError(f"{flag} {path}: a {'file' if folder else 'folder'} is there; expected "

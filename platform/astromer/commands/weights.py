@@ -54,12 +54,13 @@ def _digest(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from astromer.commands import error_line, report_usage_error
+    from astromer.commands import USER_ERRORS, check_output, error_line, report_usage_error
     from astromer.weights import import_official
 
-    if "://" in args.out_dir:   # a model folder is local; --register puts a copy in MLflow's artifact store
-        return report_usage_error(ValueError(f"out_dir {args.out_dir}: expected a local folder (--register NAME "
-                                             "stores the model in the MLflow registry, wherever its artifacts live)"))
+    try:   # a model folder is local (--register puts a copy in MLflow's artifact store)
+        check_output(args.out_dir, "out_dir")
+    except USER_ERRORS as exc:
+        return report_usage_error(exc)
     if args.register:   # checked before anything is written
         from astromer.registry import validate_model_name
 

@@ -82,10 +82,9 @@ def holder_is_gone(holder: dict) -> bool:
     return started is None or (started > 0 and abs(started - float(holder.get("process_started", 0))) > 1.0)
 
 
-def _describe(holder: dict, path: str, fs=None) -> str:
-    where = fs.unstrip_protocol(path) if fs is not None and "file" not in _protocols(fs) else path
+def _describe(holder: dict, shown: str) -> str:
     return (f"ingest of {holder.get('source', '?')} by process {holder.get('pid', '?')} on {holder.get('host', '?')}"
-            f" since {holder.get('started_at', '?')} (lock {where})")
+            f" since {holder.get('started_at', '?')} (lock {shown})")
 
 
 def _create_exclusive(fs, path: str, payload: bytes) -> bool:
@@ -135,7 +134,7 @@ def survey_lock(lake: str | LakePaths, survey: str, *, source: str = "", break_l
     payload = json.dumps(me, indent=1).encode()
     made = _missing_folders(fs, os.path.dirname(path))    # removed again with the lock when left empty
     with _acquiring(fs, os.path.dirname(path)):
-        _acquire(fs, path, payload, survey, break_lock, stream)
+        _acquire(fs, path, payload, survey, break_lock, stream, paths.url_of(path))
     try:
         yield me
     finally:
@@ -164,7 +163,7 @@ def _acquiring(fs, folder: str):
         os.close(handle)          # closing the descriptor releases the flock
 
 
-def _acquire(fs, path: str, payload: bytes, survey: str, break_lock: bool, stream) -> None:
+def _acquire(fs, path: str, payload: bytes, survey: str, break_lock: bool, stream, shown: str) -> None:
     for _ in range(3):
         if _create_exclusive(fs, path, payload):
             break
@@ -172,14 +171,14 @@ def _acquire(fs, path: str, payload: bytes, survey: str, break_lock: bool, strea
         if holder is None:
             continue                              # given back between the two calls: try again
         if not (break_lock or holder_is_gone(holder)):
-            raise SurveyLocked(f"another ingest of {survey} is running: {_describe(holder, path, fs)}. Wait for it to "
+            raise SurveyLocked(f"another ingest of {survey} is running: {_describe(holder, shown)}. Wait for it to "
                                "end; if it ended without giving the lock back (killed on another machine), run "
                                "again with --break-lock")
-        print(f"taking over the ingest lock of {survey} from {_describe(holder, path, fs)}: "
+        print(f"taking over the ingest lock of {survey} from {_describe(holder, shown)}: "
               f"{'--break-lock' if break_lock else 'that process no longer runs'}", file=stream)
         _remove_if_holder(fs, path, holder)
     else:
-        raise SurveyLocked(f"could not take the ingest lock of {survey} ({path}): it changed hands three times")
+        raise SurveyLocked(f"could not take the ingest lock of {survey} ({shown}): it changed hands three times")
 
 
 def _missing_folders(fs, folder: str) -> list[str]:
